@@ -1,0 +1,176 @@
+"""`particalize`: generate, weights, serve, worker, batch, keys. Flags override PARTICALIZE_* settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from particalize.settings import Settings
+
+TOOL_FLAGS = {
+    # flag: (GenerationParams field, type)
+    "prompt": ("prompt", str),
+    "negative-prompt": ("negative_prompt", str),
+    "fps": ("fps", str),
+    "width": ("width", str),
+    "height": ("height", str),
+    "num-frames": ("num_frames", str),
+    "steps": ("steps", str),
+    "scale": ("scale", str),
+    "flow-shift": ("flow_shift", str),
+    "seed": ("seed", str),
+}
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="preset (wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, tiny) or a local directory")
+    p.add_argument("--weights-dir", type=Path)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--lora", dest="lora_path", type=Path, help="local LoRA .safetensors file")
+    p.add_argument("--lora-strength", type=float)
+    p.add_argument("--fuse-lora", action="store_const", const=True, default=None)
+
+
+def _tool_flags(p: argparse.ArgumentParser) -> None:
+    for flag, (dest, kind) in TOOL_FLAGS.items():
+        p.add_argument(f"--{flag}", dest=dest, type=kind)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    keys = ("model", "weights_dir", "device", "lora_path", "lora_strength", "fuse_lora", "host", "port",
+            "data_dir", "database_url", "workers", "public_base_url")
+    return Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="particalize", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="make one video offline")
+    gen.add_argument("--image", required=True, help="start image: a path or an http(s) URL")
+    gen.add_argument("--out", type=Path, default=Path("out.mp4"))
+    _model_flags(gen)
+    _tool_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    weights = sub.add_parser("weights", help="fetch or verify model and LoRA weights")
+    wsub = weights.add_subparsers(dest="weights_command", required=True)
+    fetch = wsub.add_parser("fetch", help="download the preset and the configured LoRA (resumable)")
+    _model_flags(fetch)
+    fetch.add_argument("--lora-repo")
+    fetch.add_argument("--lora-file")
+    fetch.add_argument("--skip-model", action="store_true")
+    fetch.set_defaults(func=cmd_weights_fetch)
+    verify = wsub.add_parser("verify", help="check what is on disk, offline")
+    _model_flags(verify)
+    verify.add_argument("--quick", action="store_true", help="sizes only, no sha256")
+    verify.set_defaults(func=cmd_weights_verify)
+
+    from particalize.cli_server import add_server_commands
+
+    add_server_commands(sub, _model_flags, _settings)
+    return parser
+
+
+def _read_image_source(source: str) -> bytes:
+    if source.startswith(("http://", "https://")):
+        import httpx
+
+        response = httpx.get(source, follow_redirects=True, timeout=60)
+        response.raise_for_status()
+        return response.content
+    return Path(source).expanduser().read_bytes()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pipeline.generator import generator_from_settings, limits_from_settings
+    from pipeline.images import decode_image
+    from pipeline.params import parse_params
+
+    settings = _settings(args)
+    inputs = {dest: getattr(args, dest) for dest, _ in TOOL_FLAGS.values() if getattr(args, dest) is not None}
+    params = parse_params(inputs, limits_from_settings(settings))
+    image = decode_image(_read_image_source(args.image), field="--image")
+    generator = generator_from_settings(settings)
+    bar = tqdm(total=params.steps, unit="step", desc="denoising")
+
+    def progress(p: object) -> None:
+        bar.n = p.step  # type: ignore[attr-defined]
+        bar.refresh()
+
+    try:
+        video = generator.render(params, image, args.out, progress=progress)
+    finally:
+        bar.close()
+    print(json.dumps({"output": str(args.out), "parameters": video.params.wiro_inputs(),
+                      "timings": {k: round(v, 3) for k, v in video.timings.items()}}, indent=2))
+    return 0
+
+
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from pipeline.presets import get_preset
+    from weights.fetch import fetch_lora, fetch_model
+
+    settings = _settings(args).with_overrides(lora_repo=args.lora_repo, lora_file=args.lora_file)
+    if not args.skip_model:
+        preset = get_preset(settings.model)
+        if preset.repo_id is None:
+            print(f"model {preset.name} needs no download")
+        else:
+            print(f"fetched {preset.repo_id} into {fetch_model(preset, settings.weights_dir, settings.hf_token)}")
+    if settings.lora_repo and settings.lora_file:
+        path = fetch_lora(settings.lora_repo, settings.lora_file, settings.weights_dir, settings.lora_revision,
+                          settings.hf_token)
+        print(f"fetched LoRA into {path}")
+    elif settings.lora_path is None:
+        print("no LoRA configured: set PARTICALIZE_LORA_REPO and PARTICALIZE_LORA_FILE, or PARTICALIZE_LORA_PATH")
+    return 0
+
+
+def cmd_weights_verify(args: argparse.Namespace) -> int:
+    from pipeline.loader import preset_dir
+    from pipeline.presets import get_preset
+    from weights.locate import lora_file_from_settings
+    from weights.verify import verify_directory
+
+    settings = _settings(args)
+    preset = get_preset(settings.model)
+    reports = []
+    if not preset.is_tiny:
+        reports.append(verify_directory(preset_dir(preset, settings.weights_dir), full_hash=not args.quick))
+    lora = lora_file_from_settings(settings)
+    if lora is not None:
+        reports.append(verify_directory(lora.parent, full_hash=not args.quick, is_model=False))
+    ok = True
+    for report in reports:
+        status = "ok" if report.ok else "FAILED"
+        print(f"{report.directory}: {status} ({report.checked} files checked)")
+        for problem in report.problems:
+            print(f"  {problem}")
+        ok &= report.ok
+    if not reports:
+        print(f"model {preset.name} has no files to verify")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import PipelineError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (PipelineError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

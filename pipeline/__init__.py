@@ -1,0 +1,17 @@
+"""Wan2.1 image-to-video generation with the Particalize LoRA, independent of any HTTP layer."""
+
+from pipeline.errors import Interrupted, InvalidParameter, LoraMismatch, PipelineError, WeightsMissing
+from pipeline.params import GenerationParams
+from pipeline.presets import PRESETS, ModelPreset, get_preset
+
+__all__ = [
+    "PRESETS",
+    "GenerationParams",
+    "Interrupted",
+    "InvalidParameter",
+    "LoraMismatch",
+    "ModelPreset",
+    "PipelineError",
+    "WeightsMissing",
+    "get_preset",
+]

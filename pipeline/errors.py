@@ -1,0 +1,32 @@
+"""Errors the pipeline raises; each message says what to change."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class for errors a caller can report to a user as-is."""
+
+
+class InvalidParameter(PipelineError, ValueError):
+    """A tool input is out of range or malformed; raised before any model work."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(f"Request parameter [{name}] {message}")
+
+
+class Interrupted(PipelineError):
+    """The run was stopped cooperatively between denoising steps."""
+
+    def __init__(self, step: int, total: int) -> None:
+        self.step = step
+        self.total = total
+        super().__init__(f"interrupted after step {step} of {total}")
+
+
+class WeightsMissing(PipelineError, FileNotFoundError):
+    """A weights file is not on disk; the message names it and the command that fetches it."""
+
+
+class LoraMismatch(PipelineError, ValueError):
+    """A LoRA file does not fit the loaded transformer."""

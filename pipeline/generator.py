@@ -1,0 +1,185 @@
+"""The warm model: loaded once, then one video per call with progress and cooperative interruption."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.errors import Interrupted
+from pipeline.loader import load_base_pipeline, pick_device
+from pipeline.lora import LoraInfo, load_lora
+from pipeline.params import GenerationParams, Limits, resolve_size
+from pipeline.presets import ModelPreset
+from pipeline.scheduler import ShiftedSchedulers
+from pipeline.video import write_mp4
+
+if TYPE_CHECKING:
+    from particalize.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    step: int
+    total: int
+    elapsed: float
+
+    @property
+    def percentage(self) -> float:
+        return 100.0 * self.step / self.total if self.total else 100.0
+
+
+@dataclass
+class Video:
+    frames: np.ndarray
+    """(F, H, W, 3) float32 in [0, 1]."""
+    params: GenerationParams
+    """The parameters actually used: resolved width/height and seed."""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[StepProgress], None]
+StopFn = Callable[[], bool]
+
+
+class VideoGenerator:
+    """Owns one WanImageToVideoPipeline on one device; calls are serialized (one GPU, one video at a time)."""
+
+    def __init__(
+        self,
+        preset: ModelPreset,
+        *,
+        weights_dir: Path,
+        device: str = "auto",
+        lora_path: Path | None = None,
+        lora_strength: float = 1.0,
+        fuse_lora: bool = False,
+        limits: Limits | None = None,
+        max_sequence_length: int | None = None,
+    ) -> None:
+        started = time.perf_counter()
+        self.preset = preset
+        self.device = pick_device(device)
+        self.pipe = load_base_pipeline(preset, weights_dir, self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.lora: LoraInfo | None = None
+        if lora_path is not None:
+            self.lora = load_lora(self.pipe, lora_path, strength=lora_strength, fuse=fuse_lora)
+        self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
+        self.limits = limits or Limits()
+        self.max_sequence_length = max_sequence_length or getattr(self.pipe.tokenizer, "model_max_length", 512)
+        self.max_sequence_length = min(self.max_sequence_length, 512)
+        self._lock = threading.Lock()
+        self.load_seconds = time.perf_counter() - started
+        log.info("model %s ready on %s in %.1fs", preset.name, self.device, self.load_seconds)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.pipe.vae_scale_factor_spatial * self.pipe.transformer.config.patch_size[1]
+
+    def resolve(self, params: GenerationParams, image: Image.Image) -> GenerationParams:
+        """Fix seed and size before running, so the recorded parameters are the ones used."""
+        width, height = resolve_size(
+            image.size, params.width, params.height, self.preset.max_area, self.size_multiple
+        )
+        return params.with_seed().model_copy(update={"width": width, "height": height})
+
+    def generate(
+        self,
+        params: GenerationParams,
+        image: Image.Image,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> Video:
+        """Run one video. `should_stop` is checked after every step; when true the run raises Interrupted."""
+        params = self.resolve(params, image.convert("RGB"))
+        image = image.convert("RGB")
+        with self._lock:
+            started = time.perf_counter()
+            self.pipe.scheduler = self.schedulers.for_shift(params.flow_shift)
+
+            def on_step_end(pipe: object, i: int, t: object, kwargs: dict) -> dict:
+                done = i + 1
+                if progress is not None:
+                    progress(StepProgress(done, params.steps, time.perf_counter() - started))
+                if should_stop is not None and should_stop():
+                    raise Interrupted(done, params.steps)
+                return {}
+
+            try:
+                result = self.pipe(
+                    image=image,
+                    prompt=params.prompt,
+                    negative_prompt=params.negative_prompt,
+                    height=params.height,
+                    width=params.width,
+                    num_frames=params.num_frames,
+                    num_inference_steps=params.steps,
+                    guidance_scale=params.scale,
+                    generator=torch.Generator(device="cpu").manual_seed(params.seed),
+                    output_type="np",
+                    callback_on_step_end=on_step_end,
+                    max_sequence_length=self.max_sequence_length,
+                )
+            except BaseException:
+                self._release()
+                raise
+            frames = np.asarray(result.frames[0], dtype=np.float32)
+            return Video(frames=frames, params=params, timings={"generate": time.perf_counter() - started})
+
+    def _release(self) -> None:
+        """After an interrupted or failed run: drop activations so the warm model serves the next task."""
+        self.pipe._interrupt = False
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def render(
+        self,
+        params: GenerationParams,
+        image: Image.Image,
+        out: Path,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> Video:
+        video = self.generate(params, image, progress=progress, should_stop=should_stop)
+        started = time.perf_counter()
+        write_mp4(video.frames, out, fps=video.params.fps)
+        video.timings["encode"] = time.perf_counter() - started
+        return video
+
+
+def generator_from_settings(settings: Settings) -> VideoGenerator:
+    """Build the warm generator the settings describe (model preset, LoRA, device, limits)."""
+    from pipeline.presets import get_preset
+    from weights.locate import lora_file_from_settings
+
+    return VideoGenerator(
+        get_preset(settings.model),
+        weights_dir=settings.weights_dir,
+        device=settings.device,
+        lora_path=lora_file_from_settings(settings),
+        lora_strength=settings.lora_strength,
+        fuse_lora=settings.fuse_lora,
+        limits=limits_from_settings(settings),
+    )
+
+
+def limits_from_settings(settings: Settings) -> Limits:
+    return Limits(
+        max_num_frames=settings.max_num_frames,
+        max_steps=settings.max_steps,
+        max_side=settings.max_side,
+        max_pixels=settings.max_pixels,
+    )

@@ -1,0 +1,87 @@
+"""Load the base Wan2.1 I2V pipeline from disk (or build the tiny one), with the dtypes Wan's reference uses."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+from transformers import CLIPVisionModel
+
+from pipeline.errors import WeightsMissing
+from pipeline.presets import ModelPreset
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA GPU")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def preset_dir(preset: ModelPreset, weights_dir: Path) -> Path:
+    """Where a preset's diffusers snapshot lives on disk."""
+    return preset.local_dir or (weights_dir / preset.name)
+
+
+def missing_files(model_dir: Path) -> list[Path]:
+    """Files a complete diffusers snapshot must have, that are not there (configs, index-listed shards)."""
+    index = model_dir / "model_index.json"
+    if not index.is_file():
+        return [index]
+    try:
+        components = json.loads(index.read_text())
+    except json.JSONDecodeError:
+        return [index]
+    missing: list[Path] = []
+    for name, spec in components.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = model_dir / name
+        if not sub.is_dir():
+            missing.append(sub)
+            continue
+        for shard_index in sub.glob("*.index.json"):
+            shards = set(json.loads(shard_index.read_text()).get("weight_map", {}).values())
+            missing.extend(sub / s for s in sorted(shards) if not (sub / s).is_file())
+    return missing
+
+
+def fetch_hint(preset: ModelPreset) -> str:
+    if preset.local_dir is not None:
+        return f"copy a complete diffusers snapshot into {preset.local_dir}"
+    return f"run `particalize weights fetch --model {preset.name}`"
+
+
+def load_base_pipeline(preset: ModelPreset, weights_dir: Path, device: torch.device) -> WanImageToVideoPipeline:
+    """Transformer and text encoder in bf16 on CUDA; VAE and CLIP image encoder in float32 (as Wan's reference)."""
+    if preset.is_tiny:
+        from pipeline.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline().to(device)
+
+    model_dir = preset_dir(preset, weights_dir)
+    missing = missing_files(model_dir)
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise WeightsMissing(f"model {preset.name} is not complete on disk (missing {shown}): {fetch_hint(preset)}")
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    log.info("loading %s from %s (%s on %s)", preset.name, model_dir, dtype, device)
+    image_encoder = CLIPVisionModel.from_pretrained(
+        model_dir, subfolder="image_encoder", torch_dtype=torch.float32, local_files_only=True
+    )
+    vae = AutoencoderKLWan.from_pretrained(
+        model_dir, subfolder="vae", torch_dtype=torch.float32, local_files_only=True
+    )
+    pipe = WanImageToVideoPipeline.from_pretrained(
+        model_dir, vae=vae, image_encoder=image_encoder, torch_dtype=dtype, local_files_only=True
+    )
+    return pipe.to(device)

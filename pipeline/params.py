@@ -1,0 +1,196 @@
+"""The hosted tool's inputs, their defaults (from the published page) and their validation.
+
+Every value may arrive as a string ("5.0", "81"), as Wiro clients send them. Validation happens
+here, before any model work, so a bad request never costs GPU time.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import InvalidParameter
+
+DEFAULT_PROMPT = (
+    "a dog is crystallizing, fracturing, and disintegrating into sharp, translucent shards. The form breaks "
+    "apart in slow motion, exploding into glittering crystal fragments that scatter and fall to the ground."
+)
+DEFAULT_NEGATIVE_PROMPT = "bad quality video"
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Operator limits (from Settings); the hard ranges below apply on top."""
+
+    max_num_frames: int = 161
+    max_steps: int = 100
+    max_side: int = 1920
+    max_pixels: int = 1280 * 720
+    size_multiple: int = 16
+
+
+def _numeric(value: Any, *, integer: bool) -> Any:
+    """Accept numbers sent as strings; refuse booleans, NaN and infinities."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "":
+            return None
+        try:
+            value = float(text) if any(c in text for c in ".eE") or not integer else int(text)
+        except ValueError:
+            raise ValueError(f"must be a number, got {value[:40]!r}") from None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        if integer:
+            if not value.is_integer():
+                raise ValueError(f"must be a whole number, got {value}")
+            return int(value)
+    return value
+
+
+class GenerationParams(BaseModel):
+    """One video's parameters, named as the hosted tool names them (aliases) or in snake_case."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    prompt: str = Field(DEFAULT_PROMPT, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, alias="negativePrompt", max_length=MAX_PROMPT_CHARS)
+    fps: int = Field(16, ge=1, le=60)
+    width: int = Field(0, ge=0)
+    height: int = Field(0, ge=0)
+    num_frames: int = Field(81, alias="numFrames", ge=1)
+    steps: int = Field(30, ge=1)
+    scale: float = Field(5.0, ge=0.0, le=30.0)
+    flow_shift: float = Field(5.0, alias="flowShift", gt=0.0, le=50.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+    @field_validator("fps", "width", "height", "num_frames", "steps", mode="before")
+    @classmethod
+    def _int_from_text(cls, value: Any) -> Any:
+        return _numeric(value, integer=True)
+
+    @field_validator("scale", "flow_shift", mode="before")
+    @classmethod
+    def _float_from_text(cls, value: Any) -> Any:
+        return _numeric(value, integer=False)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: Any) -> Any:
+        value = _numeric(value, integer=True)
+        # -1 (and empty) is the common UI convention for "random".
+        return None if value is None or value == -1 else value
+
+    @field_validator("prompt", "negative_prompt", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError("must be text")
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_empty(cls, data: Any) -> Any:
+        # Form clients send every field, empty ones as "": those mean "use the default".
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None and v != ""}
+        return data
+
+    @field_validator("num_frames", mode="after")
+    @classmethod
+    def _frames_shape(cls, value: int) -> int:
+        if (value - 1) % 4 != 0:
+            raise ValueError(f"must be 4*n + 1 (for example 33, 49, 81), got {value}")
+        return value
+
+    def with_seed(self) -> GenerationParams:
+        """Fix a random seed now so that it can be recorded and the run reproduced."""
+        if self.seed is not None:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+
+    def wiro_inputs(self) -> dict[str, Any]:
+        """The parameters under the hosted tool's names, as recorded with a task."""
+        return self.model_dump(by_alias=True)
+
+
+_WIRO_NAME = {
+    name: (field.alias or name) for name, field in GenerationParams.model_fields.items()
+}
+
+
+def parse_params(data: dict[str, Any], limits: Limits | None = None) -> GenerationParams:
+    """Validate raw tool inputs; raise InvalidParameter naming the first bad field."""
+    limits = limits or Limits()
+    try:
+        params = GenerationParams.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ())]
+        field = _WIRO_NAME.get(loc[0], loc[0]) if loc else "body"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] != "value_error" and "input" in err:
+            message = f"{message[0].lower()}{message[1:]} (got {str(err['input'])[:40]!r})"
+        raise InvalidParameter(field, message) from None
+    check_limits(params, limits)
+    return params
+
+
+def check_limits(params: GenerationParams, limits: Limits) -> None:
+    if params.num_frames > limits.max_num_frames:
+        raise InvalidParameter("numFrames", f"must be at most {limits.max_num_frames}, got {params.num_frames}")
+    if params.steps > limits.max_steps:
+        raise InvalidParameter("steps", f"must be at most {limits.max_steps}, got {params.steps}")
+    for name in ("width", "height"):
+        value = getattr(params, name)
+        if value == 0:
+            continue
+        if value % limits.size_multiple or value < limits.size_multiple:
+            raise InvalidParameter(
+                name, f"must be 0 (from the image) or a multiple of {limits.size_multiple}, got {value}"
+            )
+        if value > limits.max_side:
+            raise InvalidParameter(name, f"must be at most {limits.max_side}, got {value}")
+    if params.width and params.height and params.width * params.height > limits.max_pixels:
+        raise InvalidParameter(
+            "width",
+            f"width x height must be at most {limits.max_pixels} pixels, got {params.width}x{params.height}",
+        )
+
+
+def resolve_size(
+    image_size: tuple[int, int], width: int, height: int, max_area: int, multiple: int
+) -> tuple[int, int]:
+    """Width/height 0 take the image's aspect ratio within the preset's pixel budget.
+
+    One side given: the other follows the image's aspect ratio. Result is floored to `multiple`
+    (VAE stride x patch size), never below one multiple.
+    """
+    img_w, img_h = image_size
+    if img_w <= 0 or img_h <= 0:
+        raise InvalidParameter("inputImageUrl", "must be an image with a non-zero size")
+    aspect = img_h / img_w
+
+    def snap(x: float) -> int:
+        return max(multiple, int(round(x)) // multiple * multiple)
+
+    if width and height:
+        return width, height
+    if width:
+        return width, snap(width * aspect)
+    if height:
+        return snap(height / aspect), height
+    return snap(math.sqrt(max_area / aspect)), snap(math.sqrt(max_area * aspect))

@@ -1,0 +1,55 @@
+"""Download a preset's diffusers snapshot and the LoRA with huggingface_hub (progress bars, resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.loader import preset_dir
+from pipeline.presets import ModelPreset
+from weights.locate import lora_dir
+from weights.manifest import FileRecord, write_manifest
+
+# The pipeline reads only these: skip the original (non-diffusers) checkpoints some repos carry too.
+SNAPSHOT_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model", "*/spiece*"]
+
+
+def _records(repo_id: str, revision: str | None, token: str | None, wanted: set[str] | None) -> tuple[str, list]:
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, token=token)
+    records = []
+    for sibling in info.siblings or []:
+        if wanted is not None and sibling.rfilename not in wanted:
+            continue
+        sha = sibling.lfs.sha256 if sibling.lfs is not None else None
+        records.append(FileRecord(sibling.rfilename, sibling.size, sha))
+    return info.sha, records
+
+
+def fetch_model(preset: ModelPreset, weights_dir: Path, token: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    if preset.repo_id is None:
+        raise ValueError(f"model {preset.name} is not fetched from a hub")
+    target = preset_dir(preset, weights_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    revision, _ = _records(preset.repo_id, None, token, wanted=set())
+    snapshot_download(
+        preset.repo_id, revision=revision, local_dir=target, allow_patterns=SNAPSHOT_PATTERNS, token=token
+    )
+    present = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and ".cache" not in p.parts}
+    _, records = _records(preset.repo_id, revision, token, wanted=present)
+    write_manifest(target, preset.repo_id, revision, records)
+    return target
+
+
+def fetch_lora(repo_id: str, filename: str, weights_dir: Path, revision: str | None = None,
+               token: str | None = None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    target = lora_dir(weights_dir, repo_id)
+    target.mkdir(parents=True, exist_ok=True)
+    path = Path(hf_hub_download(repo_id, filename, revision=revision, local_dir=target, token=token))
+    sha, records = _records(repo_id, revision, token, wanted={filename})
+    write_manifest(target, repo_id, sha, records)
+    return path

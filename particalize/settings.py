@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         False, description="Allow binding a non-loopback host with no API keys configured."
     )
     nonce_window_seconds: int = Field(300, ge=1)
+    replay_protection: bool = Field(
+        True,
+        description="Refuse a (key, nonce) pair seen within nonce_window_seconds. The official client sends a "
+        "fresh ms nonce per request; turn off for clients that reuse one NONCE, as the seed's shell sample does.",
+    )
     allow_private_urls: bool = Field(False, description="Allow image/callback URLs to private addresses.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)

@@ -193,4 +193,18 @@ def resolve_size(
         return width, snap(width * aspect)
     if height:
         return snap(height / aspect), height
-    return snap(math.sqrt(max_area / aspect)), snap(math.sqrt(max_area * aspect))
+    return _best_fit(aspect, max_area, multiple)
+
+
+def _best_fit(aspect: float, max_area: int, multiple: int) -> tuple[int, int]:
+    """Of the floor/ceil multiples around the ideal size, the one within budget, closest in aspect ratio."""
+    ideal_w, ideal_h = math.sqrt(max_area / aspect), math.sqrt(max_area * aspect)
+
+    def around(x: float) -> set[int]:
+        low = max(multiple, int(x) // multiple * multiple)
+        return {low, low + multiple}
+
+    fits = [(w, h) for w in around(ideal_w) for h in around(ideal_h) if w * h <= max_area]
+    if not fits:
+        return max(multiple, int(ideal_w) // multiple * multiple), max(multiple, int(ideal_h) // multiple * multiple)
+    return min(fits, key=lambda wh: (abs(math.log((wh[1] / wh[0]) / aspect)), -wh[0] * wh[1]))

@@ -8,7 +8,12 @@ smaller, so LoRA files, schedulers and the serving path behave as on the real mo
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanTransformer3DModel,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,

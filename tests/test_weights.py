@@ -107,7 +107,8 @@ def test_lora_location_is_an_operator_setting(tmp_path):
     with pytest.raises(WeightsMissing, match="PARTICALIZE_LORA_PATH"):
         lora_file_from_settings(Settings(weights_dir=tmp_path, require_lora=True))
     with pytest.raises(WeightsMissing, match="particalize weights fetch"):
-        lora_file_from_settings(Settings(weights_dir=tmp_path, lora_repo="someone/particalize", lora_file="p.safetensors"))
+        lora_file_from_settings(
+            Settings(weights_dir=tmp_path, lora_repo="someone/particalize", lora_file="p.safetensors"))
     fetched = tmp_path / "lora" / "someone--particalize" / "p.safetensors"
     fetched.parent.mkdir(parents=True)
     fetched.write_bytes(b"x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,23 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     hf_token: str | None = Field(None, description="Token for gated or private hub repos (fetch only).")
 
+    # --- speed and memory (each measured in benchmarks/; see benchmarks/README.md) ----------------
+    attention_backend: str = Field(
+        "auto", description="diffusers attention backend: auto, native, flash, _flash_3, sage, ... (falls back, logged)"
+    )
+    compile: bool = Field(False, description="torch.compile the transformer's repeated blocks, warmed up at start.")
+    compile_dynamic: bool = Field(True, description="Dynamic shapes: no recompilation when the video size changes.")
+    compile_mode: str | None = None
+    step_cache: Literal["none", "first_block", "taylorseer"] = Field(
+        "none", description="Reuse transformer outputs across denoising steps (approximate; off until measured)."
+    )
+    step_cache_threshold: float = Field(0.05, gt=0, description="first_block: residual change that forces compute.")
+    step_cache_interval: int = Field(3, ge=1, description="taylorseer: steps predicted between full computations.")
+    memory_mode: Literal["none", "model_cpu_offload", "group_offload", "sequential_cpu_offload"] = "none"
+    vae_tiling: bool = False
+    float8: bool = Field(False, description="float8 transformer weights via torchao (Ada/Hopper GPUs).")
+    encode_cache_size: int = Field(16, ge=0, description="Prompt and image encodings kept per identical input.")
+
     # --- request limits ------------------------------------------------------------------------
     max_num_frames: int = Field(161, ge=1)
     max_steps: int = Field(100, ge=1)
@@ -68,8 +86,28 @@ class Settings(BaseSettings):
     max_queue_length: int = Field(1000, ge=1)
     requeue_limit: int = Field(1, ge=0, description="How often a task orphaned by a dead worker is requeued.")
     lease_seconds: float = Field(60.0, gt=0)
-    callback_attempts: int = Field(5, ge=1)
-    callback_backoff_seconds: float = Field(1.0, ge=0)
+    callback_attempts: int = Field(5, ge=1, description="Deliveries tried per callbackUrl before giving up.")
+    callback_backoff_seconds: float = Field(
+        1.0, ge=0, description="First wait between callback attempts; doubles after each failure."
+    )
+    callback_timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one callback POST.")
+    node_name: str = Field(
+        default_factory=socket.gethostname,
+        description="This machine's name in worker ids (<node>/gpu<N>); unique per machine sharing a database.",
+    )
+    worker_poll_seconds: float = Field(
+        0.05, gt=0, description="How often an idle worker looks for a queued task (bounds Run-to-start)."
+    )
+    progress_interval_seconds: float = Field(
+        0.25, ge=0, description="Least time between two progress (task_output) writes of a running task."
+    )
+    kill_wait_seconds: float = Field(
+        5.0, ge=0, description="How long Task/Kill waits for the worker to confirm before answering."
+    )
+    worker_cpu_threads: int = Field(
+        0, ge=0, description="torch CPU threads of a worker on CPU (0: all cores but one, leaving one for the API)."
+    )
+    cost_per_second: float = Field(0.0, ge=0, description="`cps` of a task; totalcost = cps x elapsed seconds.")
 
     @field_validator("lora_path", "api_keys_file", mode="before")
     @classmethod

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options
+from pipeline.embeddings import EmbeddingCache
 from pipeline.errors import Interrupted
 from pipeline.loader import load_base_pipeline, pick_device
 from pipeline.lora import LoraInfo, load_lora
@@ -67,22 +69,40 @@ class VideoGenerator:
         fuse_lora: bool = False,
         limits: Limits | None = None,
         max_sequence_length: int | None = None,
+        speed: SpeedOptions | None = None,
     ) -> None:
         started = time.perf_counter()
         self.preset = preset
         self.device = pick_device(device)
-        self.pipe = load_base_pipeline(preset, weights_dir, self.device)
+        speed = speed or SpeedOptions()
+        offloaded = speed.memory_mode != "none"
+        self.pipe = load_base_pipeline(preset, weights_dir, self.device, place=not offloaded)
         self.pipe.set_progress_bar_config(disable=True)
         self.lora: LoraInfo | None = None
         if lora_path is not None:
+            if speed.compile and not fuse_lora:
+                log.info("fusing the LoRA before compiling (compiled graphs should not carry adapter layers)")
+                fuse_lora = True
             self.lora = load_lora(self.pipe, lora_path, strength=lora_strength, fuse=fuse_lora)
+        self.speed = speed
+        self.applied: Applied = apply_speed_options(self.pipe, speed, self.device)
+        self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size)
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
         self.limits = limits or Limits()
         self.max_sequence_length = max_sequence_length or getattr(self.pipe.tokenizer, "model_max_length", 512)
         self.max_sequence_length = min(self.max_sequence_length, 512)
         self._lock = threading.Lock()
+        if speed.compile:
+            self.warmup()
         self.load_seconds = time.perf_counter() - started
         log.info("model %s ready on %s in %.1fs", preset.name, self.device, self.load_seconds)
+
+    def warmup(self) -> None:
+        """One short run at start so that the first task does not pay for compilation."""
+        started = time.perf_counter()
+        image = Image.new("RGB", (832, 480), (127, 127, 127))
+        self.generate(GenerationParams(numFrames=9, steps=2, seed=0), image)
+        log.info("warm-up run took %.1fs", time.perf_counter() - started)
 
     @property
     def size_multiple(self) -> int:
@@ -118,10 +138,14 @@ class VideoGenerator:
                 return {}
 
             try:
+                guidance = params.scale > 1.0
+                prompt_embeds, negative_embeds = self.embeddings.prompt_embeds(
+                    params.prompt, params.negative_prompt, guidance, self.max_sequence_length, self.device
+                )
                 result = self.pipe(
                     image=image,
-                    prompt=params.prompt,
-                    negative_prompt=params.negative_prompt,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_embeds,
                     height=params.height,
                     width=params.width,
                     num_frames=params.num_frames,
@@ -141,6 +165,8 @@ class VideoGenerator:
     def _release(self) -> None:
         """After an interrupted or failed run: drop activations so the warm model serves the next task."""
         self.pipe._interrupt = False
+        if getattr(self.pipe.transformer, "is_cache_enabled", False):
+            self.pipe.transformer._reset_stateful_cache()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -173,6 +199,23 @@ def generator_from_settings(settings: Settings) -> VideoGenerator:
         lora_strength=settings.lora_strength,
         fuse_lora=settings.fuse_lora,
         limits=limits_from_settings(settings),
+        speed=speed_from_settings(settings),
+    )
+
+
+def speed_from_settings(settings: Settings) -> SpeedOptions:
+    return SpeedOptions(
+        attention_backend=settings.attention_backend,
+        compile=settings.compile,
+        compile_dynamic=settings.compile_dynamic,
+        compile_mode=settings.compile_mode,
+        step_cache=settings.step_cache,
+        step_cache_threshold=settings.step_cache_threshold,
+        step_cache_interval=settings.step_cache_interval,
+        memory_mode=settings.memory_mode,
+        vae_tiling=settings.vae_tiling,
+        float8=settings.float8,
+        encode_cache_size=settings.encode_cache_size,
     )
 
 

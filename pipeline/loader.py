@@ -60,12 +60,18 @@ def fetch_hint(preset: ModelPreset) -> str:
     return f"run `particalize weights fetch --model {preset.name}`"
 
 
-def load_base_pipeline(preset: ModelPreset, weights_dir: Path, device: torch.device) -> WanImageToVideoPipeline:
-    """Transformer and text encoder in bf16 on CUDA; VAE and CLIP image encoder in float32 (as Wan's reference)."""
+def load_base_pipeline(
+    preset: ModelPreset, weights_dir: Path, device: torch.device, place: bool = True
+) -> WanImageToVideoPipeline:
+    """Transformer and text encoder in bf16 on CUDA; VAE and CLIP image encoder in float32 (as Wan's reference).
+
+    `place=False` leaves the weights on the CPU for an offload mode to place them.
+    """
     if preset.is_tiny:
         from pipeline.tiny import build_tiny_pipeline
 
-        return build_tiny_pipeline().to(device)
+        pipe = build_tiny_pipeline()
+        return pipe.to(device) if place else pipe
 
     model_dir = preset_dir(preset, weights_dir)
     missing = missing_files(model_dir)
@@ -84,4 +90,4 @@ def load_base_pipeline(preset: ModelPreset, weights_dir: Path, device: torch.dev
     pipe = WanImageToVideoPipeline.from_pretrained(
         model_dir, vae=vae, image_encoder=image_encoder, torch_dtype=dtype, local_files_only=True
     )
-    return pipe.to(device)
+    return pipe.to(device) if place else pipe

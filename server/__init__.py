@@ -1,0 +1,1 @@
+"""The Wiro-compatible HTTP server: auth, request parsing, URL safety, store, worker, routes."""

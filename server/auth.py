@@ -1,0 +1,175 @@
+"""Wiro's request authentication: `x-api-key`, plus `x-nonce`/`x-signature` HMAC for signed keys.
+
+x-signature = hex(HMAC-SHA256(key=API_KEY, msg=API_SECRET + NONCE)), as the seed's
+`openssl dgst -sha256 -hmac KEY` and the official client's `createHmac('sha256', apiKey)` compute it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.errors import ApiError
+
+_NONCE = re.compile(r"[0-9]{1,32}")
+_KEY = re.compile(r"[^\s:,#]+")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key: str
+    secret: str | None  # None: "API key only" mode, no signature required for this key
+
+
+def _parse_entry(entry: str, where: str) -> ApiKey:
+    key, colon, secret = entry.partition(":")
+    key, secret = key.strip(), secret.strip()
+    if not colon or not _KEY.fullmatch(key) or any(c.isspace() for c in secret):
+        raise ValueError(f"Malformed API key entry {where}: {entry!r}; expected 'key:secret' (or 'key:' for key-only)")
+    return ApiKey(key=key, secret=secret or None)
+
+
+def _add(keys: dict[str, ApiKey], api_key: ApiKey, where: str) -> None:
+    known = keys.get(api_key.key)
+    if known is not None and known != api_key:
+        raise ValueError(f"API key {api_key.key!r} {where} is configured twice with different secrets")
+    keys[api_key.key] = api_key
+
+
+def load_api_keys(settings: Any) -> dict[str, ApiKey]:
+    """Keys from `settings.api_keys` ("k:s,k2:s2,k3:") and `settings.api_keys_file` (one "k:s" a line)."""
+    keys: dict[str, ApiKey] = {}
+    for index, entry in enumerate((getattr(settings, "api_keys", None) or "").split(",")):
+        if entry.strip():
+            where = f"#{index + 1} in api_keys"
+            _add(keys, _parse_entry(entry, where), where)
+    path: Path | None = getattr(settings, "api_keys_file", None)
+    if path is not None:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"Cannot read api_keys_file {path}: {exc}") from exc
+        for number, line in enumerate(lines, start=1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                where = f"at {path}:{number}"
+                _add(keys, _parse_entry(line, where), where)
+    return keys
+
+
+def sign(api_key: str, api_secret: str, nonce: str) -> str:
+    """The lowercase hex signature a client sends for this nonce."""
+    return hmac.new(api_key.encode(), (api_secret + nonce).encode(), hashlib.sha256).hexdigest()
+
+
+def new_key_pair() -> tuple[str, str]:
+    """A fresh (key, secret); url-safe, so it fits in headers, env vars and the keys file."""
+    return secrets.token_urlsafe(24), secrets.token_urlsafe(32)
+
+
+class NonceStore(Protocol):
+    def use(self, api_key: str, nonce: str, now: float, window: float) -> bool:
+        """Record the nonce; True if it was not used by this key within `window` seconds."""
+        ...
+
+
+class MemoryNonceStore:
+    """Nonces seen in this process. Expired entries are dropped; past `max_entries` the oldest go.
+
+    Only requests with a valid signature add entries, so the cap bounds memory under heavy
+    legitimate traffic rather than defending against strangers.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._max_entries = max_entries
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def use(self, api_key: str, nonce: str, now: float, window: float) -> bool:
+        entry = (api_key, nonce)
+        with self._lock:
+            while self._seen:
+                oldest, seen_at = next(iter(self._seen.items()))
+                if seen_at > now - window:
+                    break
+                del self._seen[oldest]
+            seen_at = self._seen.get(entry)
+            if seen_at is not None and seen_at > now - window:
+                return False
+            self._seen[entry] = now
+            self._seen.move_to_end(entry)
+            while len(self._seen) > self._max_entries:
+                self._seen.popitem(last=False)
+            return True
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(message, code=0, http_status=401)
+
+
+def _signature_token(value: str) -> str:
+    """The hex digest from `x-signature`, also when sent as raw `openssl dgst` output."""
+    parts = value.split()
+    return parts[-1].lower() if parts else ""
+
+
+class Authenticator:
+    """Checks the auth headers of one request against the configured keys."""
+
+    def __init__(
+        self,
+        keys: dict[str, ApiKey],
+        nonce_store: NonceStore,
+        nonce_window_seconds: float,
+        replay_protection: bool = True,
+    ) -> None:
+        self._keys = dict(keys)
+        self._nonces = nonce_store
+        self._window = nonce_window_seconds
+        self._replay_protection = replay_protection
+
+    @property
+    def open(self) -> bool:
+        """No keys configured: unsigned requests are accepted (the server then binds loopback only)."""
+        return not self._keys
+
+    def authenticate(self, headers: Mapping[str, str]) -> str | None:
+        """The API key the request used (None in open mode); raises ApiError(401) otherwise."""
+        if self.open:
+            return None
+        given_key = (headers.get("x-api-key") or "").strip()
+        if not given_key:
+            raise _unauthorized("Missing x-api-key header.")
+        api_key = self._keys.get(given_key)
+        if api_key is None:
+            raise _unauthorized("Unknown API key (x-api-key).")
+        if api_key.secret is None:
+            return api_key.key
+        nonce = (headers.get("x-nonce") or "").strip()
+        signature = _signature_token(headers.get("x-signature") or "")
+        if not nonce or not signature:
+            raise _unauthorized(
+                "This API key requires signed requests: send x-nonce (unix time) and "
+                "x-signature = hex(HMAC-SHA256(key=API_KEY, message=API_SECRET + NONCE))."
+            )
+        if not _NONCE.fullmatch(nonce):
+            raise _unauthorized("x-nonce must be a decimal integer (e.g. unix time in seconds or ms).")
+        expected = sign(api_key.key, api_key.secret, nonce)
+        if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
+            raise _unauthorized(
+                "Invalid x-signature; expected hex(HMAC-SHA256(key=API_KEY, message=API_SECRET + NONCE))."
+            )
+        if self._replay_protection and not self._nonces.use(api_key.key, nonce, time.time(), self._window):
+            raise _unauthorized("x-nonce already used; send a fresh nonce with every request.")
+        return api_key.key

@@ -1,0 +1,28 @@
+"""Application errors in Wiro's shape: HTTP 200 with `result: false`, except auth (401)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+GENERAL = 0
+NOT_FOUND = 1
+QUEUE_FULL = 96
+
+
+class ApiError(Exception):
+    """An error a client caused or must handle; routes turn it into `error_body`.
+
+    Wiro answers application errors with HTTP 200 (its official client throws on any non-2xx),
+    so `http_status` stays 200 except for authentication failures (401).
+    """
+
+    def __init__(self, message: str, code: int = GENERAL, http_status: int = 200) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.http_status = http_status
+
+
+def error_body(errors: list[tuple[int, str]]) -> dict[str, Any]:
+    """The JSON body Wiro sends for failed calls."""
+    return {"result": False, "errors": [{"code": code, "message": message} for code, message in errors]}

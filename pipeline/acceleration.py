@@ -21,6 +21,8 @@ MemoryMode = Literal["none", "model_cpu_offload", "group_offload", "sequential_c
 
 # Tried in this order by "auto" on CUDA: FA3 (Hopper), FA2, SageAttention, then PyTorch SDPA.
 AUTO_CUDA_BACKENDS = ("_flash_3", "flash", "sage", "native")
+# The per-block sub-modules whose outputs TaylorSeer predicts between full computations.
+WAN_BLOCK_OUTPUTS = (r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+\.ffn")
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,10 @@ def apply_step_cache(pipe: WanImageToVideoPipeline, options: SpeedOptions, appli
     if options.step_cache == "first_block":
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=options.step_cache_threshold))
     elif options.step_cache == "taylorseer":
-        pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=options.step_cache_interval))
+        # diffusers' default patterns ("^blocks.*attn", fullmatch) miss Wan's "blocks.N.attn1": name them.
+        pipe.transformer.enable_cache(
+            TaylorSeerCacheConfig(cache_interval=options.step_cache_interval, cache_identifiers=list(WAN_BLOCK_OUTPUTS))
+        )
     applied.step_cache = options.step_cache
     applied.note(f"step cache: {options.step_cache}")
 

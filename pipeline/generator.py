@@ -20,7 +20,7 @@ from pipeline.embeddings import EmbeddingCache
 from pipeline.errors import Interrupted
 from pipeline.loader import load_base_pipeline, pick_device
 from pipeline.lora import LoraInfo, load_lora
-from pipeline.params import GenerationParams, Limits, resolve_size
+from pipeline.params import GenerationParams, Limits, limits_from_settings, resolve_size
 from pipeline.presets import ModelPreset
 from pipeline.scheduler import ShiftedSchedulers
 from pipeline.video import write_mp4
@@ -218,11 +218,3 @@ def speed_from_settings(settings: Settings) -> SpeedOptions:
         encode_cache_size=settings.encode_cache_size,
     )
 
-
-def limits_from_settings(settings: Settings) -> Limits:
-    return Limits(
-        max_num_frames=settings.max_num_frames,
-        max_steps=settings.max_steps,
-        max_side=settings.max_side,
-        max_pixels=settings.max_pixels,
-    )

@@ -149,6 +149,16 @@ def parse_params(data: dict[str, Any], limits: Limits | None = None) -> Generati
     return params
 
 
+def limits_from_settings(settings: Any) -> Limits:
+    """The operator limits of a `particalize.settings.Settings` (kept here: no model import needed)."""
+    return Limits(
+        max_num_frames=settings.max_num_frames,
+        max_steps=settings.max_steps,
+        max_side=settings.max_side,
+        max_pixels=settings.max_pixels,
+    )
+
+
 def check_limits(params: GenerationParams, limits: Limits) -> None:
     if params.num_frames > limits.max_num_frames:
         raise InvalidParameter("numFrames", f"must be at most {limits.max_num_frames}, got {params.num_frames}")

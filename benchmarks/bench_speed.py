@@ -32,6 +32,7 @@ OPTIONS: dict[str, dict] = {
     "plain": {"attention_backend": "native", "encode_cache_size": 0},
     "attention-auto": {"attention_backend": "auto", "encode_cache_size": 0},
     "encode-cache": {"attention_backend": "native"},
+    "cfg-batch": {"attention_backend": "native", "cfg_batch": True, "encode_cache_size": 0},
     "compile": {"attention_backend": "native", "compile": True, "encode_cache_size": 0},
     "first-block-cache-0.05": {"attention_backend": "native", "step_cache": "first_block",
                                "step_cache_threshold": 0.05, "encode_cache_size": 0},

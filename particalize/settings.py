@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch.compile the transformer's repeated blocks, warmed up at start.")
     compile_dynamic: bool = Field(True, description="Dynamic shapes: no recompilation when the video size changes.")
     compile_mode: str | None = None
+    cfg_batch: bool = Field(False, description="Batch the cond and uncond guidance branches in one forward.")
     step_cache: Literal["none", "first_block", "taylorseer"] = Field(
         "none", description="Reuse transformer outputs across denoising steps (approximate; off until measured)."
     )
@@ -108,6 +109,7 @@ class Settings(BaseSettings):
         0, ge=0, description="torch CPU threads of a worker on CPU (0: all cores but one, leaving one for the API)."
     )
     cost_per_second: float = Field(0.0, ge=0, description="`cps` of a task; totalcost = cps x elapsed seconds.")
+    access_log: bool = Field(True, description="Log one line per HTTP request (uvicorn's access log).")
 
     @field_validator("lora_path", "api_keys_file", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """Speed and memory options, each applied with diffusers' own machinery and each reported as applied or not.
 
 Order matters and is fixed here: LoRA fused (the loader) → attention backend → float8 → step cache →
-memory mode → compile. Compiling last means the compiled graphs see the final modules.
+batched guidance → memory mode → VAE tiling → compile. Compiling last means the compiled graphs see the final modules.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 from diffusers import WanImageToVideoPipeline
+
+from pipeline.guidance import BatchedGuidanceHook, enable_batched_guidance
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class SpeedOptions:
     compile: bool = False
     compile_dynamic: bool = True
     compile_mode: str | None = None
+    cfg_batch: bool = False
     step_cache: StepCache = "none"
     step_cache_threshold: float = 0.05
     step_cache_interval: int = 3
@@ -51,6 +54,7 @@ class Applied:
     memory_mode: str = "none"
     vae_tiling: bool = False
     float8: bool = False
+    guidance_hook: BatchedGuidanceHook | None = None
 
     def note(self, message: str) -> None:
         log.info(message)
@@ -159,6 +163,12 @@ def apply_speed_options(pipe: WanImageToVideoPipeline, options: SpeedOptions, de
         apply_float8(pipe, device, applied)
     if options.step_cache != "none":
         apply_step_cache(pipe, options, applied)
+    if options.cfg_batch:
+        if options.step_cache != "none":
+            applied.note("batched guidance not applied: step caches keep cond and uncond state apart")
+        else:
+            applied.guidance_hook = enable_batched_guidance(pipe.transformer)
+            applied.note("classifier-free guidance batched: cond and uncond in one forward")
     if options.memory_mode != "none":
         apply_memory_mode(pipe, options.memory_mode, device, applied)
     if options.vae_tiling:

@@ -142,6 +142,8 @@ class VideoGenerator:
                 prompt_embeds, negative_embeds = self.embeddings.prompt_embeds(
                     params.prompt, params.negative_prompt, guidance, self.max_sequence_length, self.device
                 )
+                if self.applied.guidance_hook is not None:
+                    self.applied.guidance_hook.set_negative(negative_embeds)
                 result = self.pipe(
                     image=image,
                     prompt_embeds=prompt_embeds,
@@ -209,6 +211,7 @@ def speed_from_settings(settings: Settings) -> SpeedOptions:
         compile=settings.compile,
         compile_dynamic=settings.compile_dynamic,
         compile_mode=settings.compile_mode,
+        cfg_batch=settings.cfg_batch,
         step_cache=settings.step_cache,
         step_cache_threshold=settings.step_cache_threshold,
         step_cache_interval=settings.step_cache_interval,

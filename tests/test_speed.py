@@ -60,6 +60,17 @@ def test_cache_off_still_works(tmp_path, plain):
     assert gen.embeddings.prompts.hits == 0
 
 
+def test_batched_guidance_gives_the_same_frames_in_half_the_forwards(tmp_path, plain):
+    gen = make(tmp_path, cfg_batch=True)
+    frames = gen.generate(PARAMS, IMAGE).frames
+    assert gen.applied.guidance_hook.batched_calls == PARAMS.steps  # one batched forward per step
+    np.testing.assert_allclose(frames, plain, atol=1e-4)
+    no_guidance = PARAMS.model_copy(update={"scale": 1.0})
+    np.testing.assert_allclose(gen.generate(no_guidance, IMAGE).frames,
+                               make(tmp_path).generate(no_guidance, IMAGE).frames, atol=1e-5)
+    assert gen.applied.guidance_hook.batched_calls == PARAMS.steps  # nothing to batch without guidance
+
+
 def test_group_offload_gives_the_same_frames(tmp_path, plain):
     gen = make(tmp_path, memory_mode="group_offload")
     assert gen.applied.memory_mode == "group_offload"

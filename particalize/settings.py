@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     memory_mode: Literal["none", "model_cpu_offload", "group_offload", "sequential_cpu_offload"] = "none"
     vae_tiling: bool = False
     float8: bool = Field(False, description="float8 transformer weights via torchao (Ada/Hopper GPUs).")
+    context_parallel: Literal["none", "ring", "ulysses"] = Field(
+        "none", description="Split one video over the GPUs of a torchrun launch (generate only)."
+    )
     encode_cache_size: int = Field(16, ge=0, description="Prompt and image encodings kept per identical input.")
 
     # --- request limits ------------------------------------------------------------------------

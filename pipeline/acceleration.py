@@ -1,7 +1,7 @@
 """Speed and memory options, each applied with diffusers' own machinery and each reported as applied or not.
 
 Order matters and is fixed here: LoRA fused (the loader) → attention backend → float8 → step cache →
-batched guidance → memory mode → VAE tiling → compile. Compiling last means the compiled graphs see the final modules.
+batched guidance → memory mode → VAE tiling → context parallelism → compile. Compiling last means the compiled graphs see the final modules.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class SpeedOptions:
     vae_tiling: bool = False
     float8: bool = False
     encode_cache_size: int = 16
+    context_parallel: Literal["none", "ring", "ulysses"] = "none"
 
 
 @dataclass
@@ -175,6 +176,11 @@ def apply_speed_options(pipe: WanImageToVideoPipeline, options: SpeedOptions, de
         pipe.vae.enable_tiling()
         applied.vae_tiling = True
         applied.note("VAE tiling on")
+    if options.context_parallel != "none":
+        from pipeline.parallel import enable_context_parallel
+
+        degree = enable_context_parallel(pipe, options.context_parallel, device)
+        applied.note(f"context parallelism: {options.context_parallel} over {degree} processes")
     if options.compile:
         apply_compile(pipe, options, applied)
     return applied

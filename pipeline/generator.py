@@ -73,8 +73,12 @@ class VideoGenerator:
     ) -> None:
         started = time.perf_counter()
         self.preset = preset
-        self.device = pick_device(device)
         speed = speed or SpeedOptions()
+        self.device = pick_device(device)
+        if speed.context_parallel != "none":
+            from pipeline.parallel import rank_device
+
+            self.device = rank_device(self.device)
         offloaded = speed.memory_mode != "none"
         self.pipe = load_base_pipeline(preset, weights_dir, self.device, place=not offloaded)
         self.pipe.set_progress_bar_config(disable=True)
@@ -219,5 +223,6 @@ def speed_from_settings(settings: Settings) -> SpeedOptions:
         vae_tiling=settings.vae_tiling,
         float8=settings.float8,
         encode_cache_size=settings.encode_cache_size,
+        context_parallel=settings.context_parallel,
     )
 

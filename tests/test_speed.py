@@ -124,3 +124,8 @@ def test_compile_warms_up_fuses_the_lora_and_never_recompiles_per_request(tmp_pa
     finally:
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
+
+
+def test_context_parallelism_off_gpu_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="needs CUDA GPUs, one per torchrun process"):
+        make(tmp_path, context_parallel="ulysses")

@@ -1,7 +1,8 @@
 """Speed and memory options, each applied with diffusers' own machinery and each reported as applied or not.
 
 Order matters and is fixed here: LoRA fused (the loader) → attention backend → float8 → step cache →
-batched guidance → memory mode → VAE tiling → context parallelism → compile. Compiling last means the compiled graphs see the final modules.
+batched guidance → memory mode → VAE tiling → context parallelism → compile. Compiling last means the
+compiled graphs see the final modules.
 """
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ def enable_context_parallel(pipe: WanImageToVideoPipeline, mode: str, device: to
         raise ValueError(f"context parallelism ({mode}) needs torchrun with 2 or more processes, got {degree}")
     if not dist.is_initialized():
         dist.init_process_group("nccl")
-    config = ContextParallelConfig(ring_degree=degree) if mode == "ring" else ContextParallelConfig(ulysses_degree=degree)
+    if mode == "ring":
+        config = ContextParallelConfig(ring_degree=degree)
+    else:
+        config = ContextParallelConfig(ulysses_degree=degree)
     pipe.transformer.enable_parallelism(config=config)
     return degree

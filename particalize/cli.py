@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     _tool_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
+    batch = sub.add_parser("batch", help="many videos from a JSONL file, resumable (tool flags are row defaults)")
+    batch.add_argument("file", type=Path, help="JSONL: one {\"image\": ..., tool inputs, \"id\"?} per line")
+    batch.add_argument("--out", type=Path, required=True, help="folder for MP4s, contact sheets and the manifest")
+    _model_flags(batch)
+    _tool_flags(batch)
+    batch.set_defaults(func=cmd_batch)
+
     weights = sub.add_parser("weights", help="fetch or verify model and LoRA weights")
     wsub = weights.add_subparsers(dest="weights_command", required=True)
     fetch = wsub.add_parser("fetch", help="download the preset and the configured LoRA (resumable)")
@@ -97,7 +104,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     inputs = {dest: getattr(args, dest) for dest, _ in TOOL_FLAGS.values() if getattr(args, dest) is not None}
     params = parse_params(inputs, limits_from_settings(settings))
     image = decode_image(_read_image_source(args.image), field="--image")
+    from pipeline.parallel import rank
+
+    if settings.context_parallel != "none" and params.seed is None:
+        raise ValueError("Request parameter [seed] is required with context parallelism: every rank must agree")
     generator = generator_from_settings(settings)
+    if rank() != 0:  # context-parallel peers compute with rank 0 but write nothing
+        generator.generate(params, image)
+        return 0
     bar = tqdm(total=params.steps, unit="step", desc="denoising")
 
     def progress(p: object) -> None:
@@ -111,6 +125,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(json.dumps({"output": str(args.out), "parameters": video.params.wiro_inputs(),
                       "timings": {k: round(v, 3) for k, v in video.timings.items()}}, indent=2))
     return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from particalize.batch import batch_command
+
+    defaults = {dest: getattr(args, dest) for dest, _ in TOOL_FLAGS.values() if getattr(args, dest) is not None}
+    return batch_command(args.file, args.out, _settings(args), defaults)
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:

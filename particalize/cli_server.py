@@ -3,8 +3,174 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
+import signal
+import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def add_server_commands(sub: argparse._SubParsersAction, model_flags: Callable, settings_of: Callable) -> None:
-    """Registered by the server issue; nothing yet."""
+    def db_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", type=Path, help="where the SQLite database and the outputs live (default ./data)")
+        p.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite)")
+
+    serve = sub.add_parser("serve", help="run the Wiro-compatible HTTP server (with its GPU workers)")
+    model_flags(serve)
+    db_flags(serve)
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes to start, one per GPU (0: API only)")
+    serve.add_argument("--public-base-url", help="base of output URLs (default http://host:port)")
+    serve.add_argument("--allow-unauthenticated-public", action="store_const", const=True, default=None,
+                       help="listen on a non-loopback host although no API keys are configured")
+    serve.set_defaults(func=lambda args: cmd_serve(args, settings_of))
+
+    worker = sub.add_parser("worker", help="run one GPU worker against the (shared) task database")
+    model_flags(worker)
+    db_flags(worker)
+    worker.add_argument("--slot", type=int, default=0, help="this worker's number on this machine (its GPU)")
+    worker.set_defaults(func=lambda args: cmd_worker(args, settings_of))
+
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="print a new key and secret")
+    create.add_argument("--key-only", action="store_true", help="a key for Wiro's 'API key only' mode")
+    create.set_defaults(func=cmd_keys_create)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_refusal(settings: Any, has_keys: bool) -> str | None:
+    """Why the server must not listen where the settings say, or None."""
+    if has_keys or is_loopback(settings.host) or settings.allow_unauthenticated_public:
+        return None
+    return (
+        f"refusing to listen on {settings.host} with no API keys configured: anyone who reaches it could use "
+        "the GPU. Create keys (`particalize keys create`, then PARTICALIZE_API_KEYS=key:secret), listen on "
+        "127.0.0.1, or set PARTICALIZE_ALLOW_UNAUTHENTICATED_PUBLIC=1 (--allow-unauthenticated-public)."
+    )
+
+
+def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, list[str], str | None]:
+    """What `serve` says at start about the GPU and the weights, the settings to serve with (the tiny
+    preset when the default model cannot run here), and an error when it cannot serve at all."""
+    import torch
+
+    from pipeline.errors import WeightsMissing
+    from pipeline.loader import fetch_hint, missing_files, preset_dir
+    from pipeline.presets import get_preset
+    from weights.locate import lora_file_from_settings
+
+    lines: list[str] = []
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        lines.append(f"GPU: {torch.cuda.device_count()} found ({names})")
+        gpu = True
+    else:
+        lines.append("GPU: none found (torch sees no CUDA device); models run on the CPU")
+        gpu = False
+    preset = get_preset(settings.model)
+    problem = None
+    if preset.is_tiny:
+        lines.append("weights: the tiny preset is built in code (random weights: its videos are noise; "
+                     "for trying the API)")
+    else:
+        missing = missing_files(preset_dir(preset, settings.weights_dir))
+        if missing:
+            problem = f"the weights of {preset.name} are not on disk (missing {missing[0]}): {fetch_hint(preset)}"
+            lines.append(f"weights: NOT FOUND: {problem}")
+        else:
+            lines.append(f"weights: {preset.name} found in {preset_dir(preset, settings.weights_dir)}")
+        try:
+            lora = lora_file_from_settings(settings)
+            lines.append(f"LoRA: {lora}" if lora else "LoRA: none configured (plain Wan2.1 output, not Particalize)")
+        except WeightsMissing as exc:
+            problem = problem or str(exc)
+            lines.append(f"LoRA: NOT FOUND: {exc}")
+        if not gpu and problem is None:
+            problem_cpu = f"{preset.name} on a CPU takes hours per video"
+            if not model_is_explicit:
+                problem = problem_cpu
+            else:
+                lines.append(f"warning: {problem_cpu}")
+    if settings.workers == 0:
+        lines.append("workers: none in this process (--workers 0); tasks wait for a `particalize worker`")
+        return settings, lines, None
+    if problem is not None:
+        if not model_is_explicit:
+            lines.append(f"serving the tiny preset instead of {preset.name} ({problem}); set --model to insist")
+            return settings.with_overrides(model="tiny"), lines, None
+        return settings, lines, problem
+    return settings, lines, None
+
+
+def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.auth import load_api_keys
+
+    settings = settings_of(args).with_overrides(allow_unauthenticated_public=args.allow_unauthenticated_public)
+    keys = load_api_keys(settings)
+    refusal = bind_refusal(settings, bool(keys))
+    if refusal:
+        print(f"error: {refusal}", flush=True)
+        return 2
+    explicit = args.model is not None or bool(os.environ.get("PARTICALIZE_MODEL"))
+    settings, lines, problem = describe_environment(settings, explicit)
+    for line in lines:
+        print(line, flush=True)
+    if problem is not None:
+        print(f"error: cannot serve {settings.model}: {problem}", flush=True)
+        return 2
+    auth = f"{len(keys)} API key(s)" if keys else "none (no API keys configured; loopback only)"
+    print(f"auth: {auth}; database: {_redacted(settings.sqlalchemy_url)}; workers: {settings.workers}", flush=True)
+    print(f"serving {settings.model} on http://{settings.host}:{settings.port}", flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                access_log=settings.access_log, timeout_graceful_shutdown=10)
+    return 0
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
+    from particalize.settings import Settings
+    from server.supervisor import PARENT_ENV, SETTINGS_ENV, die_with_parent
+    from server.worker import run_worker
+
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent:
+        die_with_parent(int(parent))
+    given = os.environ.pop(SETTINGS_ENV, None)
+    settings = Settings.model_validate_json(given) if given else settings_of(args)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return run_worker(settings, stop, slot=args.slot, parent_pid=int(parent) if parent else None)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from server.auth import new_key_pair
+
+    key, secret = new_key_pair()
+    entry = f"{key}:" if args.key_only else f"{key}:{secret}"
+    print(f"x-api-key: {key}")
+    if not args.key_only:
+        print(f"secret:    {secret}")
+    print(f"\nserver side: PARTICALIZE_API_KEYS={entry}  (comma-separate several; or one per line in the file "
+          "PARTICALIZE_API_KEYS_FILE names)")
+    return 0

@@ -1,0 +1,93 @@
+"""The FastAPI application: Wiro's routes over the task store, with workers as child processes.
+
+Request path: route (server/routes) -> validation -> task store -> worker (a child process) -> pipeline
+-> storage. Every answer is JSON in Wiro's shapes; errors are `{"result": false, "errors": [...]}`
+(HTTP 200 for application errors, 401 for authentication, 404 "Error parsing url." for unknown routes),
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from server.callbacks import CallbackDispatcher
+from server.errors import ApiError, error_body
+from server.routes import files, run, tasks, tool
+from server.services import Services
+
+log = logging.getLogger("particalize.server")
+
+
+def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
+    """The app for `settings`. Its lifespan opens the store (migrating it), starts the callback sender and
+    `settings.workers` worker processes, and stops them on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from server.supervisor import WorkerProcesses
+
+        opened = services or await run_in_threadpool(Services.open, settings)
+        app.state.services = opened
+        callbacks = CallbackDispatcher(opened.store, opened.detail_body, settings).start()
+        workers = WorkerProcesses(settings, settings.workers).start() if settings.workers > 0 else None
+        try:
+            yield
+        finally:
+            if workers is not None:
+                await run_in_threadpool(workers.stop)
+            callbacks.stop()
+            if services is None:
+                opened.close()
+
+    app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    for module in (run, tasks, tool, files):
+        app.include_router(module.router)
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> JSONResponse:
+        """Liveness and the workers' state (not part of Wiro's API)."""
+        store = request.app.state.services.store
+
+        def read() -> dict[str, Any]:
+            workers = [
+                {"id": w.id, "state": w.state, "model": w.model, "device": w.device, "detail": w.detail,
+                 "heartbeat": f"{w.heartbeat_at:.3f}"}
+                for w in store.workers()
+            ]
+            return {"result": True, "errors": [], "queued": str(store.count("task_queue")), "workers": workers}
+
+        return JSONResponse(await run_in_threadpool(read))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body([(exc.code, exc.message)]), status_code=exc.http_status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405):
+            return JSONResponse(error_body([(0, "Error parsing url.")]), status_code=404)
+        return JSONResponse(error_body([(0, str(exc.detail))]), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body([(0, f"Request parameters are invalid: {exc.errors()[:1]}")]))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            error_body([(0, f"Internal server error ({type(exc).__name__}); the server log has the details.")]),
+            status_code=500,
+        )
+
+    return app

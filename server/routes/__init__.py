@@ -1,0 +1,1 @@
+"""The HTTP routes: Wiro's /v1 API for this one tool, and /files for outputs and uploads."""

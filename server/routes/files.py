@@ -1,0 +1,68 @@
+"""File/Upload (an input image, answered with a URL usable as inputImageUrl) and GET /files/... (outputs
+and uploads, with their content type; only plain names inside the storage are reachable)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from server.bodies import RequestFields
+from server.errors import ApiError, error_body
+from server.routes.common import answer, services_of
+from server.services import Services
+from server.storage import content_type_of
+from server.validation import check_upload
+
+router = APIRouter()
+
+UPLOAD_FIELDS = ("file", "inputImage")
+
+
+@router.post("/v1/File/Upload")
+async def upload(request: Request) -> JSONResponse:
+    def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
+        part = next((fields.files[name] for name in UPLOAD_FIELDS if name in fields.files), None)
+        if part is None:
+            raise ApiError("Request parameter [file] is required: send the image as a multipart/form-data "
+                           "file part named file.")
+        checked = check_upload(part, services.settings, "file")
+        row = services.store.add_upload(checked, owner)
+        return {"result": True, "errors": [], "list": [{
+            "id": row.id,
+            "name": row.name,
+            "contenttype": row.contenttype,
+            "size": str(row.size),
+            "parentid": "0",
+            "addedtime": str(int(row.addedtime)),
+            "accesskey": row.accesskey,
+            "url": services.storage.upload_url(row.id, row.name),
+        }]}
+
+    return await answer(request, handler)
+
+
+def _not_found() -> JSONResponse:
+    return JSONResponse(error_body([(0, "Error parsing url.")]), status_code=404)
+
+
+@router.api_route("/files/uploads/{upload_id}/{name}", methods=["GET", "HEAD"])
+async def uploaded_file(request: Request, upload_id: str, name: str) -> Response:
+    services = services_of(request)
+    if not services.storage.is_upload_id(upload_id):
+        return _not_found()
+    row = await run_in_threadpool(services.store.get_upload, upload_id)
+    if row is None or row.name != name:
+        return _not_found()
+    return Response(row.data, media_type=row.contenttype)
+
+
+@router.api_route("/files/{task_uuid}/{name}", methods=["GET", "HEAD"])
+async def output_file(request: Request, task_uuid: str, name: str) -> Response:
+    path = services_of(request).storage.find_output(task_uuid, name)
+    if path is None:
+        return _not_found()
+    return FileResponse(path, media_type=content_type_of(name))

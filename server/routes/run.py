@@ -1,0 +1,40 @@
+"""POST /v1/Run/{owner}/{project}: validate, store the task in the queue, answer its id and token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from server.bodies import RequestFields
+from server.errors import NOT_FOUND, QUEUE_FULL, ApiError
+from server.routes.common import answer
+from server.services import Services
+from server.store import QueueFull
+from server.tool_info import SLUG_OWNER, SLUG_PROJECT, is_this_tool
+from server.validation import parse_run
+
+router = APIRouter()
+
+
+@router.post("/v1/Run/{slug_owner}/{slug_project}")
+async def run(request: Request, slug_owner: str, slug_project: str) -> JSONResponse:
+    def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
+        if not is_this_tool(slug_owner, slug_project):
+            raise ApiError(
+                f"There is no tool {slug_owner}/{slug_project} on this server; it runs {SLUG_OWNER}/{SLUG_PROJECT}.",
+                code=NOT_FOUND,
+            )
+        req = parse_run(fields, services.settings, services.storage, services.store)
+        try:
+            task = services.store.create(
+                parameters=req.parameters, image_url=req.image_url, upload_id=req.upload_id,
+                new_upload=req.new_upload, callback_url=req.callback_url, owner=owner,
+            )
+        except QueueFull as exc:
+            raise ApiError(str(exc), code=QUEUE_FULL) from None
+        return {"errors": [], "taskid": str(task.id), "socketaccesstoken": task.socketaccesstoken, "result": True}
+
+    return await answer(request, handler)

@@ -1,0 +1,131 @@
+"""Task/Detail, Task/Kill, Task/Cancel, Task/List, Task/InputOutputDelete."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from server.bodies import RequestFields
+from server.errors import NOT_FOUND, ApiError
+from server.routes.common import answer, authorized_fields, find_task, text_field
+from server.services import Services
+from server.store.models import TERMINAL, Task
+
+router = APIRouter()
+
+DETAIL_TOKENS = ("tasktoken", "socketaccesstoken")
+CONTROL_TOKENS = ("socketaccesstoken", "tasktoken")
+MAX_LIST_LIMIT = 100
+
+
+@router.post("/v1/Task/Detail")
+async def detail(request: Request) -> JSONResponse:
+    def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
+        return services.detail_body(find_task(services, owner, fields, token_names=DETAIL_TOKENS))
+
+    return await answer(request, handler)
+
+
+def _tasklist(services: Services, task: Task) -> dict[str, Any]:
+    return {"errors": [], "tasklist": services.views([task]), "result": True}
+
+
+@router.post("/v1/Task/Cancel")
+async def cancel(request: Request) -> JSONResponse:
+    """Removes a task still in the queue (it ends in task_cancel); a running task needs Task/Kill."""
+
+    def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
+        task = find_task(services, owner, fields, token_names=CONTROL_TOKENS)
+        current, cancelled = services.store.cancel_if_queued(task.id)
+        if current is None:
+            raise ApiError("There is no task yet.", code=NOT_FOUND)
+        if not cancelled:
+            hint = " Use Task/Kill to stop a running task." if current.status not in TERMINAL else ""
+            raise ApiError(
+                f"Task is not in a cancellable state. It is {current.status}; Task/Cancel removes queued tasks "
+                f"only.{hint}",
+                code=NOT_FOUND,
+            )
+        return _tasklist(services, current)
+
+    return await answer(request, handler)
+
+
+@router.post("/v1/Task/Kill")
+async def kill(request: Request) -> JSONResponse:
+    """Stops a running task within one denoising step. Waits up to kill_wait_seconds for the worker to
+    confirm, so that the answer normally shows task_cancel; otherwise the kill is still under way."""
+    services, owner, fields = await authorized_fields(request)
+
+    def ask() -> Task:
+        task = find_task(services, owner, fields, token_names=CONTROL_TOKENS)
+        outcome = services.store.request_kill(task.id)
+        if outcome.task is None:
+            raise ApiError("There is no task yet.", code=NOT_FOUND)
+        if not outcome.accepted:
+            raise ApiError(f"Task could not be killed: {outcome.reason}", code=NOT_FOUND)
+        return outcome.task
+
+    task = await run_in_threadpool(ask)
+    deadline = time.monotonic() + services.settings.kill_wait_seconds
+    while task.status not in TERMINAL and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        task = await run_in_threadpool(services.store.get, task.id) or task
+    return JSONResponse(await run_in_threadpool(_tasklist, services, task))
+
+
+def _int_field(fields: RequestFields, name: str, default: int, low: int, high: int) -> int:
+    value = fields.values.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = int(str(value).strip())
+    except ValueError:
+        raise ApiError(f"Request parameter [{name}] must be an integer, got {str(value)[:40]!r}.") from None
+    if not low <= number <= high:
+        raise ApiError(f"Request parameter [{name}] must be between {low} and {high}, got {number}.")
+    return number
+
+
+@router.post("/v1/Task/List")
+async def task_list(request: Request) -> JSONResponse:
+    """This server's tasks (of the calling API key), newest first; `start`/`limit` page through them."""
+
+    def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
+        start = _int_field(fields, "start", 0, 0, 10**9)
+        limit = _int_field(fields, "limit", 20, 1, MAX_LIST_LIMIT)
+        total, tasks = services.store.list(owner, start, limit)
+        return {"total": str(total), "errors": [], "tasklist": services.views(tasks), "result": True}
+
+    return await answer(request, handler)
+
+
+@router.post("/v1/Task/InputOutputDelete")
+async def input_output_delete(request: Request) -> JSONResponse:
+    """Deletes a finished task's output files and uploaded input; the task and its parameters stay.
+    Idempotent."""
+
+    def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
+        if text_field(fields, "tasktoken", "socketaccesstoken", "taskid") is None:
+            raise ApiError("Request parameter [tasktoken] is required.")
+        try:
+            task = find_task(services, owner, fields, token_names=DETAIL_TOKENS)
+        except ApiError as exc:
+            if exc.code == NOT_FOUND:
+                raise ApiError("task-not-exist: There is no such task.", code=NOT_FOUND) from None
+            raise
+        if task.status not in TERMINAL:
+            raise ApiError(f"Task must be completed or cancelled before deleting files (it is {task.status}).")
+        services.storage.remove(services.store.delete_files(task.id))
+        services.storage.discard_task(task.uuid)
+        return {"result": True, "errors": []}
+
+    return await answer(request, handler)

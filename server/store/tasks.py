@@ -1,0 +1,537 @@
+"""The task store: every state change of a task is one transaction here, stamped with its time.
+
+Ownership: a worker claims a task (worker_id, lease, attempts); from then on only that worker moves it
+forward, and every call it makes checks it still owns the task (TaskLost otherwise). A task whose
+worker died (its lease ran out, or its worker restarted under the same id) is requeued
+`requeue_limit` times, then failed with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, false, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from server.store.db import Database
+from server.store.models import (
+    ACCEPT,
+    CANCEL,
+    POSTPROCESS_END,
+    QUEUED,
+    RUNNING,
+    STAMPS,
+    TERMINAL,
+    Output,
+    Task,
+    TaskEvent,
+    Upload,
+    Worker,
+)
+
+_TOKEN_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_token(length: int = 30) -> str:
+    """A socket access token: `length` random letters and digits from the OS's cryptographic source."""
+    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(length))
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class TaskLost(Exception):
+    """The worker no longer owns the task (it was requeued, failed or cancelled behind its back)."""
+
+
+class TaskKilled(TaskLost):
+    """A kill was asked while the worker was finishing: the task ends in task_cancel, not with outputs."""
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class NewUpload:
+    id: str
+    name: str
+    contenttype: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class NewOutput:
+    name: str
+    contenttype: str
+    size: int
+    path: str
+
+
+@dataclass(frozen=True)
+class KillOutcome:
+    task: Task | None
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Recovered:
+    task_id: int
+    action: str  # requeued, failed, cancelled
+    worker_id: str | None
+
+
+def parameters_of(task: Task) -> dict[str, Any]:
+    return json.loads(task.parameters or "{}")
+
+
+class TaskStore:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        lease_seconds: float = 60.0,
+        requeue_limit: int = 1,
+        max_queue_length: int = 1000,
+        callback_attempts: int = 5,
+        callback_backoff_seconds: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.lease_seconds = lease_seconds
+        self.requeue_limit = requeue_limit
+        self.max_queue_length = max_queue_length
+        self.callback_attempts = callback_attempts
+        self.callback_backoff_seconds = callback_backoff_seconds
+        self.clock = clock
+
+    @classmethod
+    def from_settings(cls, db: Database, settings: Any) -> TaskStore:
+        return cls(
+            db,
+            lease_seconds=settings.lease_seconds,
+            requeue_limit=settings.requeue_limit,
+            max_queue_length=settings.max_queue_length,
+            callback_attempts=settings.callback_attempts,
+            callback_backoff_seconds=settings.callback_backoff_seconds,
+        )
+
+    # --- creating and reading ------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        parameters: dict[str, Any],
+        image_url: str,
+        upload_id: str | None = None,
+        new_upload: NewUpload | None = None,
+        callback_url: str = "",
+        owner: str | None = None,
+    ) -> Task:
+        """A queued task. Its image is fetched from `image_url` by the worker, or read from the store when
+        `upload_id` names an upload (`new_upload`: one sent with this request, stored with the task)."""
+        if new_upload is not None:
+            upload_id = new_upload.id
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            queued = s.scalar(select(func.count()).select_from(Task).where(Task.status == QUEUED)) or 0
+            if queued >= self.max_queue_length:
+                raise QueueFull(f"The queue is full ({queued} tasks waiting); try again later.")
+            task = Task(
+                uuid=str(uuid.uuid4()),
+                socketaccesstoken=new_token(),
+                owner=owner,
+                status=QUEUED,
+                parameters=json.dumps(parameters),
+                image_url=image_url,
+                upload_id=upload_id,
+                callbackurl=callback_url or "",
+                debugoutput="",
+                debugerror="",
+                pexit="0",
+                totalcost=0.0,
+                kill_requested=False,
+                createtime=now,
+                attempts=0,
+                callback_state="",
+                callback_attempts=0,
+            )
+            s.add(task)
+            s.flush()
+            if new_upload is not None:
+                s.add(_upload_row(new_upload, owner, now, task_id=task.id))
+            _event(s, task.id, QUEUED, now)
+        return task
+
+    def get(self, task_id: int, owner: str | None = None) -> Task | None:
+        with self.db.session() as s:
+            return _owned_by(s.get(Task, task_id), owner)
+
+    def find(self, taskid: str | None = None, token: str | None = None, owner: str | None = None) -> Task | None:
+        """By id, by token, or by both (then both must match). Tasks of other API keys are not found."""
+        with self.db.session() as s:
+            stmt = select(Task)
+            if taskid is not None:
+                if not taskid.isdigit() or len(taskid) > 18:
+                    return None
+                stmt = stmt.where(Task.id == int(taskid))
+            if token is not None:
+                stmt = stmt.where(Task.socketaccesstoken == token)
+            if taskid is None and token is None:
+                return None
+            return _owned_by(s.scalar(stmt), owner)
+
+    def list(self, owner: str | None = None, start: int = 0, limit: int = 20) -> tuple[int, list[Task]]:
+        """Newest first."""
+        with self.db.session() as s:
+            where = [] if owner is None else [Task.owner == owner]
+            total = s.scalar(select(func.count()).select_from(Task).where(*where)) or 0
+            rows = s.scalars(select(Task).where(*where).order_by(Task.id.desc()).offset(start).limit(limit))
+            return total, list(rows)
+
+    def outputs(self, task_ids: Iterable[int]) -> dict[int, list[Output]]:
+        ids = list(task_ids)
+        found: dict[int, list[Output]] = {i: [] for i in ids}
+        if not ids:
+            return found
+        with self.db.session() as s:
+            for out in s.scalars(select(Output).where(Output.task_id.in_(ids)).order_by(Output.name)):
+                found[out.task_id].append(out)
+        return found
+
+    def events(self, task_id: int) -> list[TaskEvent]:
+        with self.db.session() as s:
+            return list(s.scalars(select(TaskEvent).where(TaskEvent.task_id == task_id).order_by(TaskEvent.id)))
+
+    def count(self, status: str | None = None) -> int:
+        with self.db.session() as s:
+            stmt = select(func.count()).select_from(Task)
+            if status is not None:
+                stmt = stmt.where(Task.status == status)
+            return s.scalar(stmt) or 0
+
+    # --- uploads -------------------------------------------------------------------------------
+
+    def add_upload(self, upload: NewUpload, owner: str | None = None) -> Upload:
+        with self.db.session(write=True) as s:
+            row = _upload_row(upload, owner, self.clock())
+            s.add(row)
+        return row
+
+    def get_upload(self, upload_id: str) -> Upload | None:
+        with self.db.session() as s:
+            return s.get(Upload, upload_id)
+
+    # --- the API's controls ----------------------------------------------------------------------
+
+    def cancel_if_queued(self, task_id: int) -> tuple[Task | None, bool]:
+        """Cancel a task that no worker has claimed yet. (task, True) if cancelled now."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            task = s.get(Task, task_id, with_for_update=True)
+            if task is None or task.status != QUEUED:
+                return task, False
+            _set_status(s, task, CANCEL, now, message="cancelled while queued")
+            task.debugoutput = "Task cancelled while queued."
+            return task, True
+
+    def request_kill(self, task_id: int) -> KillOutcome:
+        """Ask the worker running the task to stop; it ends the task in task_cancel within one step."""
+        with self.db.session(write=True) as s:
+            task = s.get(Task, task_id, with_for_update=True)
+            if task is None:
+                return KillOutcome(None, False, "There is no task yet.")
+            if task.status == QUEUED:
+                return KillOutcome(task, False, "it is still queued; use Task/Cancel to remove a queued task.")
+            if task.status in TERMINAL:
+                return KillOutcome(task, False, f"it has already ended ({task.status}).")
+            task.kill_requested = True
+            return KillOutcome(task, True)
+
+    def delete_files(self, task_id: int) -> list[str]:
+        """Drop the output rows and the task's uploaded input; answers the output paths to remove."""
+        with self.db.session(write=True) as s:
+            paths = list(s.scalars(select(Output.path).where(Output.task_id == task_id)))
+            s.execute(delete(Output).where(Output.task_id == task_id))
+            s.execute(delete(Upload).where(Upload.task_id == task_id))
+        return paths
+
+    # --- the worker's side -----------------------------------------------------------------------
+
+    def claim_next(self, worker_id: str) -> Task | None:
+        """The oldest queued task, now owned by `worker_id` (status task_accept), or None.
+
+        One statement decides the claim: on PostgreSQL the candidate row is locked with
+        FOR UPDATE SKIP LOCKED (other workers take the next one); on SQLite the write lock is held
+        from BEGIN IMMEDIATE and the UPDATE re-checks the status, so no two processes get one task.
+        """
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            oldest = select(Task.id).where(Task.status == QUEUED).order_by(Task.id).limit(1)
+            if self.db.is_postgres:
+                oldest = oldest.with_for_update(skip_locked=True)
+            claimed = s.execute(
+                update(Task)
+                .where(Task.id == oldest.scalar_subquery(), Task.status == QUEUED)
+                .values(
+                    status=ACCEPT,
+                    accepttime=now,
+                    worker_id=worker_id,
+                    lease_expires_at=now + self.lease_seconds,
+                    attempts=Task.attempts + 1,
+                )
+                .returning(Task.id)
+                .execution_options(synchronize_session=False)
+            ).scalar()
+            if claimed is None:
+                return None
+            _event(s, claimed, ACCEPT, now, f"worker {worker_id}")
+            s.execute(update(Worker).where(Worker.id == worker_id).values(task_id=claimed, state="busy"))
+            return s.get(Task, claimed)
+
+    def advance(
+        self,
+        task_id: int,
+        worker_id: str,
+        status: str,
+        *,
+        debugoutput: str | None = None,
+        parameters: dict[str, Any] | None = None,
+        message: str = "",
+    ) -> bool:
+        """Move an owned task to `status` (stamping its time, renewing the lease). True if a kill was asked."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            task = self._owned(s, task_id, worker_id)
+            if status != task.status or message:
+                _set_status(s, task, status, now, message=message)
+            task.lease_expires_at = now + self.lease_seconds
+            if debugoutput is not None:
+                task.debugoutput = debugoutput
+            if parameters is not None:
+                task.parameters = json.dumps(parameters)
+            return task.kill_requested
+
+    def kill_requested(self, task_id: int) -> bool:
+        with self.db.session() as s:
+            return bool(s.scalar(select(Task.kill_requested).where(Task.id == task_id)))
+
+    def complete(
+        self, task_id: int, worker_id: str, outputs: list[NewOutput], *, totalcost: float, debugoutput: str
+    ) -> Task:
+        """Success: outputs recorded and task_postprocess_end with pexit 0, in one transaction."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            task = self._owned(s, task_id, worker_id)
+            if task.kill_requested:
+                raise TaskKilled(f"task {task_id} was killed while finishing")
+            parent = uuid.uuid5(uuid.NAMESPACE_URL, task.uuid).hex
+            for out in outputs:
+                s.add(Output(
+                    id=new_id(), task_id=task.id, name=out.name, contenttype=out.contenttype, parentid=parent,
+                    size=out.size, addedtime=now, modifiedtime=now, accesskey=new_token(), path=out.path,
+                ))
+            task.pexit = "0"
+            task.totalcost = totalcost
+            task.debugoutput = debugoutput
+            _set_status(s, task, POSTPROCESS_END, now, message="pexit 0")
+            return task
+
+    def finish_killed(self, task_id: int, worker_id: str, note: str) -> Task:
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            task = self._owned(s, task_id, worker_id)
+            task.debugoutput = note
+            task.totalcost = 0.0
+            _set_status(s, task, CANCEL, now, message=note)
+            return task
+
+    def fail(self, task_id: int, reason: str, worker_id: str | None = None, pexit: str = "1") -> Task | None:
+        """End a task in task_postprocess_end with pexit != 0, the reason in debugerror, no cost.
+        With `worker_id`, only if that worker still owns it; without, from any non-terminal status."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            if worker_id is not None:
+                task = self._owned(s, task_id, worker_id)
+            else:
+                task = s.get(Task, task_id, with_for_update=True)
+                if task is None or task.status in TERMINAL:
+                    return None
+            task.pexit = pexit
+            task.debugerror = reason
+            task.totalcost = 0.0
+            _set_status(s, task, POSTPROCESS_END, now, message=f"pexit {pexit}: {reason}")
+            return task
+
+    def release(self, task_id: int, worker_id: str, note: str) -> None:
+        """Give an owned task back to the queue on a graceful stop; that attempt does not count."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            try:
+                task = self._owned(s, task_id, worker_id)
+            except TaskLost:
+                return
+            task.attempts = max(0, task.attempts - 1)
+            _requeue(s, task, now, note)
+
+    def recover_orphans(self, *, worker_id: str | None = None, now: float | None = None) -> list[Recovered]:
+        """Tasks whose worker is gone: all running tasks held under `worker_id` (a worker restarting under
+        its own id knows its previous life is over) and every running task whose lease has run out.
+        Each is requeued while its attempts are within `requeue_limit`, else failed with the reason;
+        one that was being killed is cancelled."""
+        now = self.clock() if now is None else now
+        found: list[Recovered] = []
+        with self.db.session(write=True) as s:
+            stmt = select(Task).where(
+                Task.status.in_(RUNNING),
+                or_(Task.lease_expires_at < now, Task.worker_id == worker_id if worker_id else false()),
+            ).order_by(Task.id)
+            if self.db.is_postgres:
+                stmt = stmt.with_for_update(skip_locked=True)
+            for task in s.scalars(stmt):
+                dead = task.worker_id
+                where = f"worker {dead} stopped while the task was in {task.status}"
+                if task.kill_requested:
+                    task.debugoutput = f"Task killed; {where}."
+                    _set_status(s, task, CANCEL, now, message=where)
+                    found.append(Recovered(task.id, "cancelled", dead))
+                elif task.attempts <= self.requeue_limit:
+                    _requeue(s, task, now, f"requeued: {where} (attempt {task.attempts})")
+                    found.append(Recovered(task.id, "requeued", dead))
+                else:
+                    reason = (
+                        f"The task was lost: {where} (attempt {task.attempts}); it had been requeued "
+                        f"{self.requeue_limit} time(s) already and is not retried again."
+                    )
+                    task.pexit = "1"
+                    task.debugerror = reason
+                    task.totalcost = 0.0
+                    _set_status(s, task, POSTPROCESS_END, now, message=f"pexit 1: {reason}")
+                    found.append(Recovered(task.id, "failed", dead))
+        return found
+
+    def _owned(self, s: Session, task_id: int, worker_id: str) -> Task:
+        task = s.get(Task, task_id, with_for_update=True)
+        if task is None or task.worker_id != worker_id or task.status not in RUNNING:
+            state = "gone" if task is None else f"{task.status}, worker {task.worker_id}"
+            raise TaskLost(f"task {task_id} is no longer owned by {worker_id} ({state})")
+        return task
+
+    # --- workers ---------------------------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, *, pid: int, model: str, device: str, state: str, detail: str = ""):
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            row = s.get(Worker, worker_id) or Worker(id=worker_id, started_at=now)
+            row.state, row.pid, row.model, row.device, row.detail = state, pid, model, device, detail
+            row.started_at, row.heartbeat_at, row.task_id = now, now, None
+            s.add(row)
+
+    def worker_state(self, worker_id: str, state: str, detail: str | None = None) -> None:
+        with self.db.session(write=True) as s:
+            values: dict[str, Any] = {"state": state, "heartbeat_at": self.clock()}
+            if state != "busy":
+                values["task_id"] = None
+            if detail is not None:
+                values["detail"] = detail
+            s.execute(update(Worker).where(Worker.id == worker_id).values(**values))
+
+    def heartbeat(self, worker_id: str, task_id: int | None) -> None:
+        """The worker is alive; its task's lease is renewed."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            s.execute(update(Worker).where(Worker.id == worker_id).values(heartbeat_at=now))
+            if task_id is not None:
+                s.execute(
+                    update(Task)
+                    .where(Task.id == task_id, Task.worker_id == worker_id, Task.status.in_(RUNNING))
+                    .values(lease_expires_at=now + self.lease_seconds)
+                    .execution_options(synchronize_session=False)
+                )
+
+    def workers(self) -> list[Worker]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Worker).order_by(Worker.id)))
+
+    # --- callbacks -------------------------------------------------------------------------------
+
+    def claim_due_callbacks(self, limit: int = 16, hold_seconds: float = 60.0) -> list[int]:
+        """Tasks whose callback is due now; held for `hold_seconds` so no other process sends it too."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            stmt = (
+                select(Task)
+                .where(Task.callback_state == "pending", Task.callback_next_at <= now)
+                .order_by(Task.callback_next_at)
+                .limit(limit)
+            )
+            if self.db.is_postgres:
+                stmt = stmt.with_for_update(skip_locked=True)
+            tasks = list(s.scalars(stmt))
+            for task in tasks:
+                task.callback_next_at = now + hold_seconds
+            return [t.id for t in tasks]
+
+    def record_callback(self, task_id: int, delivered: bool) -> tuple[str, int, float | None]:
+        """Count one attempt; answers (state, attempts, next attempt time or None)."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            task = s.get(Task, task_id, with_for_update=True)
+            if task is None:
+                return "failed", 0, None
+            task.callback_attempts += 1
+            if delivered:
+                task.callback_state, task.callback_next_at = "delivered", None
+            elif task.callback_attempts >= self.callback_attempts:
+                task.callback_state, task.callback_next_at = "failed", None
+            else:
+                wait = self.callback_backoff_seconds * 2 ** (task.callback_attempts - 1)
+                task.callback_next_at = now + wait
+            return task.callback_state, task.callback_attempts, task.callback_next_at
+
+
+def _owned_by(task: Task | None, owner: str | None) -> Task | None:
+    if task is None or (owner is not None and task.owner != owner):
+        return None
+    return task
+
+
+def _upload_row(upload: NewUpload, owner: str | None, now: float, task_id: int | None = None) -> Upload:
+    return Upload(
+        id=upload.id, name=upload.name, contenttype=upload.contenttype, size=len(upload.data), data=upload.data,
+        addedtime=now, accesskey=new_token(), owner=owner, task_id=task_id,
+    )
+
+
+def _event(s: Session, task_id: int, status: str, at: float, message: str = "") -> None:
+    s.add(TaskEvent(task_id=task_id, status=status, at=at, message=message))
+
+
+def _set_status(s: Session, task: Task, status: str, now: float, message: str = "") -> None:
+    task.status = status
+    stamp = STAMPS.get(status)
+    if stamp is not None:
+        setattr(task, stamp, now)
+    if status in TERMINAL:
+        task.lease_expires_at = None
+        if task.callbackurl:
+            task.callback_state, task.callback_next_at = "pending", now
+    _event(s, task.id, status, now, message)
+
+
+def _requeue(s: Session, task: Task, now: float, note: str) -> None:
+    for stamp in STAMPS.values():
+        setattr(task, stamp, 0.0)
+    task.worker_id = None
+    task.lease_expires_at = None
+    task.debugoutput = note
+    _set_status(s, task, QUEUED, now, message=note)

@@ -1,0 +1,125 @@
+"""The workers `particalize serve` runs: child processes running `particalize worker --slot N`.
+
+A child process keeps the model (and the GIL it holds while generating) away from the API's event
+loop; the database is the only channel between them. A child dies with the serve process (Linux
+PDEATHSIG, set by the child itself; it also checks its parent), is stopped gracefully on shutdown
+(SIGTERM: its running task goes back to the queue), and is restarted if it crashes, unless it could
+not load the model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from server.worker import EXIT_LOAD_FAILED
+
+log = logging.getLogger("particalize.supervisor")
+
+SETTINGS_ENV = "_PARTICALIZE_WORKER_SETTINGS"
+PARENT_ENV = "_PARTICALIZE_PARENT_PID"
+_SECRETS = {"api_keys", "api_keys_file", "hf_token"}
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Called first thing in a child worker: be SIGKILLed when the serve process dies (Linux), and exit
+    now if it died before this call."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            log.warning("could not ask to die with the parent process; relying on the parent check")
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class WorkerProcesses:
+    def __init__(self, settings: Any, count: int, *, restart_delay: float = 2.0, max_restarts: int = 5) -> None:
+        self.settings = settings
+        self.count = count
+        self.restart_delay = restart_delay
+        self.max_restarts = max_restarts
+        self.processes: dict[int, subprocess.Popen] = {}
+        self._restarts: dict[int, list[float]] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+        self._started = threading.Event()
+
+    def start(self) -> WorkerProcesses:
+        self._thread.start()
+        self._started.wait(30)
+        return self
+
+    def _env(self, slot: int) -> dict[str, str]:
+        env = dict(os.environ)
+        data = self.settings.model_dump(mode="json", exclude=_SECRETS)
+        data["data_dir"] = str(self.settings.data_dir.resolve())
+        data["database_url"] = self.settings.sqlalchemy_url
+        env[SETTINGS_ENV] = json.dumps(data)
+        env[PARENT_ENV] = str(os.getpid())
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.count > 1:
+            visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            devices = visible or [str(i) for i in range(self.count)]
+            env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+        return env
+
+    def _spawn(self, slot: int) -> None:
+        # Spawned from the supervisor thread, which lives as long as the children (PDEATHSIG is per thread).
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "particalize.cli", "worker", "--slot", str(slot)],
+            env=self._env(slot), stdin=subprocess.DEVNULL,
+        )
+        self.processes[slot] = proc
+        log.info("worker slot %d started (pid %d)", slot, proc.pid)
+
+    def _supervise(self) -> None:
+        for slot in range(self.count):
+            self._spawn(slot)
+        self._started.set()
+        while not self._stopping.wait(0.5):
+            for slot, proc in list(self.processes.items()):
+                code = proc.poll()
+                if code is None or self._stopping.is_set():
+                    continue
+                del self.processes[slot]
+                if code == EXIT_LOAD_FAILED:
+                    log.error("worker slot %d could not load the model (see above); it is not restarted", slot)
+                    continue
+                recent = [t for t in self._restarts.get(slot, []) if time.monotonic() - t < 300]
+                if len(recent) >= self.max_restarts:
+                    log.error("worker slot %d exited with %s and crashed %d times in 5 min; not restarted",
+                              slot, code, len(recent))
+                    continue
+                log.warning("worker slot %d exited with %s; restarting in %.0fs", slot, code, self.restart_delay)
+                self._restarts[slot] = [*recent, time.monotonic()]
+                if not self._stopping.wait(self.restart_delay):
+                    self._spawn(slot)
+        self._terminate()
+
+    def _terminate(self, timeout: float = 15.0) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for slot, proc in self.processes.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker slot %d did not stop in %.0fs; killing it", slot, timeout)
+                proc.kill()
+                proc.wait()
+
+    def stop(self) -> None:
+        """Stop every worker: SIGTERM (a running task is requeued), SIGKILL after a grace period."""
+        self._stopping.set()
+        self._thread.join(30)

@@ -1,0 +1,95 @@
+"""A task as Wiro answers it: every field of the published TASK, numbers as strings, "0" for times not
+reached. Field order follows the published Kill/Cancel answers; `modeldescription`, `modelslugowner` and
+`modelslugproject` (newer Wiro docs, shown by the official client) come last."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from server.storage import Storage
+from server.store.models import CANCEL, POSTPROCESS_END, QUEUED, Output, Task
+from server.store.tasks import parameters_of
+from server.tool_info import CATEGORIES_TEXT, DESCRIPTION, SLUG_OWNER, SLUG_PROJECT
+
+
+def _time(value: float) -> str:
+    return str(int(value)) if value else "0"
+
+
+def _money(value: float) -> str:
+    return f"{value:.12f}" if value else "0"
+
+
+def elapsed_seconds(task: Task, now: float | None = None) -> float:
+    """Seconds from acceptance to the end of inference (or to the end of the task, or now while it runs)."""
+    if not task.accepttime or task.status == QUEUED:
+        return 0.0
+    end = task.endtime or (task.canceltime if task.status == CANCEL else 0.0)
+    if not end and task.status == POSTPROCESS_END:
+        end = task.postprocessendtime
+    if not end:
+        end = time.time() if now is None else now
+    return max(0.0, end - task.accepttime)
+
+
+def output_dict(out: Output, task: Task, storage: Storage) -> dict[str, Any]:
+    return {
+        "id": out.id,
+        "name": out.name,
+        "contenttype": out.contenttype,
+        "parentid": out.parentid,
+        "uuid": task.uuid,
+        "size": str(out.size),
+        "addedtime": _time(out.addedtime),
+        "modifiedtime": _time(out.modifiedtime),
+        "accesskey": out.accesskey,
+        "foldercount": "0",
+        "filecount": "0",
+        "ispublic": 0,
+        "expiretime": None,
+        "url": storage.url_of(out.path),
+    }
+
+
+def task_dict(task: Task, outputs: list[Output], storage: Storage, cps: float) -> dict[str, Any]:
+    return {
+        "id": str(task.id),
+        "uuid": task.uuid,
+        "name": "",
+        "socketaccesstoken": task.socketaccesstoken,
+        "parameters": parameters_of(task),
+        "debugoutput": task.debugoutput,
+        "debugerror": task.debugerror,
+        "starttime": _time(task.starttime),
+        "endtime": _time(task.endtime),
+        "elapsedseconds": f"{elapsed_seconds(task):.4f}",
+        "status": task.status,
+        "cps": _money(cps),
+        "totalcost": _money(task.totalcost),
+        "guestid": None,
+        "projectid": "0",
+        "modelid": "1",
+        "description": "",
+        "basemodelid": "0",
+        "runtype": "model",
+        "modelfolderid": "",
+        "modelfileid": "",
+        "callbackurl": task.callbackurl,
+        "marketplaceid": None,
+        "createtime": _time(task.createtime),
+        "canceltime": _time(task.canceltime),
+        "assigntime": _time(task.assigntime),
+        "accepttime": _time(task.accepttime),
+        "preprocessstarttime": _time(task.preprocessstarttime),
+        "preprocessendtime": _time(task.preprocessendtime),
+        "postprocessstarttime": _time(task.postprocessstarttime),
+        "postprocessendtime": _time(task.postprocessendtime),
+        "pexit": task.pexit,
+        "categories": CATEGORIES_TEXT,
+        "outputs": [output_dict(o, task, storage) for o in outputs],
+        "size": str(sum(o.size for o in outputs)),
+        "modeldescription": DESCRIPTION,
+        "modelslugowner": SLUG_OWNER,
+        "modelslugproject": SLUG_PROJECT,
+    }

@@ -1,0 +1,89 @@
+"""The one tool this server runs, described as Wiro describes tools: names, defaults and limits.
+
+Input ids, labels, types and defaults are the published page's; the limits are this server's
+(from settings), so Tool/Detail always says what Run will accept.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_PROMPT_CHARS, MAX_SEED
+
+SLUG_OWNER = "codexq"
+SLUG_PROJECT = "Particalize"
+TITLE = "Particalize"
+DESCRIPTION = "It is a lora that can Particalize anything."
+CATEGORIES = ["model", "persistent", "image-to-video", "h100", "lora-wan2.1", "checkpoint-file"]
+CATEGORIES_TEXT = json.dumps(CATEGORIES)
+"""In a TASK, `categories` is a JSON text (as on the published page); in Tool/Detail it is an array."""
+
+TOOL_INPUTS = (
+    "inputImageUrl", "inputImage", "prompt", "negativePrompt", "fps", "width", "height", "numFrames", "steps",
+    "scale", "flowShift", "seed",
+)
+"""The Run fields recorded as a task's parameters; anything else a client sends is ignored."""
+
+
+def is_this_tool(owner: str, project: str) -> bool:
+    return owner.lower() == SLUG_OWNER.lower() and project.lower() == SLUG_PROJECT.lower()
+
+
+def _item(id_: str, type_: str, label: str, description: str, default: str, **extra: Any) -> dict[str, Any]:
+    return {"id": id_, "type": type_, "label": label, "description": description, "default": default,
+            "required": False, **extra}
+
+
+def input_items(settings: Any) -> list[dict[str, Any]]:
+    return [
+        _item("inputImageUrl", "text", "input-image-url",
+              "http(s) URL of the start image (PNG, JPEG or WebP); or send the file as a multipart part "
+              "named inputImage", "", required=True,
+              note=f"at most {settings.max_image_bytes} bytes"),
+        _item("prompt", "textarea", "prompt", "What happens in the video.", DEFAULT_PROMPT,
+              max=MAX_PROMPT_CHARS),
+        _item("negativePrompt", "textarea", "negativePrompt", "negative prompt", DEFAULT_NEGATIVE_PROMPT,
+              max=MAX_PROMPT_CHARS),
+        _item("fps", "number", "fps", "frame rate of the output video", "16", min=1, max=60, step=1),
+        _item("width", "number", "width", "0: from the input image's aspect ratio; else a multiple of 16",
+              "0", min=0, max=settings.max_side, step=16),
+        _item("height", "number", "height", "0: from the input image's aspect ratio; else a multiple of 16",
+              "0", min=0, max=settings.max_side, step=16,
+              note=f"width x height at most {settings.max_pixels} pixels"),
+        _item("numFrames", "number", "num-frames", "4*n + 1", "81", min=1, max=settings.max_num_frames, step=4),
+        _item("steps", "number", "inferencesteps", "denoising steps", "30", min=1, max=settings.max_steps,
+              step=1),
+        _item("scale", "float", "guidancescale", "classifier-free guidance scale", "5.0", min=0, max=30,
+              step=0.1),
+        _item("flowShift", "float", "flowShift", "flow shift (greater than 0)", "5.0", min=0, max=50, step=0.1),
+        _item("seed", "number", "seed", "empty or -1: random; the seed used is recorded in the task", "",
+              min=-1, max=MAX_SEED, step=1),
+    ]
+
+
+def tool_detail(settings: Any) -> dict[str, Any]:
+    """One element of Tool/Detail's `tool` list."""
+    return {
+        "id": "1",
+        "title": TITLE,
+        "slugowner": SLUG_OWNER,
+        "slugproject": SLUG_PROJECT,
+        "cleanslugowner": SLUG_OWNER,
+        "cleanslugproject": SLUG_PROJECT.lower(),
+        "description": DESCRIPTION,
+        "seodescription": DESCRIPTION,
+        "image": "",
+        "computingtime": "",
+        "readme": "",
+        "categories": list(CATEGORIES),
+        "tags": ["style"],
+        "parameters": [{"title": "Input", "items": input_items(settings)}],
+        "inspire": [],
+        "samples": [],
+        "marketplace": 0,
+        "onlymembers": "0",
+        "cps": f"{settings.cost_per_second:.12f}",
+        "dynamicprice": json.dumps([{"inputs": {}, "price": settings.cost_per_second, "priceMethod": "cps"}]),
+        "model": settings.model,
+    }

@@ -1,0 +1,118 @@
+"""A Run request's fields checked before anything is stored: tool inputs, start image, callbackUrl.
+
+A bad request is refused here with the field it is about (code 0) and creates nothing. An uploaded
+image is decoded now (fail fast); an image URL is checked now (scheme, public address) and fetched by
+the worker at task_preprocess_start.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from pipeline.errors import InvalidParameter
+from pipeline.images import decode_image
+from pipeline.params import GenerationParams, limits_from_settings, parse_params
+from server.bodies import RequestFields, UploadedFile
+from server.errors import ApiError
+from server.netguard import UnsafeUrl, check_url
+from server.storage import Storage, safe_name
+from server.store import NewUpload, TaskStore, new_id
+from server.tool_info import TOOL_INPUTS
+
+MAX_URL_CHARS = 2048
+IMAGE_FIELD = "inputImage"
+IMAGE_URL_FIELD = "inputImageUrl"
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    params: GenerationParams
+    parameters: dict[str, str]
+    """The tool inputs as sent (every value a string), recorded with the task."""
+    image_url: str
+    upload_id: str | None
+    """Set when the image is in the store: sent with this request (`new_upload`) or via File/Upload."""
+    new_upload: NewUpload | None
+    callback_url: str
+
+
+def _as_text(name: str, value: Any) -> str:
+    if isinstance(value, bool | dict | list):
+        raise ApiError(f"Request parameter [{name}] must be a text or a number, not {type(value).__name__}.")
+    return "" if value is None else str(value)
+
+
+def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: TaskStore) -> RunRequest:
+    values = {k: v for k, v in fields.values.items() if k in TOOL_INPUTS or k == "callbackUrl"}
+    parameters = {k: _as_text(k, v) for k, v in values.items() if k in TOOL_INPUTS}
+    try:
+        params = parse_params(values, limits_from_settings(settings))
+    except InvalidParameter as exc:
+        raise ApiError(str(exc)) from None
+
+    upload = fields.files.get(IMAGE_FIELD) or fields.files.get(IMAGE_URL_FIELD)
+    if upload is not None:
+        new_upload = check_upload(upload, settings, IMAGE_FIELD)
+        image_url = storage.upload_url(new_upload.id, new_upload.name)
+        parameters.pop(IMAGE_URL_FIELD, None)
+        parameters[IMAGE_FIELD] = image_url
+        upload_id: str | None = new_upload.id
+    else:
+        new_upload = None
+        field = IMAGE_URL_FIELD if parameters.get(IMAGE_URL_FIELD, "").strip() else IMAGE_FIELD
+        image_url = parameters.get(field, "").strip()
+        if not image_url:
+            raise ApiError(
+                f"Request parameter [{IMAGE_URL_FIELD}] is required: send the start image's http(s) URL in "
+                f"{IMAGE_URL_FIELD}, or the image file as a multipart part named {IMAGE_FIELD}."
+            )
+        upload_id = storage.upload_id_from_url(image_url)
+        if upload_id is not None:
+            if store.get_upload(upload_id) is None:
+                raise ApiError(f"Request parameter [{field}] names an upload that does not exist: {image_url}")
+        else:
+            check_public_url(field, image_url, settings)
+
+    callback_url = _as_text("callbackUrl", values.get("callbackUrl")).strip()
+    if callback_url:
+        check_public_url("callbackUrl", callback_url, settings)
+    return RunRequest(params, parameters, image_url, upload_id, new_upload, callback_url)
+
+
+def check_public_url(field: str, url: str, settings: Any) -> None:
+    if len(url) > MAX_URL_CHARS:
+        raise ApiError(f"Request parameter [{field}] is longer than {MAX_URL_CHARS} characters.")
+    if not url.lower().startswith(("http://", "https://")):
+        raise ApiError(f"Request parameter [{field}] must be an http(s) URL, got {url[:60]!r}.")
+    try:
+        check_url(url, settings.allow_private_urls)
+    except UnsafeUrl as exc:
+        raise ApiError(
+            f"Request parameter [{field}] is refused: {exc} (an operator can allow private addresses with "
+            "PARTICALIZE_ALLOW_PRIVATE_URLS=1)."
+        ) from None
+
+
+def check_upload(upload: UploadedFile, settings: Any, field: str) -> NewUpload:
+    """An uploaded image within the size limit that decodes; else ApiError naming the field."""
+    if len(upload.data) > settings.max_image_bytes:
+        raise ApiError(
+            f"Request parameter [{field}] is {len(upload.data)} bytes; the limit is {settings.max_image_bytes}."
+        )
+    try:
+        image = decode_image(upload.data, field=field)
+    except InvalidParameter as exc:
+        raise ApiError(str(exc)) from None
+    del image
+    fmt = _format_of(upload.data)
+    name = safe_name(upload.filename, f"{field}.{fmt}")
+    return NewUpload(new_id(), name, f"image/{fmt}", upload.data)
+
+
+def _format_of(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as probe:
+        return (probe.format or "png").lower()

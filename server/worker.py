@@ -1,0 +1,357 @@
+"""The GPU worker: claims the oldest queued task and walks it through Wiro's whole lifecycle.
+
+queue -> accept (claimed) -> preprocess_start (fetch and check the image) -> preprocess_end -> assign
+-> start -> output (the current step in debugoutput, repeated) -> output_full -> end
+-> postprocess_start (encode the MP4, store it) -> postprocess_end (pexit 0 and the output).
+
+A kill stops the run within one denoising step and ends in task_cancel with no output left behind; any
+failure ends in task_postprocess_end with pexit 1 and the reason in debugerror. Either way the model
+stays loaded and the worker takes the next task. One worker per GPU; `run_worker` is the entry of both
+`particalize worker` and the workers `particalize serve` starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from PIL import Image
+from sqlalchemy.exc import SQLAlchemyError
+
+from pipeline.errors import Interrupted, InvalidParameter
+from pipeline.images import decode_image
+from pipeline.params import GenerationParams, limits_from_settings, parse_params
+from pipeline.video import write_mp4
+from server.netguard import FetchError, UnsafeUrl, fetch_url
+from server.storage import OUTPUT_NAME, OUTPUT_TYPE, Storage
+from server.store import NewOutput, TaskKilled, TaskLost, TaskStore, open_store
+from server.store.models import (
+    ASSIGN,
+    END,
+    OUTPUT,
+    OUTPUT_FULL,
+    POSTPROCESS_START,
+    PREPROCESS_END,
+    PREPROCESS_START,
+    START,
+    Task,
+)
+from server.store.tasks import parameters_of
+
+log = logging.getLogger("particalize.worker")
+
+EXIT_LOAD_FAILED = 3
+"""`particalize worker` exits with this when the model cannot be loaded (restarting would not help)."""
+
+IMAGE_TYPES_REFUSED = ("text/", "application/json", "application/xml", "application/javascript")
+
+
+class Generator(Protocol):
+    device: Any
+
+    def resolve(self, params: GenerationParams, image: Image.Image) -> GenerationParams: ...
+
+    def generate(self, params: GenerationParams, image: Image.Image, progress: Any = None,
+                 should_stop: Any = None) -> Any: ...
+
+
+class _Killed(Exception):
+    def __init__(self, note: str) -> None:
+        super().__init__(note)
+        self.note = note
+
+
+class _Stopping(Exception):
+    """The worker is shutting down: the task goes back to the queue."""
+
+
+class _Failed(Exception):
+    """The task cannot be done; the message is what the client reads in debugerror."""
+
+
+def worker_id_for(settings: Any, slot: int) -> str:
+    return f"{settings.node_name}/gpu{slot}"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What a client reads in debugerror for an exception the worker did not expect."""
+    text = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        return (
+            f"Out of memory while generating ({text}); ask for fewer frames (numFrames), a smaller "
+            "width/height or fewer steps, or try again when the GPU is less busy."
+        )
+    return f"Internal error: {type(exc).__name__}: {text}"
+
+
+class Worker:
+    def __init__(
+        self,
+        store: TaskStore,
+        storage: Storage,
+        generator: Generator,
+        settings: Any,
+        *,
+        worker_id: str,
+        fetch: Callable[..., tuple[bytes, str]] = fetch_url,
+    ) -> None:
+        self.store = store
+        self.storage = storage
+        self.generator = generator
+        self.settings = settings
+        self.worker_id = worker_id
+        self.fetch = fetch
+        self.limits = limits_from_settings(settings)
+        self.stop_event = threading.Event()
+        self.current_task: int | None = None
+        self.tasks_done = 0
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self, stop_event: threading.Event, parent_pid: int | None = None) -> None:
+        """Until `stop_event`: take the oldest queued task, do it, repeat (polling when idle)."""
+        self.stop_event = stop_event
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        self.recover(own=True)
+        sweep_every = max(1.0, min(10.0, self.store.lease_seconds / 4))
+        next_sweep = time.monotonic() + sweep_every
+        while not stop_event.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.error("the serve process that started this worker is gone; exiting")
+                os._exit(1)
+            try:
+                if time.monotonic() >= next_sweep:
+                    self.recover(own=False)
+                    next_sweep = time.monotonic() + sweep_every
+                worked = self.run_once()
+            except SQLAlchemyError:
+                log.exception("database error in the worker loop; retrying in 1 s")
+                stop_event.wait(1.0)
+                continue
+            if not worked:
+                stop_event.wait(self.settings.worker_poll_seconds)
+        heartbeat.join(timeout=2)
+
+    def recover(self, own: bool) -> None:
+        """Requeue (or fail) tasks whose worker died: at start our own previous life's, then expired leases."""
+        for item in self.store.recover_orphans(worker_id=self.worker_id if own else None):
+            log.warning("task %s %s (it was held by %s, which stopped)", item.task_id, item.action, item.worker_id)
+
+    def run_once(self) -> bool:
+        """Claim and do one task; False when the queue is empty."""
+        task = self.store.claim_next(self.worker_id)
+        if task is None:
+            return False
+        self.current_task = task.id
+        try:
+            self.process(task)
+        finally:
+            self.current_task = None
+            self.tasks_done += 1
+            try:
+                self.store.worker_state(self.worker_id, "ready")
+            except SQLAlchemyError:
+                log.exception("could not record the worker state")
+        return True
+
+    def _heartbeat_loop(self) -> None:
+        every = max(0.5, self.store.lease_seconds / 4)
+        while not self.stop_event.wait(every):
+            try:
+                self.store.heartbeat(self.worker_id, self.current_task)
+            except SQLAlchemyError:
+                log.exception("heartbeat failed")
+
+    # --- one task --------------------------------------------------------------------------------
+
+    def process(self, task: Task) -> None:
+        started = time.monotonic()
+        log.info("task %s accepted by %s", task.id, self.worker_id)
+        try:
+            self._run_task(task)
+            log.info("task %s done in %.2fs", task.id, time.monotonic() - started)
+        except _Killed as killed:
+            self.storage.discard_task(task.uuid)
+            self._settle(task, self.store.finish_killed, task.id, self.worker_id, killed.note)
+            log.info("task %s killed: %s", task.id, killed.note)
+        except _Stopping:
+            self.storage.discard_task(task.uuid)
+            self._settle(task, self.store.release, task.id, self.worker_id, "requeued: the worker stopped")
+            log.info("task %s put back in the queue: the worker is stopping", task.id)
+        except TaskLost as lost:
+            log.warning("task %s: %s", task.id, lost)
+        except _Failed as failed:
+            self.storage.discard_task(task.uuid)
+            self._settle(task, self.store.fail, task.id, str(failed), self.worker_id)
+            log.info("task %s failed: %s", task.id, failed)
+        except Exception as exc:  # any other error fails this task, never the worker
+            log.exception("task %s failed", task.id)
+            self.storage.discard_task(task.uuid)
+            self._settle(task, self.store.fail, task.id, failure_reason(exc), self.worker_id)
+
+    def _settle(self, task: Task, action: Callable[..., object], *args: Any) -> None:
+        """Record how the task ended, unless it is no longer this worker's."""
+        try:
+            action(*args)
+        except TaskLost as lost:
+            log.warning("task %s: %s", task.id, lost)
+
+    def _step(self, task: Task, status: str, **fields: Any) -> None:
+        """Move to `status`; then stop here if a kill was asked or the worker is stopping."""
+        killed = self.store.advance(task.id, self.worker_id, status, **fields)
+        if killed:
+            raise _Killed(f"Task killed by request at {status}.")
+        if self.stop_event.is_set():
+            raise _Stopping()
+
+    def _run_task(self, task: Task) -> None:
+        parameters = parameters_of(task)
+        self._step(task, PREPROCESS_START)
+        image = self._load_image(task)
+        try:
+            params = parse_params(parameters, self.limits)
+            params = self.generator.resolve(params, image)
+        except InvalidParameter as exc:
+            raise _Failed(str(exc)) from None
+        used = {**parameters, "seed": str(params.seed), "width": str(params.width), "height": str(params.height)}
+        self._step(task, PREPROCESS_END, parameters=used,
+                   debugoutput=f"input image {image.width}x{image.height}; video {params.width}x{params.height}, "
+                               f"{params.num_frames} frames, {params.steps} steps, seed {params.seed}")
+        self._step(task, ASSIGN, debugoutput=f"assigned to {self.worker_id} ({self.generator.device})")
+        self._step(task, START)
+
+        video = self._generate(task, params, image)
+
+        self._step(task, OUTPUT_FULL, debugoutput=f"generated {video.frames.shape[0]} frames "
+                                                  f"{params.width}x{params.height} in "
+                                                  f"{video.timings.get('generate', 0.0):.2f}s")
+        self._step(task, END)
+        self._step(task, POSTPROCESS_START)
+        relpath = self.storage.output_relpath(task.uuid, OUTPUT_NAME)
+        path = self.storage.path_of(relpath)
+        write_mp4(video.frames, path, fps=params.fps)
+        size = path.stat().st_size
+        cost = self.settings.cost_per_second * max(0.0, time.time() - task.accepttime)
+        try:
+            self.store.complete(
+                task.id, self.worker_id, [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)], totalcost=cost,
+                debugoutput=f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)",
+            )
+        except TaskKilled:
+            raise _Killed("Task killed by request at task_postprocess_start.") from None
+
+    def _load_image(self, task: Task) -> Image.Image:
+        field = "inputImage" if task.upload_id else "inputImageUrl"
+        if task.upload_id:
+            upload = self.store.get_upload(task.upload_id)
+            if upload is None:
+                raise _Failed(f"Request parameter [{field}]: the uploaded image {task.image_url} no longer exists.")
+            data = upload.data
+        else:
+            url = task.image_url or ""
+            try:
+                data, content_type = self.fetch(
+                    url, max_bytes=self.settings.max_image_bytes, timeout=self.settings.fetch_timeout_seconds,
+                    allow_private=self.settings.allow_private_urls,
+                )
+            except UnsafeUrl as exc:
+                raise _Failed(f"Request parameter [{field}] is refused: {exc}") from None
+            except FetchError as exc:
+                raise _Failed(f"Request parameter [{field}] could not be fetched: {exc}") from None
+            media = content_type.split(";")[0].strip().lower()
+            if media.startswith(IMAGE_TYPES_REFUSED):
+                raise _Failed(f"Request parameter [{field}]: {url} answered {media}, not an image.")
+        try:
+            return decode_image(data, field=field)
+        except InvalidParameter as exc:
+            raise _Failed(str(exc)) from None
+
+    def _generate(self, task: Task, params: GenerationParams, image: Image.Image) -> Any:
+        """Run the pipeline; progress goes to debugoutput (at most every progress_interval_seconds, and the
+        last step always); a kill or a stop is seen after the step it arrives in."""
+        interval = self.settings.progress_interval_seconds
+        state = {"written": 0.0, "killed": False, "fresh": False}
+
+        def progress(p: Any) -> None:
+            now = time.monotonic()
+            state["fresh"] = False
+            if now - state["written"] < interval and p.step != p.total:
+                return
+            state["written"] = now
+            rate = p.step / p.elapsed if p.elapsed > 0 else 0.0
+            speed = f"{rate:.2f} it/s" if rate >= 1 else f"{(1 / rate if rate else 0.0):.2f} s/it"
+            remaining = (p.total - p.step) / rate if rate else 0.0
+            note = (f"step {p.step}/{p.total} ({p.percentage:.0f}%), {speed}, elapsed {p.elapsed:.1f}s, "
+                    f"remaining {remaining:.1f}s")
+            state["killed"] = self.store.advance(task.id, self.worker_id, OUTPUT, debugoutput=note,
+                                                 message=f"step {p.step}/{p.total}")
+            state["fresh"] = True
+
+        def should_stop() -> bool:
+            if self.stop_event.is_set():
+                return True
+            if not state["fresh"]:
+                state["killed"] = self.store.kill_requested(task.id)
+            return bool(state["killed"])
+
+        try:
+            return self.generator.generate(params, image, progress=progress, should_stop=should_stop)
+        except Interrupted as stopped:
+            if state["killed"]:
+                raise _Killed(f"Task killed by request after step {stopped.step} of {stopped.total}.") from None
+            raise _Stopping() from None
+
+
+def _set_cpu_threads(settings: Any) -> None:
+    """On CPU, leave one core to the API process (unless told otherwise)."""
+    import torch
+
+    from pipeline.loader import pick_device
+
+    if pick_device(settings.device).type != "cpu":
+        return
+    threads = settings.worker_cpu_threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    log.info("worker uses %d CPU thread(s) for torch", threads)
+
+
+def run_worker(
+    settings: Any,
+    stop_event: threading.Event,
+    *,
+    slot: int = 0,
+    generator: Generator | None = None,
+    parent_pid: int | None = None,
+) -> int:
+    """Load the model once, then serve tasks until `stop_event`. Returns the process exit code."""
+    from pipeline.generator import generator_from_settings
+
+    store = open_store(settings)
+    worker_id = worker_id_for(settings, slot)
+    store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device="", state="loading")
+    if generator is None:
+        try:
+            _set_cpu_threads(settings)
+            generator = generator_from_settings(settings)
+        except Exception as exc:
+            log.error("worker %s cannot load model %s: %s", worker_id, settings.model, exc)
+            store.worker_state(worker_id, "failed", detail=str(exc))
+            return EXIT_LOAD_FAILED
+    store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device=str(generator.device),
+                          state="ready", detail=f"loaded in {getattr(generator, 'load_seconds', 0.0):.1f}s")
+    log.info("worker %s ready: model %s on %s", worker_id, settings.model, generator.device)
+    worker = Worker(store, Storage.from_settings(settings), generator, settings, worker_id=worker_id)
+    try:
+        worker.run(stop_event, parent_pid=parent_pid)
+    finally:
+        try:
+            store.worker_state(worker_id, "stopped")
+        finally:
+            store.db.dispose()
+    log.info("worker %s stopped after %d task(s)", worker_id, worker.tasks_done)
+    return 0

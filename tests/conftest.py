@@ -1,0 +1,108 @@
+"""Shared fixtures: settings on the tiny preset in temporary directories, and a database URL for each
+store backend (SQLite, and PostgreSQL in a fresh database made for this test session)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from particalize.settings import Settings
+
+PG_ADMIN_URL = os.environ.get("PARTICALIZE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+POSTGRES_DISABLED = os.environ.get("PARTICALIZE_TEST_POSTGRES", "1") == "0"
+
+
+def _pg_url(database: str, schema: str | None = None) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=database)
+    if schema:
+        url = url.update_query_dict({"options": f"-csearch_path={schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A database of its own for this test session, dropped at the end."""
+    if POSTGRES_DISABLED:
+        pytest.skip("PostgreSQL tests disabled (PARTICALIZE_TEST_POSTGRES=0)")
+    import psycopg
+
+    name = f"particalize_test_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({exc}). Start it (scripts/ensure-postgres.sh), point "
+            "PARTICALIZE_TEST_POSTGRES_URL at one, or set PARTICALIZE_TEST_POSTGRES=0 to skip its tests."
+        )
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str) -> Iterator[str]:
+    """A URL whose tables live in a schema of their own (a clean database for each test)."""
+    import psycopg
+
+    schema = f"t_{secrets.token_hex(6)}"
+    database_url = _pg_url(postgres_database)
+    plain = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield _pg_url(postgres_database, schema)
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store and API test runs on both backends."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tasks.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def make_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        model="tiny",
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        workers=0,
+        host="127.0.0.1",
+        port=8000,
+        public_base_url="http://testserver",
+        api_keys=None,
+        api_keys_file=None,
+        allow_private_urls=False,
+        allow_unauthenticated_public=False,
+        progress_interval_seconds=0.0,
+        worker_poll_seconds=0.02,
+        kill_wait_seconds=5.0,
+        callback_backoff_seconds=0.05,
+        callback_timeout_seconds=2.0,
+        node_name="testnode",
+    )
+    values.update(overrides)
+    return Settings().with_overrides(**values).model_copy(update={k: v for k, v in values.items() if v is None})
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory: pytest.TempPathFactory):
+    """One warm tiny model for the whole session (as a worker keeps it)."""
+    from pipeline.generator import VideoGenerator
+    from pipeline.presets import get_preset
+
+    return VideoGenerator(get_preset("tiny"), weights_dir=tmp_path_factory.mktemp("weights"))

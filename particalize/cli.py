@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -180,12 +179,20 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _log_format() -> str:
+    """PARTICALIZE_LOG_FORMAT via the settings; text when the settings do not validate (the command says why)."""
+    try:
+        return Settings().log_format
+    except ValueError:
+        return "text"
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import PipelineError
+    from server.logs import configure_logging
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(_log_format(), verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except (PipelineError, ValueError, FileNotFoundError) as exc:

@@ -136,8 +136,10 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     auth = f"{len(keys)} API key(s)" if keys else "none (no API keys configured; loopback only)"
     print(f"auth: {auth}; database: {_redacted(settings.sqlalchemy_url)}; workers: {settings.workers}", flush=True)
     print(f"serving {settings.model} on http://{settings.host}:{settings.port}", flush=True)
+    # JSON logs: uvicorn's own log config would print its lines as text, so its loggers go to ours instead.
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=settings.access_log, timeout_graceful_shutdown=10)
+                access_log=settings.access_log, timeout_graceful_shutdown=10, log_config=log_config)
     return 0
 
 

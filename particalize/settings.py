@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     )
     cost_per_second: float = Field(0.0, ge=0, description="`cps` of a task; totalcost = cps x elapsed seconds.")
     access_log: bool = Field(True, description="Log one line per HTTP request (uvicorn's access log).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (time, level, logger, message, task_id)."
+    )
 
     @field_validator("lora_path", "api_keys_file", mode="before")
     @classmethod

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 
 from server.callbacks import CallbackDispatcher
 from server.errors import ApiError, error_body
-from server.routes import files, run, tasks, tool
+from server.routes import files, live, metrics, playground, run, tasks, tool
 from server.services import Services
 
 log = logging.getLogger("particalize.server")
@@ -50,7 +50,7 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
                 opened.close()
 
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    for module in (run, tasks, tool, files):
+    for module in (run, tasks, tool, files, live, metrics, playground):
         app.include_router(module.router)
 
     @app.get("/healthz")
@@ -60,8 +60,8 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
 
         def read() -> dict[str, Any]:
             workers = [
-                {"id": w.id, "state": w.state, "model": w.model, "device": w.device, "detail": w.detail,
-                 "heartbeat": f"{w.heartbeat_at:.3f}"}
+                {"id": w.id, "state": w.state, "pid": str(w.pid), "model": w.model, "device": w.device,
+                 "detail": w.detail, "heartbeat": f"{w.heartbeat_at:.3f}"}
                 for w in store.workers()
             ]
             return {"result": True, "errors": [], "queued": str(store.count("task_queue")), "workers": workers}

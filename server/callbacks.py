@@ -76,7 +76,7 @@ class CallbackDispatcher:
         try:
             self.deliver(task_id)
         except Exception:
-            log.exception("callback for task %s failed unexpectedly", task_id)
+            log.exception("callback for task %s failed unexpectedly", task_id, extra={"task_id": task_id})
         finally:
             self._slots.release()
 
@@ -97,11 +97,11 @@ class CallbackDispatcher:
         state, attempts, next_at = self.store.record_callback(task_id, delivered)
         if delivered:
             log.info("callback task %s attempt %d to %s: delivered (%s)", task_id, attempts, task.callbackurl,
-                     outcome)
+                     outcome, extra={"task_id": task_id})
         elif state == "failed":
             log.warning("callback task %s attempt %d to %s: %s; giving up after %d attempts", task_id, attempts,
-                        task.callbackurl, outcome, attempts)
+                        task.callbackurl, outcome, attempts, extra={"task_id": task_id})
         else:
             log.warning("callback task %s attempt %d to %s: %s; retrying at %.0f", task_id, attempts,
-                        task.callbackurl, outcome, next_at or 0)
+                        task.callbackurl, outcome, next_at or 0, extra={"task_id": task_id})
         return delivered

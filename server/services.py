@@ -8,8 +8,7 @@ from typing import Any
 from server.auth import Authenticator, load_api_keys
 from server.storage import Storage
 from server.store import Database, DbNonceStore, TaskStore, upgrade
-from server.store.models import Task
-from server.task_view import task_dict
+from server.task_view import OutputLike, TaskLike, task_dict
 
 
 @dataclass
@@ -30,10 +29,11 @@ class Services:
     def close(self) -> None:
         self.store.db.dispose()
 
-    def views(self, tasks: list[Task]) -> list[dict[str, Any]]:
-        outputs = self.store.outputs(t.id for t in tasks)
+    def views(self, tasks: list[TaskLike], outputs: dict[int, list[OutputLike]] | None = None) -> list[dict[str, Any]]:
+        outputs = outputs if outputs is not None else self.store.outputs(t.id for t in tasks)
         return [task_dict(t, outputs[t.id], self.storage, self.settings.cost_per_second) for t in tasks]
 
-    def detail_body(self, task: Task) -> dict[str, Any]:
+    def detail_body(self, task: TaskLike, outputs: list[OutputLike] | None = None) -> dict[str, Any]:
         """Task/Detail's answer for one task (also what callbackUrl receives)."""
-        return {"total": "1", "errors": [], "tasklist": self.views([task]), "result": True}
+        known = None if outputs is None else {task.id: outputs}
+        return {"total": "1", "errors": [], "tasklist": self.views([task], known), "result": True}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from sqlalchemy.engine import Row
+
 from server.storage import Storage
 from server.store.models import CANCEL, POSTPROCESS_END, QUEUED, Output, Task
 from server.store.tasks import parameters_of
@@ -21,7 +23,7 @@ def _money(value: float) -> str:
     return f"{value:.12f}" if value else "0"
 
 
-def elapsed_seconds(task: Task, now: float | None = None) -> float:
+def elapsed_seconds(task: TaskLike, now: float | None = None) -> float:
     """Seconds from acceptance to the end of inference (or to the end of the task, or now while it runs)."""
     if not task.accepttime or task.status == QUEUED:
         return 0.0
@@ -33,7 +35,12 @@ def elapsed_seconds(task: Task, now: float | None = None) -> float:
     return max(0.0, end - task.accepttime)
 
 
-def output_dict(out: Output, task: Task, storage: Storage) -> dict[str, Any]:
+TaskLike = Task | Row
+"""An ORM task, or a row of the tasks table (the Detail path reads rows): both have the columns as attributes."""
+OutputLike = Output | Row
+
+
+def output_dict(out: OutputLike, task: TaskLike, storage: Storage) -> dict[str, Any]:
     return {
         "id": out.id,
         "name": out.name,
@@ -52,7 +59,7 @@ def output_dict(out: Output, task: Task, storage: Storage) -> dict[str, Any]:
     }
 
 
-def task_dict(task: Task, outputs: list[Output], storage: Storage, cps: float) -> dict[str, Any]:
+def task_dict(task: TaskLike, outputs: list[OutputLike], storage: Storage, cps: float) -> dict[str, Any]:
     return {
         "id": str(task.id),
         "uuid": task.uuid,

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from pipeline.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_PROMPT_CHARS, MAX_SEED
+from server.inspire import INSPIRE
 
 SLUG_OWNER = "codexq"
 SLUG_PROJECT = "Particalize"
@@ -79,7 +80,7 @@ def tool_detail(settings: Any) -> dict[str, Any]:
         "categories": list(CATEGORIES),
         "tags": ["style"],
         "parameters": [{"title": "Input", "items": input_items(settings)}],
-        "inspire": [],
+        "inspire": [dict(example) for example in INSPIRE],
         "samples": [],
         "marketplace": 0,
         "onlymembers": "0",

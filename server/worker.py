@@ -140,7 +140,8 @@ class Worker:
     def recover(self, own: bool) -> None:
         """Requeue (or fail) tasks whose worker died: at start our own previous life's, then expired leases."""
         for item in self.store.recover_orphans(worker_id=self.worker_id if own else None):
-            log.warning("task %s %s (it was held by %s, which stopped)", item.task_id, item.action, item.worker_id)
+            log.warning("task %s %s (it was held by %s, which stopped)", item.task_id, item.action, item.worker_id,
+                        extra={"task_id": item.task_id})
 
     def run_once(self) -> bool:
         """Claim and do one task; False when the queue is empty."""
@@ -171,26 +172,26 @@ class Worker:
 
     def process(self, task: Task) -> None:
         started = time.monotonic()
-        log.info("task %s accepted by %s", task.id, self.worker_id)
+        log.info("task %s accepted by %s", task.id, self.worker_id, extra={"task_id": task.id})
         try:
             self._run_task(task)
-            log.info("task %s done in %.2fs", task.id, time.monotonic() - started)
+            log.info("task %s done in %.2fs", task.id, time.monotonic() - started, extra={"task_id": task.id})
         except _Killed as killed:
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.finish_killed, task.id, self.worker_id, killed.note)
-            log.info("task %s killed: %s", task.id, killed.note)
+            log.info("task %s killed: %s", task.id, killed.note, extra={"task_id": task.id})
         except _Stopping:
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.release, task.id, self.worker_id, "requeued: the worker stopped")
-            log.info("task %s put back in the queue: the worker is stopping", task.id)
+            log.info("task %s put back in the queue: the worker is stopping", task.id, extra={"task_id": task.id})
         except TaskLost as lost:
-            log.warning("task %s: %s", task.id, lost)
+            log.warning("task %s: %s", task.id, lost, extra={"task_id": task.id})
         except _Failed as failed:
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.fail, task.id, str(failed), self.worker_id)
-            log.info("task %s failed: %s", task.id, failed)
+            log.info("task %s failed: %s", task.id, failed, extra={"task_id": task.id})
         except Exception as exc:  # any other error fails this task, never the worker
-            log.exception("task %s failed", task.id)
+            log.exception("task %s failed", task.id, extra={"task_id": task.id})
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.fail, task.id, failure_reason(exc), self.worker_id)
 
@@ -199,7 +200,7 @@ class Worker:
         try:
             action(*args)
         except TaskLost as lost:
-            log.warning("task %s: %s", task.id, lost)
+            log.warning("task %s: %s", task.id, lost, extra={"task_id": task.id})
 
     def _step(self, task: Task, status: str, **fields: Any) -> None:
         """Move to `status`; then stop here if a kill was asked or the worker is stopping."""

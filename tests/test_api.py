@@ -281,7 +281,7 @@ def test_unknown_tasks_and_missing_identifiers(api: Api):
 
 
 def test_unknown_routes_answer_404_error_parsing_url(client: TestClient):
-    for method, path in (("POST", "/v1/Nope"), ("GET", "/v1/Task/Detail"), ("GET", "/"), ("POST", "/v1/Run/x")):
+    for method, path in (("POST", "/v1/Nope"), ("GET", "/v1/Task/Detail"), ("GET", "/nope"), ("POST", "/v1/Run/x")):
         answer = client.request(method, path, headers=signed())
         assert_error(answer, 0, status=404, contains="Error parsing url.")
 
@@ -292,7 +292,7 @@ def test_unexpected_errors_answer_the_error_shape_not_a_traceback(tmp_path: Path
         def broken(*args, **kwargs):
             raise RuntimeError("database on fire")
 
-        monkeypatch.setattr(client.app.state.services.store, "find", broken)
+        monkeypatch.setattr(client.app.state.services.store, "find_with_outputs", broken)
         answer = client.post("/v1/Task/Detail", json={"taskid": "1"})
         message = assert_error(answer, 0, status=500, contains="Internal server error")
         assert "fire" not in message and "Traceback" not in answer.text

@@ -35,8 +35,8 @@ from server.store.models import (
     PREPROCESS_END,
     PREPROCESS_START,
     QUEUED,
-    START,
     STAMPS,
+    START,
     Base,
 )
 

@@ -15,23 +15,33 @@ from server.errors import NOT_FOUND, ApiError
 from server.services import Services
 from server.store.models import Task
 
-Handler = Callable[[Services, str | None, RequestFields], dict[str, Any]]
+Handler = Callable[[Services, str | None, RequestFields], Any]
 
 
 def services_of(request: Request) -> Services:
     return request.app.state.services
 
 
-async def authorized_fields(request: Request) -> tuple[Services, str | None, RequestFields]:
+async def authorized(request: Request, handler: Handler) -> Any:
+    """Read the body, then off the event loop (one hop): authenticate, and run `handler`.
+    Authentication is decided first: a request that fails it gets 401 whatever its body."""
     services = services_of(request)
-    owner = await run_in_threadpool(services.auth.authenticate, request.headers)
-    fields = await read_fields(request, services.settings.max_body_bytes)
-    return services, owner, fields
+    try:
+        fields, body_error = await read_fields(request, services.settings.max_body_bytes), None
+    except ApiError as exc:
+        fields, body_error = RequestFields(), exc
+
+    def work() -> Any:
+        owner = services.auth.authenticate(request.headers)
+        if body_error is not None:
+            raise body_error
+        return handler(services, owner, fields)
+
+    return await run_in_threadpool(work)
 
 
 async def answer(request: Request, handler: Handler) -> JSONResponse:
-    services, owner, fields = await authorized_fields(request)
-    return JSONResponse(await run_in_threadpool(handler, services, owner, fields))
+    return JSONResponse(await authorized(request, handler))
 
 
 def text_field(fields: RequestFields, *names: str) -> tuple[str, str] | None:
@@ -50,12 +60,18 @@ def find_task(
     services: Services, owner: str | None, fields: RequestFields, *, token_names: tuple[str, ...]
 ) -> Task:
     """The task named by `taskid` and/or a token field; ApiError code 1 if there is none."""
+    taskid, token = identifiers(fields, token_names)
+    task = services.store.find(taskid, token, owner)
+    if task is None:
+        raise ApiError("There is no task yet.", code=NOT_FOUND)
+    return task
+
+
+def identifiers(fields: RequestFields, token_names: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """(taskid, token) as sent; ApiError code 0 when neither is."""
     taskid = text_field(fields, "taskid")
     token = text_field(fields, *token_names)
     if taskid is None and token is None:
         names = " or ".join(("taskid", *token_names))
         raise ApiError(f"Request parameter [taskid] is required: send {names}.")
-    task = services.store.find(taskid[1] if taskid else None, token[1] if token else None, owner)
-    if task is None:
-        raise ApiError("There is no task yet.", code=NOT_FOUND)
-    return task
+    return (taskid[1] if taskid else None), (token[1] if token else None)

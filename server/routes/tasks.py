@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 
 from server.bodies import RequestFields
 from server.errors import NOT_FOUND, ApiError
-from server.routes.common import answer, authorized_fields, find_task, text_field
+from server.routes.common import answer, authorized, find_task, identifiers, services_of, text_field
 from server.services import Services
 from server.store.models import TERMINAL, Task
 
@@ -27,7 +27,10 @@ MAX_LIST_LIMIT = 100
 @router.post("/v1/Task/Detail")
 async def detail(request: Request) -> JSONResponse:
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
-        return services.detail_body(find_task(services, owner, fields, token_names=DETAIL_TOKENS))
+        found = services.store.find_with_outputs(*identifiers(fields, DETAIL_TOKENS), owner)
+        if found is None:
+            raise ApiError("There is no task yet.", code=NOT_FOUND)
+        return services.detail_body(*found)
 
     return await answer(request, handler)
 
@@ -61,9 +64,8 @@ async def cancel(request: Request) -> JSONResponse:
 async def kill(request: Request) -> JSONResponse:
     """Stops a running task within one denoising step. Waits up to kill_wait_seconds for the worker to
     confirm, so that the answer normally shows task_cancel; otherwise the kill is still under way."""
-    services, owner, fields = await authorized_fields(request)
 
-    def ask() -> Task:
+    def ask(services: Services, owner: str | None, fields: RequestFields) -> Task:
         task = find_task(services, owner, fields, token_names=CONTROL_TOKENS)
         outcome = services.store.request_kill(task.id)
         if outcome.task is None:
@@ -72,7 +74,8 @@ async def kill(request: Request) -> JSONResponse:
             raise ApiError(f"Task could not be killed: {outcome.reason}", code=NOT_FOUND)
         return outcome.task
 
-    task = await run_in_threadpool(ask)
+    task = await authorized(request, ask)
+    services = services_of(request)
     deadline = time.monotonic() + services.settings.kill_wait_seconds
     while task.status not in TERMINAL and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

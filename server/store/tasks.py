@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, false, func, or_, select, update
+from sqlalchemy import bindparam, delete, false, func, or_, select, update
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from server.store.db import Database
@@ -37,6 +38,10 @@ from server.store.models import (
 )
 
 _TOKEN_ALPHABET = string.ascii_letters + string.digits
+_TASKS, _OUTPUTS = Task.__table__, Output.__table__
+_TASK_BY_ID = select(_TASKS).where(_TASKS.c.id == bindparam("id"))
+_TASK_BY_TOKEN = select(_TASKS).where(_TASKS.c.socketaccesstoken == bindparam("token"))
+_OUTPUTS_OF_TASK = select(_OUTPUTS).where(_OUTPUTS.c.task_id == bindparam("task_id")).order_by(_OUTPUTS.c.name)
 
 
 def new_token(length: int = 30) -> str:
@@ -90,7 +95,7 @@ class Recovered:
     worker_id: str | None
 
 
-def parameters_of(task: Task) -> dict[str, Any]:
+def parameters_of(task: Task | Row) -> dict[str, Any]:
     return json.loads(task.parameters or "{}")
 
 
@@ -176,19 +181,34 @@ class TaskStore:
         with self.db.session() as s:
             return _owned_by(s.get(Task, task_id), owner)
 
-    def find(self, taskid: str | None = None, token: str | None = None, owner: str | None = None) -> Task | None:
-        """By id, by token, or by both (then both must match). Tasks of other API keys are not found."""
-        with self.db.session() as s:
-            stmt = select(Task)
-            if taskid is not None:
-                if not taskid.isdigit() or len(taskid) > 18:
-                    return None
-                stmt = stmt.where(Task.id == int(taskid))
-            if token is not None:
-                stmt = stmt.where(Task.socketaccesstoken == token)
-            if taskid is None and token is None:
+    def find(self, taskid: str | None = None, token: str | None = None, owner: str | None = None) -> Row | None:
+        """By id, by token, or by both (then both must match). Tasks of other API keys are not found.
+        The answer is a row with the task's columns as attributes (read-only)."""
+        found = self.find_with_outputs(taskid, token, owner, outputs=False)
+        return found[0] if found else None
+
+    def find_with_outputs(
+        self, taskid: str | None = None, token: str | None = None, owner: str | None = None, outputs: bool = True
+    ) -> tuple[Row, list[Row]] | None:
+        """`find`, and the task's outputs read in the same transaction: Task/Detail's read, the hottest path
+        (prebuilt Core statements, no ORM objects)."""
+        if taskid is not None:
+            if not taskid.isdigit() or len(taskid) > 18:
                 return None
-            return _owned_by(s.scalar(stmt), owner)
+            stmt, params = _TASK_BY_ID, {"id": int(taskid)}
+        elif token is not None:
+            stmt, params = _TASK_BY_TOKEN, {"token": token}
+        else:
+            return None
+        with self.db.connect() as conn:
+            task = conn.execute(stmt, params).first()
+            if task is None or (token is not None and task.socketaccesstoken != token):
+                return None
+            if owner is not None and task.owner != owner:
+                return None
+            if not outputs:
+                return task, []
+            return task, list(conn.execute(_OUTPUTS_OF_TASK, {"task_id": task.id}))
 
     def list(self, owner: str | None = None, start: int = 0, limit: int = 20) -> tuple[int, list[Task]]:
         """Newest first."""
@@ -497,6 +517,31 @@ class TaskStore:
                 wait = self.callback_backoff_seconds * 2 ** (task.callback_attempts - 1)
                 task.callback_next_at = now + wait
             return task.callback_state, task.callback_attempts, task.callback_next_at
+
+    # --- live progress and metrics (read only) ----------------------------------------------------
+
+    def task_events_after(self, task_id: int, after_id: int = 0) -> list[TaskEvent]:
+        """One task's events newer than `after_id`, in order: what a live follower has not sent yet.
+        One worker writes a task's events one committed transaction at a time, so ids never go back."""
+        with self.db.session() as s:
+            stmt = select(TaskEvent).where(TaskEvent.task_id == task_id, TaskEvent.id > after_id)
+            return list(s.scalars(stmt.order_by(TaskEvent.id)))
+
+    def events_after(self, after_id: int, limit: int, also_ids: Iterable[int] = ()) -> list[TaskEvent]:
+        """All tasks' events newer than `after_id` (at most `limit`), plus any of `also_ids` (ids a reader
+        saw skipped, which a slower transaction may have committed since), in id order."""
+        wanted = TaskEvent.id > after_id
+        extra = list(also_ids)
+        if extra:
+            wanted = or_(wanted, TaskEvent.id.in_(extra))
+        with self.db.session() as s:
+            return list(s.scalars(select(TaskEvent).where(wanted).order_by(TaskEvent.id).limit(limit)))
+
+    def status_counts(self) -> dict[tuple[str, str], int]:
+        """How many tasks are in each (status, pexit) now: one grouped count, for metrics at scrape time."""
+        with self.db.session() as s:
+            rows = s.execute(select(Task.status, Task.pexit, func.count()).group_by(Task.status, Task.pexit))
+            return {(status, pexit): count for status, pexit, count in rows}
 
 
 def _owned_by(task: Task | None, owner: str | None) -> Task | None:

@@ -1,0 +1,99 @@
+// Wiro's request signature: x-signature = hex(HMAC-SHA256(key = API key, message = secret + nonce)).
+// WebCrypto does it where the page is a secure context (https, localhost, 127.0.0.1); elsewhere (plain
+// http on a LAN address, where crypto.subtle does not exist) the small SHA-256 below does the same.
+
+const encoder = new TextEncoder();
+
+const K = new Uint32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]);
+const H0 = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+
+const ror = (x, n) => (x >>> n) | (x << (32 - n));
+
+/** SHA-256 of bytes (FIPS 180-4), for pages where crypto.subtle is missing. */
+export function sha256(bytes) {
+  const length = bytes.length;
+  const padded = new Uint8Array(((length + 9 + 63) >> 6) << 6);
+  padded.set(bytes);
+  padded[length] = 0x80;
+  const view = new DataView(padded.buffer);
+  view.setUint32(padded.length - 8, Math.floor(length / 0x20000000));
+  view.setUint32(padded.length - 4, (length << 3) >>> 0);
+  const h = Uint32Array.from(H0);
+  const w = new Uint32Array(64);
+  for (let offset = 0; offset < padded.length; offset += 64) {
+    for (let i = 0; i < 16; i++) w[i] = view.getUint32(offset + 4 * i);
+    for (let i = 16; i < 64; i++) {
+      const s0 = ror(w[i - 15], 7) ^ ror(w[i - 15], 18) ^ (w[i - 15] >>> 3);
+      const s1 = ror(w[i - 2], 17) ^ ror(w[i - 2], 19) ^ (w[i - 2] >>> 10);
+      w[i] = (w[i - 16] + s0 + w[i - 7] + s1) | 0;
+    }
+    let [a, b, c, d, e, f, g, hh] = h;
+    for (let i = 0; i < 64; i++) {
+      const t1 = (hh + (ror(e, 6) ^ ror(e, 11) ^ ror(e, 25)) + ((e & f) ^ (~e & g)) + K[i] + w[i]) | 0;
+      const t2 = ((ror(a, 2) ^ ror(a, 13) ^ ror(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))) | 0;
+      hh = g; g = f; f = e; e = (d + t1) | 0; d = c; c = b; b = a; a = (t1 + t2) | 0;
+    }
+    [a, b, c, d, e, f, g, hh].forEach((value, i) => { h[i] = (h[i] + value) | 0; });
+  }
+  const out = new Uint8Array(32);
+  const outView = new DataView(out.buffer);
+  h.forEach((value, i) => outView.setUint32(4 * i, value));
+  return out;
+}
+
+function concat(a, b) {
+  const out = new Uint8Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
+}
+
+/** HMAC-SHA256 (RFC 2104) in plain JS. */
+export function hmacSha256Fallback(key, message) {
+  let k = encoder.encode(key);
+  if (k.length > 64) k = sha256(k);
+  const block = new Uint8Array(64);
+  block.set(k);
+  const inner = block.map((x) => x ^ 0x36);
+  const outer = block.map((x) => x ^ 0x5c);
+  return sha256(concat(outer, sha256(concat(inner, encoder.encode(message)))));
+}
+
+const hex = (bytes) => Array.from(bytes, (x) => x.toString(16).padStart(2, "0")).join("");
+
+/** Lowercase hex HMAC-SHA256(key, message): WebCrypto when available, else the fallback. */
+export async function hmacHex(key, message) {
+  if (globalThis.crypto && crypto.subtle) {
+    const cryptoKey = await crypto.subtle.importKey(
+      "raw", encoder.encode(key), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+    return hex(new Uint8Array(await crypto.subtle.sign("HMAC", cryptoKey, encoder.encode(message))));
+  }
+  return hex(hmacSha256Fallback(key, message));
+}
+
+export const fallbackHex = (key, message) => hex(hmacSha256Fallback(key, message));
+
+let lastNonce = 0;
+
+/** Date.now(), made strictly increasing: the server accepts a nonce once per key. */
+export function nextNonce() {
+  lastNonce = Math.max(Date.now(), lastNonce + 1);
+  return String(lastNonce);
+}
+
+/** The auth headers for one request (none without a key; only x-api-key for a key-only key). */
+export async function authHeaders(apiKey, apiSecret) {
+  if (!apiKey) return {};
+  if (!apiSecret) return { "x-api-key": apiKey };
+  const nonce = nextNonce();
+  return { "x-api-key": apiKey, "x-nonce": nonce, "x-signature": await hmacHex(apiKey, apiSecret + nonce) };
+}

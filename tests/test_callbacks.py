@@ -1,0 +1,128 @@
+"""callbackUrl: the Task/Detail JSON is POSTed when a task ends, retried with back-off, logged, and a dead
+receiver never holds up the queue."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.worker import Worker
+from tests.conftest import make_settings
+from tests.images import png_bytes
+
+RUN = "/v1/Run/codexq/Particalize"
+SMALL = {"numFrames": "5", "steps": "1", "width": "32", "height": "32", "seed": "1"}
+
+
+class Receiver:
+    """A callback endpoint on loopback answering the given statuses in turn (the last one repeats)."""
+
+    def __init__(self, statuses: list[int], delay: float = 0.0) -> None:
+        self.statuses, self.delay = statuses, delay
+        self.bodies: list[dict] = []
+        self.times: list[float] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.bodies.append(json.loads(body))
+                receiver.times.append(time.monotonic())
+                time.sleep(receiver.delay)
+                status = receiver.statuses[min(len(receiver.bodies), len(receiver.statuses)) - 1]
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def client(tmp_path: Path):
+    settings = make_settings(tmp_path, None, allow_private_urls=True, callback_attempts=3,
+                             callback_backoff_seconds=0.2, callback_timeout_seconds=0.5)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def run_task(client: TestClient, callback_url: str, generator) -> str:
+    files = {"inputImage": ("in.png", png_bytes(32, 32), "image/png")}
+    run = client.post(RUN, data={**SMALL, "callbackUrl": callback_url}, files=files).json()
+    services = client.app.state.services
+    Worker(services.store, services.storage, generator, services.settings, worker_id="t/gpu0").run_once()
+    return run["taskid"]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_detail_json_is_posted_and_a_failure_retried_with_back_off(client, tiny_generator, caplog):
+    caplog.set_level(logging.INFO, logger="particalize.callbacks")
+    receiver = Receiver([500, 200])
+    try:
+        taskid = run_task(client, receiver.url, tiny_generator)
+        store = client.app.state.services.store
+        wait_for(lambda: store.get(int(taskid)).callback_state == "delivered")
+        assert len(receiver.bodies) == 2
+        assert receiver.times[1] - receiver.times[0] >= 0.15, "waited before retrying"
+        detail = client.post("/v1/Task/Detail", json={"taskid": taskid}).json()
+        assert receiver.bodies[1] == detail, "the same JSON Task/Detail answers"
+        assert detail["tasklist"][0]["status"] == "task_postprocess_end"
+        assert detail["tasklist"][0]["callbackurl"] == receiver.url
+        logged = [r.getMessage() for r in caplog.records if r.name == "particalize.callbacks"]
+        assert any(f"task {taskid} attempt 1" in m and "HTTP 500" in m and "retrying" in m for m in logged)
+        assert any(f"task {taskid} attempt 2" in m and "delivered" in m for m in logged)
+    finally:
+        receiver.close()
+
+
+def test_a_dead_callback_gives_up_and_never_holds_the_queue(client, tiny_generator, caplog):
+    caplog.set_level(logging.INFO, logger="particalize.callbacks")
+    slow = Receiver([200], delay=3.0)  # answers after the 0.5 s timeout: every attempt fails
+    try:
+        started = time.monotonic()
+        first = run_task(client, slow.url, tiny_generator)
+        second = run_task(client, "", tiny_generator)
+        assert time.monotonic() - started < 5, "the worker did not wait for the callback"
+        store = client.app.state.services.store
+        assert store.get(int(second)).status == "task_postprocess_end"
+        wait_for(lambda: store.get(int(first)).callback_state == "failed", timeout=20)
+        task = store.get(int(first))
+        assert task.callback_attempts == 3 and task.status == "task_postprocess_end" and task.pexit == "0"
+        logged = [r.getMessage() for r in caplog.records if r.name == "particalize.callbacks"]
+        assert any("giving up after 3 attempts" in m for m in logged)
+    finally:
+        slow.close()
+
+
+def test_a_cancelled_task_calls_back_too(client):
+    receiver = Receiver([204])
+    try:
+        run = client.post(RUN, json={**SMALL, "inputImageUrl": "http://127.0.0.1:9/x.png",
+                                     "callbackUrl": receiver.url}).json()
+        client.post("/v1/Task/Cancel", json={"taskid": run["taskid"]})
+        wait_for(lambda: len(receiver.bodies) == 1)
+        assert receiver.bodies[0]["tasklist"][0]["status"] == "task_cancel"
+    finally:
+        receiver.close()

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     max_steps: int = Field(100, ge=1)
     max_side: int = Field(1920, ge=16)
     max_pixels: int = Field(1280 * 720, ge=256)
+    max_work: int = Field(
+        81 * 1280 * 720 * 50, ge=1,
+        description="Most numFrames x width x height x steps one task may ask for (a 720P, 81-frame, 50-step video).",
+    )
 
     # --- server --------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -88,6 +92,23 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     fetch_timeout_seconds: float = Field(20.0, gt=0)
     max_queue_length: int = Field(1000, ge=1)
+    rate_limit_per_minute: int = Field(
+        0, ge=0, description="Requests one API key may make per minute (0: no limit); over it: error code 96."
+    )
+    storage_url: str | None = Field(
+        None, description="fsspec URL of the outputs (file:///shared/outputs, s3://bucket/prefix, ...); "
+        "default the local data_dir/outputs."
+    )
+    storage_options: str | None = Field(
+        None, description="JSON object of fsspec options for storage_url (endpoint_url, key, secret, ...)."
+    )
+    min_free_disk_bytes: int = Field(
+        1024**3, ge=0, description="A worker refuses to write an output when less than this is free where it writes."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM a worker finishes its running task if it can within this time, "
+        "otherwise puts it back in the queue; then exits 0."
+    )
     requeue_limit: int = Field(1, ge=0, description="How often a task orphaned by a dead worker is requeued.")
     lease_seconds: float = Field(60.0, gt=0)
     callback_attempts: int = Field(5, ge=1, description="Deliveries tried per callbackUrl before giving up.")

@@ -94,6 +94,17 @@ class Connection:
         self.reader = self.writer = None
 
 
+def serve_env(access_log: bool = False) -> dict[str, str]:
+    """Settings of the benchmarked server: API keys (every request is HMAC-checked and its nonce recorded),
+    image URLs on loopback allowed (the benchmark serves the input image itself), access log off by default."""
+    return dict(PARTICALIZE_API_KEYS=f"{KEY}:{SECRET}", PARTICALIZE_ALLOW_PRIVATE_URLS="1",
+                PARTICALIZE_ACCESS_LOG="1" if access_log else "0")
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
@@ -259,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
-        env = dict(PARTICALIZE_API_KEYS=f"{KEY}:{SECRET}", PARTICALIZE_ALLOW_PRIVATE_URLS="1",
-                   PARTICALIZE_ACCESS_LOG="1" if args.access_log else "0")
-        server = ServeProcess(Path(tmp) / "data", database_url=args.database_url, env=env)
+        server = ServeProcess(Path(tmp) / "data", database_url=args.database_url, env=serve_env(args.access_log))
         try:
             server.wait_ready()
             store = TaskStore(Database(server.database_url))
@@ -272,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = "postgresql" if args.database_url else "sqlite"
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "machine": machine(),
         "store": backend,
         "pollers": args.pollers,
         "access_log": args.access_log,

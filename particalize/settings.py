@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,6 +13,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 def _default_home() -> Path:
     return Path.home() / ".cache" / "particalize"
+
+
+def parse_json_object(text: str | None, variable: str) -> dict[str, Any]:
+    """A setting that holds a JSON object (empty or unset: {}); anything else is an error naming `variable`."""
+    if text is None or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{variable} is not valid JSON ({exc}); give a JSON object, e.g. "
+                         '{"endpoint_url": "http://minio:9000", "key": "...", "secret": "..."}') from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{variable} must be a JSON object of fsspec options, not a JSON {type(value).__name__}")
+    return value
 
 
 class Settings(BaseSettings):
@@ -142,6 +157,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("storage_options")
+    @classmethod
+    def _storage_options_is_a_json_object(cls, value: str | None) -> str | None:
+        parse_json_object(value, "PARTICALIZE_STORAGE_OPTIONS")
+        return value
 
     @property
     def sqlalchemy_url(self) -> str:

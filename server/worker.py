@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
@@ -27,7 +29,7 @@ from pipeline.images import decode_image
 from pipeline.params import GenerationParams, limits_from_settings, parse_params
 from pipeline.video import write_mp4
 from server.netguard import FetchError, UnsafeUrl, fetch_url
-from server.storage import OUTPUT_NAME, OUTPUT_TYPE, Storage
+from server.storage import OUTPUT_NAME, OUTPUT_TYPE, Storage, StorageError, disk_space_problem
 from server.store import NewOutput, TaskKilled, TaskLost, TaskStore, open_store
 from server.store.models import (
     ASSIGN,
@@ -234,9 +236,7 @@ class Worker:
         self._step(task, END)
         self._step(task, POSTPROCESS_START)
         relpath = self.storage.output_relpath(task.uuid, OUTPUT_NAME)
-        path = self.storage.path_of(relpath)
-        write_mp4(video.frames, path, fps=params.fps)
-        size = path.stat().st_size
+        size = self._store_output(video.frames, params.fps, relpath)
         cost = self.settings.cost_per_second * max(0.0, time.time() - task.accepttime)
         try:
             self.store.complete(
@@ -245,6 +245,23 @@ class Worker:
             )
         except TaskKilled:
             raise _Killed("Task killed by request at task_postprocess_start.") from None
+
+    def _store_output(self, frames: Any, fps: int, relpath: str) -> int:
+        """Encode the MP4 to a local temporary file, then put it in the storage under its final name (atomically:
+        never a partial file there); returns its size. Too little free disk space fails the task before writing."""
+        scratch = Path(tempfile.gettempdir())
+        needed = self.settings.min_free_disk_bytes
+        problem = disk_space_problem(scratch, needed) or self.storage.space_problem(needed)
+        if problem:
+            raise _Failed(problem)
+        with tempfile.TemporaryDirectory(prefix="particalize-output-", dir=scratch) as tmp:
+            path = write_mp4(frames, Path(tmp) / OUTPUT_NAME, fps=fps)
+            size = path.stat().st_size
+            try:
+                self.storage.put_file(path, relpath)
+            except StorageError as exc:
+                raise _Failed(str(exc)) from None
+        return size
 
     def _load_image(self, task: Task) -> Image.Image:
         field = "inputImage" if task.upload_id else "inputImageUrl"

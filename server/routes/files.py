@@ -3,12 +3,13 @@ and uploads, with their content type; only plain names inside the storage are re
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from server.bodies import RequestFields
 from server.errors import ApiError, error_body
@@ -17,6 +18,7 @@ from server.services import Services
 from server.storage import content_type_of
 from server.validation import check_upload
 
+log = logging.getLogger("particalize.files")
 router = APIRouter()
 
 UPLOAD_FIELDS = ("file", "inputImage")
@@ -62,7 +64,24 @@ async def uploaded_file(request: Request, upload_id: str, name: str) -> Response
 
 @router.api_route("/files/{task_uuid}/{name}", methods=["GET", "HEAD"])
 async def output_file(request: Request, task_uuid: str, name: str) -> Response:
-    path = services_of(request).storage.find_output(task_uuid, name)
-    if path is None:
+    """An output from the storage: a local file as a FileResponse (ranges, HEAD), a remote one streamed."""
+    storage = services_of(request).storage
+    try:
+        found = await run_in_threadpool(storage.find_output, task_uuid, name)
+    except Exception as exc:  # the storage is unreachable or refuses: say so, never a 500
+        log.warning("could not look up %s/%s in %s: %s", task_uuid, name, storage.url, exc)
+        return _storage_unavailable()
+    if found is None:
         return _not_found()
-    return FileResponse(path, media_type=content_type_of(name))
+    media_type = content_type_of(name)
+    if found.local_path is not None:
+        return FileResponse(found.local_path, media_type=media_type)
+    headers = {"content-length": str(found.size)} if found.size is not None else {}
+    if request.method == "HEAD":
+        return Response(media_type=media_type, headers=headers)
+    return StreamingResponse(storage.iter_bytes(found.relpath), media_type=media_type, headers=headers)
+
+
+def _storage_unavailable() -> JSONResponse:
+    return JSONResponse(error_body([(0, "The output storage is unavailable right now; try again shortly.")]),
+                        status_code=503)

@@ -127,8 +127,10 @@ async def input_output_delete(request: Request) -> JSONResponse:
             raise
         if task.status not in TERMINAL:
             raise ApiError(f"Task must be completed or cancelled before deleting files (it is {task.status}).")
-        services.storage.remove(services.store.delete_files(task.id))
-        services.storage.discard_task(task.uuid)
+        removed = services.storage.remove(services.store.delete_files(task.id))
+        if not (services.storage.discard_task(task.uuid) and removed):
+            raise ApiError("The task's output files could not be deleted from the output storage (the server log "
+                           "says why); send the same request again.")
         return {"result": True, "errors": []}
 
     return await answer(request, handler)

@@ -52,12 +52,16 @@ function buildForm(tool) {
     seen.add(example.prompt);
     const option = new Option(example.prompt.length > 90 ? `${example.prompt.slice(0, 87)}…` : example.prompt,
       String(index));
+    option.title = example.prompt;
     examples.append(option);
   });
   examples.onchange = () => {
+    // An example sets the inputs it names (prompt, and for some negativePrompt, steps, seed); the rest keep theirs.
     const example = tool.inspire[Number(examples.value)];
     if (!example) return;
-    for (const name of ["prompt", "negativePrompt"]) if (example[name]) $(`in-${name}`).value = example[name];
+    for (const item of state.items) {
+      if (item.id !== "inputImageUrl" && example[item.id] !== undefined) $(`in-${item.id}`).value = example[item.id];
+    }
   };
   $("reset").onclick = () => state.items.forEach((item) => {
     if (item.id !== "inputImageUrl") $(`in-${item.id}`).value = item.default ?? "";
@@ -114,7 +118,7 @@ async function run(event) {
   $("run").disabled = true;
   try {
     const answer = await call(`/v1/Run/${SLUG.slugowner}/${SLUG.slugproject}`, body);
-    say(`Task ${answer.taskid} queued.`);
+    say("");
     watch(answer.taskid, answer.socketaccesstoken);
   } catch (error) {
     say(error.message, "bad");
@@ -187,6 +191,12 @@ async function onEvent(taskid, event) {
   $("task-status").textContent = event.type;
   setControls(event.type);
   if (event.type === "task_output" && event.message && typeof event.message === "object") showProgress(event.message);
+  if (event.type !== state.lastStatus) {
+    // A new status (not another step): the recent list and the queue line change with it.
+    state.lastStatus = event.type;
+    refreshTasks();
+    refreshServer();
+  }
   if (!TERMINAL.includes(event.type)) return;
   const outcome = $("outcome");
   if (event.type === "task_cancel") {
@@ -197,6 +207,9 @@ async function onEvent(taskid, event) {
     if (outputs.length) {
       outcome.textContent = "succeeded";
       outcome.className = "ok";
+      // Success means every step ran; a poll can miss the last step's report, so the bar says so here.
+      $("progress").value = 100;
+      if (!$("progress-text").textContent) $("progress-text").textContent = "all steps done";
       showVideo(outputs[0]);
     } else {
       const task = event.task || (await call("/v1/Task/Detail", { taskid })).tasklist[0];
@@ -204,7 +217,6 @@ async function onEvent(taskid, event) {
       outcome.className = "bad";
     }
   }
-  refreshTasks();
 }
 
 async function control(route) {
@@ -225,7 +237,10 @@ function outcomeOf(task) {
   return [task.status, ""];
 }
 
+let listRequests = 0;
+
 async function refreshTasks() {
+  const mine = ++listRequests;
   let list;
   try {
     list = (await call("/v1/Task/List", { start: "0", limit: "20" })).tasklist;
@@ -233,6 +248,7 @@ async function refreshTasks() {
     say(error.message, "bad");
     return;
   }
+  if (mine !== listRequests) return; // a later refresh was asked for; its answer is the newer one
   const rows = list.map((task) => {
     const p = task.parameters || {};
     const row = document.createElement("tr");
@@ -255,6 +271,15 @@ async function refreshTasks() {
     row.append(cell);
     return row;
   });
+  if (!rows.length) {
+    const row = document.createElement("tr");
+    const cell = document.createElement("td");
+    cell.colSpan = 6;
+    cell.className = "muted";
+    cell.textContent = "No tasks yet.";
+    row.append(cell);
+    rows.push(row);
+  }
   $("tasks").tBodies[0].replaceChildren(...rows);
 }
 

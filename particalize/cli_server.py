@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
-import signal
-import threading
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 def add_server_commands(sub: argparse._SubParsersAction, model_flags: Callable, settings_of: Callable) -> None:
@@ -63,7 +63,11 @@ def bind_refusal(settings: Any, has_keys: bool) -> str | None:
 
 def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, list[str], str | None]:
     """What `serve` says at start about the GPU and the weights, the settings to serve with (the tiny
-    preset when the default model cannot run here), and an error when it cannot serve at all."""
+    preset when the default model cannot run here), and an error when it cannot serve at all. An API-only
+    replica (--workers 0) runs no model: it does not even import torch (seconds and memory saved)."""
+    if settings.workers == 0:
+        return settings, ["workers: none in this process (--workers 0); tasks wait for a `particalize worker`"], None
+
     import torch
 
     from pipeline.errors import WeightsMissing
@@ -103,9 +107,6 @@ def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, l
                 problem = problem_cpu
             else:
                 lines.append(f"warning: {problem_cpu}")
-    if settings.workers == 0:
-        lines.append("workers: none in this process (--workers 0); tasks wait for a `particalize worker`")
-        return settings, lines, None
     if problem is not None:
         if not model_is_explicit:
             lines.append(f"serving the tiny preset instead of {preset.name} ({problem}); set --model to insist")
@@ -138,9 +139,17 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     print(f"serving {settings.model} on http://{settings.host}:{settings.port}", flush=True)
     # JSON logs: uvicorn's own log config would print its lines as text, so its loggers go to ours instead.
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    # SIGTERM/Ctrl-C: uvicorn stops accepting, lets in-flight requests finish for up to the grace period,
+    # then the app's shutdown stops the workers (each with the grace period again for its running task).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=settings.access_log, timeout_graceful_shutdown=10, log_config=log_config)
+                access_log=settings.access_log, timeout_graceful_shutdown=drain_seconds(settings),
+                log_config=log_config)
     return 0
+
+
+def drain_seconds(settings: Any) -> float:
+    """How long a stopping API process waits for in-flight requests (a live progress stream is cut then)."""
+    return settings.shutdown_grace_seconds
 
 
 def _redacted(url: str) -> str:
@@ -150,7 +159,10 @@ def _redacted(url: str) -> str:
 
 
 def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
+    """One worker until SIGTERM/SIGINT: then it claims nothing more, finishes its running task within
+    shutdown_grace_seconds (else puts it back in the queue) and exits 0; a second signal ends the wait."""
     from particalize.settings import Settings
+    from server.shutdown import StopRequest, stop_on_signals
     from server.supervisor import PARENT_ENV, SETTINGS_ENV, die_with_parent
     from server.worker import run_worker
 
@@ -159,10 +171,20 @@ def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
         die_with_parent(int(parent))
     given = os.environ.pop(SETTINGS_ENV, None)
     settings = Settings.model_validate_json(given) if given else settings_of(args)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    return run_worker(settings, stop, slot=args.slot, parent_pid=int(parent) if parent else None)
+    stop = StopRequest(settings.shutdown_grace_seconds)
+    stop_on_signals(stop)
+    code = run_worker(settings, stop, slot=args.slot, parent_pid=int(parent) if parent else None)
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Leave without the interpreter's teardown of torch, diffusers and transformers, which takes seconds
+    (more on a busy machine) and would eat into the stop deadline for nothing: run_worker has already
+    recorded the worker's state and closed the database; only the log and stdio need flushing."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 
 from server.callbacks import CallbackDispatcher
 from server.errors import ApiError, error_body
-from server.routes import files, live, metrics, playground, run, tasks, tool
+from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
 
 log = logging.getLogger("particalize.server")
@@ -50,17 +50,18 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
                 opened.close()
 
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    for module in (run, tasks, tool, files, live, metrics, playground):
+    for module in (run, tasks, tool, files, live, metrics, playground, health):
         app.include_router(module.router)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
-        """Liveness and the workers' state (not part of Wiro's API)."""
+        """The workers' state (not part of Wiro's API); /health and /ready are the probes."""
         store = request.app.state.services.store
 
         def read() -> dict[str, Any]:
             workers = [
                 {"id": w.id, "state": w.state, "pid": str(w.pid), "model": w.model, "device": w.device,
+                 "version": w.version, "taskid": "" if w.task_id is None else str(w.task_id),
                  "detail": w.detail, "heartbeat": f"{w.heartbeat_at:.3f}"}
                 for w in store.workers()
             ]

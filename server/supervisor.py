@@ -3,8 +3,12 @@
 A child process keeps the model (and the GIL it holds while generating) away from the API's event
 loop; the database is the only channel between them. A child dies with the serve process (Linux
 PDEATHSIG, set by the child itself; it also checks its parent), is stopped gracefully on shutdown
-(SIGTERM: its running task goes back to the queue), and is restarted if it crashes, unless it could
-not load the model.
+(SIGTERM: it claims nothing more and finishes its running task within settings.shutdown_grace_seconds,
+else puts it back in the queue; SIGKILL only after that plus STOP_MARGIN_SECONDS), and is restarted if it
+crashes, unless it could not load the model.
+
+Children run in a session of their own, so a terminal's Ctrl-C reaches only the serve process, which
+drains its HTTP requests and then signals them once (a second signal would cut their grace short).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ SETTINGS_ENV = "_PARTICALIZE_WORKER_SETTINGS"
 PARENT_ENV = "_PARTICALIZE_PARENT_PID"
 _SECRETS = {"api_keys", "api_keys_file", "hf_token"}
 _PR_SET_PDEATHSIG = 1
+STOP_MARGIN_SECONDS = 10.0
+"""Beyond the grace period, what a stopping worker may take to requeue its task and exit before SIGKILL."""
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -77,7 +83,7 @@ class WorkerProcesses:
         # Spawned from the supervisor thread, which lives as long as the children (PDEATHSIG is per thread).
         proc = subprocess.Popen(
             [sys.executable, "-m", "particalize.cli", "worker", "--slot", str(slot)],
-            env=self._env(slot), stdin=subprocess.DEVNULL,
+            env=self._env(slot), stdin=subprocess.DEVNULL, start_new_session=True,
         )
         self.processes[slot] = proc
         log.info("worker slot %d started (pid %d)", slot, proc.pid)
@@ -106,7 +112,13 @@ class WorkerProcesses:
                     self._spawn(slot)
         self._terminate()
 
-    def _terminate(self, timeout: float = 15.0) -> None:
+    @property
+    def stop_timeout(self) -> float:
+        """How long a stopping worker gets before SIGKILL: its grace period plus a margin."""
+        return self.settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS
+
+    def _terminate(self) -> None:
+        timeout = self.stop_timeout
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -120,6 +132,7 @@ class WorkerProcesses:
                 proc.wait()
 
     def stop(self) -> None:
-        """Stop every worker: SIGTERM (a running task is requeued), SIGKILL after a grace period."""
+        """Stop every worker: SIGTERM (a running task finishes within the grace period, else is requeued),
+        SIGKILL after the grace period plus a margin."""
         self._stopping.set()
-        self._thread.join(30)
+        self._thread.join(self.stop_timeout + 5)

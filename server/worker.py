@@ -8,6 +8,10 @@ A kill stops the run within one denoising step and ends in task_cancel with no o
 failure ends in task_postprocess_end with pexit 1 and the reason in debugerror. Either way the model
 stays loaded and the worker takes the next task. One worker per GPU; `run_worker` is the entry of both
 `particalize worker` and the workers `particalize serve` starts.
+
+A graceful stop (SIGTERM, see server/shutdown.py) claims nothing more at once, lets the running task
+finish within settings.shutdown_grace_seconds, and past that interrupts it at its next step and puts it
+back in the queue; then `run_worker` returns 0.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pipeline.images import decode_image
 from pipeline.params import GenerationParams, limits_from_settings, parse_params
 from pipeline.video import write_mp4
 from server.netguard import FetchError, UnsafeUrl, fetch_url
+from server.shutdown import stop_due
 from server.storage import OUTPUT_NAME, OUTPUT_TYPE, Storage, StorageError, disk_space_problem
 from server.store import NewOutput, TaskKilled, TaskLost, TaskStore, open_store
 from server.store.models import (
@@ -109,14 +114,17 @@ class Worker:
         self.fetch = fetch
         self.limits = limits_from_settings(settings)
         self.stop_event = threading.Event()
+        self._finished = threading.Event()
         self.current_task: int | None = None
         self.tasks_done = 0
 
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self, stop_event: threading.Event, parent_pid: int | None = None) -> None:
-        """Until `stop_event`: take the oldest queued task, do it, repeat (polling when idle)."""
+        """Until `stop_event`: take the oldest queued task, do it, repeat (polling when idle). Once it is set
+        no task is claimed; the running one goes on until the stop is due (see server/shutdown.py)."""
         self.stop_event = stop_event
+        self._finished.clear()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
         self.recover(own=True)
@@ -137,6 +145,7 @@ class Worker:
                 continue
             if not worked:
                 stop_event.wait(self.settings.worker_poll_seconds)
+        self._finished.set()
         heartbeat.join(timeout=2)
 
     def recover(self, own: bool) -> None:
@@ -157,15 +166,21 @@ class Worker:
             self.current_task = None
             self.tasks_done += 1
             try:
-                self.store.worker_state(self.worker_id, "ready")
+                self.store.worker_state(self.worker_id, "stopping" if self.stop_event.is_set() else "ready")
             except SQLAlchemyError:
                 log.exception("could not record the worker state")
         return True
 
     def _heartbeat_loop(self) -> None:
+        """Until the loop has ended (not just been asked to stop: a task finishing in its grace period keeps
+        its lease), renew the lease; once a stop is asked, show the worker as stopping (not ready)."""
         every = max(0.5, self.store.lease_seconds / 4)
-        while not self.stop_event.wait(every):
+        marked = False
+        while not self._finished.wait(every):
             try:
+                if self.stop_event.is_set() and not marked:
+                    self.store.worker_state(self.worker_id, "stopping", task_id=self.current_task)
+                    marked = True
                 self.store.heartbeat(self.worker_id, self.current_task)
             except SQLAlchemyError:
                 log.exception("heartbeat failed")
@@ -209,7 +224,7 @@ class Worker:
         killed = self.store.advance(task.id, self.worker_id, status, **fields)
         if killed:
             raise _Killed(f"Task killed by request at {status}.")
-        if self.stop_event.is_set():
+        if stop_due(self.stop_event):
             raise _Stopping()
 
     def _run_task(self, task: Task) -> None:
@@ -291,7 +306,7 @@ class Worker:
 
     def _generate(self, task: Task, params: GenerationParams, image: Image.Image) -> Any:
         """Run the pipeline; progress goes to debugoutput (at most every progress_interval_seconds, and the
-        last step always); a kill or a stop is seen after the step it arrives in."""
+        last step always); a kill, or a stop once its grace period is over, is seen after the step it arrives in."""
         interval = self.settings.progress_interval_seconds
         state = {"written": 0.0, "killed": False, "fresh": False}
 
@@ -311,7 +326,7 @@ class Worker:
             state["fresh"] = True
 
         def should_stop() -> bool:
-            if self.stop_event.is_set():
+            if stop_due(self.stop_event):
                 return True
             if not state["fresh"]:
                 state["killed"] = self.store.kill_requested(task.id)
@@ -346,12 +361,15 @@ def run_worker(
     generator: Generator | None = None,
     parent_pid: int | None = None,
 ) -> int:
-    """Load the model once, then serve tasks until `stop_event`. Returns the process exit code."""
+    """Load the model once, then serve tasks until `stop_event` (a server.shutdown.StopRequest gives the
+    running task its grace period; a plain Event stops it at once). Returns the process exit code."""
+    from particalize import __version__
     from pipeline.generator import generator_from_settings
 
     store = open_store(settings)
     worker_id = worker_id_for(settings, slot)
-    store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device="", state="loading")
+    store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device="", state="loading",
+                          version=__version__)
     if generator is None:
         try:
             _set_cpu_threads(settings)
@@ -360,8 +378,9 @@ def run_worker(
             log.error("worker %s cannot load model %s: %s", worker_id, settings.model, exc)
             store.worker_state(worker_id, "failed", detail=str(exc))
             return EXIT_LOAD_FAILED
+    loaded = f"loaded in {getattr(generator, 'load_seconds', 0.0):.1f}s"
     store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device=str(generator.device),
-                          state="ready", detail=f"loaded in {getattr(generator, 'load_seconds', 0.0):.1f}s")
+                          state="stopping" if stop_event.is_set() else "ready", detail=loaded, version=__version__)
     log.info("worker %s ready: model %s on %s", worker_id, settings.model, generator.device)
     worker = Worker(store, Storage.from_settings(settings), generator, settings, worker_id=worker_id)
     try:

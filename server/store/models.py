@@ -175,7 +175,7 @@ class Worker(Base):
 
     id: Mapped[str] = mapped_column(String(200), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), nullable=False)
-    """loading, ready, busy, stopped, failed."""
+    """loading, ready, busy, stopping (claims nothing more; may finish its task), stopped, failed."""
     pid: Mapped[int] = mapped_column(Integer, nullable=False)
     model: Mapped[str] = mapped_column(String(200), nullable=False, default="")
     device: Mapped[str] = mapped_column(String(100), nullable=False, default="")
@@ -183,3 +183,5 @@ class Worker(Base):
     started_at: Mapped[float] = mapped_column(Float, nullable=False)
     heartbeat_at: Mapped[float] = mapped_column(Float, nullable=False)
     task_id: Mapped[int | None] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(64), nullable=False, default="", server_default="")
+    """The particalize version the worker runs (a rolling upgrade shows both)."""

@@ -448,19 +448,21 @@ class TaskStore:
 
     # --- workers ---------------------------------------------------------------------------------
 
-    def register_worker(self, worker_id: str, *, pid: int, model: str, device: str, state: str, detail: str = ""):
+    def register_worker(
+        self, worker_id: str, *, pid: int, model: str, device: str, state: str, detail: str = "", version: str = ""
+    ) -> None:
         now = self.clock()
         with self.db.session(write=True) as s:
             row = s.get(Worker, worker_id) or Worker(id=worker_id, started_at=now)
             row.state, row.pid, row.model, row.device, row.detail = state, pid, model, device, detail
+            row.version = version
             row.started_at, row.heartbeat_at, row.task_id = now, now, None
             s.add(row)
 
-    def worker_state(self, worker_id: str, state: str, detail: str | None = None) -> None:
+    def worker_state(self, worker_id: str, state: str, detail: str | None = None, task_id: int | None = None) -> None:
+        """Record the worker's state and the task it holds now (None: none)."""
         with self.db.session(write=True) as s:
-            values: dict[str, Any] = {"state": state, "heartbeat_at": self.clock()}
-            if state != "busy":
-                values["task_id"] = None
+            values: dict[str, Any] = {"state": state, "heartbeat_at": self.clock(), "task_id": task_id}
             if detail is not None:
                 values["detail"] = detail
             s.execute(update(Worker).where(Worker.id == worker_id).values(**values))

@@ -1,0 +1,104 @@
+"""Probes for orchestrators (not part of Wiro's API; not authenticated, as /healthz and /metrics).
+
+GET /health (liveness): this process answers and the database answers a trivial query.
+GET /ready (readiness): the database answers AND at least one worker is alive with its model loaded
+(state ready or busy, heartbeat within one lease), i.e. a task sent now will be run. 503 otherwise, in the
+API's error shape, saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from server.errors import error_body
+from server.routes.common import services_of
+from server.store import TaskStore
+
+router = APIRouter()
+
+PROBE_TIMEOUT_SECONDS = 5.0
+"""A database that has not answered in this long counts as down (a probe must answer quickly)."""
+SERVING_STATES = ("ready", "busy")
+
+
+class Unhealthy(Exception):
+    """Why this process cannot serve; the message is what the probe answers."""
+
+
+def check_database(store: TaskStore) -> None:
+    try:
+        with store.db.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any driver error means the same thing here: no database
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise Unhealthy(
+            f"The database does not answer ({type(exc).__name__}: {first_line}); check that it is up and "
+            "reachable at PARTICALIZE_DATABASE_URL."
+        ) from None
+
+
+def is_serving(worker: Any, now: float, lease_seconds: float) -> bool:
+    """Alive (its heartbeat within one lease) with its model loaded."""
+    return worker.state in SERVING_STATES and now - worker.heartbeat_at <= lease_seconds
+
+
+def not_ready_reason(workers: Iterable[Any], now: float, lease_seconds: float) -> str | None:
+    """None when at least one worker is serving; else why no task would run now."""
+    seen = []
+    for w in workers:
+        if is_serving(w, now, lease_seconds):
+            return None
+        if w.state in SERVING_STATES:
+            seen.append(f"{w.id} last seen {now - w.heartbeat_at:.0f}s ago (more than the {lease_seconds:g}s lease)")
+        else:
+            seen.append(f"{w.id} is {w.state}")
+    if not seen:
+        return ("No worker has registered: no task would run. Start `particalize worker` against this database, "
+                "or `particalize serve` with --workers 1 or more.")
+    return f"No worker is alive with its model loaded ({'; '.join(seen)}); queued tasks wait until one is."
+
+
+async def _probe(request: Request, work: Any) -> JSONResponse:
+    """Run `work` off the event loop within PROBE_TIMEOUT_SECONDS: 200 with its answer, or 503 saying why."""
+    try:
+        extra = await asyncio.wait_for(run_in_threadpool(work, services_of(request)), PROBE_TIMEOUT_SECONDS)
+    except Unhealthy as exc:
+        return JSONResponse(error_body([(0, str(exc))]), status_code=503)
+    except asyncio.TimeoutError:
+        message = f"The database did not answer within {PROBE_TIMEOUT_SECONDS:g}s; check that it is up and not busy."
+        return JSONResponse(error_body([(0, message)]), status_code=503)
+    return JSONResponse({"result": True, "errors": [], **extra})
+
+
+def _live(services: Any) -> dict[str, Any]:
+    check_database(services.store)
+    return {"database": "ok"}
+
+
+def _ready(services: Any) -> dict[str, Any]:
+    store: TaskStore = services.store
+    check_database(store)
+    workers, now = store.workers(), time.time()
+    reason = not_ready_reason(workers, now, store.lease_seconds)
+    if reason is not None:
+        raise Unhealthy(reason)
+    return {"database": "ok", "workers": str(sum(is_serving(w, now, store.lease_seconds) for w in workers))}
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    return await _probe(request, _live)
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    return await _probe(request, _ready)

@@ -1,0 +1,130 @@
+"""Probes: GET /health (the process and its database answer), GET /ready (and a worker is alive with its
+model loaded), both 503 in the API's error shape saying why; /healthz lists each worker's version and task."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+import particalize
+from server.app import create_app
+from server.auth import Authenticator
+from server.services import Services
+from server.storage import Storage
+from server.store import Database, DbNonceStore, TaskStore, upgrade
+from server.store.migrate import current_revision
+from server.worker import run_worker
+from tests.conftest import make_settings
+
+UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str):
+    return make_settings(tmp_path, db_url, lease_seconds=5.0)
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def store_of(client: TestClient) -> TaskStore:
+    return client.app.state.services.store
+
+
+def register(store: TaskStore, worker_id: str, state: str, seconds_ago: float = 0.0, version: str = "1.2.3") -> None:
+    stamped = TaskStore(store.db, lease_seconds=store.lease_seconds, clock=lambda: time.time() - seconds_ago)
+    stamped.register_worker(worker_id, pid=4242, model="tiny", device="cpu", state=state, version=version)
+
+
+def assert_unavailable(answer, *fragments: str) -> None:
+    assert answer.status_code == 503
+    body = answer.json()
+    assert body["result"] is False and body["errors"][0]["code"] == 0, body
+    for fragment in fragments:
+        assert fragment in body["errors"][0]["message"], body
+
+
+def test_health_answers_when_the_database_does(client: TestClient):
+    answer = client.get("/health")
+    assert answer.status_code == 200
+    assert answer.json() == {"result": True, "errors": [], "database": "ok"}
+
+
+def test_ready_needs_a_registered_worker(client: TestClient):
+    assert_unavailable(client.get("/ready"), "No worker has registered", "particalize worker")
+
+
+def test_ready_needs_a_worker_with_its_model_loaded(client: TestClient):
+    register(store_of(client), "n1/gpu0", "loading")
+    register(store_of(client), "n2/gpu0", "stopping")
+    assert_unavailable(client.get("/ready"), "n1/gpu0 is loading", "n2/gpu0 is stopping")
+
+
+def test_ready_ignores_a_worker_whose_heartbeat_is_older_than_a_lease(client: TestClient):
+    register(store_of(client), "n1/gpu0", "busy", seconds_ago=20)
+    assert_unavailable(client.get("/ready"), "n1/gpu0 last seen 20s ago (more than the 5s lease)")
+
+
+@pytest.mark.parametrize("state", ["ready", "busy"])
+def test_ready_with_one_live_loaded_worker(client: TestClient, state: str):
+    register(store_of(client), "old/gpu0", "ready", seconds_ago=60)
+    register(store_of(client), "n1/gpu0", state, seconds_ago=1)
+    answer = client.get("/ready")
+    assert answer.status_code == 200
+    assert answer.json() == {"result": True, "errors": [], "database": "ok", "workers": "1"}
+
+
+def test_health_and_ready_say_when_the_database_is_down(tmp_path: Path):
+    settings = make_settings(tmp_path, UNREACHABLE_DB)
+    db = Database(UNREACHABLE_DB)
+    services = Services(settings, TaskStore.from_settings(db, settings), Storage.from_settings(settings),
+                        Authenticator({}, DbNonceStore(db), settings.nonce_window_seconds))
+    with TestClient(create_app(settings, services=services)) as client:
+        assert_unavailable(client.get("/health"), "The database does not answer", "PARTICALIZE_DATABASE_URL")
+        assert_unavailable(client.get("/ready"), "The database does not answer")
+    db.dispose()
+
+
+def test_healthz_lists_each_workers_version_and_current_task(client: TestClient):
+    store = store_of(client)
+    register(store, "n1/gpu0", "ready", version="9.9.9")
+    idle = client.get("/healthz").json()["workers"][0]
+    assert (idle["id"], idle["version"], idle["taskid"], idle["state"]) == ("n1/gpu0", "9.9.9", "", "ready")
+    task = store.create(parameters={}, image_url="https://example.com/a.png")
+    store.claim_next("n1/gpu0")
+    busy = client.get("/healthz").json()["workers"][0]
+    assert (busy["state"], busy["taskid"]) == ("busy", str(task.id))
+
+
+def test_a_worker_registers_the_particalize_version_it_runs(settings, tiny_generator):
+    stop = threading.Event()
+    stop.set()  # loads, registers, finds the stop asked, and ends
+    assert run_worker(settings, stop, generator=tiny_generator) == 0
+    db = Database(settings.sqlalchemy_url)
+    (row,) = TaskStore(db).workers()
+    db.dispose()
+    assert (row.id, row.version, row.state, row.pid) == ("testnode/gpu0", particalize.__version__, "stopped",
+                                                        os.getpid())
+
+
+def test_the_version_migration_keeps_the_workers_registered_before_it(db_url: str):
+    db = Database(db_url)
+    upgrade(db, "0001")
+    with db.connect(write=True) as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO workers (id, state, pid, model, device, detail, started_at, heartbeat_at) "
+            "VALUES ('old/gpu0', 'ready', 1, 'tiny', 'cpu', '', 1.0, 1.0)"
+        )
+    upgrade(db)
+    assert current_revision(db) == "0002"
+    (row,) = TaskStore(db).workers()
+    assert (row.id, row.version) == ("old/gpu0", "")
+    db.dispose()

@@ -43,3 +43,5 @@ def configure_logging(log_format: Literal["text", "json"] = "text", *, verbose: 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Alembic logs one INFO line per plugin as it is imported, before server.store.migrate can quiet it.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -108,7 +108,8 @@ class Settings(BaseSettings):
     fetch_timeout_seconds: float = Field(20.0, gt=0)
     max_queue_length: int = Field(1000, ge=1)
     rate_limit_per_minute: int = Field(
-        0, ge=0, description="Requests one API key may make per minute (0: no limit); over it: error code 96."
+        0, ge=0, description="Requests one API key (with no keys: one client address) may make per minute to one "
+        "API process (0: no limit); over it: error code 96. Counted per replica: N replicas allow N x this."
     )
     storage_url: str | None = Field(
         None, description="fsspec URL of the outputs (file:///shared/outputs, s3://bucket/prefix, ...); "

@@ -32,6 +32,8 @@ class Limits:
     max_steps: int = 100
     max_side: int = 1920
     max_pixels: int = 1280 * 720
+    max_work: int = 81 * 1280 * 720 * 50
+    """Most numFrames x width x height x steps (a 720P, 81-frame, 50-step video): bounds one task's GPU time."""
     size_multiple: int = 16
 
 
@@ -156,6 +158,7 @@ def limits_from_settings(settings: Any) -> Limits:
         max_steps=settings.max_steps,
         max_side=settings.max_side,
         max_pixels=settings.max_pixels,
+        max_work=settings.max_work,
     )
 
 
@@ -179,6 +182,25 @@ def check_limits(params: GenerationParams, limits: Limits) -> None:
             "width",
             f"width x height must be at most {limits.max_pixels} pixels, got {params.width}x{params.height}",
         )
+    check_work(params, limits)
+
+
+def check_work(params: GenerationParams, limits: Limits, *, derived: bool = False) -> None:
+    """numFrames x width x height x steps within `limits.max_work`. A size of 0 (from the image) is not known
+    yet and passes here: the worker checks again once the image is read (`derived`: the size came from it)."""
+    if not (params.width and params.height):
+        return
+    work = params.num_frames * params.width * params.height * params.steps
+    if work <= limits.max_work:
+        return
+    size = "width/height (here derived from the input image; send a smaller width or height)" if derived else (
+        "width/height"
+    )
+    raise InvalidParameter(
+        "numFrames",
+        f"x width x height x steps is {params.num_frames} x {params.width} x {params.height} x {params.steps} = "
+        f"{work}, more than the limit of {limits.max_work}; lower numFrames, steps or {size}.",
+    )
 
 
 def resolve_size(

@@ -22,6 +22,8 @@ from starlette.responses import JSONResponse
 
 from server.callbacks import CallbackDispatcher
 from server.errors import ApiError, error_body
+from server.openapi import openapi_document
+from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
 
@@ -49,7 +51,9 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
             if services is None:
                 opened.close()
 
-    app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: openapi_document(settings)  # type: ignore[method-assign]  # the routes read raw bodies
+    app.state.rate_limiter = RateLimiter.from_settings(settings)
     for module in (run, tasks, tool, files, live, metrics, playground, health):
         app.include_router(module.router)
 

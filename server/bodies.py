@@ -24,6 +24,8 @@ _ACCEPTED = (
     "send a JSON object (Content-Type: application/json), multipart/form-data or application/x-www-form-urlencoded"
 )
 _MAX_FIELDS = 1000
+_MAX_DEPTH = 32
+"""Wiro bodies are flat; a JSON value nested deeper is refused before anything walks it recursively."""
 
 
 @dataclass
@@ -93,11 +95,31 @@ def _parse_json(body: bytes) -> RequestFields:
         value = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
         raise ApiError(f"The request body is not valid JSON ({exc}); {_ACCEPTED}.") from exc
+    except RecursionError:  # nested deeper than the parser's stack
+        raise _too_deep() from None
+    if _nested_deeper_than(value, _MAX_DEPTH):
+        raise _too_deep()
     if not isinstance(value, dict):
         raise ApiError(
             f'The request body must be a JSON object such as {{"prompt": "..."}}, not a JSON {type(value).__name__}.'
         )
     return RequestFields(values=value)
+
+
+def _too_deep() -> ApiError:
+    return ApiError(f"The request body is nested more than {_MAX_DEPTH} levels deep; send a flat JSON object.")
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Iteratively, so that a deep value cannot exhaust the stack here (or later, where it is printed)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _parse_urlencoded(body: bytes) -> RequestFields:

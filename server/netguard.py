@@ -8,9 +8,11 @@ redirect hop is checked the same way. TLS SNI and the Host header keep the origi
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -178,13 +180,19 @@ class _GuardedBackend(httpcore.SyncBackend):
         raise failure
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One verifying TLS context for every fetch: building one loads the CA bundle (~40 ms)."""
+    return httpx.create_ssl_context()
+
+
 class _GuardedTransport(httpx.HTTPTransport):
     """httpx's transport with its connection pool on the guarded backend (no env proxies)."""
 
     def __init__(self, allow_private: bool) -> None:
-        super().__init__(trust_env=False)
+        super().__init__(verify=_ssl_context(), trust_env=False)  # its own pool, replaced here
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=_ssl_context(),
             network_backend=_GuardedBackend(allow_private),
         )
 

@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.errors import Interrupted, InvalidParameter
 from pipeline.images import decode_image
-from pipeline.params import GenerationParams, limits_from_settings, parse_params
+from pipeline.params import GenerationParams, check_work, limits_from_settings, parse_params
 from pipeline.video import write_mp4
 from server.netguard import FetchError, UnsafeUrl, fetch_url
 from server.shutdown import stop_due
@@ -233,7 +233,9 @@ class Worker:
         image = self._load_image(task)
         try:
             params = parse_params(parameters, self.limits)
+            sized = bool(params.width and params.height)
             params = self.generator.resolve(params, image)
+            check_work(params, self.limits, derived=not sized)  # a size of 0 is only known now
         except InvalidParameter as exc:
             raise _Failed(str(exc)) from None
         used = {**parameters, "seed": str(params.seed), "width": str(params.width), "height": str(params.height)}

@@ -13,11 +13,15 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+from urllib.parse import parse_qs, urlencode
 
 import pytest
 
 from server import netguard
+from server.errors import ApiError
 from server.netguard import FetchError, UnsafeUrl, check_url, fetch_url, post_json
+from server.validation import check_public_url
 
 PUBLIC_V4 = "93.184.216.34"
 IMAGE = b"\x89PNG\r\n\x1a\n" + b"pixels" * 10
@@ -31,7 +35,32 @@ FAKE_DNS: dict[str, list[str]] = {
     "public.example": [PUBLIC_V4],
     "public6.example": ["2001:4860:4860::8888"],
     "loopback-named.example": ["127.0.0.1"],
+    "public-origin.example": ["127.0.0.2"],
 }
+
+PRIVATE_ADDRESSES = [
+    "127.0.0.1", "127.255.255.254", "10.0.0.1", "10.255.255.255", "172.16.0.1", "172.31.255.254", "192.168.0.1",
+    "192.168.255.255", "100.64.0.1", "100.127.255.254", "169.254.169.254", "169.254.0.1", "0.0.0.0", "::1", "::",
+    "::ffff:127.0.0.1", "::ffff:7f00:1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "fe80::1", "febf::1",
+    "fc00::1", "fdff::1", "64:ff9b::7f00:1", "64:ff9b::a00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::",
+    "2002:a00:1::", "2002:c0a8:1::", "2002:a9fe:a9fe::",
+]
+"""Loopback, private ranges (10/8, 172.16/12, 192.168/16, 100.64/10), link-local and cloud metadata,
+unspecified, and their IPv6 forms: mapped, link-local, unique-local, NAT64 and 6to4 embeddings."""
+PRIVATE_NAMES = {f"private-{index}.example": address for index, address in enumerate(PRIVATE_ADDRESSES)}
+FAKE_DNS.update({name: [address] for name, address in PRIVATE_NAMES.items()})
+
+
+def _url_of(address: str) -> str:
+    return f"http://[{address}]/" if ":" in address else f"http://{address}/"
+
+
+PRIVATE_TARGETS = [
+    *(_url_of(address) for address in PRIVATE_ADDRESSES),
+    "http://127.1/", "http://2130706433/", "http://0x7f000001/", "http://017700000001/", "http://0177.0.0.1/",
+    "http://localhost/", *(f"http://{name}/" for name in PRIVATE_NAMES),
+]
+"""Every way tested of naming a non-public address: literals, legacy IPv4 spellings, and DNS names."""
 
 
 class FakeResolver:
@@ -71,11 +100,41 @@ def resolver(monkeypatch: pytest.MonkeyPatch) -> FakeResolver:
     return fake
 
 
+_real_connect = socket.socket.connect
+
+
+@pytest.fixture(autouse=True)
+def tripwire(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Sockets may connect to loopback only: an address the guard let through is recorded, never reached."""
+    attempts: list[str] = []
+
+    def connect(sock: socket.socket, address: object) -> object:
+        host = address[0] if isinstance(address, tuple) else ""
+        if host and not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            attempts.append(host)
+            raise ConnectionRefusedError(f"test tripwire: no traffic to {host}")
+        return _real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    yield attempts
+    assert attempts == [], f"the guard let connections through to {attempts}"
+
+
 @pytest.fixture
 def loopback_is_public(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let 127.0.0.1 (only) pass as public, so the local test server stands in for the internet."""
     strict = netguard.is_public_address
     monkeypatch.setattr(netguard, "is_public_address", lambda ip: str(ip) == "127.0.0.1" or strict(ip))
+
+
+def _redirect(path: str) -> tuple[int, bytes, dict[str, str]]:
+    """/redirect/<status>?to=<url>: answer that redirect."""
+    status, _, query = path.removeprefix("/redirect/").partition("?")
+    return int(status), b"", {"Location": parse_qs(query)["to"][0]}
+
+
+def redirect_path(status: int, target: str) -> str:
+    return f"/redirect/{status}?{urlencode({'to': target})}"
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -108,6 +167,9 @@ class Recorder(BaseHTTPRequestHandler):
         }
         if self.path == "/slow":
             time.sleep(1.5)
+        if self.path.startswith("/redirect/"):
+            self._send(*_redirect(self.path))
+            return
         status, body, headers = routes.get(self.path, (200, b"slow", {}))
         self._send(status, body, headers)
 
@@ -116,6 +178,8 @@ class Recorder(BaseHTTPRequestHandler):
         Recorder.requests.append(("POST", self.path, self.headers.get("Content-Type", ""), body))
         if self.path == "/to-image":
             self._send(307, headers={"Location": "/image"})
+        elif self.path.startswith("/redirect/"):
+            self._send(*_redirect(self.path))
         else:
             self._send(204)
 
@@ -159,7 +223,19 @@ REFUSED = [
     "http://0x7f000001/",
     "http://0177.0.0.1/",
     "http://127.1/",
+    "http://017700000001/",
+    "http://0/",
+    "http://[::ffff:7f00:1]/",
+    "http://[::ffff:169.254.169.254]/",
+    "http://[64:ff9b::a00:1]/",
+    "http://[64:ff9b::a9fe:a9fe]/",
+    "http://[2002:a00:1::]/",
+    "http://[2002:c0a8:101::]/",
+    "http://[febf::1]/",
+    "http://[fdff::1]/",
+    "http://[fe80::1%25eth0]/",
     "http://100.64.0.1/",
+    "http://100.127.255.254/",
     "http://224.0.0.1/",
     "http://240.0.0.1/",
     "http://255.255.255.255/",
@@ -328,3 +404,79 @@ def test_post_json_connection_failure_is_a_fetch_error() -> None:
         closed_port = probe.getsockname()[1]
     with pytest.raises(FetchError):
         post_json(f"http://127.0.0.1:{closed_port}/", {}, timeout=2, allow_private=True)
+
+
+# --- every non-public target, for image URLs and callbackUrl alike ----------------------------------------------
+
+REDIRECTS = [301, 302, 307, 308]
+PUBLIC_STAND_IN = "127.0.0.2"
+"""A second loopback address that plays a public host, so that 127.0.0.1 in every spelling stays private."""
+
+
+@pytest.fixture(scope="module")
+def public_origin() -> Iterator[str]:
+    """A test server on 127.0.0.2, named public-origin.example (Linux routes all of 127/8 to loopback)."""
+    try:
+        server = ThreadingHTTPServer((PUBLIC_STAND_IN, 0), Recorder)
+    except OSError as exc:
+        pytest.skip(f"cannot listen on {PUBLIC_STAND_IN}: {exc}")
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://public-origin.example:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def stand_in_is_public(monkeypatch: pytest.MonkeyPatch) -> None:
+    strict = netguard.is_public_address
+    monkeypatch.setattr(netguard, "is_public_address", lambda ip: str(ip) == PUBLIC_STAND_IN or strict(ip))
+
+
+@pytest.mark.parametrize("url", PRIVATE_TARGETS)
+def test_every_private_target_is_refused_for_image_fetches_and_callback_posts(url: str, seen: list) -> None:
+    with pytest.raises(UnsafeUrl):
+        check_url(url, allow_private=False)
+    with pytest.raises(UnsafeUrl):
+        fetch_url(url, max_bytes=1000, timeout=2, allow_private=False)
+    with pytest.raises(UnsafeUrl):
+        post_json(url, {"result": True}, timeout=2, allow_private=False)
+    assert seen == []
+
+
+@pytest.mark.parametrize("field", ["inputImageUrl", "callbackUrl"])
+@pytest.mark.parametrize("url", PRIVATE_TARGETS)
+def test_run_refuses_every_private_target_as_image_url_and_as_callback_url(field: str, url: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        check_public_url(field, url, SimpleNamespace(allow_private_urls=False))
+    assert refused.value.code == 0 and f"[{field}] is refused" in refused.value.message
+
+
+@pytest.mark.usefixtures("stand_in_is_public")
+@pytest.mark.parametrize("status", REDIRECTS)
+@pytest.mark.parametrize("target", PRIVATE_TARGETS)
+def test_a_redirect_from_a_public_name_to_a_private_target_is_refused(
+    public_origin: str, seen: list, status: int, target: str
+) -> None:
+    path = redirect_path(status, target + "latest/meta-data/")
+    # UnsafeUrl; FetchError where httpx itself refuses the Location (a legacy IPv4 spelling such as 0177.0.0.1)
+    with pytest.raises((UnsafeUrl, FetchError)):
+        fetch_url(public_origin + path, max_bytes=1000, timeout=5, allow_private=False)
+    assert [request[:2] for request in seen] == [("GET", path)], "only the public hop was made"
+
+
+@pytest.mark.usefixtures("stand_in_is_public")
+@pytest.mark.parametrize("status", REDIRECTS)
+def test_a_redirect_to_a_public_target_is_followed(public_origin: str, seen: list, status: int) -> None:
+    path = redirect_path(status, f"{public_origin}/image")
+    data, _ = fetch_url(public_origin + path, max_bytes=1000, timeout=5, allow_private=False)
+    assert data == IMAGE and [request[1] for request in seen] == [path, "/image"]
+
+
+@pytest.mark.usefixtures("stand_in_is_public")
+@pytest.mark.parametrize("status", REDIRECTS)
+def test_a_callback_answered_with_a_redirect_is_not_followed(public_origin: str, seen: list, status: int) -> None:
+    path = redirect_path(status, "http://169.254.169.254/latest/meta-data/")
+    assert post_json(public_origin + path, {"taskid": "1"}, timeout=5, allow_private=False) == status
+    assert [request[:2] for request in seen] == [("POST", path)]

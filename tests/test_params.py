@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from particalize.settings import Settings
 from pipeline.errors import InvalidParameter
-from pipeline.params import DEFAULT_PROMPT, GenerationParams, Limits, parse_params, resolve_size
+from pipeline.params import (
+    DEFAULT_PROMPT,
+    GenerationParams,
+    Limits,
+    check_work,
+    limits_from_settings,
+    parse_params,
+    resolve_size,
+)
 
 
 def test_defaults_are_the_hosted_tools():
@@ -78,3 +87,44 @@ def test_params_are_immutable():
     p = GenerationParams()
     with pytest.raises(ValidationError):
         p.steps = 3  # type: ignore[misc]
+
+
+def test_work_over_the_cap_is_refused_with_the_product_the_limit_and_what_to_lower():
+    limits = Limits(max_work=81 * 832 * 480 * 30)
+    with pytest.raises(InvalidParameter) as info:
+        parse_params({"numFrames": 81, "width": 832, "height": 480, "steps": 31}, limits)
+    message = str(info.value)
+    assert info.value.name == "numFrames"
+    assert f"81 x 832 x 480 x 31 = {81 * 832 * 480 * 31}" in message
+    assert f"limit of {81 * 832 * 480 * 30}" in message
+    assert "lower numFrames, steps or width/height" in message
+
+
+def test_work_at_the_cap_is_accepted():
+    limits = Limits(max_work=81 * 832 * 480 * 30)
+    params = parse_params({"numFrames": 81, "width": 832, "height": 480, "steps": 30}, limits)
+    assert params.steps == 30
+
+
+def test_default_cap_allows_the_hosted_defaults_at_720p_but_not_every_maximum_at_once():
+    assert parse_params({"width": 1280, "height": 720, "steps": 50}, Limits()).num_frames == 81
+    with pytest.raises(InvalidParameter, match="more than the limit"):
+        parse_params({"width": 1280, "height": 720, "numFrames": 161, "steps": 100}, Limits())
+
+
+@pytest.mark.parametrize("size", [{}, {"width": 1280}, {"height": 720}])
+def test_a_size_from_the_image_is_checked_once_known(size):
+    limits = Limits(max_work=9 * 32 * 32 * 2)
+    params = parse_params({"numFrames": 161, "steps": 100, **size}, limits)  # size 0: unknown, not refused yet
+    resolved = params.model_copy(update={"width": 1280, "height": 720})
+    with pytest.raises(InvalidParameter) as info:
+        check_work(resolved, limits, derived=True)
+    assert "derived from the input image" in str(info.value)
+    check_work(resolved.model_copy(update={"num_frames": 9, "steps": 2, "width": 32, "height": 32}), limits)
+
+
+def test_limits_from_settings_carry_every_operator_limit():
+    settings = Settings(max_num_frames=49, max_steps=40, max_side=1024, max_pixels=512 * 512, max_work=12345)
+    assert limits_from_settings(settings) == Limits(
+        max_num_frames=49, max_steps=40, max_side=1024, max_pixels=512 * 512, max_work=12345
+    )

@@ -1,5 +1,5 @@
-"""The path every /v1 call takes: authenticate (headers), read the body (any form), run the handler off the
-event loop, answer JSON."""
+"""The path every /v1 call takes: read the body (any form), authenticate (headers), count the call against the
+caller's rate limit, run the handler off the event loop, answer JSON."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse
 
 from server.bodies import RequestFields, read_fields
 from server.errors import NOT_FOUND, ApiError
+from server.ratelimit import RateLimiter
 from server.services import Services
 from server.store.models import Task
 
@@ -22,9 +23,22 @@ def services_of(request: Request) -> Services:
     return request.app.state.services
 
 
+def rate_limit(request: Request, owner: str | None) -> None:
+    """Count an authenticated request against its API key's limit (its client address's with no keys
+    configured); ApiError code 96 over the limit."""
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    if limiter is None:
+        return
+    if owner is not None:
+        limiter.check(owner)
+    else:
+        limiter.check(request.client.host if request.client else "unknown", by_address=True)
+
+
 async def authorized(request: Request, handler: Handler) -> Any:
-    """Read the body, then off the event loop (one hop): authenticate, and run `handler`.
-    Authentication is decided first: a request that fails it gets 401 whatever its body."""
+    """Read the body, then off the event loop (one hop): authenticate, apply the rate limit, and run
+    `handler`. Authentication is decided first: a request that fails it gets 401 whatever its body; then
+    a caller over its rate limit gets code 96 whatever its body."""
     services = services_of(request)
     try:
         fields, body_error = await read_fields(request, services.settings.max_body_bytes), None
@@ -33,6 +47,7 @@ async def authorized(request: Request, handler: Handler) -> Any:
 
     def work() -> Any:
         owner = services.auth.authenticate(request.headers)
+        rate_limit(request, owner)
         if body_error is not None:
             raise body_error
         return handler(services, owner, fields)

@@ -30,7 +30,8 @@ def parse_json_object(text: str | None, variable: str) -> dict[str, Any]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PARTICALIZE_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PARTICALIZE_", env_file=None, extra="ignore",
+                                      hide_input_in_errors=True)  # errors must not echo secrets (keys, storage options)
 
     # --- model and weights -------------------------------------------------------------------
     model: str = Field(

@@ -237,3 +237,11 @@ def test_server_sent_events_for_an_unknown_token_answer_404_with_the_sockets_err
     assert answer.status_code == 404
     assert answer.json()["type"] == "task_info" and answer.json()["result"] is False
     assert client.get("/v1/Task/Events").status_code == 404
+
+
+def test_a_registration_nested_past_the_json_parser_limit_is_ignored_not_a_crash():
+    from server.routes.live import registration_token
+
+    assert registration_token("[" * 100_000 + "]" * 100_000) is None
+    assert registration_token('{"type": "task_info", "tasktoken": " abc "}') == "abc"
+    assert registration_token('{"type": "other", "tasktoken": "abc"}') is None

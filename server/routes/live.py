@@ -37,7 +37,7 @@ def registration_token(text: str) -> str | None:
     """The tasktoken of a {"type": "task_info", "tasktoken": ...} message, or None."""
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested past the parser's depth limit
         return None
     if not isinstance(body, dict) or body.get("type") != "task_info":
         return None

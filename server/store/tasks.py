@@ -150,7 +150,9 @@ class TaskStore:
         with self.db.session(write=True) as s:
             queued = s.scalar(select(func.count()).select_from(Task).where(Task.status == QUEUED)) or 0
             if queued >= self.max_queue_length:
-                raise QueueFull(f"The queue is full ({queued} tasks waiting); try again later.")
+                raise QueueFull(
+                    f"The queue is full ({queued} of at most {self.max_queue_length} tasks waiting); try again later."
+                )
             task = Task(
                 uuid=str(uuid.uuid4()),
                 socketaccesstoken=new_token(),

@@ -30,17 +30,15 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from server.auth import sign
 from server.harness import ServeProcess
 from server.store import Database, TaskStore
-from tests.images import png_bytes
+from tests.images import ImageServer
 
 KEY, SECRET = "bench-key", "bench-secret"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -150,26 +148,6 @@ async def detail_load(port: int, taskid: str, pollers: int, seconds: float, inte
     return summary(latencies, time.perf_counter() - started, errors)
 
 
-class ImageServer:
-    def __init__(self) -> None:
-        image = png_bytes(80, 48)
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                self.send_response(200)
-                self.send_header("content-type", "image/png")
-                self.send_header("content-length", str(len(image)))
-                self.end_headers()
-                self.wfile.write(image)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dog.png"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 async def wait_status(conn: Connection, taskid: str, statuses: tuple[str, ...], timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -207,7 +185,7 @@ async def run_to_start(port: int, store: TaskStore, image_url: str, repeats: int
 
 async def scenario(server: ServeProcess, store: TaskStore, args: argparse.Namespace) -> dict[str, Any]:
     port = server.port
-    images = ImageServer()
+    images = ImageServer(80, 48, "dog.png")
     conn = Connection(port)
     results: dict[str, Any] = {}
 

@@ -40,9 +40,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_server import RESULTS_DIR, RUN, Connection, ImageServer, machine, serve_env, summary
+from benchmarks.bench_server import RESULTS_DIR, RUN, Connection, machine, serve_env, summary
 from server.harness import ServeProcess
 from server.store.models import TERMINAL
+from tests.images import ImageServer
 
 DETAIL = "/v1/Task/Detail"
 ROUTES = {RUN: "Run", DETAIL: "Task/Detail"}
@@ -264,7 +265,7 @@ def memory_report(samples: list[Sample], window: float) -> dict[str, Any]:
 
 
 async def soak(server: ServeProcess, args: argparse.Namespace) -> dict[str, Any]:
-    images = ImageServer()
+    images = ImageServer(80, 48, "dog.png")
     try:
         # one task first, so that the model is loaded and every code path warm before anything is measured
         warm = Load(server.port, TASK_TIMEOUT_SECONDS, 10_000)

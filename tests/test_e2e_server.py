@@ -11,10 +11,8 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from server.auth import sign
 from server.harness import ServeProcess
 from server.store import Database, TaskStore
 from server.store.models import LIFECYCLE, TERMINAL
-from tests.images import png_bytes
+from tests.images import ImageServer
 
 pytestmark = pytest.mark.slow
 
@@ -53,32 +51,6 @@ def seed_headers(nonce: str | None = None, signature: str | None = None) -> dict
     nonce = nonce or str(next(_nonces))
     return {"Content-Type": "multipart/form-data", "x-api-key": KEY, "x-nonce": nonce,
             "x-signature": signature or seed_signature(nonce)}
-
-
-class ImageServer:
-    """Where inputImageUrl points: a plain HTTP server on loopback."""
-
-    def __init__(self) -> None:
-        image = png_bytes(48, 40)
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                self.send_response(200)
-                self.send_header("content-type", "image/png")
-                self.send_header("content-length", str(len(image)))
-                self.end_headers()
-                self.wfile.write(image)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/input-cartoon-dog-2.png"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class Server(ServeProcess):

@@ -3,6 +3,7 @@ store backend (SQLite, and PostgreSQL in a fresh database made for this test ses
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Iterator
@@ -24,6 +25,17 @@ def _pg_url(database: str, schema: str | None = None) -> str:
     if schema:
         url = url.update_query_dict({"options": f"-csearch_path={schema}"})
     return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """Tests that call the CLI's main() get its log handler (on pytest's captured stderr, closed after the test);
+    put the root logger back so later tests neither lose log records nor write to a closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,10 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def callback_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "particalize.callbacks"]
+
+
 def test_the_detail_json_is_posted_and_a_failure_retried_with_back_off(client, tiny_generator, caplog):
     caplog.set_level(logging.INFO, logger="particalize.callbacks")
     receiver = Receiver([500, 200])
@@ -90,9 +94,10 @@ def test_the_detail_json_is_posted_and_a_failure_retried_with_back_off(client, t
         assert receiver.bodies[1] == detail, "the same JSON Task/Detail answers"
         assert detail["tasklist"][0]["status"] == "task_postprocess_end"
         assert detail["tasklist"][0]["callbackurl"] == receiver.url
-        logged = [r.getMessage() for r in caplog.records if r.name == "particalize.callbacks"]
-        assert any(f"task {taskid} attempt 1" in m and "HTTP 500" in m and "retrying" in m for m in logged)
-        assert any(f"task {taskid} attempt 2" in m and "delivered" in m for m in logged)
+        wait_for(lambda: any(f"task {taskid} attempt 2" in m and "delivered" in m for m in callback_lines(caplog)),
+                 timeout=5)  # logged just after the outcome is recorded
+        assert any(f"task {taskid} attempt 1" in m and "HTTP 500" in m and "retrying" in m
+                   for m in callback_lines(caplog))
     finally:
         receiver.close()
 
@@ -110,8 +115,8 @@ def test_a_dead_callback_gives_up_and_never_holds_the_queue(client, tiny_generat
         wait_for(lambda: store.get(int(first)).callback_state == "failed", timeout=20)
         task = store.get(int(first))
         assert task.callback_attempts == 3 and task.status == "task_postprocess_end" and task.pexit == "0"
-        logged = [r.getMessage() for r in caplog.records if r.name == "particalize.callbacks"]
-        assert any("giving up after 3 attempts" in m for m in logged)
+        wait_for(lambda: any("giving up after 3 attempts" in m for m in callback_lines(caplog)),
+                 timeout=5)  # logged just after the outcome is recorded
     finally:
         slow.close()
 

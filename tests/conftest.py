@@ -111,6 +111,17 @@ def make_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -
     return Settings().with_overrides(**values).model_copy(update={k: v for k, v in values.items() if v is None})
 
 
+@pytest.fixture
+def store(settings: Settings) -> Iterator[Any]:
+    """The (migrated) task store of the module's `settings` fixture."""
+    from server.store import Database, TaskStore, upgrade
+
+    db = Database(settings.sqlalchemy_url)
+    upgrade(db)
+    yield TaskStore.from_settings(db, settings)
+    db.dispose()
+
+
 @pytest.fixture(scope="session")
 def tiny_generator(tmp_path_factory: pytest.TempPathFactory):
     """One warm tiny model for the whole session (as a worker keeps it)."""

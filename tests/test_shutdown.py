@@ -19,7 +19,7 @@ from particalize.cli_server import drain_seconds
 from server import supervisor
 from server.shutdown import StopRequest, stop_on_signals
 from server.storage import Storage
-from server.store import Database, TaskStore, upgrade
+from server.store import TaskStore
 from server.supervisor import WorkerProcesses
 from server.worker import Worker
 from tests.conftest import make_settings
@@ -30,14 +30,6 @@ from tests.test_worker import IMAGE_URL, SMALL, WORKER, FakeFetch, Spy, task_dir
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str):
     return make_settings(tmp_path, db_url, lease_seconds=2.0)
-
-
-@pytest.fixture
-def store(settings):
-    db = Database(settings.sqlalchemy_url)
-    upgrade(db)
-    yield TaskStore.from_settings(db, settings)
-    db.dispose()
 
 
 class Paced(Spy):

@@ -13,7 +13,7 @@ import torch
 from pipeline.video import read_mp4
 from server.netguard import FetchError, UnsafeUrl
 from server.storage import Storage
-from server.store import Database, NewUpload, TaskStore, new_id, upgrade
+from server.store import NewUpload, TaskStore, new_id
 from server.store.models import LIFECYCLE, OUTPUT, STAMPS
 from server.worker import Worker, failure_reason
 from tests.conftest import make_settings
@@ -27,14 +27,6 @@ WORKER = "testnode/gpu0"
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str):
     return make_settings(tmp_path, db_url)
-
-
-@pytest.fixture
-def store(settings):
-    db = Database(settings.sqlalchemy_url)
-    upgrade(db)
-    yield TaskStore.from_settings(db, settings)
-    db.dispose()
 
 
 class FakeFetch:

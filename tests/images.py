@@ -4,12 +4,13 @@ that serves one as inputImageUrl points at it."""
 from __future__ import annotations
 
 import io
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from tests.loopback import LoopbackServer
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -23,7 +24,7 @@ def png_bytes(width: int = 40, height: int = 40, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-class ImageServer:
+class ImageServer(LoopbackServer):
     """Where inputImageUrl points: a plain HTTP server on 127.0.0.1 answering every GET with one PNG."""
 
     def __init__(self, width: int = 48, height: int = 40, name: str = "input-cartoon-dog-2.png") -> None:
@@ -40,10 +41,5 @@ class ImageServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
+        self.url = f"http://127.0.0.1:{self.port}/{name}"

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,13 @@ from server.app import create_app
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
+from tests.loopback import LoopbackServer
 
 RUN = "/v1/Run/codexq/Particalize"
 SMALL = {"numFrames": "5", "steps": "1", "width": "32", "height": "32", "seed": "1"}
 
 
-class Receiver:
+class Receiver(LoopbackServer):
     """A callback endpoint on loopback answering the given statuses in turn (the last one repeats)."""
 
     def __init__(self, statuses: list[int], delay: float = 0.0) -> None:
@@ -45,13 +45,8 @@ class Receiver:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
+        self.url = f"http://127.0.0.1:{self.port}/hook"
 
 
 @pytest.fixture

@@ -9,10 +9,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlencode
 
@@ -22,6 +21,7 @@ from server import netguard
 from server.errors import ApiError
 from server.netguard import FetchError, UnsafeUrl, check_url, fetch_url, post_json
 from server.validation import check_public_url
+from tests.loopback import LoopbackServer
 
 PUBLIC_V4 = "93.184.216.34"
 IMAGE = b"\x89PNG\r\n\x1a\n" + b"pixels" * 10
@@ -186,13 +186,9 @@ class Recorder(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def origin() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    server = LoopbackServer(Recorder)
+    yield f"http://127.0.0.1:{server.port}"
+    server.close()
 
 
 @pytest.fixture
@@ -417,15 +413,11 @@ PUBLIC_STAND_IN = "127.0.0.2"
 def public_origin() -> Iterator[str]:
     """A test server on 127.0.0.2, named public-origin.example (Linux routes all of 127/8 to loopback)."""
     try:
-        server = ThreadingHTTPServer((PUBLIC_STAND_IN, 0), Recorder)
+        server = LoopbackServer(Recorder, PUBLIC_STAND_IN)
     except OSError as exc:
         pytest.skip(f"cannot listen on {PUBLIC_STAND_IN}: {exc}")
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://public-origin.example:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield f"http://public-origin.example:{server.port}"
+    server.close()
 
 
 @pytest.fixture

@@ -217,7 +217,7 @@ async def scenario(server: ServeProcess, store: TaskStore, args: argparse.Namesp
         "debugoutput": killed["tasklist"][0]["debugoutput"],
     }
     conn.close()
-    images.server.shutdown()
+    images.close()
     return results
 
 

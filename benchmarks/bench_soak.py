@@ -291,7 +291,7 @@ async def soak(server: ServeProcess, args: argparse.Namespace) -> dict[str, Any]
         stop.set()
         await sampling
     finally:
-        images.server.shutdown()
+        images.close()
 
     routes = {}
     for route, name in ROUTES.items():

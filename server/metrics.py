@@ -183,7 +183,7 @@ class StoreCollector(Collector):
         """Workers alive: in a working state with a heartbeat within one lease (they beat 4 times a lease)."""
         alive: dict[str, int] = dict.fromkeys(ALIVE_STATES, 0)
         for worker in self.store.workers():
-            if worker.state in alive and now - worker.heartbeat_at <= self.store.lease_seconds:
+            if worker.state in alive and self.store.heartbeat_fresh(worker, now):
                 alive[worker.state] += 1
         family = GaugeMetricFamily("particalize_workers", "Alive workers by state.", labels=["state"])
         for state, count in alive.items():

@@ -46,19 +46,20 @@ def check_database(store: TaskStore) -> None:
         ) from None
 
 
-def is_serving(worker: Any, now: float, lease_seconds: float) -> bool:
+def is_serving(store: TaskStore, worker: Any, now: float) -> bool:
     """Alive (its heartbeat within one lease) with its model loaded."""
-    return worker.state in SERVING_STATES and now - worker.heartbeat_at <= lease_seconds
+    return worker.state in SERVING_STATES and store.heartbeat_fresh(worker, now)
 
 
-def not_ready_reason(workers: Iterable[Any], now: float, lease_seconds: float) -> str | None:
+def not_ready_reason(store: TaskStore, workers: Iterable[Any], now: float) -> str | None:
     """None when at least one worker is serving; else why no task would run now."""
     seen = []
     for w in workers:
-        if is_serving(w, now, lease_seconds):
+        if is_serving(store, w, now):
             return None
         if w.state in SERVING_STATES:
-            seen.append(f"{w.id} last seen {now - w.heartbeat_at:.0f}s ago (more than the {lease_seconds:g}s lease)")
+            seen.append(f"{w.id} last seen {now - w.heartbeat_at:.0f}s ago (more than the {store.lease_seconds:g}s "
+                        "lease)")
         else:
             seen.append(f"{w.id} is {w.state}")
     if not seen:
@@ -88,10 +89,10 @@ def _ready(services: Any) -> dict[str, Any]:
     store: TaskStore = services.store
     check_database(store)
     workers, now = store.workers(), time.time()
-    reason = not_ready_reason(workers, now, store.lease_seconds)
+    reason = not_ready_reason(store, workers, now)
     if reason is not None:
         raise Unhealthy(reason)
-    return {"database": "ok", "workers": str(sum(is_serving(w, now, store.lease_seconds) for w in workers))}
+    return {"database": "ok", "workers": str(sum(is_serving(store, w, now) for w in workers))}
 
 
 @router.get("/health")

@@ -486,6 +486,10 @@ class TaskStore:
         with self.db.session() as s:
             return list(s.scalars(select(Worker).order_by(Worker.id)))
 
+    def heartbeat_fresh(self, worker: Worker, now: float) -> bool:
+        """The worker beat within one lease (it beats 4 times a lease): its process is alive."""
+        return now - worker.heartbeat_at <= self.lease_seconds
+
     # --- callbacks -------------------------------------------------------------------------------
 
     def claim_due_callbacks(self, limit: int = 16, hold_seconds: float = 60.0) -> list[int]:

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,6 +51,23 @@ class Settings(BaseSettings):
     require_lora: bool = Field(
         False, description="Refuse to start without a LoRA (a Particalize server without it is plain Wan)."
     )
+    loras: str | None = Field(
+        None, description="More LoRAs stacked after LORA_PATH, each with its strength: 'SOURCE[:STRENGTH],...' where "
+        "SOURCE is a .safetensors path or hf://owner/repo/file.safetensors (e.g. /m/a.safetensors:0.8,/m/b.safetensors)"
+    )
+    lora_strict: bool = Field(
+        True, description="Refuse a LoRA any key of which changes nothing; false: load what fits, log the rest."
+    )
+    speed_lora: str | None = Field(
+        None, description="Step-distilled LoRA for fast mode, 'SOURCE[:STRENGTH]' (e.g. lightx2v's Wan2.1 I2V 480P "
+        "StepDistill-CfgDistill LoRA); switched on per request, under the LoRAs above."
+    )
+    mode: Literal["normal", "fast"] = Field(
+        "normal", description="Default mode of a request that names none; fast needs speed_lora."
+    )
+    fast_steps: int = Field(4, ge=1, description="Denoising steps in fast mode (the distilled LoRA's 4).")
+    fast_scale: float = Field(1.0, ge=0.0, le=30.0, description="Guidance scale in fast mode (1: no guidance).")
+    fast_flow_shift: float = Field(5.0, gt=0.0, le=50.0, description="Flow shift in fast mode (its authors' 5).")
     device: Literal["auto", "cuda", "cpu"] = "auto"
     hf_token: str | None = Field(None, description="Token for gated or private hub repos (fetch only).")
 
@@ -159,6 +176,26 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("loras", "speed_lora")
+    @classmethod
+    def _lora_list_parses(cls, value: str | None, info: Any) -> str | None:
+        from weights.lora_sources import parse_lora_list
+
+        try:
+            entries = parse_lora_list(value)
+        except ValueError as exc:
+            raise ValueError(f"PARTICALIZE_{info.field_name.upper()}: {exc}") from None
+        if info.field_name == "speed_lora" and len(entries) > 1:
+            raise ValueError("PARTICALIZE_SPEED_LORA takes one LoRA, not a list")
+        return value
+
+    @model_validator(mode="after")
+    def _fast_mode_has_a_speed_lora(self) -> Settings:
+        if self.mode == "fast" and not self.speed_lora:
+            raise ValueError("PARTICALIZE_MODE=fast needs a step-distilled LoRA: set PARTICALIZE_SPEED_LORA "
+                             "(see weights/README.md)")
+        return self
 
     @field_validator("storage_options")
     @classmethod

@@ -6,7 +6,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,12 +17,13 @@ from PIL import Image
 
 from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options
 from pipeline.embeddings import EmbeddingCache
-from pipeline.errors import Interrupted
+from pipeline.errors import Interrupted, InvalidParameter
+from pipeline.fast import FAST, NORMAL, FastMode
 from pipeline.loader import load_base_pipeline, pick_device
-from pipeline.lora import LoraInfo, load_lora
+from pipeline.lora import LoraInfo, LoraStack
 from pipeline.params import GenerationParams, Limits, limits_from_settings, resolve_size
 from pipeline.presets import ModelPreset
-from pipeline.scheduler import ShiftedSchedulers
+from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
 from pipeline.video import write_mp4
 
 if TYPE_CHECKING:
@@ -70,6 +71,11 @@ class VideoGenerator:
         limits: Limits | None = None,
         max_sequence_length: int | None = None,
         speed: SpeedOptions | None = None,
+        loras: Sequence[tuple[Path, float]] = (),
+        speed_lora: tuple[Path, float] | None = None,
+        lora_strict: bool = True,
+        mode: str = NORMAL,
+        fast: FastMode | None = None,
     ) -> None:
         started = time.perf_counter()
         self.preset = preset
@@ -82,16 +88,27 @@ class VideoGenerator:
         offloaded = speed.memory_mode != "none"
         self.pipe = load_base_pipeline(preset, weights_dir, self.device, place=not offloaded)
         self.pipe.set_progress_bar_config(disable=True)
-        self.lora: LoraInfo | None = None
-        if lora_path is not None:
-            if speed.compile and not fuse_lora:
-                log.info("fusing the LoRA before compiling (compiled graphs should not carry adapter layers)")
-                fuse_lora = True
-            self.lora = load_lora(self.pipe, lora_path, strength=lora_strength, fuse=fuse_lora)
+        if mode == FAST and speed_lora is None:
+            raise ValueError("fast mode needs a step-distilled speed LoRA: set PARTICALIZE_SPEED_LORA")
+        self.lora_stack = LoraStack(self.pipe, strict=lora_strict)
+        stack = ([(Path(lora_path), lora_strength)] if lora_path is not None else []) + list(loras)
+        for path, strength in stack:
+            self.lora_stack.load(path, strength)
+        if stack and speed.compile and not fuse_lora:
+            log.info("fusing the LoRAs before compiling (compiled graphs should not carry adapter layers)")
+            fuse_lora = True
+        if fuse_lora:
+            self.lora_stack.fuse()
+        if speed_lora is not None:  # after fusing: it stays an adapter, switched on per request
+            self.lora_stack.load(speed_lora[0], speed_lora[1], speed=True)
+        self.mode = mode
+        self.fast = fast or FastMode()
+        self.lora_stack.use(mode == FAST)
         self.speed = speed
         self.applied: Applied = apply_speed_options(self.pipe, speed, self.device)
         self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size)
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
+        self.fast_schedulers = ShiftedSchedulers(step_distill_scheduler(self.fast.flow_shift))
         self.limits = limits or Limits()
         self.max_sequence_length = max_sequence_length or getattr(self.pipe.tokenizer, "model_max_length", 512)
         self.max_sequence_length = min(self.max_sequence_length, 512)
@@ -109,11 +126,29 @@ class VideoGenerator:
         log.info("warm-up run took %.1fs", time.perf_counter() - started)
 
     @property
+    def loras(self) -> list[LoraInfo]:
+        """Every LoRA loaded, in order (the speed LoRA last)."""
+        return list(self.lora_stack.loras)
+
+    @property
+    def lora(self) -> LoraInfo | None:
+        """The first LoRA of the stack (the Particalize LoRA), if any."""
+        return next((info for info in self.lora_stack.loras if not info.speed), None)
+
+    @property
     def size_multiple(self) -> int:
         return self.pipe.vae_scale_factor_spatial * self.pipe.transformer.config.patch_size[1]
 
     def resolve(self, params: GenerationParams, image: Image.Image) -> GenerationParams:
-        """Fix seed and size before running, so the recorded parameters are the ones used."""
+        """Fix seed, size and mode before running, so the recorded parameters are the ones used."""
+        mode = params.mode or self.mode
+        if mode == FAST:
+            if not self.lora_stack.has_speed:
+                raise InvalidParameter("mode", "is 'fast', but this server has no speed LoRA configured "
+                                               "(PARTICALIZE_SPEED_LORA): leave mode out or send 'normal'.")
+            params = self.fast.apply(params)
+        else:
+            params = params.model_copy(update={"mode": NORMAL})
         width, height = resolve_size(
             image.size, params.width, params.height, self.preset.max_area, self.size_multiple
         )
@@ -131,7 +166,9 @@ class VideoGenerator:
         image = image.convert("RGB")
         with self._lock:
             started = time.perf_counter()
-            self.pipe.scheduler = self.schedulers.for_shift(params.flow_shift)
+            fast = params.mode == FAST
+            self.lora_stack.use(fast)
+            self.pipe.scheduler = (self.fast_schedulers if fast else self.schedulers).for_shift(params.flow_shift)
 
             def on_step_end(pipe: object, i: int, t: object, kwargs: dict) -> dict:
                 done = i + 1
@@ -193,16 +230,24 @@ class VideoGenerator:
 
 
 def generator_from_settings(settings: Settings) -> VideoGenerator:
-    """Build the warm generator the settings describe (model preset, LoRA, device, limits)."""
+    """Build the warm generator the settings describe (model preset, LoRAs, fast mode, device, limits)."""
     from pipeline.presets import get_preset
-    from weights.locate import lora_file_from_settings
+    from weights.locate import lora_files_from_settings, lora_source_file, speed_lora_source
 
+    speed_source = speed_lora_source(settings)
+    speed_lora = None
+    if speed_source is not None:
+        path = lora_source_file(speed_source, settings.weights_dir, "PARTICALIZE_SPEED_LORA")
+        speed_lora = (path, speed_source.strength)
     return VideoGenerator(
         get_preset(settings.model),
         weights_dir=settings.weights_dir,
         device=settings.device,
-        lora_path=lora_file_from_settings(settings),
-        lora_strength=settings.lora_strength,
+        loras=[(path, source.strength) for source, path in lora_files_from_settings(settings)],
+        speed_lora=speed_lora,
+        lora_strict=settings.lora_strict,
+        mode=settings.mode,
+        fast=FastMode(settings.fast_steps, settings.fast_scale, settings.fast_flow_shift),
         fuse_lora=settings.fuse_lora,
         limits=limits_from_settings(settings),
         speed=speed_from_settings(settings),

@@ -1,93 +1,217 @@
-"""The Particalize LoRA: find the file, check that it fits, load it as a named adapter, optionally fuse.
+"""LoRAs on the transformer: every key of a file applied or the file refused; several at once; a switchable speed LoRA.
 
-diffusers converts every published Wan LoRA layout (diffusers/PEFT, original `diffusion_model.`
-with lora_A/B or lora_down/up + alpha, kohya/musubi `lora_unet_`), but it only *warns* about keys
-that fit no module. A LoRA that silently does nothing is the worst failure for this product, so
-every key is checked against the transformer before loading.
+Which path each kind of key takes (the plan is made from the file's own keys, see pipeline/lora_keys.py):
+
+- LoRA pairs on Linear layers (attention q/k/v/o, k_img/v_img, FFN, embedders, head), with or without alpha:
+  diffusers/PEFT, one adapter per file; the keys are handed over in diffusers names, alpha / rank folded into lora_B.
+- `diff` (norms, patch embedding, img_emb, any weight), `diff_b` (biases), `diff_m` (modulation tables), PEFT
+  `lora_B.bias`, and pairs on layers that are not Linear: pipeline/lora_diffs.py, switched with the same strengths.
+
+After diffusers has loaded a file, each pair is looked up again in the layer it wraps (the adapter's lora_A and
+lora_B must hold the file's values): a key that changed nothing is refused by name, or, with
+`strict=False` (PARTICALIZE_LORA_STRICT=false), left out and counted in a WARNING.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from diffusers import WanImageToVideoPipeline
 
 from pipeline.errors import LoraMismatch, WeightsMissing
+from pipeline.lora_diffs import WeightDiffs
+from pipeline.lora_keys import LoraPlan, ModelParts, plan_lora
 
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = "particalize"
-_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
+SHOWN_PROBLEMS = 5
 
 
 @dataclass(frozen=True)
 class LoraInfo:
+    name: str
+    """Its adapter name."""
     path: Path
-    modules: int
-    rank: int
     strength: float
-    fused: bool
+    modules: int
+    """Linear layers it wraps with a LoRA pair."""
+    diffs: int
+    """Parameters it changes by a full difference (diff, diff_b, diff_m)."""
+    rank: int
+    keys: int
+    """Keys in the file."""
+    skipped: int = 0
+    """Keys left out (only with strict=False)."""
+    fused: bool = False
+    speed: bool = False
+    """The fast mode's step-distilled LoRA: active only in fast mode."""
+
+    def describe(self) -> str:
+        parts = [f"{self.path.name} as {self.name!r}", f"strength {self.strength:g}",
+                 f"{self.modules} layers rank {self.rank}", f"{self.diffs} differences"]
+        if self.skipped:
+            parts.append(f"{self.skipped} of {self.keys} keys NOT applied")
+        if self.fused:
+            parts.append("fused")
+        if self.speed:
+            parts.append("fast mode only")
+        return ", ".join(parts)
 
 
-def check_lora_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module) -> tuple[int, int]:
-    """Every key must name a Linear of the transformer with matching shapes. Returns (modules, rank)."""
-    if not state_dict:
-        raise LoraMismatch("the LoRA file holds no LoRA weights")
-    modules = dict(transformer.named_modules())
-    problems: list[str] = []
-    targets: set[str] = set()
-    ranks: set[int] = set()
-    for key, tensor in state_dict.items():
-        name = key.removeprefix("transformer.")
-        suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
-        if suffix is None:
-            problems.append(f"{key}: not a LoRA weight")
-            continue
-        module_name = name[: -len(suffix)]
-        module = modules.get(module_name)
-        if not isinstance(module, torch.nn.Linear):
-            problems.append(f"{key}: the model has no linear layer {module_name!r}")
-            continue
-        targets.add(module_name)
-        if suffix == ".lora_A.weight":
-            ranks.add(tensor.shape[0])
-            if tensor.ndim != 2 or tensor.shape[1] != module.in_features:
-                problems.append(f"{key}: shape {tuple(tensor.shape)} does not fit in_features {module.in_features}")
-        elif suffix == ".lora_B.weight":
-            if tensor.ndim != 2 or tensor.shape[0] != module.out_features:
-                problems.append(f"{key}: shape {tuple(tensor.shape)} does not fit out_features {module.out_features}")
-        elif tensor.shape != (module.out_features,):
-            problems.append(f"{key}: bias shape {tuple(tensor.shape)} does not fit {module.out_features}")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise LoraMismatch(f"the LoRA does not fit this model ({len(problems)} problems): {shown}")
-    return len(targets), max(ranks, default=0)
+def _problem_text(problems: list[tuple[str, str]]) -> str:
+    shown = "; ".join(f"{key}: {why}" for key, why in problems[:SHOWN_PROBLEMS])
+    more = len(problems) - SHOWN_PROBLEMS
+    return shown + (f"; and {more} more" if more > 0 else "")
 
 
-def load_lora(
-    pipe: WanImageToVideoPipeline, path: Path, strength: float = 1.0, fuse: bool = False
-) -> LoraInfo:
-    """Load `path` under the adapter name 'particalize' at `strength`; fuse into the weights if asked."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsMissing(
-            f"LoRA file {path} does not exist: set PARTICALIZE_LORA_PATH to a local .safetensors file, or "
-            "PARTICALIZE_LORA_REPO and PARTICALIZE_LORA_FILE and run `particalize weights fetch`"
-        )
+def _adapter_name(path: Path, speed: bool, taken: Iterable[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_]", "_", path.stem)[:48] or "lora"
+    base = f"speed_{base}" if speed else base
+    name, n = base, 2
+    while name in set(taken):
+        name, n = f"{base}_{n}", n + 1
+    return name
+
+
+def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
+    """The file's own keys and tensors, before any conversion; LoraMismatch when it is not a safetensors file."""
+    from safetensors.torch import load_file
+
     try:
-        state_dict = type(pipe).lora_state_dict(str(path))
-    except Exception as exc:  # a corrupt file, a pickle, a layout diffusers cannot convert
-        raise LoraMismatch(f"cannot read {path.name} as a Wan LoRA: {exc}") from exc
-    state_dict = type(pipe)._maybe_expand_t2v_lora_for_i2v(pipe.transformer, dict(state_dict))
-    modules, rank = check_lora_fits(state_dict, pipe.transformer)
-    pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
-    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[strength])
-    if fuse:
-        pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[ADAPTER_NAME])
-        pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
-    log.info("LoRA %s: %d modules, rank %d, strength %.3g%s", path.name, modules, rank, strength,
-             ", fused" if fuse else "")
-    return LoraInfo(path=path, modules=modules, rank=rank, strength=strength, fused=fuse)
+        state_dict = load_file(str(path))
+    except Exception as exc:  # a corrupt file, a pickle, anything that is not safetensors
+        raise LoraMismatch(f"cannot read {path.name} as a LoRA (a .safetensors file is needed): {exc}") from exc
+    if not state_dict:
+        raise LoraMismatch(f"{path.name} holds no weights")
+    return state_dict
+
+
+class LoraStack:
+    """The LoRAs loaded into one pipeline, each under its own adapter name, and which of them are active."""
+
+    def __init__(self, pipe: WanImageToVideoPipeline, strict: bool = True) -> None:
+        self.pipe = pipe
+        self.strict = strict
+        self.loras: list[LoraInfo] = []
+        self.diffs = WeightDiffs(pipe.transformer)
+        self.fast: bool | None = None
+        """The mode last applied (None: not yet)."""
+
+    @property
+    def has_speed(self) -> bool:
+        return any(info.speed for info in self.loras)
+
+    def load(self, path: Path, strength: float = 1.0, *, speed: bool = False) -> LoraInfo:
+        """Load one file as a new adapter (active at `strength` now unless it is the speed LoRA)."""
+        path = Path(path)
+        if not path.is_file():
+            raise WeightsMissing(
+                f"LoRA file {path} does not exist: set PARTICALIZE_LORA_PATH or PARTICALIZE_LORAS to a local "
+                ".safetensors file, or a hub file and run `particalize weights fetch`"
+            )
+        state_dict = read_lora_file(path)
+        name = _adapter_name(path, speed, (info.name for info in self.loras))
+        plan = plan_lora(state_dict, ModelParts.of(self.pipe.transformer))
+        self._check(plan, path, "")
+        if not plan.pairs and not plan.deltas:
+            raise LoraMismatch(f"no key of {path.name} fits this model: {_problem_text(plan.problems)}")
+        if plan.pairs:
+            self.pipe.load_lora_weights(_diffusers_state_dict(plan), adapter_name=name)
+            missed = _pairs_not_loaded(self.pipe.transformer, plan, name)
+            if missed:
+                plan.drop(missed, "diffusers did not load it into the layer")
+                if self.strict:
+                    self.pipe.delete_adapters(name)
+                self._check(plan, path, " after loading")
+        if plan.deltas:
+            self.diffs.add(name, plan.deltas, 0.0)
+        info = LoraInfo(name, path, strength, modules=len(plan.pairs), diffs=len(plan.deltas), rank=plan.rank,
+                        keys=plan.keys, skipped=len(plan.problems), speed=speed)
+        self.loras.append(info)
+        self.use(bool(self.fast))
+        log.info("LoRA %s", info.describe())
+        return info
+
+    def _check(self, plan: LoraPlan, path: Path, when: str) -> None:
+        if not plan.problems:
+            return
+        text = _problem_text(plan.problems)
+        if self.strict:
+            raise LoraMismatch(
+                f"{path.name} does not fit this model{when}: {len(plan.problems)} of {plan.keys} keys would change "
+                f"nothing ({text}). Use a LoRA made for Wan2.1 I2V 14B, or set PARTICALIZE_LORA_STRICT=false to "
+                "load the keys that fit."
+            )
+        log.warning("LoRA %s: %d of %d keys NOT applied%s (lora_strict is off): %s", path.name,
+                    len(plan.problems), plan.keys, when, text)
+
+    def fuse(self) -> None:
+        """Fuse every LoRA loaded so far into the weights at its strength (no per-step LoRA cost). Load the speed
+        LoRA after this: it stays an adapter, switched per request (PEFT cannot mix fused and unfused adapters)."""
+        if self.has_speed:
+            raise RuntimeError("fuse the LoRA stack before loading the speed LoRA")
+        todo = [info for info in self.loras if not info.fused]
+        if not todo:
+            return
+        self.use(False)
+        adapters = [info.name for info in todo if info.modules]
+        if adapters:
+            self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=adapters)
+            self.pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
+        self.diffs.fold([info.name for info in todo])
+        self.loras = [replace(info, fused=True) if info in todo else info for info in self.loras]
+        self.fast = None
+
+    def use(self, fast: bool) -> None:
+        """Activate the stack, plus the speed LoRA when `fast`; nothing is done when that is already so."""
+        if fast and not self.has_speed:
+            raise ValueError("fast mode needs a speed LoRA (PARTICALIZE_SPEED_LORA), and none is loaded")
+        if self.fast == fast:
+            return
+        active = [info for info in self.loras if not info.fused and (fast or not info.speed)]
+        adapters = [info for info in active if info.modules]
+        if adapters:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([info.name for info in adapters], adapter_weights=[i.strength for i in adapters])
+        elif any(info.modules and not info.fused for info in self.loras):
+            self.pipe.disable_lora()
+        self.diffs.set_weights({info.name: info.strength for info in active})
+        self.fast = fast
+
+
+def _diffusers_state_dict(plan: LoraPlan) -> dict[str, torch.Tensor]:
+    """The plan's pairs in diffusers names, alpha / rank folded into lora_B (PEFT then scales by strength alone)."""
+    state_dict = {}
+    for module, pair in plan.pairs.items():
+        state_dict[f"transformer.{module}.lora_A.weight"] = pair.down.contiguous()
+        state_dict[f"transformer.{module}.lora_B.weight"] = (pair.up * pair.scale).contiguous()
+    return state_dict
+
+
+def _pairs_not_loaded(transformer: torch.nn.Module, plan: LoraPlan, adapter: str) -> set[str]:
+    """Modules whose pair is not in their layer as the file has it. Where PEFT's own alpha / rank is not 1 (it
+    takes one alpha for a file whose layers have several ranks), lora_B is corrected so the scale stays the file's."""
+    missed = set()
+    for module, pair in plan.pairs.items():
+        layer = transformer.get_submodule(module)
+        lora_a, lora_b = getattr(layer, "lora_A", {}), getattr(layer, "lora_B", {})
+        if adapter not in lora_a or adapter not in lora_b:
+            missed.add(module)
+            continue
+        a, b = lora_a[adapter].weight, lora_b[adapter].weight
+        peft_scale = layer.lora_alpha[adapter] / layer.r[adapter]
+        if peft_scale != 1.0:
+            with torch.no_grad():
+                b.div_(peft_scale)
+        expected_b = pair.up * pair.scale
+        if a.shape != pair.down.shape or b.shape != expected_b.shape or not (
+            torch.allclose(a.float().cpu(), pair.down.to(a.dtype).float(), rtol=1e-3, atol=1e-6)
+            and torch.allclose(b.float().cpu(), expected_b.to(b.dtype).float(), rtol=1e-2, atol=1e-6)
+        ):
+            missed.add(module)
+    return missed

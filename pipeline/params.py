@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -35,6 +35,8 @@ class Limits:
     max_work: int = 81 * 1280 * 720 * 50
     """Most numFrames x width x height x steps (a 720P, 81-frame, 50-step video): bounds one task's GPU time."""
     size_multiple: int = 16
+    fast_mode: bool = False
+    """A speed LoRA is configured: requests may ask for mode "fast"."""
 
 
 def _numeric(value: Any, *, integer: bool) -> Any:
@@ -74,6 +76,8 @@ class GenerationParams(BaseModel):
     scale: float = Field(5.0, ge=0.0, le=30.0)
     flow_shift: float = Field(5.0, alias="flowShift", gt=0.0, le=50.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    mode: Literal["normal", "fast"] | None = None
+    """None: the server's mode. fast: the step-distilled speed LoRA with its own steps, scale and shift."""
 
     @field_validator("fps", "width", "height", "num_frames", "steps", mode="before")
     @classmethod
@@ -159,10 +163,16 @@ def limits_from_settings(settings: Any) -> Limits:
         max_side=settings.max_side,
         max_pixels=settings.max_pixels,
         max_work=settings.max_work,
+        fast_mode=bool(getattr(settings, "speed_lora", None)),
     )
 
 
 def check_limits(params: GenerationParams, limits: Limits) -> None:
+    if params.mode == "fast" and not limits.fast_mode:
+        raise InvalidParameter(
+            "mode", "is 'fast', but this server has no speed LoRA configured (PARTICALIZE_SPEED_LORA): leave mode "
+            "out or send 'normal'."
+        )
     if params.num_frames > limits.max_num_frames:
         raise InvalidParameter("numFrames", f"must be at most {limits.max_num_frames}, got {params.num_frames}")
     if params.steps > limits.max_steps:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 
@@ -21,7 +22,7 @@ class ShiftedSchedulers:
         self._build = lru_cache(maxsize=32)(self._make)
 
     def _make(self, shift: float) -> Any:
-        if self._cls is FlowMatchEulerDiscreteScheduler:
+        if issubclass(self._cls, FlowMatchEulerDiscreteScheduler):
             return self._cls.from_config(self._config, shift=shift)
         if self._cls is UniPCMultistepScheduler or "flow_shift" in self._config:
             return self._cls.from_config(self._config, flow_shift=shift)
@@ -29,3 +30,21 @@ class ShiftedSchedulers:
 
     def for_shift(self, shift: float) -> Any:
         return self._build(float(shift))
+
+
+class StepDistillScheduler(FlowMatchEulerDiscreteScheduler):
+    """Euler over the unshifted sigmas 1, (n-1)/n, ..., 1/n, each then shifted: for n = 4 exactly the timesteps
+    1000, 750, 500, 250 (of 1000) of lightx2v's WanStepDistillScheduler, which their step-distilled Wan LoRAs
+    were trained to sample with (see pipeline/fast.py). diffusers' own default spacing would miss them."""
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
+                      sigmas: list[float] | None = None, mu: float | None = None,
+                      timesteps: list[float] | None = None) -> None:
+        if sigmas is None and timesteps is None and num_inference_steps:
+            sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist()
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu,
+                              timesteps=timesteps)
+
+
+def step_distill_scheduler(shift: float) -> StepDistillScheduler:
+    return StepDistillScheduler(num_train_timesteps=1000, shift=shift)

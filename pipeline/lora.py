@@ -133,7 +133,8 @@ class LoraStack:
         info = LoraInfo(name, path, strength, modules=len(plan.pairs), diffs=len(plan.deltas), rank=plan.rank,
                         keys=plan.keys, skipped=len(plan.problems), speed=speed)
         self.loras.append(info)
-        self.use(bool(self.fast))
+        fast, self.fast = bool(self.fast), None  # loading made diffusers activate the new adapter alone
+        self.use(fast)
         log.info("LoRA %s", info.describe())
         return info
 

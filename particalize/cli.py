@@ -28,9 +28,15 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="preset (wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, tiny) or a local directory")
     p.add_argument("--weights-dir", type=Path)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--lora", dest="lora_path", type=Path, help="local LoRA .safetensors file")
-    p.add_argument("--lora-strength", type=float)
+    p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]",
+                   help="a LoRA .safetensors (or hf://owner/repo/file.safetensors); repeat to stack several, in "
+                        "order (replaces PARTICALIZE_LORA_PATH and PARTICALIZE_LORAS)")
+    p.add_argument("--lora-strength", type=float, help="strength of a --lora that gives none (default 1)")
     p.add_argument("--fuse-lora", action="store_const", const=True, default=None)
+    p.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse a LoRA with keys that change nothing (default); --no-lora-strict loads the rest")
+    p.add_argument("--speed-lora", metavar="PATH[:STRENGTH]", help="step-distilled LoRA for fast mode")
+    p.add_argument("--mode", choices=["normal", "fast"], help="default mode (fast needs --speed-lora)")
 
 
 def _tool_flags(p: argparse.ArgumentParser) -> None:
@@ -39,9 +45,13 @@ def _tool_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = ("model", "weights_dir", "device", "lora_path", "lora_strength", "fuse_lora", "host", "port",
-            "data_dir", "database_url", "workers", "public_base_url")
-    return Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
+    keys = ("model", "weights_dir", "device", "lora_strength", "fuse_lora", "host", "port",
+            "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode")
+    settings = Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
+    if getattr(args, "lora", None):  # the --lora list is the whole stack
+        return settings.model_copy(update={"lora_path": None, "lora_repo": None}).with_overrides(
+            loras=",".join(args.lora))
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +146,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
     from pipeline.presets import get_preset
     from weights.fetch import fetch_lora, fetch_model
+    from weights.locate import lora_sources_from_settings, speed_lora_source
 
     settings = _settings(args).with_overrides(lora_repo=args.lora_repo, lora_file=args.lora_file)
     if not args.skip_model:
@@ -144,19 +155,23 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
             print(f"model {preset.name} needs no download")
         else:
             print(f"fetched {preset.repo_id} into {fetch_model(preset, settings.weights_dir, settings.hf_token)}")
-    if settings.lora_repo and settings.lora_file:
-        path = fetch_lora(settings.lora_repo, settings.lora_file, settings.weights_dir, settings.lora_revision,
-                          settings.hf_token)
-        print(f"fetched LoRA into {path}")
-    elif settings.lora_path is None:
-        print("no LoRA configured: set PARTICALIZE_LORA_REPO and PARTICALIZE_LORA_FILE, or PARTICALIZE_LORA_PATH")
+    sources = lora_sources_from_settings(settings) + [s for s in [speed_lora_source(settings)] if s]
+    for source in sources:
+        if source.is_hub:
+            path = fetch_lora(source.repo, source.file, settings.weights_dir, source.revision, settings.hf_token)
+            print(f"fetched LoRA {source.text} into {path}")
+        else:
+            print(f"LoRA {source.path}: a local file, nothing to fetch")
+    if not sources:
+        print("no LoRA configured: set PARTICALIZE_LORA_REPO and PARTICALIZE_LORA_FILE, PARTICALIZE_LORA_PATH, "
+              "or PARTICALIZE_LORAS")
     return 0
 
 
 def cmd_weights_verify(args: argparse.Namespace) -> int:
     from pipeline.loader import preset_dir
     from pipeline.presets import get_preset
-    from weights.locate import lora_file_from_settings
+    from weights.locate import lora_files_from_settings, lora_source_file, speed_lora_source
     from weights.verify import verify_directory
 
     settings = _settings(args)
@@ -164,9 +179,12 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     reports = []
     if not preset.is_tiny:
         reports.append(verify_directory(preset_dir(preset, settings.weights_dir), full_hash=not args.quick))
-    lora = lora_file_from_settings(settings)
-    if lora is not None:
-        reports.append(verify_directory(lora.parent, full_hash=not args.quick, is_model=False))
+    loras = [path for _, path in lora_files_from_settings(settings)]
+    speed = speed_lora_source(settings)
+    if speed is not None:
+        loras.append(lora_source_file(speed, settings.weights_dir, "PARTICALIZE_SPEED_LORA"))
+    for folder in dict.fromkeys(path.parent for path in loras):  # every LoRA's folder, once
+        reports.append(verify_directory(folder, full_hash=not args.quick, is_model=False))
     ok = True
     for report in reports:
         status = "ok" if report.ok else "FAILED"

@@ -73,7 +73,6 @@ def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, l
     from pipeline.errors import WeightsMissing
     from pipeline.loader import fetch_hint, missing_files, preset_dir
     from pipeline.presets import get_preset
-    from weights.locate import lora_file_from_settings
 
     lines: list[str] = []
     if torch.cuda.is_available():
@@ -88,6 +87,11 @@ def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, l
     if preset.is_tiny:
         lines.append("weights: the tiny preset is built in code (random weights: its videos are noise; "
                      "for trying the API)")
+        try:
+            lines.extend(lora_lines(settings))
+        except WeightsMissing as exc:
+            problem = str(exc)
+            lines.append(f"LoRA: NOT FOUND: {exc}")
     else:
         missing = missing_files(preset_dir(preset, settings.weights_dir))
         if missing:
@@ -96,8 +100,7 @@ def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, l
         else:
             lines.append(f"weights: {preset.name} found in {preset_dir(preset, settings.weights_dir)}")
         try:
-            lora = lora_file_from_settings(settings)
-            lines.append(f"LoRA: {lora}" if lora else "LoRA: none configured (plain Wan2.1 output, not Particalize)")
+            lines.extend(lora_lines(settings))
         except WeightsMissing as exc:
             problem = problem or str(exc)
             lines.append(f"LoRA: NOT FOUND: {exc}")
@@ -108,11 +111,32 @@ def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, l
             else:
                 lines.append(f"warning: {problem_cpu}")
     if problem is not None:
-        if not model_is_explicit:
+        if not model_is_explicit and not preset.is_tiny:
             lines.append(f"serving the tiny preset instead of {preset.name} ({problem}); set --model to insist")
             return settings.with_overrides(model="tiny"), lines, None
         return settings, lines, problem
     return settings, lines, None
+
+
+def lora_lines(settings: Any) -> list[str]:
+    """The start-up banner's LoRA lines: the stack in order with strengths, the speed LoRA and the modes."""
+    from weights.locate import lora_files_from_settings, lora_source_file, speed_lora_source
+
+    stack = lora_files_from_settings(settings)
+    lines = [f"LoRA {i}: {path} (strength {source.strength:g})" for i, (source, path) in enumerate(stack, 1)]
+    if not stack:
+        lines.append("LoRA: none configured (plain Wan2.1 output, not Particalize)")
+    if stack and settings.fuse_lora:
+        lines.append("LoRA: fused into the weights at load")
+    speed = speed_lora_source(settings)
+    if speed is None:
+        lines.append("mode: normal (fast mode needs a step-distilled LoRA: PARTICALIZE_SPEED_LORA)")
+        return lines
+    path = lora_source_file(speed, settings.weights_dir, "PARTICALIZE_SPEED_LORA")
+    lines.append(f"speed LoRA (fast mode): {path} (strength {speed.strength:g}); fast = {settings.fast_steps} steps, "
+                 f"scale {settings.fast_scale:g}, flow shift {settings.fast_flow_shift:g}")
+    lines.append(f"mode: {settings.mode} by default; a request may send mode 'normal' or 'fast'")
+    return lines
 
 
 def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:

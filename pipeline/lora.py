@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -121,7 +122,9 @@ class LoraStack:
         if not plan.pairs and not plan.deltas:
             raise LoraMismatch(f"no key of {path.name} fits this model: {_problem_text(plan.problems)}")
         if plan.pairs:
-            self.pipe.load_lora_weights(_diffusers_state_dict(plan), adapter_name=name)
+            with warnings.catch_warnings():  # PEFT warns that a second adapter is a second adapter: that is the point
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.pipe.load_lora_weights(_diffusers_state_dict(plan), adapter_name=name)
             missed = _pairs_not_loaded(self.pipe.transformer, plan, name)
             if missed:
                 plan.drop(missed, "diffusers did not load it into the layer")

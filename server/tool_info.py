@@ -25,6 +25,9 @@ TOOL_INPUTS = (
     "scale", "flowShift", "seed",
 )
 """The Run fields recorded as a task's parameters; anything else a client sends is ignored."""
+ADVANCED_INPUTS = ("mode",)
+"""Inputs the hosted tool does not have: Wiro clients may leave them out (Tool/Detail lists them as advanced)."""
+TOOL_INPUTS += ADVANCED_INPUTS
 
 
 def is_this_tool(owner: str, project: str) -> bool:
@@ -63,6 +66,23 @@ def input_items(settings: Any) -> list[dict[str, Any]]:
     ]
 
 
+def advanced_groups(settings: Any) -> list[dict[str, Any]]:
+    """`mode`, on a server with a speed LoRA (without one, a request for fast mode is refused, naming the setting)."""
+    if not getattr(settings, "speed_lora", None):
+        return []
+    steps = settings.fast_steps
+    mode = _item(
+        "mode", "select", "mode",
+        f"fast: the step-distilled speed LoRA with {steps} steps, guidance scale {settings.fast_scale:g} and flow "
+        f"shift {settings.fast_flow_shift:g} (steps, scale and flowShift sent are not used; "
+        f"{steps if settings.fast_scale <= 1 else 2 * steps} transformer forwards instead of 2 x steps). "
+        "normal: steps, scale and flowShift as sent. Empty: this server's default.",
+        settings.mode, options=[{"label": "normal", "value": "normal"}, {"label": "fast", "value": "fast"}],
+        advanced=True,
+    )
+    return [{"title": "Advanced", "items": [mode]}]
+
+
 def tool_detail(settings: Any) -> dict[str, Any]:
     """One element of Tool/Detail's `tool` list."""
     return {
@@ -79,7 +99,7 @@ def tool_detail(settings: Any) -> dict[str, Any]:
         "readme": "",
         "categories": list(CATEGORIES),
         "tags": ["style"],
-        "parameters": [{"title": "Input", "items": input_items(settings)}],
+        "parameters": [{"title": "Input", "items": input_items(settings)}, *advanced_groups(settings)],
         "inspire": [dict(example) for example in INSPIRE],
         "samples": [],
         "marketplace": 0,

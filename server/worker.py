@@ -239,6 +239,8 @@ class Worker:
         except InvalidParameter as exc:
             raise _Failed(str(exc)) from None
         used = {**parameters, "seed": str(params.seed), "width": str(params.width), "height": str(params.height)}
+        if getattr(params, "mode", None) == "fast":  # the distilled schedule replaced these
+            used.update(mode="fast", steps=str(params.steps), scale=str(params.scale), flowShift=str(params.flow_shift))
         self._step(task, PREPROCESS_END, parameters=used,
                    debugoutput=f"input image {image.width}x{image.height}; video {params.width}x{params.height}, "
                                f"{params.num_frames} frames, {params.steps} steps, seed {params.seed}")
@@ -381,6 +383,9 @@ def run_worker(
             store.worker_state(worker_id, "failed", detail=str(exc))
             return EXIT_LOAD_FAILED
     loaded = f"loaded in {getattr(generator, 'load_seconds', 0.0):.1f}s"
+    loras = getattr(generator, "loras", [])
+    if loras:  # what /ready lists: each LoRA, its strength, and whether fast mode is there
+        loaded += "; LoRAs: " + "; ".join(info.describe() for info in loras)
     store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device=str(generator.device),
                           state="stopping" if stop_event.is_set() else "ready", detail=loaded, version=__version__)
     log.info("worker %s ready: model %s on %s", worker_id, settings.model, generator.device)

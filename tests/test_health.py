@@ -79,7 +79,10 @@ def test_ready_with_one_live_loaded_worker(client: TestClient, state: str):
     register(store_of(client), "n1/gpu0", state, seconds_ago=1)
     answer = client.get("/ready")
     assert answer.status_code == 200
-    assert answer.json() == {"result": True, "errors": [], "database": "ok", "workers": "1"}
+    body = answer.json()
+    assert {k: body[k] for k in ("result", "errors", "database", "workers")} == {
+        "result": True, "errors": [], "database": "ok", "workers": "1"}
+    assert [w["worker"] for w in body["loaded"]] == ["n1/gpu0"]  # what it loaded (model, LoRAs) in "detail"
 
 
 def test_health_and_ready_say_when_the_database_is_down(tmp_path: Path):

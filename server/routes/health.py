@@ -2,8 +2,8 @@
 
 GET /health (liveness): this process answers and the database answers a trivial query.
 GET /ready (readiness): the database answers AND at least one worker is alive with its model loaded
-(state ready or busy, heartbeat within one lease), i.e. a task sent now will be run. 503 otherwise, in the
-API's error shape, saying why.
+(state ready or busy, heartbeat within one lease), i.e. a task sent now will be run; `loaded` lists each such
+worker's model and LoRAs. 503 otherwise, in the API's error shape, saying why.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def _ready(services: Any) -> dict[str, Any]:
     reason = not_ready_reason(store, workers, now)
     if reason is not None:
         raise Unhealthy(reason)
-    return {"database": "ok", "workers": str(sum(is_serving(store, w, now) for w in workers))}
+    serving = [w for w in workers if is_serving(store, w, now)]
+    return {"database": "ok", "workers": str(len(serving)),
+            "loaded": [{"worker": w.id, "model": w.model, "detail": w.detail} for w in serving]}
 
 
 @router.get("/health")

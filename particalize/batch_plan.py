@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.errors import InvalidParameter
 from pipeline.params import GenerationParams, Limits, parse_params
 
-SWEEPABLE = ("seed", "scale", "flow_shift")
+SWEEPABLE = ("seed", "scale", "flow_shift", "mode")
 """Fields a row may give as a list, in the order they appear in job keys."""
 IMAGE_KEYS = ("image", "inputImageUrl")
 _FIELD_OF: dict[str, str] = {}

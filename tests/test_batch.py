@@ -111,7 +111,7 @@ def test_every_invalid_row_is_reported_with_its_line_before_anything_runs(tmp_pa
     assert code == 2
     err = capsys.readouterr().err
     bad = {2: "[numFrames]", 3: "missing.png", 4: "not valid JSON", 5: "unknown field 'sed'",
-           6: "only seed, scale, flowShift can be swept", 9: "also made by line 8", 10: "needs exactly one of",
+           6: "only seed, scale, flowShift, mode can be swept", 9: "also made by line 8", 10: "needs exactly one of",
            11: "repeats a value", 12: "[seed]"}
     reported = {int(m[1]): m[2] for m in re.finditer(r"batch\.jsonl: line (\d+): (.*)", err)}
     assert sorted(reported) == sorted(bad), "every bad row, and only those"

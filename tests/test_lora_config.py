@@ -88,6 +88,18 @@ def test_cli_generate_stacks_loras_and_runs_fast_mode(tmp_path, files, capsys):
     assert read_mp4(out)[1].shape[0] == 5
 
 
+def test_a_batch_row_may_sweep_the_mode(tmp_path):
+    from particalize.batch_plan import expand_row
+    from pipeline.params import Limits
+
+    noise_image(32, 32).save(tmp_path / "in.png")
+    row = '{"id": "dog", "image": "in.png", "mode": ["normal", "fast"], "seed": 3}'
+    jobs = expand_row(1, row, tmp_path, Limits(fast_mode=True), {})
+    assert [(j.key, j.params.mode) for j in jobs] == [("dog_modenormal", "normal"), ("dog_modefast", "fast")]
+    with pytest.raises(Exception, match=r"\[mode\].*PARTICALIZE_SPEED_LORA"):
+        expand_row(1, row, tmp_path, Limits(), {})
+
+
 # --- weights fetch / verify cover every LoRA ------------------------------------------------------------------------
 
 def test_weights_fetch_fetches_every_hub_lora_of_the_stack_and_the_speed_lora(monkeypatch, tmp_path, capsys):

@@ -31,6 +31,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", dest="lora_path", type=Path, help="local LoRA .safetensors file")
     p.add_argument("--lora-strength", type=float)
     p.add_argument("--fuse-lora", action="store_const", const=True, default=None)
+    p.add_argument("--random-weights", action="store_const", const=True, default=None,
+                   help="build the real-size model with random weights (no download): videos are NOISE; "
+                   "for measuring speed and memory")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the transformer blocks (default: on with CUDA); --no-compile opts out")
 
 
 def _tool_flags(p: argparse.ArgumentParser) -> None:
@@ -40,7 +45,7 @@ def _tool_flags(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("model", "weights_dir", "device", "lora_path", "lora_strength", "fuse_lora", "host", "port",
-            "data_dir", "database_url", "workers", "public_base_url")
+            "data_dir", "database_url", "workers", "public_base_url", "random_weights", "compile")
     return Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
 
 

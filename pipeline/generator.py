@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options
+from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options, compile_cache_for, resolve_compile
 from pipeline.embeddings import EmbeddingCache
 from pipeline.errors import Interrupted
 from pipeline.loader import load_base_pipeline, pick_device
@@ -70,6 +70,7 @@ class VideoGenerator:
         limits: Limits | None = None,
         max_sequence_length: int | None = None,
         speed: SpeedOptions | None = None,
+        random_weights: bool = False,
     ) -> None:
         started = time.perf_counter()
         self.preset = preset
@@ -80,24 +81,33 @@ class VideoGenerator:
 
             self.device = rank_device(self.device)
         offloaded = speed.memory_mode != "none"
-        self.pipe = load_base_pipeline(preset, weights_dir, self.device, place=not offloaded)
+        self.random_weights = random_weights and not preset.is_tiny
+        """Real-size model built with random values (pipeline.random_weights): every video is noise."""
+        self.pipe = load_base_pipeline(preset, weights_dir, self.device, place=not offloaded,
+                                       random_weights=random_weights)
         self.pipe.set_progress_bar_config(disable=True)
         self.lora: LoraInfo | None = None
         if lora_path is not None:
-            if speed.compile and not fuse_lora:
+            if resolve_compile(speed, self.device)[0] and not fuse_lora:
                 log.info("fusing the LoRA before compiling (compiled graphs should not carry adapter layers)")
                 fuse_lora = True
             self.lora = load_lora(self.pipe, lora_path, strength=lora_strength, fuse=fuse_lora)
         self.speed = speed
         self.applied: Applied = apply_speed_options(self.pipe, speed, self.device)
-        self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size)
+        encode_device = torch.device("cpu") if self.applied.text_encoder_on_cpu else None
+        self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size, encode_device=encode_device)
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
         self.limits = limits or Limits()
         self.max_sequence_length = max_sequence_length or getattr(self.pipe.tokenizer, "model_max_length", 512)
         self.max_sequence_length = min(self.max_sequence_length, 512)
         self._lock = threading.Lock()
-        if speed.compile:
+        if self.applied.compiled:
+            cache = compile_cache_for(self.pipe, speed, self.applied, self.device)
+            if cache is not None:
+                cache.load()
             self.warmup()
+            if cache is not None:
+                cache.save()
         self.load_seconds = time.perf_counter() - started
         log.info("model %s ready on %s in %.1fs", preset.name, self.device, self.load_seconds)
 
@@ -206,6 +216,7 @@ def generator_from_settings(settings: Settings) -> VideoGenerator:
         fuse_lora=settings.fuse_lora,
         limits=limits_from_settings(settings),
         speed=speed_from_settings(settings),
+        random_weights=settings.random_weights,
     )
 
 
@@ -224,5 +235,9 @@ def speed_from_settings(settings: Settings) -> SpeedOptions:
         float8=settings.float8,
         encode_cache_size=settings.encode_cache_size,
         context_parallel=settings.context_parallel,
+        compile_cache_dir=(settings.compile_cache_dir or settings.data_dir / "compile-cache")
+        if settings.compile_cache else None,
+        fuse_qkv=settings.fuse_qkv,
+        text_encoder_on_cpu=settings.text_encoder_on_cpu,
     )
 

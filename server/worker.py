@@ -381,6 +381,11 @@ def run_worker(
             store.worker_state(worker_id, "failed", detail=str(exc))
             return EXIT_LOAD_FAILED
     loaded = f"loaded in {getattr(generator, 'load_seconds', 0.0):.1f}s"
+    if getattr(generator, "random_weights", False):
+        from pipeline.random_weights import NOISE_WARNING
+
+        loaded = f"{NOISE_WARNING}; {loaded}"
+        log.warning("worker %s: %s", worker_id, NOISE_WARNING)
     store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device=str(generator.device),
                           state="stopping" if stop_event.is_set() else "ready", detail=loaded, version=__version__)
     log.info("worker %s ready: model %s on %s", worker_id, settings.model, generator.device)

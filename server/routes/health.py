@@ -28,6 +28,8 @@ router = APIRouter()
 PROBE_TIMEOUT_SECONDS = 5.0
 """A database that has not answered in this long counts as down (a probe must answer quickly)."""
 SERVING_STATES = ("ready", "busy")
+RANDOM_WEIGHTS_MARK = "RANDOM WEIGHTS"
+"""In a worker's detail when it serves a model built with random values (pipeline.random_weights)."""
 
 
 class Unhealthy(Exception):
@@ -92,7 +94,12 @@ def _ready(services: Any) -> dict[str, Any]:
     reason = not_ready_reason(store, workers, now)
     if reason is not None:
         raise Unhealthy(reason)
-    return {"database": "ok", "workers": str(sum(is_serving(store, w, now) for w in workers))}
+    answer = {"database": "ok", "workers": str(sum(is_serving(store, w, now) for w in workers))}
+    noise = [w.id for w in workers if is_serving(store, w, now) and RANDOM_WEIGHTS_MARK in (w.detail or "")]
+    if noise:
+        answer["warning"] = (f"worker(s) {', '.join(noise)} run RANDOM WEIGHTS (--random-weights): every video they "
+                             "make is noise; for measuring speed and memory only")
+    return answer
 
 
 @router.get("/health")

@@ -59,7 +59,7 @@ def _runner(backend: str, device: torch.device) -> tuple[Any, str | None]:
             return None, reason
         from diffusers.models.attention_dispatch import _HUB_KERNELS_REGISTRY
 
-        _HUB_KERNELS_REGISTRY[AttentionBackendName.FLASH_4_HUB].kernel_fn = fa4.local_kernel()
+        _HUB_KERNELS_REGISTRY[AttentionBackendName.FLASH_4_HUB].kernel_fn = fa4.compilable_kernel
         name = AttentionBackendName.FLASH_4_HUB
     else:
         name = AttentionBackendName(backend)

@@ -2,9 +2,11 @@
 
 diffusers registers FA4 only as a Hub kernel (`flash_4_hub`: its dispatch function calls the kernel that
 `kernels` downloads). We put the locally installed kernel in that registry slot instead, so diffusers'
-own registered `flash_4_hub` function runs it: no download, no code of ours in the attention call. diffusers'
-`set_attention_backend` would insist on the `kernels` package (which only the Hub path needs), so the backend
-is set on the attention processors directly, as that method does.
+own registered `flash_4_hub` function runs it: no download. The kernel goes in wrapped as a torch custom op,
+because FA4's `flash_attn_func` JIT-compiles CuTe DSL code that torch.compile cannot trace (a graph break,
+an error with fullgraph=True); an opaque op compiles around it. diffusers' `set_attention_backend` would
+insist on the `kernels` package (which only the Hub path needs), so the backend is set on the attention
+processors directly, as that method does.
 
 FA4 runs bf16/fp16 on Hopper (SM90) and Blackwell (SM100); its float8 path needs SM100. Before it is used,
 its output is checked against PyTorch SDPA on random inputs (`max_abs_error`).
@@ -21,8 +23,8 @@ log = logging.getLogger(__name__)
 
 NAME = "flash_4"
 """Our name for it in `attention_backend` (diffusers' own `flash_4_hub` stays the Hub-download path)."""
-SUPPORTED_MAJORS = (9, 10)
-"""Compute capability majors FA4 supports: Hopper (9.0) and data-centre Blackwell (10.x)."""
+SUPPORTED_MAJORS = (9, 10, 11)
+"""Compute capability majors FA4's forward accepts: Hopper (9.x) and Blackwell (10.x, 11.x)."""
 MAX_ABS_ERROR = 2e-2
 """Largest |FA4 - SDPA| accepted on the random check (bf16 rounding is ~1e-3; a wrong kernel is ~1)."""
 
@@ -54,15 +56,34 @@ def _output(result: object) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result  # FA4 returns (out, lse)
 
 
+@torch.library.custom_op("particalize::fa4_attention", mutates_args=())
+def _fa4_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None, causal: bool
+            ) -> torch.Tensor:
+    return _output(local_kernel()(q, k, v, softmax_scale=softmax_scale, causal=causal))
+
+
+@_fa4_op.register_fake
+def _fa4_op_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None, causal: bool
+                  ) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def compilable_kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None, causal: bool = False
+) -> torch.Tensor:
+    """FA4 as diffusers' `flash_4_hub` entry calls it (keywords q, k, v, softmax_scale, causal), compilable."""
+    return torch.ops.particalize.fa4_attention(q, k, v, softmax_scale, causal)
+
+
 def max_abs_error(
     device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int] = (1, 1024, 8, 128), seed: int = 0
 ) -> float:
     """max |FA4 - SDPA| on random q, k, v of `shape` (batch, seq, heads, head_dim)."""
-    kernel = local_kernel()
+    local_kernel()
     generator = torch.Generator(device=device).manual_seed(seed)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
     with torch.no_grad():
-        ours = _output(kernel(q, k, v, softmax_scale=None, causal=False))
+        ours = compilable_kernel(q, k, v)
         reference = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         ).transpose(1, 2)
@@ -75,7 +96,8 @@ def enable(transformer: torch.nn.Module) -> None:
     from diffusers.models.attention_dispatch import _HUB_KERNELS_REGISTRY, AttentionBackendName
 
     backend = AttentionBackendName.FLASH_4_HUB
-    _HUB_KERNELS_REGISTRY[backend].kernel_fn = local_kernel()
+    local_kernel()  # ImportError here, not in the first forward
+    _HUB_KERNELS_REGISTRY[backend].kernel_fn = compilable_kernel
     for module in transformer.modules():
         processor = getattr(module, "processor", None)
         if isinstance(module, AttentionModuleMixin) and hasattr(processor, "_attention_backend"):

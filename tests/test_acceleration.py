@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from pipeline import fa4
@@ -140,6 +141,7 @@ def fake_fa4(monkeypatch):
     cute = types.ModuleType("flash_attn.cute")
 
     def kernel(q, k, v, **kwargs):
+        torch._dynamo.graph_break()  # as FA4's CuTe DSL JIT: torch.compile cannot trace into it
         calls.append(q.shape)
         return _sdpa_as_fa4(q, k, v, **kwargs)
 
@@ -160,12 +162,26 @@ def test_fa4_runs_through_diffusers_dispatch_and_gives_the_sdpa_frames(tmp_path,
     assert len(calls) == PARAMS.steps * 2 * layers * 3
 
 
+def test_fa4_compiles_whole_graphs_as_an_opaque_op(fake_fa4):
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    fa4.enable(torch.nn.Module())  # registers the kernel in diffusers' flash_4_hub slot
+    q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
+
+    def attention(q, k, v):
+        return dispatch_attention_fn(q, k, v, backend=AttentionBackendName.FLASH_4_HUB) * 2
+
+    compiled = torch.compile(attention, fullgraph=True, backend="eager")  # fullgraph: no break around the kernel
+    torch.testing.assert_close(compiled(q, k, v), _sdpa_as_fa4(q, k, v)[0] * 2)
+
+
 def test_fa4_is_refused_off_hopper_and_blackwell(fake_fa4, monkeypatch):
     assert "needs a CUDA GPU" in fa4.unsupported_reason(torch.device("cpu"), torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert "SM80" in fa4.unsupported_reason(CUDA, torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert fa4.unsupported_reason(CUDA, torch.bfloat16) is None
+    for blackwell_or_hopper in ((9, 0), (10, 0), (11, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cc=blackwell_or_hopper: cc)
+        assert fa4.unsupported_reason(CUDA, torch.bfloat16) is None
     assert "float32" in fa4.unsupported_reason(CUDA, torch.float32)
 
 

@@ -24,6 +24,8 @@ or the part cannot run here; one failing part is recorded and the rest still run
  8. VAE decode of the whole video alone, float32 (as served) and bfloat16.
  9. text encoder on the CPU: GPU memory freed by moving it.
 10. float8 (torchao, dynamic activations) + compile: first forward (compile), then the forward.
+11. one prompt (and the negative) encoded on the CPU: what a new prompt costs with the text encoder kept there
+    (last: it runs only when the budget has time left).
 
 Writes benchmarks/results/device-check-<cuda|cpu-small>.json and prints one table.
 """
@@ -49,7 +51,7 @@ from PIL import Image
 
 from benchmarks.bench_attention import measure as measure_attention
 from benchmarks.flops import step_flops
-from benchmarks.timing import peak_gb, reset_peak, synchronize, timed
+from benchmarks.timing import peak_gib, reset_peak, synchronize, timed
 from pipeline.acceleration import Applied, SpeedOptions, apply_compile, apply_float8, choose_attention
 from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.generator import StepProgress, VideoGenerator
@@ -125,7 +127,7 @@ def _run_steps(gen: VideoGenerator, params: GenerationParams, image: Image.Image
         "step_s": float(np.median(steps)) if steps else None,
         "first_step_s": stamps[0] - started,
         "last_step_to_return_s": ended - stamps[-1],
-        "peak_gb": peak_gb(gen.device),
+        "peak_gib": peak_gib(gen.device),
         "frames_shape": list(video.frames.shape),
     }
 
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora", type=Path, help="a LoRA for fast mode (e.g. a 4-step distilled one); fused at load")
     p.add_argument("--budget-s", type=float, default=280.0, help="skip parts that would pass this many seconds")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: eager_step, attention, compile, "
-                   "warm_restart, default_step, fast_mode, vae_decode, text_encoder_cpu, float8")
+                   "warm_restart, default_step, fast_mode, vae_decode, text_encoder_cpu, float8, "
+                   "text_encoder_cpu_encode")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
@@ -195,12 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         state["gen"] = gen
         counts = {k: v / 1e9 for k, v in parameter_counts(gen.pipe).items()}
         shown = ", ".join(f"{k} {v:.2f} B" if v >= 0.01 else f"{k} {v * 1e3:.2f} M" for k, v in counts.items())
-        memory = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        memory = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
         check.row("build (random weights, on the device)" if not small else "build (tiny preset)", seconds, "s",
                   shown)
         if memory is not None:
-            check.row("GPU memory after build", memory, "GB")
-        return {"parameters_billion": counts, "memory_after_build_gb": memory}
+            check.row("GPU memory after build", memory, "GiB")
+        return {"parameters_billion": counts, "memory_after_build_gib": memory}
 
     check.part("build", 60, build)
     gen: VideoGenerator | None = state.get("gen")
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         check.row("step, eager SDPA (old default), CFG", r["step_s"], "s/step", "steps 2..N")
         check.row("first step incl. encoders", r["first_step_s"], "s")
         check.row("VAE decode + postprocess after last step", r["last_step_to_return_s"], "s")
-        check.row("peak GPU memory, eager default", r["peak_gb"], "GB")
+        check.row("peak GPU memory, eager default", r["peak_gib"], "GiB")
         return r
 
     check.part("eager_step", 40, eager_step)
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["step_s"]:
             check.row("30-step video (estimate: first step + 29 steps + decode)",
                       r["first_step_s"] + 29 * r["step_s"] + r["last_step_to_return_s"], "s")
-        check.row("peak GPU memory, default", r["peak_gb"], "GB")
+        check.row("peak GPU memory, default", r["peak_gib"], "GiB")
         return r
 
     check.part("default_step", 30 if not small else 10, default_step)
@@ -344,10 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         before = torch.cuda.memory_allocated(device)
         gen.pipe.text_encoder.to("cpu")
         torch.cuda.empty_cache()
-        freed = (before - torch.cuda.memory_allocated(device)) / 1e9
+        freed = (before - torch.cuda.memory_allocated(device)) / 2**30
         gen.pipe.text_encoder.to(device)
-        check.row("GPU memory freed by text encoder on CPU", freed, "GB")
-        return {"freed_gb": freed}
+        check.row("GPU memory freed by text encoder on CPU", freed, "GiB")
+        return {"freed_gib": freed}
 
     check.part("text_encoder_cpu", 10, text_encoder_cpu)
 
@@ -366,12 +369,31 @@ def main(argv: list[str] | None = None) -> int:
         seconds, _ = timed(_forward(gen, inputs), device, repeats=2)
         check.row("first forward, float8, compiling", first, "s")
         check.row("forward, float8 + compiled", seconds, "s", tflops(seconds))
-        memory = torch.cuda.memory_allocated(device) / 1e9
-        check.row("GPU memory allocated with float8 transformer", memory, "GB")
-        return {"first_forward_s": first, "forward_s": seconds, "memory_gb": memory}
+        check.row("step, float8 + compiled, CFG (estimate: 2 forwards)", 2 * seconds, "s/step", "target <= 4.0")
+        memory = torch.cuda.memory_allocated(device) / 2**30
+        check.row("GPU memory allocated with float8 transformer", memory, "GiB")
+        return {"first_forward_s": first, "forward_s": seconds, "memory_gib": memory}
 
     if inputs.kwargs is not None:
         check.part("float8", 5 if small else 125, float8)
+
+    # 11. one prompt encoded on the CPU (what a new prompt costs with the text encoder kept there) ------------
+    def text_encoder_cpu_encode() -> dict[str, Any]:
+        from pipeline.embeddings import EmbeddingCache
+
+        encoder_device = next(gen.pipe.text_encoder.parameters()).device
+        gen.pipe.text_encoder.to("cpu")
+        try:
+            cache = EmbeddingCache(gen.pipe, 0, encode_device=torch.device("cpu"))
+            seconds, _ = timed(lambda: cache.prompt_embeds(PROMPT, params.negative_prompt, True,
+                                                           gen.max_sequence_length, device), device)
+        finally:
+            gen.pipe.text_encoder.to(encoder_device)
+        check.row("prompt + negative encoded on the CPU (new prompt)", seconds, "s",
+                  f"{torch.get_num_threads()} CPU threads; cached prompts skip it")
+        return {"seconds": seconds, "threads": torch.get_num_threads()}
+
+    check.part("text_encoder_cpu_encode", 5 if small else 60, text_encoder_cpu_encode)
 
     return _finish(check, args, name, params, small)
 

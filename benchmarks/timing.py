@@ -36,6 +36,6 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_gb(device: torch.device) -> float | None:
-    """Peak memory allocated by torch on the GPU since the last reset (None off CUDA: see RSS instead)."""
-    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+def peak_gib(device: torch.device) -> float | None:
+    """Peak memory allocated by torch on the GPU since the last reset, GiB (None off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -160,7 +160,11 @@ def apply_fuse_qkv(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
 
 
 def apply_text_encoder_on_cpu(pipe: WanImageToVideoPipeline, device: torch.device, applied: Applied) -> None:
-    """Keep UMT5-XXL (11 GB in bf16) off the GPU: prompts are encoded on the CPU and cached (pipeline.embeddings)."""
+    """Keep UMT5-XXL (11 GB in bf16) off the GPU: prompts are encoded on the CPU and cached (pipeline.embeddings).
+
+    A new prompt then costs a CPU encode (seconds; device_check measures it). Embeddings equal the GPU's up to
+    the rounding differences of CPU and GPU bf16 kernels.
+    """
     pipe.text_encoder.to("cpu")
     applied.text_encoder_on_cpu = True
     applied.note(f"text encoder on the CPU (prompt embeddings computed there, then moved to {device.type})")

@@ -9,7 +9,7 @@ import os
 from benchmarks import device_check
 
 PARTS = ("build", "eager_step", "attention", "compile", "warm_restart", "default_step", "fast_mode", "vae_decode",
-         "text_encoder_cpu", "float8")
+         "text_encoder_cpu", "float8", "text_encoder_cpu_encode")
 
 
 def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monkeypatch, capsys):

@@ -18,7 +18,8 @@ or the part cannot run here; one failing part is recorded and the rest still run
     warm-up run: "model loaded to ready" with a warm cache. (In-process: some in-memory state survives, so a
     real restart may take a little longer.)
  6. default step: the new default on CUDA (compiled, auto attention): seconds per step, a 30-step video
-    estimate, peak GPU memory.
+    estimate, peak GPU memory; then one compiled forward under torch.profiler (top 15 kernels by time, printed
+    and in the JSON): what to cut next in the non-attention half.
  7. fast mode: 4 steps, guidance scale 1 (one forward per step), a new prompt (text encoder included), VAE
     decode included: seconds per video.
  8. VAE decode of the whole video alone, float32 (as served) and bfloat16.
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora", type=Path, help="a LoRA for fast mode (e.g. a 4-step distilled one); fused at load")
     p.add_argument("--budget-s", type=float, default=280.0, help="skip parts that would pass this many seconds")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: eager_step, attention, compile, "
-                   "warm_restart, default_step, fast_mode, vae_decode, text_encoder_cpu, float8, "
+                   "warm_restart, default_step, profile, fast_mode, vae_decode, text_encoder_cpu, float8, "
                    "text_encoder_cpu_encode")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -308,6 +309,30 @@ def main(argv: list[str] | None = None) -> int:
         return r
 
     check.part("default_step", 30 if not small else 10, default_step)
+
+    # 6b. profile: where the compiled forward's time goes (the non-attention half is the larger gap) ----------
+    def profile() -> dict[str, Any]:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        cuda = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profiler(activities=activities) as prof:
+            _forward(gen, inputs)()
+            synchronize(device)
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"  # self: kernels, not their callers
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        total = sum(getattr(e, key) for e in events) or 1.0
+        top = [{"name": e.key[:100], "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total,
+                "calls": e.count} for e in events[:15]]
+        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+        if top:
+            check.row("profiled compiled forward: top kernel", top[0]["ms"], "ms",
+                      f"{top[0]['share']:.0%} of the time: {top[0]['name'][:60]}")
+        return {"top_by_time": top}
+
+    if inputs.kwargs is not None:
+        check.part("profile", 5 if small else 15, profile)
 
     # 7. fast mode --------------------------------------------------------------------------------------
     def fast_mode() -> dict[str, Any]:

@@ -42,6 +42,8 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         local_kernel()
     except ImportError as exc:
         return f"flash-attn-4 is not installed (pip install 'particalize[fa4]'): {exc}"
+    except Exception as exc:  # a broken install (missing CUTLASS DSL libraries, ...) must not stop the server
+        return f"flash-attn-4 does not import ({type(exc).__name__}: {exc})"
     if device.type != "cuda":
         return f"FlashAttention-4 needs a CUDA GPU, not {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
@@ -110,7 +112,10 @@ def try_enable(transformer: torch.nn.Module, device: torch.device) -> tuple[str 
     reason = unsupported_reason(device, dtype)
     if reason is not None:
         return reason, None
-    error = max_abs_error(device, dtype)
+    try:
+        error = max_abs_error(device, dtype)
+    except Exception as exc:  # its JIT compile or launch failing here means it would fail in the first task
+        return f"FlashAttention-4 failed its check against SDPA ({type(exc).__name__}: {str(exc)[:200]})", None
     if not error <= MAX_ABS_ERROR:
         return f"FlashAttention-4 differs from SDPA by {error:.2e} (> {MAX_ABS_ERROR:g}) on random inputs", error
     enable(transformer)

@@ -185,22 +185,43 @@ def test_fa4_is_refused_off_hopper_and_blackwell(fake_fa4, monkeypatch):
     assert "float32" in fa4.unsupported_reason(CUDA, torch.float32)
 
 
-def test_fa4_is_checked_against_sdpa_before_use(tmp_path, fake_fa4, monkeypatch):
+def test_fa4_is_checked_against_sdpa_before_use(tmp_path, plain, fake_fa4, monkeypatch):
     cute, _ = fake_fa4
     monkeypatch.setattr(fa4, "unsupported_reason", lambda device, dtype: None)  # as on an H100/H200
     monkeypatch.setattr(fa4, "max_abs_error", functools.partial(fa4.max_abs_error, shape=(1, 64, 2, 16)))
     gen = make(tmp_path)
     reason, error = fa4.try_enable(gen.pipe.transformer, torch.device("cpu"))
     assert reason is None and error < 1e-6
-    cute.flash_attn_func = lambda q, k, v, **kw: (v.flip(1), None)  # a broken kernel
+    cute.flash_attn_func = lambda q, k, v, **kw: (v.flip(1), None)  # a wrong kernel
     reason, error = fa4.try_enable(gen.pipe.transformer, torch.device("cpu"))
     assert "differs from SDPA" in reason and error > fa4.MAX_ABS_ERROR
 
+    def failing(q, k, v, **kw):
+        raise RuntimeError("CuTe DSL: cannot compile for this GPU")
 
-def test_fused_qkv_projections_give_the_same_frames(tmp_path, plain):
+    cute.flash_attn_func = failing  # a kernel that cannot run here: refused at start, not in the first task
+    untouched = make(tmp_path)
+    reason, error = fa4.try_enable(untouched.pipe.transformer, torch.device("cpu"))
+    assert "failed its check" in reason and "cannot compile" in reason and error is None
+    np.testing.assert_array_equal(untouched.generate(PARAMS, IMAGE).frames, plain)  # still on SDPA
+
+
+def _stored_bytes(module: torch.nn.Module) -> int:
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.parameters()}
+    return sum(storages.values())
+
+
+def test_fused_qkv_projections_give_the_same_frames_in_no_more_memory(tmp_path, plain):
+    before = _stored_bytes(make(tmp_path).pipe.transformer)
     gen = make(tmp_path, fuse_qkv=True)
     assert gen.applied.fused_qkv
-    assert all(hasattr(b.attn1, "to_qkv") and hasattr(b.attn2, "to_kv") for b in gen.pipe.transformer.blocks)
+    blocks = gen.pipe.transformer.blocks
+    assert all(hasattr(b.attn1, "to_qkv") and hasattr(b.attn2, "to_kv") and hasattr(b.attn2, "to_added_kv")
+               for b in blocks)
+    assert _stored_bytes(gen.pipe.transformer) == before  # the separate projections are views, not copies
+    q_rows = blocks[0].attn1.to_q.out_features
+    torch.testing.assert_close(blocks[0].attn1.to_k.weight, blocks[0].attn1.to_qkv.weight[q_rows:2 * q_rows])
+    assert not float8_filter(blocks[0].attn1.to_k, "blocks.0.attn1.to_k")  # unused view: not quantized again
     np.testing.assert_allclose(gen.generate(PARAMS, IMAGE).frames, plain, atol=1e-5)
 
 

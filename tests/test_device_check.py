@@ -8,8 +8,8 @@ import os
 
 from benchmarks import device_check
 
-PARTS = ("build", "eager_step", "attention", "compile", "warm_restart", "default_step", "fast_mode", "vae_decode",
-         "text_encoder_cpu", "float8", "text_encoder_cpu_encode")
+PARTS = ("build", "eager_step", "attention", "compile", "warm_restart", "default_step", "profile", "fast_mode",
+         "vae_decode", "text_encoder_cpu", "float8", "text_encoder_cpu_encode")
 
 
 def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monkeypatch, capsys):
@@ -35,5 +35,6 @@ def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monke
     assert rows["step, eager SDPA (old default), CFG"]["value"] > 0
     assert rows["fast mode video (4 steps, scale 1, encoders + VAE)"]["value"] > 0
     assert "attention sdpa" in rows
+    assert body["parts"]["profile"]["top_by_time"][0]["ms"] > 0
     printed = capsys.readouterr().out
     assert "device check" in printed and "forward, compiled" in printed

@@ -79,6 +79,7 @@ def test_compile_is_on_by_default_on_cuda_only(options, device, expected):
 
 
 def test_the_compile_cache_is_written_and_a_restart_reads_it_back_instead_of_compiling(tmp_path, monkeypatch):
+    """The restart is simulated in-process: dynamo reset and an empty inductor cache directory."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -103,7 +104,10 @@ def test_the_compile_cache_is_written_and_a_restart_reads_it_back_instead_of_com
         assert counters["inductor"]["fxgraph_cache_hit"] > 0 and counters["inductor"]["fxgraph_cache_miss"] == 0
         assert saved[0].read_bytes() == written  # nothing new compiled: the file is left alone
         np.testing.assert_array_equal(second.generate(PARAMS, IMAGE).frames, expected)
+        torch._dynamo.config.error_on_recompile = True  # dynamic shapes: a new size after the restart compiles nothing
+        second.generate(PARAMS.model_copy(update={"width": 32, "height": 48, "numFrames": 5}), IMAGE)
     finally:
+        torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
 
 

@@ -51,6 +51,24 @@ def test_random_weights_build_the_real_configs_on_the_meta_device_without_alloca
     assert torch.get_default_dtype() == torch.float32  # the build leaves the process default as it was
 
 
+def test_a_random_weights_generator_makes_a_video_with_the_real_pipeline_parts(tmp_path, monkeypatch):
+    """The same build at a CPU-sized scale: tokenizer, image processor, scheduler and VAE are the real ones."""
+    from pipeline import random_weights as rw
+
+    monkeypatch.setattr(rw, "WAN_I2V_14B_TRANSFORMER", rw.WAN_I2V_14B_TRANSFORMER | dict(
+        num_attention_heads=2, attention_head_dim=8, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1,
+        image_dim=16, added_kv_proj_dim=16))
+    monkeypatch.setattr(rw, "UMT5_XXL", rw.UMT5_XXL | dict(vocab_size=512, d_model=32, d_kv=8, d_ff=32,
+                                                           num_layers=1, num_heads=2))
+    monkeypatch.setattr(rw, "CLIP_VIT_H_14", rw.CLIP_VIT_H_14 | dict(hidden_size=16, intermediate_size=32,
+                                                                     num_hidden_layers=2, num_attention_heads=2))
+    gen = VideoGenerator(get_preset("wan2.1-i2v-14b-480p"), weights_dir=tmp_path / "nothing-here",
+                         random_weights=True, device="cpu")
+    assert gen.random_weights
+    video = gen.generate(PARAMS.model_copy(update={"steps": 2}), IMAGE)
+    assert video.frames.shape == (9, 32, 48, 3) and np.isfinite(video.frames).all()
+
+
 def test_random_weights_flag_reaches_the_settings_and_the_serve_banner(tmp_path):
     from particalize.cli import _settings, build_parser
     from particalize.cli_server import describe_environment

@@ -559,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-strength", type=float)
     p.add_argument("--fuse-lora", action="store_const", const=True, help="fuse the LoRA into the weights")
     p.add_argument("--threads", type=int, help="torch CPU threads; default 1 for tiny on CPU, else torch's (README)")
+    p.add_argument("--random-weights", action="store_const", const=True,
+                   help="build the real-size model with random weights (no download; frames are noise)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: the server's (on with CUDA); --no-compile for the eager path")
     return p
 
 
@@ -580,6 +584,8 @@ def build_generator(args: argparse.Namespace) -> VideoGenerator:
         lora_path=args.lora,
         lora_strength=args.lora_strength,
         fuse_lora=args.fuse_lora,
+        random_weights=args.random_weights,
+        compile=args.compile,
     )
     return generator_from_settings(settings)
 

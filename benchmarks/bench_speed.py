@@ -1,7 +1,7 @@
 """Every speed/memory option against the plain path: seconds per step and per video, peak memory, PSNR.
 
     python -m benchmarks.bench_speed [--model tiny|wan2.1-i2v-14b-480p|DIR] [--options plain,compile,...]
-        [--repeats N] [--lora PATH] [--out benchmarks/results/speed-<model>.json]
+        [--repeats N] [--lora PATH] [--random-weights] [--out benchmarks/results/speed-<model>.json]
 
 Each option gets a fresh generator (so options never leak into each other), one untimed warm-up run,
 then `--repeats` timed runs on the same seed. Quality is PSNR of the option's frames against the plain
@@ -29,24 +29,32 @@ from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 
 OPTIONS: dict[str, dict] = {
-    "plain": {"attention_backend": "native", "encode_cache_size": 0},
-    "attention-auto": {"attention_backend": "auto", "encode_cache_size": 0},
-    "encode-cache": {"attention_backend": "native"},
-    "cfg-batch": {"attention_backend": "native", "cfg_batch": True, "encode_cache_size": 0},
+    "plain": {"attention_backend": "native", "compile": False, "encode_cache_size": 0},
+    "default": {},  # the server's default: auto attention, compiled on CUDA, encode cache
+    "attention-auto": {"attention_backend": "auto", "compile": False, "encode_cache_size": 0},
+    "fa4": {"attention_backend": "flash_4", "compile": False, "encode_cache_size": 0},
+    "encode-cache": {"attention_backend": "native", "compile": False},
+    "cfg-batch": {"attention_backend": "native", "compile": False, "cfg_batch": True, "encode_cache_size": 0},
     "compile": {"attention_backend": "native", "compile": True, "encode_cache_size": 0},
-    "first-block-cache-0.05": {"attention_backend": "native", "step_cache": "first_block",
+    "fuse-qkv": {"attention_backend": "native", "compile": False, "fuse_qkv": True, "encode_cache_size": 0},
+    "first-block-cache-0.05": {"attention_backend": "native", "compile": False, "step_cache": "first_block",
                                "step_cache_threshold": 0.05, "encode_cache_size": 0},
-    "first-block-cache-0.1": {"attention_backend": "native", "step_cache": "first_block",
+    "first-block-cache-0.1": {"attention_backend": "native", "compile": False, "step_cache": "first_block",
                               "step_cache_threshold": 0.1, "encode_cache_size": 0},
-    "taylorseer-2": {"attention_backend": "native", "step_cache": "taylorseer", "step_cache_interval": 2,
-                     "encode_cache_size": 0},
-    "group-offload": {"attention_backend": "native", "memory_mode": "group_offload", "encode_cache_size": 0},
-    "model-cpu-offload": {"attention_backend": "native", "memory_mode": "model_cpu_offload", "encode_cache_size": 0},
-    "vae-tiling": {"attention_backend": "native", "vae_tiling": True, "encode_cache_size": 0},
-    "float8": {"attention_backend": "native", "float8": True, "encode_cache_size": 0},
+    "taylorseer-2": {"attention_backend": "native", "compile": False, "step_cache": "taylorseer",
+                     "step_cache_interval": 2, "encode_cache_size": 0},
+    "group-offload": {"attention_backend": "native", "compile": False, "memory_mode": "group_offload",
+                      "encode_cache_size": 0},
+    "model-cpu-offload": {"attention_backend": "native", "compile": False, "memory_mode": "model_cpu_offload",
+                          "encode_cache_size": 0},
+    "text-encoder-cpu": {"attention_backend": "native", "compile": False, "text_encoder_on_cpu": True,
+                         "encode_cache_size": 0},
+    "vae-tiling": {"attention_backend": "native", "compile": False, "vae_tiling": True, "encode_cache_size": 0},
+    "float8": {"attention_backend": "native", "compile": False, "float8": True, "encode_cache_size": 0},
+    "float8-compile": {"attention_backend": "auto", "compile": True, "float8": True},
     "best": {"attention_backend": "auto", "compile": True},
 }
-CUDA_ONLY = {"model-cpu-offload", "float8"}
+CUDA_ONLY = {"model-cpu-offload", "float8", "float8-compile", "fa4"}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,7 +74,8 @@ def run_option(name: str, args: argparse.Namespace, params: GenerationParams, im
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     gen = VideoGenerator(get_preset(args.model), weights_dir=Path(args.weights_dir), lora_path=args.lora,
-                         fuse_lora=args.fuse_lora, speed=SpeedOptions(**OPTIONS[name]))
+                         fuse_lora=args.fuse_lora, speed=SpeedOptions(**OPTIONS[name]),
+                         random_weights=args.random_weights)
     load = time.perf_counter() - started
     gen.generate(params, image)  # warm-up (compilation, caches, allocator)
     videos, steps = [], []
@@ -111,6 +120,9 @@ def main() -> None:
     parser.add_argument("--num-frames", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--random-weights", action="store_true",
+                        help="real-size model with random weights (no download): speed and memory only; PSNR means "
+                        "nothing on noise")
     args = parser.parse_args()
     tiny = args.model == "tiny"
     args.repeats = args.repeats or (5 if tiny else 1)

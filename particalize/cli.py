@@ -37,6 +37,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    help="refuse a LoRA with keys that change nothing (default); --no-lora-strict loads the rest")
     p.add_argument("--speed-lora", metavar="PATH[:STRENGTH]", help="step-distilled LoRA for fast mode")
     p.add_argument("--mode", choices=["normal", "fast"], help="default mode (fast needs --speed-lora)")
+    p.add_argument("--random-weights", action="store_const", const=True, default=None,
+                   help="build the real-size model with random weights (no download): videos are NOISE; "
+                   "for measuring speed and memory")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the transformer blocks (default: on with CUDA); --no-compile opts out")
 
 
 def _tool_flags(p: argparse.ArgumentParser) -> None:
@@ -46,7 +51,8 @@ def _tool_flags(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("model", "weights_dir", "device", "lora_strength", "fuse_lora", "host", "port",
-            "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode")
+            "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode",
+            "random_weights", "compile")
     settings = Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
     if getattr(args, "lora", None):  # the --lora list is the whole stack
         return settings.model_copy(update={"lora_path": None, "lora_repo": None}).with_overrides(

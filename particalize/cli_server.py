@@ -93,8 +93,13 @@ def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, l
             problem = str(exc)
             lines.append(f"LoRA: NOT FOUND: {exc}")
     else:
-        missing = missing_files(preset_dir(preset, settings.weights_dir))
-        if missing:
+        missing = [] if settings.random_weights else missing_files(preset_dir(preset, settings.weights_dir))
+        if settings.random_weights:
+            from pipeline.random_weights import NOISE_WARNING
+
+            lines.append(f"weights: {NOISE_WARNING}; {preset.name} is built in code at its real size "
+                         "(--random-weights)")
+        elif missing:
             problem = f"the weights of {preset.name} are not on disk (missing {missing[0]}): {fetch_hint(preset)}"
             lines.append(f"weights: NOT FOUND: {problem}")
         else:

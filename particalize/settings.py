@@ -75,9 +75,24 @@ class Settings(BaseSettings):
     attention_backend: str = Field(
         "auto", description="diffusers attention backend: auto, native, flash, _flash_3, sage, ... (falls back, logged)"
     )
-    compile: bool = Field(False, description="torch.compile the transformer's repeated blocks, warmed up at start.")
+    compile: bool | None = Field(
+        None, description="torch.compile the transformer's repeated blocks, warmed up at start. Unset: on with CUDA "
+        "(no offload), off on the CPU; --no-compile / 0 opts out."
+    )
     compile_dynamic: bool = Field(True, description="Dynamic shapes: no recompilation when the video size changes.")
-    compile_mode: str | None = None
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
+        None, description="torch.compile mode; max-autotune-no-cudagraphs autotunes the GEMMs (longer first compile)."
+    )
+    compile_cache: bool = Field(True, description="Keep compiled code across restarts (in compile_cache_dir).")
+    compile_cache_dir: Path | None = Field(None, description="Default: data_dir/compile-cache.")
+    fuse_qkv: bool = Field(False, description="One matmul for q, k, v (diffusers fuse_qkv_projections): exact.")
+    text_encoder_on_cpu: bool = Field(
+        False, description="Keep the text encoder (11 GB in bf16) on the CPU; prompts are encoded there and cached."
+    )
+    random_weights: bool = Field(
+        False, description="Build the real-size model with random weights instead of loading it: every video is "
+        "noise. For measuring speed and memory (and sizing a GPU) before downloading the weights."
+    )
     cfg_batch: bool = Field(False, description="Batch the cond and uncond guidance branches in one forward.")
     step_cache: Literal["none", "first_block", "taylorseer"] = Field(
         "none", description="Reuse transformer outputs across denoising steps (approximate; off until measured)."

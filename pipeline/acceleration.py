@@ -1,19 +1,23 @@
 """Speed and memory options, each applied with diffusers' own machinery and each reported as applied or not.
 
-Order matters and is fixed here: LoRA fused (the loader) → attention backend → float8 → step cache →
-batched guidance → memory mode → VAE tiling → context parallelism → compile. Compiling last means the
-compiled graphs see the final modules.
+Order matters and is fixed here: LoRA fused (the loader) → attention backend → fused QKV → float8 → step cache →
+batched guidance → memory mode → text encoder placement → VAE tiling → context parallelism → compile.
+Fusing the LoRA and the QKV projections before float8 means the quantized weights are the final ones (an unfused
+LoRA stays in bf16 on top of float8 base layers); compiling last means the compiled graphs see the final modules.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 from diffusers import WanImageToVideoPipeline
 
+from pipeline import fa4
+from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.guidance import BatchedGuidanceHook, enable_batched_guidance
 
 log = logging.getLogger(__name__)
@@ -22,8 +26,11 @@ AttentionChoice = str
 StepCache = Literal["none", "first_block", "taylorseer"]
 MemoryMode = Literal["none", "model_cpu_offload", "group_offload", "sequential_cpu_offload"]
 
-# Tried in this order by "auto" on CUDA: FA3 (Hopper), FA2, SageAttention, then PyTorch SDPA.
-AUTO_CUDA_BACKENDS = ("_flash_3", "flash", "sage", "native")
+# Tried in this order by "auto" on CUDA, exact kernels only: FlashAttention-4 (local wheel; Hopper/Blackwell),
+# FA3 (Hopper), then PyTorch SDPA (cuDNN attention on Hopper). FA2 ("flash") and SageAttention ("sage", int8:
+# approximate) were measured slower than SDPA's own pick on an H200 (shared/notes/h200-measurements.md): they
+# stay available by name, but auto never picks them.
+AUTO_CUDA_BACKENDS = ("flash_4", "_flash_3", "native")
 # The per-block sub-modules whose outputs TaylorSeer predicts between full computations.
 WAN_BLOCK_OUTPUTS = (r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+\.ffn")
 
@@ -31,9 +38,14 @@ WAN_BLOCK_OUTPUTS = (r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+
 @dataclass(frozen=True)
 class SpeedOptions:
     attention_backend: AttentionChoice = "auto"
-    compile: bool = False
+    compile: bool | None = None
+    """None: on where it pays (CUDA, no offload), resolved by `resolve_compile`."""
     compile_dynamic: bool = True
     compile_mode: str | None = None
+    compile_cache_dir: Path | None = None
+    """Where compiled artifacts persist across restarts (None: no persistent cache)."""
+    fuse_qkv: bool = False
+    text_encoder_on_cpu: bool = False
     cfg_batch: bool = False
     step_cache: StepCache = "none"
     step_cache_threshold: float = 0.05
@@ -56,6 +68,10 @@ class Applied:
     memory_mode: str = "none"
     vae_tiling: bool = False
     float8: bool = False
+    fused_qkv: bool = False
+    text_encoder_on_cpu: bool = False
+    attention_max_abs_error: float | None = None
+    """|kernel - SDPA| on random inputs, for kernels checked before use (FlashAttention-4)."""
     guidance_hook: BatchedGuidanceHook | None = None
 
     def note(self, message: str) -> None:
@@ -79,10 +95,19 @@ def choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torc
     candidates = [requested]
     if requested == "auto":
         candidates = list(AUTO_CUDA_BACKENDS) if device.type == "cuda" else ["native"]
-    elif device.type != "cuda" and requested not in ("native", "_native_math", "flex"):
+    elif device.type != "cuda" and requested not in ("native", "_native_math", "flex", fa4.NAME):
         applied.note(f"attention backend {requested!r} needs CUDA; using 'native' (PyTorch SDPA) on {device.type}")
         candidates = ["native"]
     for name in candidates:
+        if name == fa4.NAME:
+            reason, error = fa4.try_enable(pipe.transformer, device)
+            applied.attention_max_abs_error = error
+            if reason is None:
+                applied.attention_backend = name
+                applied.note(f"attention backend: {name} (local FlashAttention-4; max |FA4 - SDPA| {error:.1e})")
+                return
+            applied.note(f"attention backend {name!r} unavailable: {reason}")
+            continue
         reason = _try_backend(pipe.transformer, name)
         if reason is None:
             applied.attention_backend = name
@@ -103,9 +128,70 @@ def apply_float8(pipe: WanImageToVideoPipeline, device: torch.device, applied: A
     except ImportError:
         applied.note("float8 weights need torchao (`pip install torchao`); not applied")
         return
-    quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig())
+    quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(), filter_fn=float8_filter)
     applied.float8 = True
-    applied.note("transformer weights quantized to float8 (torchao, dynamic activations)")
+    lora = any("lora_" in name for name, _ in pipe.transformer.named_modules())
+    applied.note("transformer weights quantized to float8 (torchao, dynamic activations)"
+                 + ("; the unfused LoRA stays in bf16 on top" if lora else ""))
+
+
+def float8_filter(module: torch.nn.Module, fqn: str) -> bool:
+    """Which layers torchao quantizes: the base linears whose sizes float8 matmuls take (multiples of 16).
+
+    An unfused LoRA's small lora_A/lora_B (rank-sized) stay in bf16: PEFT adds them on top of the float8 base.
+    The separate projections that fused QKV left as views of the fused weights are not used: left as they are.
+    """
+    if not isinstance(module, torch.nn.Linear) or "lora_" in fqn:
+        return False
+    if module.weight._base is not None:  # a view into a fused QKV layer (apply_fuse_qkv): unused, keep it a view
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def apply_fuse_qkv(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
+    """One matmul for q, k, v (and k, v of the cross-attentions) with diffusers' own fusion: exact.
+
+    Not with an unfused LoRA (its adapters sit on the separate projections). diffusers keeps the separate
+    layers (for unfusing) with weights of their own, 14 GB more on the 14B model: they are made views into the
+    fused weights instead, so fusing costs no memory.
+    """
+    if any("lora_" in name for name, _ in pipe.transformer.named_modules()):
+        applied.note("fused QKV projections not applied: an unfused LoRA sits on the separate projections")
+        return
+    pipe.transformer.fuse_qkv_projections()
+    for module in pipe.transformer.modules():
+        if getattr(module, "fused_projections", False):
+            _share_fused(module, "to_qkv", ("to_q", "to_k", "to_v"))
+            _share_fused(module, "to_kv", ("to_k", "to_v"))
+            _share_fused(module, "to_added_kv", ("add_k_proj", "add_v_proj"))
+    applied.fused_qkv = True
+    applied.note("QKV projections fused (diffusers fuse_qkv_projections; the separate layers share its weights)")
+
+
+def _share_fused(module: torch.nn.Module, fused_name: str, part_names: tuple[str, ...]) -> None:
+    """Point each separate projection's weight and bias at its rows of the fused layer (views, no copies)."""
+    fused = getattr(module, fused_name, None)
+    if fused is None:
+        return
+    start = 0
+    for name in part_names:
+        part = getattr(module, name)
+        rows = slice(start, start + part.out_features)
+        part.weight = torch.nn.Parameter(fused.weight.data[rows], requires_grad=False)
+        if part.bias is not None:
+            part.bias = torch.nn.Parameter(fused.bias.data[rows], requires_grad=False)
+        start += part.out_features
+
+
+def apply_text_encoder_on_cpu(pipe: WanImageToVideoPipeline, device: torch.device, applied: Applied) -> None:
+    """Keep UMT5-XXL (11 GB in bf16) off the GPU: prompts are encoded on the CPU and cached (pipeline.embeddings).
+
+    A new prompt then costs a CPU encode (seconds; device_check measures it). Embeddings equal the GPU's up to
+    the rounding differences of CPU and GPU bf16 kernels.
+    """
+    pipe.text_encoder.to("cpu")
+    applied.text_encoder_on_cpu = True
+    applied.note(f"text encoder on the CPU (prompt embeddings computed there, then moved to {device.type})")
 
 
 def apply_step_cache(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied: Applied) -> None:
@@ -158,9 +244,42 @@ def apply_compile(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied:
     applied.note(f"transformer blocks compiled (dynamic={options.compile_dynamic}, mode={options.compile_mode})")
 
 
+def resolve_compile(options: SpeedOptions, device: torch.device) -> tuple[bool, str | None]:
+    """Compile or not, and why when the default (None) decides: on CUDA it is the fastest exact option
+    (2.89 vs 3.35 s a forward on an H200); off on the CPU (where 20+ s of compilation rarely pays) and with
+    offload or context parallelism (hooks that move weights mid-forward)."""
+    if options.compile is not None:
+        return options.compile, None
+    if device.type != "cuda":
+        return False, f"compile off by default on {device.type} (PARTICALIZE_COMPILE=1 to force)"
+    if options.memory_mode != "none" or options.context_parallel != "none":
+        return False, "compile off by default with offload or context parallelism (PARTICALIZE_COMPILE=1 to force)"
+    return True, "compile on by default on CUDA (--no-compile or PARTICALIZE_COMPILE=0 to opt out)"
+
+
+def compile_cache_for(
+    pipe: WanImageToVideoPipeline, options: SpeedOptions, applied: Applied, device: torch.device
+) -> CompileCache | None:
+    """The persistent compile cache of this configuration (None when off or nothing is compiled)."""
+    if not applied.compiled or options.compile_cache_dir is None:
+        return None
+    graph_options = {
+        "compile_dynamic": options.compile_dynamic,
+        "compile_mode": options.compile_mode,
+        "attention_backend": applied.attention_backend,
+        "float8": applied.float8,
+        "fused_qkv": applied.fused_qkv,
+        "step_cache": applied.step_cache,
+        "cfg_batch": applied.guidance_hook is not None,
+    }
+    return CompileCache(Path(options.compile_cache_dir), cache_key(pipe.transformer, device, graph_options))
+
+
 def apply_speed_options(pipe: WanImageToVideoPipeline, options: SpeedOptions, device: torch.device) -> Applied:
     applied = Applied()
     choose_attention(pipe, options.attention_backend, device, applied)
+    if options.fuse_qkv:
+        apply_fuse_qkv(pipe, applied)
     if options.float8:
         apply_float8(pipe, device, applied)
     if options.step_cache != "none":
@@ -173,6 +292,11 @@ def apply_speed_options(pipe: WanImageToVideoPipeline, options: SpeedOptions, de
             applied.note("classifier-free guidance batched: cond and uncond in one forward")
     if options.memory_mode != "none":
         apply_memory_mode(pipe, options.memory_mode, device, applied)
+    if options.text_encoder_on_cpu:
+        if options.memory_mode != "none":
+            applied.note(f"text encoder placement left to memory mode {options.memory_mode}")
+        else:
+            apply_text_encoder_on_cpu(pipe, device, applied)
     if options.vae_tiling:
         pipe.vae.enable_tiling()
         applied.vae_tiling = True
@@ -182,6 +306,9 @@ def apply_speed_options(pipe: WanImageToVideoPipeline, options: SpeedOptions, de
 
         degree = enable_context_parallel(pipe, options.context_parallel, device)
         applied.note(f"context parallelism: {options.context_parallel} over {degree} processes")
-    if options.compile:
+    compile_, why = resolve_compile(options, device)
+    if why:
+        applied.note(why)
+    if compile_:
         apply_compile(pipe, options, applied)
     return applied

@@ -38,22 +38,29 @@ class _Lru:
 class EmbeddingCache:
     """Exact: the cached tensors are the ones the pipeline would compute itself."""
 
-    def __init__(self, pipe: WanImageToVideoPipeline, size: int = 16) -> None:
+    def __init__(
+        self, pipe: WanImageToVideoPipeline, size: int = 16, encode_device: torch.device | None = None
+    ) -> None:
         self.pipe = pipe
         self.prompts = _Lru(size)
+        self.encode_device = encode_device
+        """Where the text encoder runs when not on the generating device (e.g. the CPU, to save GPU memory)."""
 
     @torch.no_grad()
     def prompt_embeds(
         self, prompt: str, negative: str, guidance: bool, max_sequence_length: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         def make() -> tuple[torch.Tensor, torch.Tensor | None]:
-            return self.pipe.encode_prompt(
+            embeds, negative_embeds = self.pipe.encode_prompt(
                 prompt=prompt,
                 negative_prompt=negative,
                 do_classifier_free_guidance=guidance,
                 num_videos_per_prompt=1,
                 max_sequence_length=max_sequence_length,
-                device=device,
+                device=self.encode_device or device,
             )
+            if self.encode_device is None:
+                return embeds, negative_embeds
+            return embeds.to(device), None if negative_embeds is None else negative_embeds.to(device)
 
         return self.prompts.get_or_make((prompt, negative if guidance else None, max_sequence_length), make)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options
+from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options, compile_cache_for, resolve_compile
 from pipeline.embeddings import EmbeddingCache
 from pipeline.errors import Interrupted, InvalidParameter
 from pipeline.fast import FAST, NORMAL, FastMode
@@ -76,6 +76,7 @@ class VideoGenerator:
         lora_strict: bool = True,
         mode: str = NORMAL,
         fast: FastMode | None = None,
+        random_weights: bool = False,
     ) -> None:
         started = time.perf_counter()
         self.preset = preset
@@ -86,7 +87,10 @@ class VideoGenerator:
 
             self.device = rank_device(self.device)
         offloaded = speed.memory_mode != "none"
-        self.pipe = load_base_pipeline(preset, weights_dir, self.device, place=not offloaded)
+        self.random_weights = random_weights and not preset.is_tiny
+        """Real-size model built with random values (pipeline.random_weights): every video is noise."""
+        self.pipe = load_base_pipeline(preset, weights_dir, self.device, place=not offloaded,
+                                       random_weights=random_weights)
         self.pipe.set_progress_bar_config(disable=True)
         if mode == FAST and speed_lora is None:
             raise ValueError("fast mode needs a step-distilled speed LoRA: set PARTICALIZE_SPEED_LORA")
@@ -94,7 +98,7 @@ class VideoGenerator:
         stack = ([(Path(lora_path), lora_strength)] if lora_path is not None else []) + list(loras)
         for path, strength in stack:
             self.lora_stack.load(path, strength)
-        if stack and speed.compile and not fuse_lora:
+        if stack and resolve_compile(speed, self.device)[0] and not fuse_lora:
             log.info("fusing the LoRAs before compiling (compiled graphs should not carry adapter layers)")
             fuse_lora = True
         if fuse_lora:
@@ -106,15 +110,21 @@ class VideoGenerator:
         self.lora_stack.use(mode == FAST)
         self.speed = speed
         self.applied: Applied = apply_speed_options(self.pipe, speed, self.device)
-        self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size)
+        encode_device = torch.device("cpu") if self.applied.text_encoder_on_cpu else None
+        self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size, encode_device=encode_device)
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
         self.fast_schedulers = ShiftedSchedulers(step_distill_scheduler(self.fast.flow_shift))
         self.limits = limits or Limits()
         self.max_sequence_length = max_sequence_length or getattr(self.pipe.tokenizer, "model_max_length", 512)
         self.max_sequence_length = min(self.max_sequence_length, 512)
         self._lock = threading.Lock()
-        if speed.compile:
+        if self.applied.compiled:
+            cache = compile_cache_for(self.pipe, speed, self.applied, self.device)
+            if cache is not None:
+                cache.load()
             self.warmup()
+            if cache is not None:
+                cache.save()
         self.load_seconds = time.perf_counter() - started
         log.info("model %s ready on %s in %.1fs", preset.name, self.device, self.load_seconds)
 
@@ -251,6 +261,7 @@ def generator_from_settings(settings: Settings) -> VideoGenerator:
         fuse_lora=settings.fuse_lora,
         limits=limits_from_settings(settings),
         speed=speed_from_settings(settings),
+        random_weights=settings.random_weights,
     )
 
 
@@ -269,5 +280,9 @@ def speed_from_settings(settings: Settings) -> SpeedOptions:
         float8=settings.float8,
         encode_cache_size=settings.encode_cache_size,
         context_parallel=settings.context_parallel,
+        compile_cache_dir=(settings.compile_cache_dir or settings.data_dir / "compile-cache")
+        if settings.compile_cache else None,
+        fuse_qkv=settings.fuse_qkv,
+        text_encoder_on_cpu=settings.text_encoder_on_cpu,
     )
 

@@ -26,6 +26,11 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def serving_dtype_for(device: torch.device) -> torch.dtype:
+    """The transformer's and text encoder's dtype on this device."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def preset_dir(preset: ModelPreset, weights_dir: Path) -> Path:
     """Where a preset's diffusers snapshot lives on disk."""
     return preset.local_dir or (weights_dir / preset.name)
@@ -61,12 +66,18 @@ def fetch_hint(preset: ModelPreset) -> str:
 
 
 def load_base_pipeline(
-    preset: ModelPreset, weights_dir: Path, device: torch.device, place: bool = True
+    preset: ModelPreset, weights_dir: Path, device: torch.device, place: bool = True, random_weights: bool = False
 ) -> WanImageToVideoPipeline:
     """Transformer and text encoder in bf16 on CUDA; VAE and CLIP image encoder in float32 (as Wan's reference).
 
-    `place=False` leaves the weights on the CPU for an offload mode to place them.
+    `place=False` leaves the weights on the CPU for an offload mode to place them. `random_weights` builds the
+    real-size model in code instead of reading it (pipeline.random_weights: its videos are noise).
     """
+    if random_weights and not preset.is_tiny:
+        from pipeline.random_weights import NOISE_WARNING, build_random_pipeline
+
+        log.warning("%s: building %s on %s", NOISE_WARNING, preset.name, device if place else "cpu")
+        return build_random_pipeline(device if place else torch.device("cpu"), dtype=serving_dtype_for(device))
     if preset.is_tiny:
         from pipeline.tiny import build_tiny_pipeline
 

@@ -54,7 +54,7 @@ TINY_TRANSFORMER_CONFIG = dict(
 )
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
+def _tokenizer(model_max_length: int = MAX_SEQUENCE_LENGTH) -> PreTrainedTokenizerFast:
     """Byte-level vocabulary: every prompt tokenizes, and different prompts give different ids."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
@@ -68,7 +68,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         eos_token="</s>",
         unk_token="<unk>",
-        model_max_length=MAX_SEQUENCE_LENGTH,
+        model_max_length=model_max_length,
     )
 
 

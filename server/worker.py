@@ -386,6 +386,11 @@ def run_worker(
     loras = getattr(generator, "loras", [])
     if loras:  # what /ready lists: each LoRA, its strength, and whether fast mode is there
         loaded += "; LoRAs: " + "; ".join(info.describe() for info in loras)
+    if getattr(generator, "random_weights", False):
+        from pipeline.random_weights import NOISE_WARNING
+
+        loaded = f"{NOISE_WARNING}; {loaded}"
+        log.warning("worker %s: %s", worker_id, NOISE_WARNING)
     store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device=str(generator.device),
                           state="stopping" if stop_event.is_set() else "ready", detail=loaded, version=__version__)
     log.info("worker %s ready: model %s on %s", worker_id, settings.model, generator.device)

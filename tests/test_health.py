@@ -131,3 +131,18 @@ def test_the_version_migration_keeps_the_workers_registered_before_it(db_url: st
     (row,) = TaskStore(db).workers()
     assert (row.id, row.version) == ("old/gpu0", "")
     db.dispose()
+
+
+def test_ready_says_loudly_when_a_worker_serves_random_weights(client: TestClient, settings, tiny_generator,
+                                                               monkeypatch):
+    monkeypatch.setattr(tiny_generator, "random_weights", True)
+    stop = threading.Event()
+    stop.set()
+    assert run_worker(settings, stop, generator=tiny_generator) == 0
+    (row,) = store_of(client).workers()
+    assert "RANDOM WEIGHTS" in row.detail and "noise" in row.detail
+    store_of(client).register_worker("n1/gpu0", pid=1, model="wan2.1-i2v-14b-480p", device="cuda:0", state="ready",
+                                     detail=row.detail)
+    body = client.get("/ready").json()
+    assert body["workers"] == "1"
+    assert "n1/gpu0" in body["warning"] and "RANDOM WEIGHTS" in body["warning"] and "noise" in body["warning"]

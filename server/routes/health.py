@@ -28,6 +28,8 @@ router = APIRouter()
 PROBE_TIMEOUT_SECONDS = 5.0
 """A database that has not answered in this long counts as down (a probe must answer quickly)."""
 SERVING_STATES = ("ready", "busy")
+RANDOM_WEIGHTS_MARK = "RANDOM WEIGHTS"
+"""In a worker's detail when it serves a model built with random values (pipeline.random_weights)."""
 
 
 class Unhealthy(Exception):
@@ -93,8 +95,13 @@ def _ready(services: Any) -> dict[str, Any]:
     if reason is not None:
         raise Unhealthy(reason)
     serving = [w for w in workers if is_serving(store, w, now)]
-    return {"database": "ok", "workers": str(len(serving)),
-            "loaded": [{"worker": w.id, "model": w.model, "detail": w.detail} for w in serving]}
+    answer: dict[str, Any] = {"database": "ok", "workers": str(len(serving)),
+                              "loaded": [{"worker": w.id, "model": w.model, "detail": w.detail} for w in serving]}
+    noise = [w.id for w in serving if RANDOM_WEIGHTS_MARK in (w.detail or "")]
+    if noise:
+        answer["warning"] = (f"worker(s) {', '.join(noise)} run RANDOM WEIGHTS (--random-weights): every video they "
+                             "make is noise; for measuring speed and memory only")
+    return answer
 
 
 @router.get("/health")

@@ -1,0 +1,447 @@
+"""One GPU run that takes every figure issue 11 asks for, on the real-size model built with random weights.
+
+    python -m benchmarks.device_check                 # real size (Wan2.1 I2V 14B, 480P, 81 frames); one GPU, ~4-5 min
+    python -m benchmarks.device_check --small         # the tiny preset at 48x32: a CPU check that every part runs
+    python -m benchmarks.device_check --lora fast.safetensors   # fast mode with a step-distilled LoRA (fused)
+
+What it measures, in this order (each part is skipped, with the reason, when the time budget would be passed
+or the part cannot run here; one failing part is recorded and the rest still run):
+
+ 1. build: the pipeline with random weights (pipeline.random_weights), parameter counts, GPU memory after it.
+ 2. eager step: the pre-issue-11 default (SDPA, eager): seconds per denoising step with CFG, first step (with
+    encoding), VAE decode + postprocess after the last step, peak GPU memory.
+ 3. attention kernels alone at this video's self-attention shape (benchmarks.bench_attention), and one eager
+    transformer forward with FlashAttention-4 when it is installed and supported.
+ 4. compile: regional compile (compile_repeated_blocks, dynamic shapes) with auto attention: first forward
+    (compilation), then the forward; the compile cache saved (pipeline.compile_cache).
+ 5. warm restart: dynamo reset, an empty inductor cache directory, the saved cache loaded, then the server's
+    warm-up run: "model loaded to ready" with a warm cache. (In-process: some in-memory state survives, so a
+    real restart may take a little longer.)
+ 6. default step: the new default on CUDA (compiled, auto attention): seconds per step, a 30-step video
+    estimate, peak GPU memory; then one compiled forward under torch.profiler (top 15 kernels by time, printed
+    and in the JSON): what to cut next in the non-attention half.
+ 7. fast mode: 4 steps, guidance scale 1 (one forward per step), a new prompt (text encoder included), VAE
+    decode included: seconds per video.
+ 8. VAE decode of the whole video alone, float32 (as served) and bfloat16.
+ 9. text encoder on the CPU: GPU memory freed by moving it.
+10. float8 (torchao, dynamic activations) + compile: first forward (compile), then the forward.
+11. one prompt (and the negative) encoded on the CPU: what a new prompt costs with the text encoder kept there
+    (last: it runs only when the budget has time left).
+
+Writes benchmarks/results/device-check-<cuda|cpu-small>.json and prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.bench_attention import measure as measure_attention
+from benchmarks.flops import step_flops
+from benchmarks.timing import peak_gib, reset_peak, synchronize, timed
+from pipeline.acceleration import Applied, SpeedOptions, apply_compile, apply_float8, choose_attention
+from pipeline.compile_cache import CompileCache, cache_key
+from pipeline.generator import StepProgress, VideoGenerator
+from pipeline.params import GenerationParams
+from pipeline.presets import get_preset
+
+PROMPT = "a dog is crystallizing, fracturing, and disintegrating into sharp, translucent shards"
+SECONDS_PER_30_STEPS = 30
+
+
+class Check:
+    """Runs the parts within a time budget and collects their rows and details."""
+
+    def __init__(self, budget_s: float, device: torch.device, skip: set[str]) -> None:
+        self.started = time.perf_counter()
+        self.skip = skip
+        self.budget_s = budget_s
+        self.device = device
+        self.rows: list[dict[str, Any]] = []
+        self.parts: dict[str, Any] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def row(self, what: str, value: float | None, unit: str, note: str = "") -> None:
+        self.rows.append({"what": what, "value": value, "unit": unit, "note": note})
+
+    def part(self, name: str, estimate_s: float, fn: Callable[[], Any]) -> None:
+        if name in self.skip:
+            self.parts[name] = {"skipped": "--skip"}
+            return
+        left = self.budget_s - self.elapsed()
+        if estimate_s > left:
+            self.parts[name] = {"skipped": f"time budget: needs ~{estimate_s:.0f}s, {left:.0f}s left"}
+            self.row(name, None, "", self.parts[name]["skipped"])
+            return
+        started = time.perf_counter()
+        try:
+            result = fn()
+            self.parts[name] = {"seconds": time.perf_counter() - started, **(result or {})}
+        except Exception as exc:  # record and go on: one part failing must not hide the others
+            self.parts[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+            self.row(name, None, "", f"ERROR {type(exc).__name__}: {str(exc)[:150]}")
+
+
+def _versions() -> dict[str, str | None]:
+    found = {}
+    for name in ("torch", "diffusers", "transformers", "torchao", "flash-attn-4", "nvidia-cutlass-dsl"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _run_steps(gen: VideoGenerator, params: GenerationParams, image: Image.Image) -> dict[str, Any]:
+    """One video with a timestamp per step: (per-step seconds from step 2 on, first step, last step to return)."""
+    stamps: list[float] = []
+
+    def progress(p: StepProgress) -> None:
+        synchronize(gen.device)
+        stamps.append(time.perf_counter())
+
+    reset_peak(gen.device)
+    synchronize(gen.device)
+    started = time.perf_counter()
+    video = gen.generate(params, image, progress=progress)
+    synchronize(gen.device)
+    ended = time.perf_counter()
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {
+        "video_s": ended - started,
+        "step_s": float(np.median(steps)) if steps else None,
+        "first_step_s": stamps[0] - started,
+        "last_step_to_return_s": ended - stamps[-1],
+        "peak_gib": peak_gib(gen.device),
+        "frames_shape": list(video.frames.shape),
+    }
+
+
+class Inputs:
+    """The transformer's real inputs, captured from its first call in a run (for timing forwards alone)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.args: tuple | None = None
+        self.kwargs: dict | None = None
+        self._handle = transformer.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.args is None:
+            self.args, self.kwargs = args, dict(kwargs)
+            self._handle.remove()
+
+
+def _forward(gen: VideoGenerator, inputs: Inputs) -> Callable[[], Any]:
+    def call() -> Any:
+        with torch.no_grad():
+            return gen.pipe.transformer(*inputs.args, **inputs.kwargs)
+
+    return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="the tiny preset at 48x32, 9 frames: runs on a CPU")
+    p.add_argument("--model", default="wan2.1-i2v-14b-480p", help="a real preset (built with random weights)")
+    p.add_argument("--lora", type=Path, help="a LoRA for fast mode (e.g. a 4-step distilled one); fused at load")
+    p.add_argument("--budget-s", type=float, default=270.0, help="skip parts that would pass this many seconds")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: eager_step, attention, compile, "
+                   "warm_restart, default_step, profile, fast_mode, vae_decode, text_encoder_cpu, float8, "
+                   "text_encoder_cpu_encode")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
+    small = args.small
+    skip = {s for s in args.skip.split(",") if s}
+    if small:
+        params = GenerationParams(width=48, height=32, numFrames=9, steps=3, scale=5.0, flowShift=5.0, seed=1,
+                                  prompt=PROMPT)
+    else:
+        params = GenerationParams(width=832, height=480, numFrames=81, steps=3, scale=5.0, flowShift=5.0, seed=1,
+                                  prompt=PROMPT)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (params.height, params.width, 3), np.uint8))
+    check = Check(args.budget_s, device, skip)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or ''}"
+    tmp = Path(tempfile.mkdtemp(prefix="device-check-"))
+    state: dict[str, Any] = {}
+    flops = None if small else step_flops(params.height, params.width, params.num_frames).per_forward
+
+    def tflops(seconds: float) -> str:
+        return f"{flops / seconds / 1e12:.0f} TFLOP/s" if flops else ""
+
+    # 1. build -----------------------------------------------------------------------------------------
+    def build() -> dict[str, Any]:
+        from pipeline.random_weights import parameter_counts
+
+        reset_peak(device)
+        started = time.perf_counter()
+        gen = VideoGenerator(get_preset("tiny" if small else args.model), weights_dir=tmp / "weights",
+                             device=device.type, lora_path=args.lora, fuse_lora=args.lora is not None,
+                             speed=SpeedOptions(attention_backend="native", compile=False), random_weights=not small)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        state["gen"] = gen
+        counts = {k: v / 1e9 for k, v in parameter_counts(gen.pipe).items()}
+        shown = ", ".join(f"{k} {v:.2f} B" if v >= 0.01 else f"{k} {v * 1e3:.2f} M" for k, v in counts.items())
+        memory = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        check.row("build (random weights, on the device)" if not small else "build (tiny preset)", seconds, "s",
+                  shown)
+        if memory is not None:
+            check.row("GPU memory after build", memory, "GiB")
+        return {"parameters_billion": counts, "memory_after_build_gib": memory}
+
+    check.part("build", 60, build)
+    gen: VideoGenerator | None = state.get("gen")
+    if gen is None:
+        return _finish(check, args, name, params, small)
+    inputs = Inputs(gen.pipe.transformer)
+
+    # 2. eager step (the default before issue 11) -------------------------------------------------------
+    def eager_step() -> dict[str, Any]:
+        r = _run_steps(gen, params, image)
+        check.row("step, eager SDPA (old default), CFG", r["step_s"], "s/step", "steps 2..N")
+        check.row("first step incl. encoders", r["first_step_s"], "s")
+        check.row("VAE decode + postprocess after last step", r["last_step_to_return_s"], "s")
+        check.row("peak GPU memory, eager default", r["peak_gib"], "GiB")
+        return r
+
+    check.part("eager_step", 40, eager_step)
+    if inputs.kwargs is None:  # eager_step skipped: one short run to capture the transformer's inputs
+        gen.generate(params.model_copy(update={"steps": 1}), image)
+
+    # 3. attention kernels ------------------------------------------------------------------------------
+    def attention() -> dict[str, Any]:
+        config = gen.pipe.transformer.config
+        latents = inputs.kwargs.get("hidden_states", inputs.args[0] if inputs.args else None)
+        patch = config.patch_size
+        tokens = (latents.shape[2] // patch[0]) * (latents.shape[3] // patch[1]) * (latents.shape[4] // patch[2])
+        dtype = next(gen.pipe.transformer.parameters()).dtype
+        rows = measure_attention(1, config.num_attention_heads, tokens, config.attention_head_dim, dtype, device,
+                                 repeats=5 if small else 10)
+        for r in rows:
+            if "ms" in r:
+                check.row(f"attention {r['kernel']}", r["ms"], "ms/call",
+                          f"{r['tflops']:.0f} TFLOP/s; max|d| vs SDPA {r['max_abs_diff_vs_sdpa']:.1e}")
+        out: dict[str, Any] = {"tokens": tokens, "kernels": rows}
+        applied = Applied()
+        choose_attention(gen.pipe, "flash_4", device, applied)
+        if applied.attention_backend == "flash_4":
+            seconds, _ = timed(_forward(gen, inputs), device, repeats=1, warmup=1)
+            check.row("forward, eager, FlashAttention-4", seconds, "s", tflops(seconds))
+            out["fa4_forward_s"] = seconds
+        else:
+            check.row("forward, eager, FlashAttention-4", None, "", next(n for n in applied.notes if "flash_4" in n))
+        out["fa4_notes"] = applied.notes
+        return out
+
+    if inputs.kwargs is not None:
+        check.part("attention", 30, attention)
+
+    # 4. compile ----------------------------------------------------------------------------------------
+    cache_dir = tmp / "compile-cache"
+    speed = SpeedOptions(attention_backend="auto", compile=True)
+
+    def compile_part() -> dict[str, Any]:
+        applied = Applied()
+        choose_attention(gen.pipe, "auto", device, applied)
+        apply_compile(gen.pipe, speed, applied)
+        gen.applied.compiled = True
+        gen.applied.attention_backend = applied.attention_backend
+        state["cache"] = CompileCache(cache_dir, cache_key(gen.pipe.transformer, device, {"check": "compile"}))
+        state["cache"].load()
+        first, _ = timed(_forward(gen, inputs), device)
+        seconds, _ = timed(_forward(gen, inputs), device, repeats=1 if small else 2)
+        saved = state["cache"].save()
+        check.row("first forward, compiling", first, "s", f"attention {applied.attention_backend}")
+        check.row("forward, compiled", seconds, "s", tflops(seconds))
+        size = state["cache"].path.stat().st_size / 1e6 if saved else None
+        check.row("compile cache saved", size, "MB")
+        return {"first_forward_s": first, "forward_s": seconds, "attention": applied.attention_backend,
+                "cache_mb": size}
+
+    if inputs.kwargs is not None:
+        check.part("compile", 40 if small else 45, compile_part)
+
+    # 5. warm restart -----------------------------------------------------------------------------------
+    def warm_restart() -> dict[str, Any]:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor-after-restart")
+        os.environ["TRITON_CACHE_DIR"] = str(tmp / "triton-after-restart")
+        started = time.perf_counter()
+        loaded = state["cache"].load()
+        gen.warmup()
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        check.row("model loaded to ready, warm compile cache", seconds, "s",
+                  f"cache {'loaded' if loaded else 'NOT loaded'}; target <= 15 s")
+        return {"seconds": seconds, "cache_loaded": loaded}
+
+    if "cache" in state:
+        check.part("warm_restart", 20 if small else 40, warm_restart)
+
+    # 6. default step -----------------------------------------------------------------------------------
+    def default_step() -> dict[str, Any]:
+        r = _run_steps(gen, params, image)
+        check.row(f"step, default ({'compiled, ' if gen.applied.compiled else ''}"
+                  f"{gen.applied.attention_backend}), CFG", r["step_s"], "s/step", "steps 2..N")
+        if r["step_s"]:
+            check.row("30-step video (estimate: first step + 29 steps + decode)",
+                      r["first_step_s"] + 29 * r["step_s"] + r["last_step_to_return_s"], "s")
+        check.row("peak GPU memory, default", r["peak_gib"], "GiB")
+        return r
+
+    check.part("default_step", 30 if not small else 10, default_step)
+
+    # 6b. profile: where the compiled forward's time goes (the non-attention half is the larger gap) ----------
+    def profile() -> dict[str, Any]:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        cuda = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profiler(activities=activities) as prof:
+            _forward(gen, inputs)()
+            synchronize(device)
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"  # self: kernels, not their callers
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        total = sum(getattr(e, key) for e in events) or 1.0
+        top = [{"name": e.key[:100], "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total,
+                "calls": e.count} for e in events[:15]]
+        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+        if top:
+            check.row("profiled compiled forward: top kernel", top[0]["ms"], "ms",
+                      f"{top[0]['share']:.0%} of the time: {top[0]['name'][:60]}")
+        return {"top_by_time": top}
+
+    if inputs.kwargs is not None:
+        check.part("profile", 5 if small else 15, profile)
+
+    # 7. fast mode --------------------------------------------------------------------------------------
+    def fast_mode() -> dict[str, Any]:
+        fast = params.model_copy(update={"steps": 4, "scale": 1.0, "prompt": PROMPT + ", fast"})
+        r = _run_steps(gen, fast, image)
+        lora = f"LoRA {args.lora.name}" if args.lora else "no LoRA (random weights: the timing is the same)"
+        check.row("fast mode video (4 steps, scale 1, encoders + VAE)", r["video_s"], "s", f"{lora}; target <= 10 s")
+        return r
+
+    check.part("fast_mode", 25 if not small else 10, fast_mode)
+
+    # 8. VAE decode -------------------------------------------------------------------------------------
+    def vae_decode() -> dict[str, Any]:
+        vae = gen.pipe.vae
+        frames = (params.num_frames - 1) // gen.pipe.vae_scale_factor_temporal + 1
+        shape = (1, vae.config.z_dim, frames, params.height // gen.pipe.vae_scale_factor_spatial,
+                 params.width // gen.pipe.vae_scale_factor_spatial)
+        out = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            vae.to(dtype)
+            latents = torch.randn(shape, device=device, dtype=dtype)
+            with torch.no_grad():
+                seconds, _ = timed(lambda latents=latents: vae.decode(latents, return_dict=False), device,
+                                   warmup=1 if dtype == torch.float32 else 0)
+            out[str(dtype)] = seconds
+            check.row(f"VAE decode alone, {str(dtype).split('.')[-1]}", seconds, "s")
+        vae.to(torch.float32)
+        return out
+
+    check.part("vae_decode", 15, vae_decode)
+
+    # 9. text encoder on the CPU ------------------------------------------------------------------------
+    def text_encoder_cpu() -> dict[str, Any]:
+        if device.type != "cuda":
+            check.row("GPU memory freed by text encoder on CPU", None, "", "no GPU")
+            return {}
+        before = torch.cuda.memory_allocated(device)
+        gen.pipe.text_encoder.to("cpu")
+        torch.cuda.empty_cache()
+        freed = (before - torch.cuda.memory_allocated(device)) / 2**30
+        gen.pipe.text_encoder.to(device)
+        check.row("GPU memory freed by text encoder on CPU", freed, "GiB")
+        return {"freed_gib": freed}
+
+    check.part("text_encoder_cpu", 10, text_encoder_cpu)
+
+    # 10. float8 ----------------------------------------------------------------------------------------
+    def float8() -> dict[str, Any]:
+        import torch._dynamo
+
+        applied = Applied()
+        apply_float8(gen.pipe, device, applied)
+        if not applied.float8:
+            check.row("forward, float8 + compiled", None, "", applied.notes[-1])
+            return {"notes": applied.notes}
+        torch._dynamo.reset()
+        apply_compile(gen.pipe, speed, applied)
+        first, _ = timed(_forward(gen, inputs), device)
+        seconds, _ = timed(_forward(gen, inputs), device, repeats=2)
+        check.row("first forward, float8, compiling", first, "s")
+        check.row("forward, float8 + compiled", seconds, "s", tflops(seconds))
+        check.row("step, float8 + compiled, CFG (estimate: 2 forwards)", 2 * seconds, "s/step", "target <= 4.0")
+        memory = torch.cuda.memory_allocated(device) / 2**30
+        check.row("GPU memory allocated with float8 transformer", memory, "GiB")
+        return {"first_forward_s": first, "forward_s": seconds, "memory_gib": memory}
+
+    if inputs.kwargs is not None:
+        check.part("float8", 5 if small else 100, float8)
+
+    # 11. one prompt encoded on the CPU (what a new prompt costs with the text encoder kept there) ------------
+    def text_encoder_cpu_encode() -> dict[str, Any]:
+        from pipeline.embeddings import EmbeddingCache
+
+        encoder_device = next(gen.pipe.text_encoder.parameters()).device
+        gen.pipe.text_encoder.to("cpu")
+        try:
+            cache = EmbeddingCache(gen.pipe, 0, encode_device=torch.device("cpu"))
+            seconds, _ = timed(lambda: cache.prompt_embeds(PROMPT, params.negative_prompt, True,
+                                                           gen.max_sequence_length, device), device)
+        finally:
+            gen.pipe.text_encoder.to(encoder_device)
+        check.row("prompt + negative encoded on the CPU (new prompt)", seconds, "s",
+                  f"{torch.get_num_threads()} CPU threads; cached prompts skip it")
+        return {"seconds": seconds, "threads": torch.get_num_threads()}
+
+    check.part("text_encoder_cpu_encode", 5 if small else 60, text_encoder_cpu_encode)
+
+    return _finish(check, args, name, params, small)
+
+
+def _finish(check: Check, args: argparse.Namespace, name: str, params: GenerationParams, small: bool) -> int:
+    total = check.elapsed()
+    print(f"\ndevice check, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {name}, "
+          f"{'tiny preset (--small)' if small else args.model + ' with random weights'}, "
+          f"{params.width}x{params.height}, {params.num_frames} frames; {total:.0f} s in all")
+    print(f"{'what':<58}{'value':>12}  {'unit':<9} note")
+    for r in check.rows:
+        value = "-" if r["value"] is None else f"{r['value']:.3f}" if r["value"] < 100 else f"{r['value']:.1f}"
+        print(f"{r['what']:<58}{value:>12}  {r['unit']:<9} {r['note']}")
+    out = args.out or Path(f"benchmarks/results/device-check-{'cpu-small' if small else check.device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "device": name, "versions": _versions(),
+            "small": small, "inputs": params.wiro_inputs(), "total_s": total, "rows": check.rows,
+            "parts": check.parts}
+    out.write_text(json.dumps(body, indent=2, default=str))
+    print(f"wrote {out}")
+    failed = [k for k, v in check.parts.items() if "error" in v]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""benchmarks.device_check --small runs every part to completion on the CPU, so the one GPU run it is written for
+does not fail on a bug that a CPU could have shown."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from benchmarks import device_check
+
+PARTS = ("build", "eager_step", "attention", "compile", "warm_restart", "default_step", "profile", "fast_mode",
+         "vae_decode", "text_encoder_cpu", "float8", "text_encoder_cpu_encode")
+
+
+def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monkeypatch, capsys):
+    import torch._dynamo
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    # the warm-restart part points these at fresh directories; give them back afterwards
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir())
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    out = tmp_path / "check.json"
+    try:
+        code = device_check.main(["--small", "--out", str(out)])
+    finally:
+        torch._dynamo.reset()
+    body = json.loads(out.read_text())
+    assert code == 0, {k: v.get("error") for k, v in body["parts"].items()}
+    assert set(body["parts"]) == set(PARTS)
+    assert not any("error" in part or "skipped" in part for part in body["parts"].values())
+    assert body["parts"]["warm_restart"]["cache_loaded"] is True
+    assert body["parts"]["compile"]["cache_mb"] > 0
+    assert body["parts"]["float8"]["notes"]  # on a CPU: refused, with the reason
+    rows = {r["what"]: r for r in body["rows"]}
+    assert rows["step, eager SDPA (old default), CFG"]["value"] > 0
+    assert rows["fast mode video (4 steps, scale 1, encoders + VAE)"]["value"] > 0
+    assert "attention sdpa" in rows
+    assert body["parts"]["profile"]["top_by_time"][0]["ms"] > 0
+    printed = capsys.readouterr().out
+    assert "device check" in printed and "forward, compiled" in printed

@@ -160,12 +160,14 @@ time.sleep(60)
 """
 
 
-def test_the_supervisor_waits_the_grace_period_plus_a_margin_before_sigkill(tmp_path, monkeypatch):
+def test_the_supervisor_waits_the_grace_period_and_the_finishing_time_plus_a_margin_before_sigkill(
+    tmp_path, monkeypatch
+):
     monkeypatch.setattr(supervisor, "STOP_MARGIN_SECONDS", 0.5)
-    settings = make_settings(tmp_path, shutdown_grace_seconds=1.0)
+    settings = make_settings(tmp_path, shutdown_grace_seconds=0.7, shutdown_finish_seconds=0.3)
     procs = WorkerProcesses(settings, 0)
     assert procs.stop_timeout == 1.5
-    assert WorkerProcesses(make_settings(tmp_path, shutdown_grace_seconds=30), 1).stop_timeout == 30.5
+    assert WorkerProcesses(make_settings(tmp_path), 1).stop_timeout == 1200 + 120 + 0.5
     for slot, mode in enumerate(("ignore", "obey")):
         child = subprocess.Popen([sys.executable, "-c", CHILD, mode], stdout=subprocess.PIPE)
         assert child.stdout.readline() == b"up\n"

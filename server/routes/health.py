@@ -60,6 +60,8 @@ def not_ready_reason(store: TaskStore, workers: Iterable[Any], now: float) -> st
         if w.state in SERVING_STATES:
             seen.append(f"{w.id} last seen {now - w.heartbeat_at:.0f}s ago (more than the {store.lease_seconds:g}s "
                         "lease)")
+        elif w.state == "paused" and w.detail:
+            seen.append(f"{w.id} is paused: {w.detail}")  # e.g. its disk is below the floor
         else:
             seen.append(f"{w.id} is {w.state}")
     if not seen:

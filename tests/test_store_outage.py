@@ -1,0 +1,226 @@
+"""A store outage is an answer, not a 500, and costs no finished work: every route answers 503 in the error
+shape with Retry-After; a worker rides out an outage quietly (one log line when it starts, one when it ends),
+keeps the video it made and records it once the store is back, even when its lease ran out meanwhile and the
+task was requeued (a result lands exactly once, the video is never made twice)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from server.app import create_app
+from server.auth import Authenticator
+from server.services import Services
+from server.storage import Storage
+from server.store import Database, DbNonceStore, TaskLost, TaskStore
+from server.store.outage import RETRY_AFTER_SECONDS, StoreHealth, is_outage
+from server.worker import Worker
+from tests.conftest import make_settings
+from tests.images import png_bytes
+from tests.test_worker import IMAGE_URL, SMALL, WORKER, FakeFetch, Spy
+
+UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2"
+RUN = "/v1/Run/codexq/Particalize"
+
+
+def outage_error() -> OperationalError:
+    return OperationalError("UPDATE tasks ...", {}, ConnectionRefusedError("connection refused"))
+
+
+def assert_outage_answer(answer) -> None:
+    assert answer.status_code == 503, (answer.status_code, answer.text)
+    assert answer.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+    body = answer.json()
+    assert body["result"] is False and body["errors"][0]["code"] == 0, body
+    assert "task store is unavailable" in body["errors"][0]["message"]
+    assert "connection refused" not in body["errors"][0]["message"], "no driver details for a client"
+
+
+def test_outages_are_told_from_bugs():
+    assert is_outage(outage_error())
+    assert is_outage(OperationalError("INSERT", {}, Exception("database or disk is full")))
+    assert not is_outage(IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed")))
+    assert not is_outage(ValueError("x"))
+
+
+def test_every_route_answers_503_with_retry_after_when_the_database_is_down(tmp_path: Path):
+    settings = make_settings(tmp_path, UNREACHABLE_DB)
+    db = Database(UNREACHABLE_DB)
+    services = Services(settings, TaskStore.from_settings(db, settings), Storage.from_settings(settings),
+                        Authenticator({}, DbNonceStore(db), settings.nonce_window_seconds))
+    image = ("in.png", png_bytes(40, 40), "image/png")
+    with TestClient(create_app(settings, services=services), raise_server_exceptions=False) as client:
+        assert_outage_answer(client.post(RUN, data={"prompt": "x", **SMALL}, files={"inputImage": image}))
+        for path in ("/v1/Task/Detail", "/v1/Task/Kill", "/v1/Task/Cancel"):
+            assert_outage_answer(client.post(path, json={"taskid": "1"}))
+        assert_outage_answer(client.post("/v1/Task/Detail", json={"tasktoken": "abc"}))
+        assert_outage_answer(client.get("/healthz"))
+        assert client.get("/health").status_code == 503
+    db.dispose()
+
+
+# --- the worker ------------------------------------------------------------------------------------------------
+
+
+class FlakyStore:
+    """The real store, except that every call fails as an unreachable database does while `down` is set."""
+
+    def __init__(self, inner: TaskStore) -> None:
+        self.inner = inner
+        self.down = threading.Event()
+        self.failed_calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.inner, name)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down.is_set():
+                self.failed_calls += 1
+                raise outage_error()
+            return value(*args, **kwargs)
+
+        return call
+
+
+class Outage(Spy):
+    """The real generator; the store goes down after `at` steps and the video is made during the outage;
+    `meanwhile()` runs once the video is made, still during the outage; then the store comes back."""
+
+    def __init__(self, inner, flaky: FlakyStore, at: int, down_for: float, meanwhile=None) -> None:
+        super().__init__(inner)
+        self.flaky, self.at, self.down_for, self.meanwhile = flaky, at, down_for, meanwhile
+
+    def generate(self, params, image, progress=None, should_stop=None):
+        def watched(p):
+            if p.step == self.at:
+                self.flaky.down.set()
+            if progress is not None:
+                progress(p)
+
+        video = super().generate(params, image, progress=watched, should_stop=should_stop)
+
+        def come_back() -> None:
+            time.sleep(self.down_for)
+            if self.meanwhile is not None:
+                self.meanwhile()
+            self.flaky.down.clear()
+
+        threading.Thread(target=come_back, daemon=True).start()
+        return video
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str):
+    return make_settings(tmp_path, db_url, lease_seconds=1.0)
+
+
+def run_worker(store: TaskStore, flaky: FlakyStore, settings, generator, until) -> Worker:
+    """A worker loop on the flaky store, in a thread, until `until()` (or 60 s)."""
+    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    worker = Worker(flaky, Storage.from_settings(settings), generator, settings, worker_id=WORKER,  # type: ignore[arg-type]
+                    fetch=FakeFetch(png_bytes(40, 40)))
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not until() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    return worker
+
+
+def outage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "particalize.worker" and r.levelno >= logging.WARNING]
+
+
+def test_a_video_made_during_an_outage_is_recorded_once_the_store_is_back_and_logged_twice(
+    store, settings, tiny_generator, caplog
+):
+    caplog.set_level(logging.INFO)
+    flaky = FlakyStore(store)
+    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL, "steps": "4"}, image_url=IMAGE_URL)
+    spy = Outage(tiny_generator, flaky, at=2, down_for=2.5)
+    worker = run_worker(store, flaky, settings, spy, until=lambda: store.get(task.id).status == "task_postprocess_end")
+    done = store.get(task.id)
+    assert done.status == "task_postprocess_end" and done.pexit == "0", done.debugerror
+    assert spy.calls == 1, "the video was made once"
+    assert len(store.outputs([task.id])[task.id]) == 1
+    assert flaky.failed_calls >= 3, "the worker did try the store during the outage"
+    lines = outage_lines(caplog)
+    assert len(lines) == 2, lines
+    assert "unavailable" in lines[0] and "answers again" in lines[1]
+    assert worker.health.outages == 1 and not worker.health.down
+    assert [e.status for e in store.events(task.id)].count("task_postprocess_end") == 1
+
+
+def test_a_video_finished_after_its_lease_ran_out_is_kept_not_made_again(store, settings, tiny_generator, caplog):
+    flaky = FlakyStore(store)
+    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    requeued: list[Any] = []
+
+    def another_worker_sweeps() -> None:  # the lease (1 s) ran out during the outage; another worker saw it
+        requeued.extend(store.recover_orphans(now=time.time() + 10))
+
+    spy = Outage(tiny_generator, flaky, at=1, down_for=2.0, meanwhile=another_worker_sweeps)
+    run_worker(store, flaky, settings, spy, until=lambda: store.get(task.id).status == "task_postprocess_end")
+    assert [r.action for r in requeued] == ["requeued"], "the task had gone back to the queue"
+    done = store.get(task.id)
+    assert done.status == "task_postprocess_end" and done.pexit == "0", done.debugerror
+    assert spy.calls == 1, "the finished video was recorded, not made again"
+    assert done.worker_id == WORKER and len(store.outputs([task.id])[task.id]) == 1
+
+
+def test_a_finished_result_wins_over_a_worker_that_took_the_requeued_task_up(store):
+    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    first = store.claim_next("a/gpu0")
+    store.recover_orphans(now=time.time() + 3600)
+    assert store.claim_next("b/gpu0").id == task.id
+    from server.store import NewOutput
+
+    out = [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")]
+    done = store.complete(task.id, "a/gpu0", out, totalcost=0.0, debugoutput="done", claimed_attempt=first.attempts)
+    assert done.status == "task_postprocess_end" and done.pexit == "0"
+    with pytest.raises(TaskLost):
+        store.advance(task.id, "b/gpu0", "task_output")
+    with pytest.raises(TaskLost):
+        store.complete(task.id, "b/gpu0", out, totalcost=0.0, debugoutput="again", claimed_attempt=2)
+    assert len(store.outputs([task.id])[task.id]) == 1, "the result landed exactly once"
+    with pytest.raises(TaskLost):  # without the attempt it claimed, a worker that lost its task cannot complete it
+        store.complete(task.id, "c/gpu0", out, totalcost=0.0, debugoutput="x")
+
+
+def test_store_health_logs_once_per_state_change():
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("particalize.test-outage")
+    logger.addHandler(Collect())
+    health = StoreHealth(logger)
+    calls = iter([outage_error()] * 20 + [None])
+
+    def action() -> str:
+        error = next(calls)
+        if error is not None:
+            raise error
+        return "ok"
+
+    assert health.retry(action, give_up=lambda: False, first_wait=0.001, max_wait=0.002) == "ok"
+    assert len(records) == 2 and health.outages == 1
+    with pytest.raises(OperationalError):
+        health.retry(lambda: (_ for _ in ()).throw(outage_error()), give_up=lambda: True)
+    with pytest.raises(IntegrityError):  # a bug is not retried
+        health.retry(lambda: (_ for _ in ()).throw(IntegrityError("x", {}, Exception("y"))), give_up=lambda: False)

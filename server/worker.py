@@ -443,10 +443,15 @@ def run_worker(
     from particalize import __version__
     from pipeline.generator import generator_from_settings
 
-    store = open_store(settings)
+    health = StoreHealth(log)  # a worker started during a store outage waits for the store, it does not crash
+
+    def when_up(action: Callable[[], Any]) -> Any:
+        return health.retry(action, give_up=stop_event.is_set, sleep=stop_event.wait)
+
+    store = when_up(lambda: open_store(settings))
     worker_id = worker_id_for(settings, slot)
-    store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device="", state="loading",
-                          version=__version__)
+    when_up(lambda: store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device="",
+                                          state="loading", version=__version__))
     if generator is None:
         try:
             _set_cpu_threads(settings)
@@ -456,8 +461,9 @@ def run_worker(
             store.worker_state(worker_id, "failed", detail=str(exc))
             return EXIT_LOAD_FAILED
     loaded = f"loaded in {getattr(generator, 'load_seconds', 0.0):.1f}s"
-    store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device=str(generator.device),
-                          state="stopping" if stop_event.is_set() else "ready", detail=loaded, version=__version__)
+    when_up(lambda: store.register_worker(worker_id, pid=os.getpid(), model=settings.model,
+                                          device=str(generator.device), state="stopping" if stop_event.is_set()
+                                          else "ready", detail=loaded, version=__version__))
     log.info("worker %s ready: model %s on %s", worker_id, settings.model, generator.device)
     worker = Worker(store, Storage.from_settings(settings), generator, settings, worker_id=worker_id)
     try:

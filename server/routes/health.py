@@ -22,12 +22,14 @@ from starlette.responses import JSONResponse
 from server.errors import error_body
 from server.routes.common import services_of
 from server.store import TaskStore
+from server.store.outage import RETRY_AFTER_SECONDS
 
 router = APIRouter()
 
 PROBE_TIMEOUT_SECONDS = 5.0
 """A database that has not answered in this long counts as down (a probe must answer quickly)."""
 SERVING_STATES = ("ready", "busy")
+RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
 class Unhealthy(Exception):
@@ -75,10 +77,10 @@ async def _probe(request: Request, work: Any) -> JSONResponse:
     try:
         extra = await asyncio.wait_for(run_in_threadpool(work, services_of(request)), PROBE_TIMEOUT_SECONDS)
     except Unhealthy as exc:
-        return JSONResponse(error_body([(0, str(exc))]), status_code=503)
+        return JSONResponse(error_body([(0, str(exc))]), status_code=503, headers=RETRY_AFTER)
     except asyncio.TimeoutError:
         message = f"The database did not answer within {PROBE_TIMEOUT_SECONDS:g}s; check that it is up and not busy."
-        return JSONResponse(error_body([(0, message)]), status_code=503)
+        return JSONResponse(error_body([(0, message)]), status_code=503, headers=RETRY_AFTER)
     return JSONResponse({"result": True, "errors": [], **extra})
 
 

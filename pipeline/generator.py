@@ -198,7 +198,7 @@ def generator_from_settings(settings: Settings) -> VideoGenerator:
     from weights.locate import lora_file_from_settings
 
     return VideoGenerator(
-        get_preset(settings.model),
+        get_preset(settings.model, max_area=settings.model_max_area),
         weights_dir=settings.weights_dir,
         device=settings.device,
         lora_path=lora_file_from_settings(settings),

@@ -62,6 +62,12 @@ def test_every_route_answers_503_with_retry_after_when_the_database_is_down(tmp_
             assert_outage_answer(client.post(path, json={"taskid": "1"}))
         assert_outage_answer(client.post("/v1/Task/Detail", json={"tasktoken": "abc"}))
         assert_outage_answer(client.get("/healthz"))
+        for path in ("/v1/Task/List", "/v1/Task/InputOutputDelete", "/v1/File/Upload"):
+            assert_outage_answer(client.post(path, json={"taskid": "1"}) if "Upload" not in path
+                                 else client.post(path, files={"file": image}))
+        assert_outage_answer(client.get("/files/uploads/0123456789abcdef0123456789abcdef/in.png"))
+        assert_outage_answer(client.get("/v1/Task/Events", params={"tasktoken": "abc"}))
+        assert_outage_answer(client.get("/metrics"))
         assert client.get("/health").status_code == 503
     db.dispose()
 

@@ -146,7 +146,9 @@ class Worker:
                 log.error("the serve process that started this worker is gone; exiting")
                 os._exit(1)
             try:
-                if time.monotonic() >= next_sweep:
+                # Right after an outage, leases look expired only because no heartbeat could be written: give
+                # every live worker one lease to renew its own before taking any task away from it.
+                if time.monotonic() >= max(next_sweep, self.health.back_at + self.store.lease_seconds):
                     self.health.call(lambda: self.recover(own=False))
                     next_sweep = time.monotonic() + sweep_every
                 worked = self.health.call(self.run_once)
@@ -249,9 +251,12 @@ class Worker:
         except SQLAlchemyError as exc:
             if not is_outage(exc):
                 raise
-            # Only when the worker is told to stop during an outage: the lease requeues the task later.
-            log.warning("task %s left to its lease: the task store did not come back before the worker had to stop",
-                        task.id, extra={"task_id": task.id})
+            # The store went away where the task cannot wait for it: back to the queue once the store answers,
+            # without counting the attempt (no worker died); if the worker must stop first, its lease requeues it.
+            self.storage.discard_task(task.uuid)
+            self._settle(task, self.store.release, task.id, self.worker_id, "requeued: the task store was unavailable")
+            log.info("task %s put back in the queue: the task store was unavailable", task.id,
+                     extra={"task_id": task.id})
         except _Failed as failed:
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.fail, task.id, str(failed), self.worker_id)
@@ -264,7 +269,7 @@ class Worker:
     def _settle(self, task: Task, action: Callable[..., object], *args: Any) -> None:
         """Record how the task ended, unless it is no longer this worker's (waiting out a store outage)."""
         try:
-            self._write(lambda: action(*args))
+            self._through_outage(lambda: action(*args))
         except TaskLost as lost:
             log.warning("task %s: %s", task.id, lost, extra={"task_id": task.id})
         except SQLAlchemyError as exc:
@@ -273,8 +278,8 @@ class Worker:
             log.warning("task %s: how it ended could not be recorded before the worker had to stop; its lease "
                         "requeues it", task.id, extra={"task_id": task.id})
 
-    def _write(self, action: Callable[[], Any], *, finishing: bool = False) -> Any:
-        """A store write the task cannot go on without: retried through an outage until the store answers.
+    def _through_outage(self, action: Callable[[], Any], *, finishing: bool = False) -> Any:
+        """A store call the task cannot go on without: retried through an outage until the store answers.
         It gives up only when the worker must stop now (a finished video: once the finishing time is over too)."""
         def give_up() -> bool:
             return finish_overdue(self.stop_event, self.settings.shutdown_finish_seconds) if finishing \
@@ -286,8 +291,9 @@ class Worker:
         """Move to `status`; then stop here if a kill was asked or the worker is stopping (`finishing`: the
         video is made; a stop no longer interrupts it, it is stored and recorded first)."""
         reclaim = task.attempts if finishing else None  # a made video takes back a task its lease lost
-        killed = self._write(lambda: self.store.advance(task.id, self.worker_id, status, claimed_attempt=reclaim,
-                                                        **fields), finishing=finishing)
+        killed = self._through_outage(
+            lambda: self.store.advance(task.id, self.worker_id, status, claimed_attempt=reclaim, **fields),
+            finishing=finishing)
         if killed:
             raise _Killed(f"Task killed by request at {status}.")
         if not finishing and stop_due(self.stop_event):
@@ -325,7 +331,7 @@ class Worker:
         outputs = [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)]
         done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)"
         try:
-            self._write(lambda: self.store.complete(task.id, self.worker_id, outputs, totalcost=cost,
+            self._through_outage(lambda: self.store.complete(task.id, self.worker_id, outputs, totalcost=cost,
                                                     debugoutput=done, claimed_attempt=task.attempts),
                         finishing=True)
         except TaskKilled:
@@ -350,7 +356,7 @@ class Worker:
     def _load_image(self, task: Task) -> Image.Image:
         field = "inputImage" if task.upload_id else "inputImageUrl"
         if task.upload_id:
-            upload = self.store.get_upload(task.upload_id)
+            upload = self._through_outage(lambda: self.store.get_upload(task.upload_id))
             if upload is None:
                 raise _Failed(f"Request parameter [{field}]: the uploaded image {task.image_url} no longer exists.")
             data = upload.data

@@ -230,3 +230,37 @@ def test_store_health_logs_once_per_state_change():
         health.retry(lambda: (_ for _ in ()).throw(outage_error()), give_up=lambda: True)
     with pytest.raises(IntegrityError):  # a bug is not retried
         health.retry(lambda: (_ for _ in ()).throw(IntegrityError("x", {}, Exception("y"))), give_up=lambda: False)
+
+
+def test_right_after_an_outage_a_worker_gives_others_one_lease_before_requeueing_their_tasks(tmp_path: Path):
+    from sqlalchemy import update
+
+    from server.store import upgrade
+    from server.store.models import Task
+
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", lease_seconds=2.0)
+    db = Database(settings.sqlalchemy_url)
+    upgrade(db)
+    store = TaskStore.from_settings(db, settings)
+    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    store.claim_next("other/gpu0")
+    worker = Worker(store, Storage.from_settings(settings), object(), settings, worker_id=WORKER)  # type: ignore[arg-type]
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        worker.health.back_at = time.monotonic()  # the store has just come back ...
+        with db.session(write=True) as s:  # ... and the other worker's lease ran out during the outage
+            s.execute(update(Task).where(Task.id == task.id).values(lease_expires_at=time.time() - 1))
+        time.sleep(1.2)
+        assert store.get(task.id).status == "task_accept", "not taken from a worker that could not beat"
+        deadline = time.monotonic() + 15
+        while store.get(task.id).status == "task_accept" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        messages = [e.message for e in store.events(task.id) if e.status == "task_queue"]
+        assert any("other/gpu0 stopped" in m for m in messages), "requeued once its worker had had a lease to beat"
+    finally:
+        stop.set()
+        thread.join(10)
+        db.dispose()

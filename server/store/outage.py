@@ -8,6 +8,7 @@ and stays a 500 / a failed task.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,8 @@ class StoreHealth:
         self.what = what
         self._lock = threading.Lock()
         self.down_since: float | None = None
+        self.back_at = -math.inf
+        """When (time.monotonic) the last outage ended."""
         self.outages = 0
 
     @property
@@ -70,7 +73,8 @@ class StoreHealth:
         with self._lock:
             if self.down_since is None:
                 return
-            lasted, self.down_since = time.monotonic() - self.down_since, None
+            self.back_at = time.monotonic()
+            lasted, self.down_since = self.back_at - self.down_since, None
         self.log.warning("the task store answers again after %.1fs", lasted)
 
     def call(self, action: Callable[[], T]) -> T:

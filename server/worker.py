@@ -285,7 +285,14 @@ class Worker:
             return finish_overdue(self.stop_event, self.settings.shutdown_finish_seconds) if finishing \
                 else stop_due(self.stop_event)
 
-        return self.health.retry(action, give_up=give_up, sleep=self.stop_event.wait)
+        return self.health.retry(action, give_up=give_up, sleep=self._pause)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait between tries: cut short by a stop request; once stopping, a plain (short) sleep, not a spin."""
+        if self.stop_event.is_set():
+            time.sleep(min(seconds, 1.0))
+        else:
+            self.stop_event.wait(seconds)
 
     def _step(self, task: Task, status: str, *, finishing: bool = False, **fields: Any) -> None:
         """Move to `status`; then stop here if a kill was asked or the worker is stopping (`finishing`: the

@@ -264,3 +264,29 @@ def test_right_after_an_outage_a_worker_gives_others_one_lease_before_requeueing
         stop.set()
         thread.join(10)
         db.dispose()
+
+
+def test_a_video_made_when_the_grace_period_ends_during_an_outage_is_still_recorded(store, settings, tiny_generator):
+    from server.shutdown import StopRequest
+
+    flaky = FlakyStore(store)
+    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    stop = StopRequest(grace_seconds=0.2)
+    spy = Outage(tiny_generator, flaky, at=2, down_for=1.5, meanwhile=None)
+    real_generate = spy.generate
+
+    def generate_then_stop(*args, **kwargs):
+        video = real_generate(*args, **kwargs)
+        stop.request()  # SIGTERM while the store is down; the grace ends before it is back
+        return video
+
+    spy.generate = generate_then_stop  # type: ignore[method-assign]
+    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    worker = Worker(flaky, Storage.from_settings(settings), spy, settings, worker_id=WORKER,  # type: ignore[arg-type]
+                    fetch=FakeFetch(png_bytes(40, 40)))
+    started = time.monotonic()
+    worker.run(stop)
+    assert time.monotonic() - started < 30, "the worker stopped once the video was recorded"
+    done = store.get(task.id)
+    assert done.status == "task_postprocess_end" and done.pexit == "0", (done.status, done.debugerror)
+    assert spy.calls == 1 and len(store.outputs([task.id])[task.id]) == 1

@@ -27,7 +27,7 @@ from server.openapi import openapi_document
 from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
-from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER_SECONDS, describe, is_outage
+from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER_SECONDS, ThrottledLog, describe, is_outage
 
 log = logging.getLogger("particalize.server")
 
@@ -56,6 +56,7 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: openapi_document(settings)  # type: ignore[method-assign]  # the routes read raw bodies
     app.state.rate_limiter = RateLimiter.from_settings(settings)
+    outages = ThrottledLog(log)
     for module in (run, tasks, tool, files, live, metrics, playground, health):
         app.include_router(module.router)
 
@@ -95,7 +96,8 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
         exception middleware, it is not re-raised to the server, which would then drop the connection."""
         if not is_outage(exc):
             return internal_error_response(request, exc)
-        log.warning("%s %s: the task store is unavailable (%s)", request.method, request.url.path, describe(exc))
+        outages.warning("%s %s answered 503: the task store is unavailable (%s)", request.method, request.url.path,
+                        describe(exc))
         return JSONResponse(error_body([(0, OUTAGE_MESSAGE)]), status_code=503,
                             headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 

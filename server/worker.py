@@ -338,9 +338,10 @@ class Worker:
         outputs = [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)]
         done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)"
         try:
-            self._through_outage(lambda: self.store.complete(task.id, self.worker_id, outputs, totalcost=cost,
-                                                    debugoutput=done, claimed_attempt=task.attempts),
-                        finishing=True)
+            self._through_outage(
+                lambda: self.store.complete(task.id, self.worker_id, outputs, totalcost=cost, debugoutput=done,
+                                            claimed_attempt=task.attempts),
+                finishing=True)
         except TaskKilled:
             raise _Killed("Task killed by request at task_postprocess_start.") from None
 

@@ -290,3 +290,22 @@ def test_a_video_made_when_the_grace_period_ends_during_an_outage_is_still_recor
     done = store.get(task.id)
     assert done.status == "task_postprocess_end" and done.pexit == "0", (done.status, done.debugerror)
     assert spy.calls == 1 and len(store.outputs([task.id])[task.id]) == 1
+
+
+def test_the_api_logs_an_outage_at_most_once_every_few_seconds_not_once_per_request():
+    from server.store.outage import ThrottledLog
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("particalize.test-throttled")
+    logger.addHandler(Collect())
+    throttled = ThrottledLog(logger, every=0.3)
+    for _ in range(50):
+        throttled.warning("request %s failed", "x")
+    time.sleep(0.35)
+    throttled.warning("request %s failed", "y")
+    assert records == ["request x failed", "request y failed (49 more since the last such line)"]

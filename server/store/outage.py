@@ -43,6 +43,25 @@ def describe(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
 
 
+class ThrottledLog:
+    """For a process that cannot tell when an outage ends (the API sees only failed requests): at most one line
+    every `every` seconds, saying how many more failed meanwhile, instead of one line per request."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0) -> None:
+        self.log, self.every = logger, every
+        self._lock = threading.Lock()
+        self._last, self._quiet = -math.inf, 0
+
+    def warning(self, message: str, *args: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.every:
+                self._quiet += 1
+                return
+            quiet, self._last, self._quiet = self._quiet, now, 0
+        self.log.warning(message + (f" ({quiet} more since the last such line)" if quiet else ""), *args)
+
+
 class StoreHealth:
     """Whether this process can reach its store, shared by its threads, logging only when that changes:
     one line when an outage starts, one when it ends (not one per failed call)."""

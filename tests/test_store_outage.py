@@ -309,3 +309,20 @@ def test_the_api_logs_an_outage_at_most_once_every_few_seconds_not_once_per_requ
     time.sleep(0.35)
     throttled.warning("request %s failed", "y")
     assert records == ["request x failed", "request y failed (49 more since the last such line)"]
+
+
+def test_a_bug_answers_500_and_says_the_connection_closes(tmp_path: Path, monkeypatch):
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        store = client.app.state.services.store
+
+        def broken(*args, **kwargs):
+            raise IntegrityError("SELECT", {}, Exception("not an outage"))
+
+        monkeypatch.setattr(store, "find_with_outputs", broken)
+        answer = client.post("/v1/Task/Detail", json={"taskid": "1"})
+        assert answer.status_code == 500 and answer.json()["result"] is False
+        assert answer.headers["connection"] == "close", "the client does not reuse a connection the server drops"
+        monkeypatch.setattr(store, "find_with_outputs", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+        answer = client.post("/v1/Task/Detail", json={"taskid": "1"})
+        assert answer.status_code == 500 and answer.headers["connection"] == "close"

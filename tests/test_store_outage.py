@@ -326,3 +326,30 @@ def test_a_bug_answers_500_and_says_the_connection_closes(tmp_path: Path, monkey
         monkeypatch.setattr(store, "find_with_outputs", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
         answer = client.post("/v1/Task/Detail", json={"taskid": "1"})
         assert answer.status_code == 500 and answer.headers["connection"] == "close"
+
+
+def test_a_live_follower_pauses_through_an_outage_and_misses_no_event(tmp_path: Path):
+    from server.live import TaskFollower
+    from server.services import Services
+    from server.store import NewOutput
+
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}")
+    services = Services.open(settings)
+    try:
+        store = services.store
+        task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+        flaky = FlakyStore(store)
+        follower = TaskFollower(services, task)
+        assert [e.message["type"] for e in follower.poll()] == ["task_queue"]
+        claimed = store.claim_next(WORKER)
+        store.complete(task.id, WORKER, [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")],
+                       totalcost=0.0, debugoutput="done", claimed_attempt=claimed.attempts)
+        services.store = flaky  # type: ignore[misc]
+        flaky.down.set()
+        assert follower.poll() == [] and not follower.finished, "an outage is a pause, not the end"
+        flaky.down.clear()
+        types = [e.message["type"] for e in follower.poll()]
+        assert types == ["task_accept", "task_postprocess_end"] and follower.finished
+    finally:
+        services.store = store  # type: ignore[misc]
+        services.close()

@@ -176,9 +176,14 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     return 0
 
 
+API_DRAIN_CAP_SECONDS = 30.0
+"""API requests are short; only live progress streams last, and they resume (Last-Event-ID) elsewhere: a
+stopping API does not wait the workers' long grace period for them."""
+
+
 def drain_seconds(settings: Any) -> float:
     """How long a stopping API process waits for in-flight requests (a live progress stream is cut then)."""
-    return settings.shutdown_grace_seconds
+    return min(settings.shutdown_grace_seconds, API_DRAIN_CAP_SECONDS)
 
 
 def _redacted(url: str) -> str:

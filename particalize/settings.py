@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     )
     encode_cache_size: int = Field(16, ge=0, description="Prompt and image encodings kept per identical input.")
 
+    model_max_area: int | None = Field(
+        None, ge=256, description="Pixel budget (width x height) of a task that leaves width/height at 0, for a local "
+        "snapshot whose metadata does not tell 480P from 720P (a preset knows its own)."
+    )
+
     # --- request limits ------------------------------------------------------------------------
     max_num_frames: int = Field(161, ge=1)
     max_steps: int = Field(100, ge=1)
@@ -154,9 +159,15 @@ class Settings(BaseSettings):
     min_free_disk_bytes: int = Field(
         1024**3, ge=0, description="A worker refuses to write an output when less than this is free where it writes."
     )
+    # Sized from the measured model (docs/scale-out.md, "Stopping"): a 720P, 81-frame, 30-step video with CFG
+    # is ~26 s a step on an H100 (two 720P forwards of ~13 s), ~13 min in all, plus load and decode: 20 min.
     shutdown_grace_seconds: float = Field(
-        30.0, ge=0, description="On SIGTERM a worker finishes its running task if it can within this time, "
-        "otherwise puts it back in the queue; then exits 0."
+        1200.0, ge=0, description="On SIGTERM a worker finishes its running task if it can within this time, "
+        "otherwise puts it back in the queue (if it is still denoising); then exits 0."
+    )
+    shutdown_finish_seconds: float = Field(
+        120.0, ge=0, description="A task whose denoising has finished when the grace period ends is still decoded, "
+        "stored and recorded within this much more (a 720P VAE decode, MP4 encode and upload take ~10-60 s)."
     )
     requeue_limit: int = Field(1, ge=0, description="How often a task orphaned by a dead worker is requeued.")
     lease_seconds: float = Field(60.0, gt=0)

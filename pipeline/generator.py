@@ -250,7 +250,7 @@ def generator_from_settings(settings: Settings) -> VideoGenerator:
         path = lora_source_file(speed_source, settings.weights_dir, "PARTICALIZE_SPEED_LORA")
         speed_lora = (path, speed_source.strength)
     return VideoGenerator(
-        get_preset(settings.model),
+        get_preset(settings.model, max_area=settings.model_max_area),
         weights_dir=settings.weights_dir,
         device=settings.device,
         loras=[(path, source.strength) for source, path in lora_files_from_settings(settings)],

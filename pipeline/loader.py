@@ -37,25 +37,59 @@ def preset_dir(preset: ModelPreset, weights_dir: Path) -> Path:
 
 
 def missing_files(model_dir: Path) -> list[Path]:
-    """Files a complete diffusers snapshot must have, that are not there (configs, index-listed shards)."""
+    """Files a complete diffusers snapshot must have that are not there, read from the snapshot's own layout:
+    model_index.json names the components; each needs its config (config.json, scheduler_config.json,
+    preprocessor_config.json, or a tokenizer's config and vocabulary) and a model its weights (every shard its
+    *.index.json lists, else its single weights file)."""
     index = model_dir / "model_index.json"
     if not index.is_file():
         return [index]
     try:
         components = json.loads(index.read_text())
-    except json.JSONDecodeError:
+    except (OSError, ValueError):
         return [index]
     missing: list[Path] = []
     for name, spec in components.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
             continue
         sub = model_dir / name
         if not sub.is_dir():
             missing.append(sub)
             continue
-        for shard_index in sub.glob("*.index.json"):
+        missing.extend(_component_missing(sub, name, str(spec[0]), str(spec[1])))
+    return missing
+
+
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "spiece.model", "tokenizer.model", "vocab.json", "vocab.txt")
+SINGLE_WEIGHTS = {
+    "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "transformers": ("model.safetensors", "pytorch_model.bin"),
+}
+
+
+def _component_missing(sub: Path, name: str, library: str, class_name: str) -> list[Path]:
+    if class_name.endswith("Scheduler") or name.startswith("scheduler"):
+        return [] if (sub / "scheduler_config.json").is_file() else [sub / "scheduler_config.json"]
+    if "Processor" in class_name or "FeatureExtractor" in class_name:
+        return [] if (sub / "preprocessor_config.json").is_file() else [sub / "preprocessor_config.json"]
+    if "Tokenizer" in class_name or name.startswith("tokenizer"):
+        found = [sub / f for f in ("tokenizer_config.json",) if not (sub / f).is_file()]
+        if not any((sub / f).is_file() for f in TOKENIZER_VOCABULARIES):
+            found.append(sub / TOKENIZER_VOCABULARIES[0])
+        return found
+    missing = [] if (sub / "config.json").is_file() else [sub / "config.json"]
+    shard_indexes = sorted(sub.glob("*.index.json"))
+    for shard_index in shard_indexes:
+        try:
             shards = set(json.loads(shard_index.read_text()).get("weight_map", {}).values())
-            missing.extend(sub / s for s in sorted(shards) if not (sub / s).is_file())
+        except (OSError, ValueError, AttributeError):
+            missing.append(shard_index)
+            continue
+        missing.extend(sub / s for s in sorted(shards) if not (sub / s).is_file())
+    if not shard_indexes:
+        singles = SINGLE_WEIGHTS.get(library, SINGLE_WEIGHTS["diffusers"] + SINGLE_WEIGHTS["transformers"])
+        if not any((sub / f).is_file() for f in singles):
+            missing.append(sub / singles[0])
     return missing
 
 

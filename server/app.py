@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -26,6 +27,7 @@ from server.openapi import openapi_document
 from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
+from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER_SECONDS, ThrottledLog, describe, is_outage
 
 log = logging.getLogger("particalize.server")
 
@@ -54,6 +56,7 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: openapi_document(settings)  # type: ignore[method-assign]  # the routes read raw bodies
     app.state.rate_limiter = RateLimiter.from_settings(settings)
+    outages = ThrottledLog(log)
     for module in (run, tasks, tool, files, live, metrics, playground, health):
         app.include_router(module.router)
 
@@ -87,12 +90,29 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body([(0, f"Request parameters are invalid: {exc.errors()[:1]}")]))
 
+    @app.exception_handler(SQLAlchemyError)
+    async def store_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        """A store outage is an answer (503, Retry-After) on a connection that stays usable: handled here, in the
+        exception middleware, it is not re-raised to the server, which would then drop the connection."""
+        if not is_outage(exc):
+            return internal_error_response(request, exc)
+        outages.warning("%s %s answered 503: the task store is unavailable (%s)", request.method, request.url.path,
+                        describe(exc))
+        return JSONResponse(error_body([(0, OUTAGE_MESSAGE)]), status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(
-            error_body([(0, f"Internal server error ({type(exc).__name__}); the server log has the details.")]),
-            status_code=500,
-        )
+        return internal_error_response(request, exc)
 
     return app
+
+
+def internal_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """500 for a bug. `Connection: close` says so up front when the server is about to drop the connection
+    (an unhandled exception reaches it), so a client never sends its next request on a dead connection."""
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        error_body([(0, f"Internal server error ({type(exc).__name__}); the server log has the details.")]),
+        status_code=500, headers={"Connection": "close"},
+    )

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from server.netguard import FetchError, UnsafeUrl, post_json
 from server.store import TaskStore
 from server.store.models import Task
+from server.store.outage import StoreHealth, is_outage
 
 log = logging.getLogger("particalize.callbacks")
 
@@ -45,6 +47,7 @@ class CallbackDispatcher:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="callback")
         self._thread = threading.Thread(target=self._loop, name="callbacks", daemon=True)
+        self.health = StoreHealth(log, "callback sender")
 
     def start(self) -> CallbackDispatcher:
         self._thread.start()
@@ -62,9 +65,11 @@ class CallbackDispatcher:
             while self._slots.acquire(blocking=False):
                 free += 1
             try:
-                due = self.store.claim_due_callbacks(limit=free, hold_seconds=hold) if free else []
-            except SQLAlchemyError:
-                log.exception("could not read due callbacks")
+                due = self.health.call(partial(self.store.claim_due_callbacks, limit=free, hold_seconds=hold)) \
+                    if free else []
+            except SQLAlchemyError as exc:
+                if not is_outage(exc):  # an outage is logged once when it starts and once when it ends
+                    log.exception("could not read due callbacks")
                 due = []
             for _ in range(free - len(due)):
                 self._slots.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 GENERAL = 0
@@ -26,3 +27,19 @@ class ApiError(Exception):
 def error_body(errors: list[tuple[int, str]]) -> dict[str, Any]:
     """The JSON body Wiro sends for failed calls."""
     return {"result": False, "errors": [{"code": code, "message": message} for code, message in errors]}
+
+
+_PATH_LIKE = re.compile(r"(?<![\w.])(?:[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+|~?/(?:[^\s/'\"]+/)*[^\s/'\"]*)")
+
+
+def redact_paths(text: str) -> str:
+    """`text` without file paths or URLs of this server (what a client reads must not map its disks)."""
+    return _PATH_LIKE.sub("<path>", text)
+
+
+def public_text(exc: BaseException) -> str:
+    """An exception's first line as a client may read it: an OS error's reason without its file names, any
+    other message with paths and URLs redacted."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line
+    return redact_paths(text)[:500]

@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from server.progress import SocketMessages
 from server.services import Services
 from server.store.models import TERMINAL, Task
+from server.store.outage import is_outage
 
 POLL_SECONDS = 0.25
 IDLE_TICK_SECONDS = 15.0
@@ -93,10 +95,21 @@ class TaskFollower:
     def poll(self) -> list[LiveEvent]:
         """New events as messages (blocking: runs in a worker thread). Events up to `after_id` only update
         the translation state (an SSE client resuming with Last-Event-ID gets nothing twice)."""
-        found = []
-        for event in self.services.store.task_events_after(self.task.id, self._seen):
+        found: list[LiveEvent] = []
+        try:  # a store outage is a pause in the stream (keep-alives go on), not its end
+            events = self.services.store.task_events_after(self.task.id, self._seen)
+        except SQLAlchemyError as exc:
+            if not is_outage(exc):
+                raise
+            return found
+        for event in events:
+            try:
+                message = self._messages.message(event, self._outputs)
+            except SQLAlchemyError as exc:
+                if not is_outage(exc):
+                    raise
+                break  # this event is read again once the store answers
             self._seen = event.id
-            message = self._messages.message(event, self._outputs)
             if event.id > self.after_id:
                 found.append(LiveEvent(event.id, message, event.status in TERMINAL))
             if event.status in TERMINAL:

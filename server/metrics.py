@@ -32,7 +32,7 @@ MAX_EVENTS_PER_SCRAPE = 50_000
 BATCH = 5_000
 GAP_PATIENCE_SECONDS = 30.0
 MAX_GAPS = 1_000
-ALIVE_STATES = ("loading", "ready", "busy")
+ALIVE_STATES = ("loading", "ready", "busy", "paused")
 
 
 class WeightedHistogram:

@@ -1,5 +1,6 @@
 """Graceful stop of a worker: stop claiming at once, let the running task finish within a grace period,
-then interrupt it (it goes back to the queue) and exit.
+then interrupt it (it goes back to the queue) and exit. A task past its last denoising step is not
+interrupted: it is decoded, stored and recorded within settings.shutdown_finish_seconds more.
 
 `StopRequest` is the event the worker loop watches; `stop_on_signals` wires SIGTERM and SIGINT to it. The
 first signal starts the grace period, a second one ends it (an operator who insists).
@@ -44,6 +45,14 @@ class StopRequest(threading.Event):
 def stop_due(stop: threading.Event) -> bool:
     """Whether a running task must be interrupted now."""
     return stop.overdue() if isinstance(stop, StopRequest) else stop.is_set()
+
+
+def finish_overdue(stop: threading.Event, finish_seconds: float) -> bool:
+    """Whether a task whose video is already made must be given up now: `finish_seconds` after the grace
+    period (the bound on decoding, storing and recording it; a plain Event: at once)."""
+    if isinstance(stop, StopRequest):
+        return stop.is_set() and time.monotonic() >= stop.deadline + finish_seconds
+    return stop.is_set()
 
 
 def stop_on_signals(stop: StopRequest, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:

@@ -24,6 +24,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from particalize.settings import parse_json_object
+from server.errors import public_text
 
 log = logging.getLogger("particalize.storage")
 
@@ -82,12 +83,14 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def disk_space_problem(directory: Path, needed: int) -> str | None:
-    """Why `directory` cannot take an output (less than `needed` bytes free there), or None."""
+def disk_space_problem(directory: Path, needed: int, where: str | None = None) -> str | None:
+    """Why `directory` cannot take an output (less than `needed` bytes free there), or None. The message names
+    `where` (e.g. "the output storage": what a client may read) instead of the directory when given."""
     free = shutil.disk_usage(_existing_ancestor(directory)).free
     if free >= needed:
         return None
-    return (f"Not enough free disk space to write the output: {_human(free)} ({free} bytes) free in {directory}, "
+    return (f"Not enough free disk space to write the output: {_human(free)} ({free} bytes) free in "
+            f"{where or directory}, "
             f"at least {_human(needed)} ({needed} bytes) needed (PARTICALIZE_MIN_FREE_DISK_BYTES). "
             "Free some space there and run the task again.")
 
@@ -140,7 +143,7 @@ class Storage:
     def space_problem(self, needed: int) -> str | None:
         """For local storage: why its directory cannot take an output (too little free), or None.
         Object stores report no free space; they are not checked."""
-        return None if self.local_root is None else disk_space_problem(self.local_root, needed)
+        return None if self.local_root is None else disk_space_problem(self.local_root, needed, "the output storage")
 
     def put_file(self, local_path: Path, relpath: str) -> None:
         """Store the local file `local_path` as `relpath`, atomically: it is copied to a hidden name in the same
@@ -156,8 +159,9 @@ class Storage:
             self.fs.mv(temp, final)
         except Exception as exc:
             self._remove_quietly(temp)
-            raise StorageError(f"Could not store the output {relpath} in {self.url}: {type(exc).__name__}: "
-                               f"{exc}".strip()) from exc
+            log.error("could not store %s in %s: %s", relpath, self.url, exc)
+            raise StorageError(f"Could not store the output {relpath} in the output storage: "
+                               f"{type(exc).__name__}: {public_text(exc)}".strip()) from exc
 
     def _remove_quietly(self, path: str) -> None:
         try:

@@ -4,8 +4,8 @@ A child process keeps the model (and the GIL it holds while generating) away fro
 loop; the database is the only channel between them. A child dies with the serve process (Linux
 PDEATHSIG, set by the child itself; it also checks its parent), is stopped gracefully on shutdown
 (SIGTERM: it claims nothing more and finishes its running task within settings.shutdown_grace_seconds,
-else puts it back in the queue; SIGKILL only after that plus STOP_MARGIN_SECONDS), and is restarted if it
-crashes, unless it could not load the model.
+else puts it back in the queue; SIGKILL only after that, its finishing time and STOP_MARGIN_SECONDS), and is
+restarted if it crashes, unless it could not load the model.
 
 Children run in a session of their own, so a terminal's Ctrl-C reaches only the serve process, which
 drains its HTTP requests and then signals them once (a second signal would cut their grace short).
@@ -114,8 +114,9 @@ class WorkerProcesses:
 
     @property
     def stop_timeout(self) -> float:
-        """How long a stopping worker gets before SIGKILL: its grace period plus a margin."""
-        return self.settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS
+        """How long a stopping worker gets before SIGKILL: its grace period, the time a finished video may take to
+        be stored past it, and a margin."""
+        return self.settings.shutdown_grace_seconds + self.settings.shutdown_finish_seconds + STOP_MARGIN_SECONDS
 
     def _terminate(self) -> None:
         timeout = self.stop_timeout
@@ -133,6 +134,6 @@ class WorkerProcesses:
 
     def stop(self) -> None:
         """Stop every worker: SIGTERM (a running task finishes within the grace period, else is requeued),
-        SIGKILL after the grace period plus a margin."""
+        SIGKILL after `stop_timeout`."""
         self._stopping.set()
         self._thread.join(self.stop_timeout + 5)

@@ -11,7 +11,13 @@ stays loaded and the worker takes the next task. One worker per GPU; `run_worker
 
 A graceful stop (SIGTERM, see server/shutdown.py) claims nothing more at once, lets the running task
 finish within settings.shutdown_grace_seconds, and past that interrupts it at its next step and puts it
-back in the queue; then `run_worker` returns 0.
+back in the queue; then `run_worker` returns 0. Once denoising has finished, the video is decoded, stored and
+recorded even past the grace period (bounded by settings.shutdown_finish_seconds): it is never thrown away.
+
+A store outage (see server/store/outage.py) fails nothing: the worker claims nothing while it lasts, keeps
+what it has made, and records it when the store answers again; it logs once when the outage starts and once
+when it ends. A worker also claims nothing while its disks are below settings.min_free_disk_bytes (state
+"paused", saying why), so no GPU time is spent on a video that could not be written.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from pipeline.errors import Interrupted, InvalidParameter
 from pipeline.images import decode_image
 from pipeline.params import GenerationParams, check_work, limits_from_settings, parse_params
 from pipeline.video import write_mp4
+from server.errors import public_text
 from server.netguard import FetchError, UnsafeUrl, fetch_url
-from server.shutdown import stop_due
+from server.shutdown import finish_overdue, stop_due
 from server.storage import OUTPUT_NAME, OUTPUT_TYPE, Storage, StorageError, disk_space_problem
 from server.store import NewOutput, TaskKilled, TaskLost, TaskStore, open_store
 from server.store.models import (
@@ -47,6 +54,7 @@ from server.store.models import (
     START,
     Task,
 )
+from server.store.outage import StoreHealth, is_outage
 from server.store.tasks import parameters_of
 
 log = logging.getLogger("particalize.worker")
@@ -85,8 +93,8 @@ def worker_id_for(settings: Any, slot: int) -> str:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """What a client reads in debugerror for an exception the worker did not expect."""
-    text = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+    """What a client reads in debugerror for an exception the worker did not expect (no server paths in it)."""
+    text = public_text(exc) or type(exc).__name__
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
         return (
             f"Out of memory while generating ({text}); ask for fewer frames (numFrames), a smaller "
@@ -117,6 +125,9 @@ class Worker:
         self._finished = threading.Event()
         self.current_task: int | None = None
         self.tasks_done = 0
+        self.health = StoreHealth(log)
+        self._state_lock = threading.Lock()  # the heartbeat's "stopping" mark never lands after the task's end
+        self.paused_for: str | None = None
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -135,13 +146,16 @@ class Worker:
                 log.error("the serve process that started this worker is gone; exiting")
                 os._exit(1)
             try:
-                if time.monotonic() >= next_sweep:
-                    self.recover(own=False)
+                # Right after an outage, leases look expired only because no heartbeat could be written: give
+                # every live worker one lease to renew its own before taking any task away from it.
+                if time.monotonic() >= max(next_sweep, self.health.back_at + self.store.lease_seconds):
+                    self.health.call(lambda: self.recover(own=False))
                     next_sweep = time.monotonic() + sweep_every
-                worked = self.run_once()
-            except SQLAlchemyError:
-                log.exception("database error in the worker loop; retrying in 1 s")
-                stop_event.wait(1.0)
+                worked = self.health.call(self.run_once)
+            except SQLAlchemyError as exc:
+                if not is_outage(exc):
+                    log.exception("database error in the worker loop; retrying in 1 s")
+                stop_event.wait(1.0)  # an outage was logged once by self.health; the next try is the probe
                 continue
             if not worked:
                 stop_event.wait(self.settings.worker_poll_seconds)
@@ -155,7 +169,9 @@ class Worker:
                         extra={"task_id": item.task_id})
 
     def run_once(self) -> bool:
-        """Claim and do one task; False when the queue is empty."""
+        """Claim and do one task; False when the queue is empty or the disks are below their floor."""
+        if self._paused():
+            return False
         task = self.store.claim_next(self.worker_id)
         if task is None:
             return False
@@ -163,13 +179,39 @@ class Worker:
         try:
             self.process(task)
         finally:
-            self.current_task = None
             self.tasks_done += 1
-            try:
-                self.store.worker_state(self.worker_id, "stopping" if self.stop_event.is_set() else "ready")
-            except SQLAlchemyError:
-                log.exception("could not record the worker state")
+            with self._state_lock:
+                self.current_task = None
+                try:
+                    self.health.call(lambda: self.store.worker_state(
+                        self.worker_id, "stopping" if self.stop_event.is_set() else "ready"))
+                except SQLAlchemyError as exc:
+                    if not is_outage(exc):
+                        log.exception("could not record the worker state")
         return True
+
+    def resources_problem(self) -> str | None:
+        """Why an output could not be written now (a disk below settings.min_free_disk_bytes), or None. The
+        message names no server path: a client reads it in debugerror."""
+        needed = self.settings.min_free_disk_bytes
+        scratch = Path(tempfile.gettempdir())
+        problem = disk_space_problem(scratch, needed, "the worker's temporary directory")
+        return problem or self.storage.space_problem(needed)
+
+    def _paused(self) -> bool:
+        """Under the disk floor the worker claims nothing (state "paused", the reason in its detail, which
+        /ready shows), and resumes by itself once there is room; one log line each way."""
+        problem = self.resources_problem()
+        if problem != self.paused_for:
+            if problem:
+                log.warning("worker %s claims no task: %s", self.worker_id, problem)
+                self.store.worker_state(self.worker_id, "paused", detail=problem)
+            else:
+                log.warning("worker %s has room to write outputs again; claiming tasks", self.worker_id)
+                self.store.worker_state(self.worker_id, "stopping" if self.stop_event.is_set() else "ready",
+                                        detail="")
+            self.paused_for = problem
+        return problem is not None
 
     def _heartbeat_loop(self) -> None:
         """Until the loop has ended (not just been asked to stop: a task finishing in its grace period keeps
@@ -179,11 +221,14 @@ class Worker:
         while not self._finished.wait(every):
             try:
                 if self.stop_event.is_set() and not marked:
-                    self.store.worker_state(self.worker_id, "stopping", task_id=self.current_task)
+                    with self._state_lock:
+                        self.health.call(lambda: self.store.worker_state(self.worker_id, "stopping",
+                                                                         task_id=self.current_task))
                     marked = True
-                self.store.heartbeat(self.worker_id, self.current_task)
-            except SQLAlchemyError:
-                log.exception("heartbeat failed")
+                self.health.call(lambda: self.store.heartbeat(self.worker_id, self.current_task))
+            except SQLAlchemyError as exc:
+                if not is_outage(exc):  # an outage is logged once by self.health, not at every beat
+                    log.exception("heartbeat failed")
 
     # --- one task --------------------------------------------------------------------------------
 
@@ -203,6 +248,15 @@ class Worker:
             log.info("task %s put back in the queue: the worker is stopping", task.id, extra={"task_id": task.id})
         except TaskLost as lost:
             log.warning("task %s: %s", task.id, lost, extra={"task_id": task.id})
+        except SQLAlchemyError as exc:
+            if not is_outage(exc):
+                raise
+            # The store went away where the task cannot wait for it: back to the queue once the store answers,
+            # without counting the attempt (no worker died); if the worker must stop first, its lease requeues it.
+            self.storage.discard_task(task.uuid)
+            self._settle(task, self.store.release, task.id, self.worker_id, "requeued: the task store was unavailable")
+            log.info("task %s put back in the queue: the task store was unavailable", task.id,
+                     extra={"task_id": task.id})
         except _Failed as failed:
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.fail, task.id, str(failed), self.worker_id)
@@ -213,18 +267,43 @@ class Worker:
             self._settle(task, self.store.fail, task.id, failure_reason(exc), self.worker_id)
 
     def _settle(self, task: Task, action: Callable[..., object], *args: Any) -> None:
-        """Record how the task ended, unless it is no longer this worker's."""
+        """Record how the task ended, unless it is no longer this worker's (waiting out a store outage)."""
         try:
-            action(*args)
+            self._through_outage(lambda: action(*args))
         except TaskLost as lost:
             log.warning("task %s: %s", task.id, lost, extra={"task_id": task.id})
+        except SQLAlchemyError as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("task %s: how it ended could not be recorded before the worker had to stop; its lease "
+                        "requeues it", task.id, extra={"task_id": task.id})
 
-    def _step(self, task: Task, status: str, **fields: Any) -> None:
-        """Move to `status`; then stop here if a kill was asked or the worker is stopping."""
-        killed = self.store.advance(task.id, self.worker_id, status, **fields)
+    def _through_outage(self, action: Callable[[], Any], *, finishing: bool = False) -> Any:
+        """A store call the task cannot go on without: retried through an outage until the store answers.
+        It gives up only when the worker must stop now (a finished video: once the finishing time is over too)."""
+        def give_up() -> bool:
+            return finish_overdue(self.stop_event, self.settings.shutdown_finish_seconds) if finishing \
+                else stop_due(self.stop_event)
+
+        return self.health.retry(action, give_up=give_up, sleep=self._pause)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait between tries: cut short by a stop request; once stopping, a plain (short) sleep, not a spin."""
+        if self.stop_event.is_set():
+            time.sleep(min(seconds, 1.0))
+        else:
+            self.stop_event.wait(seconds)
+
+    def _step(self, task: Task, status: str, *, finishing: bool = False, **fields: Any) -> None:
+        """Move to `status`; then stop here if a kill was asked or the worker is stopping (`finishing`: the
+        video is made; a stop no longer interrupts it, it is stored and recorded first)."""
+        reclaim = task.attempts if finishing else None  # a made video takes back a task its lease lost
+        killed = self._through_outage(
+            lambda: self.store.advance(task.id, self.worker_id, status, claimed_attempt=reclaim, **fields),
+            finishing=finishing)
         if killed:
             raise _Killed(f"Task killed by request at {status}.")
-        if stop_due(self.stop_event):
+        if not finishing and stop_due(self.stop_event):
             raise _Stopping()
 
     def _run_task(self, task: Task) -> None:
@@ -249,19 +328,22 @@ class Worker:
 
         video = self._generate(task, params, image)
 
-        self._step(task, OUTPUT_FULL, debugoutput=f"generated {video.frames.shape[0]} frames "
-                                                  f"{params.width}x{params.height} in "
-                                                  f"{video.timings.get('generate', 0.0):.2f}s")
-        self._step(task, END)
-        self._step(task, POSTPROCESS_START)
+        # The video is made: from here a stop does not throw it away (bounded by shutdown_finish_seconds).
+        self._step(task, OUTPUT_FULL, finishing=True, debugoutput=f"generated {video.frames.shape[0]} frames "
+                                                                  f"{params.width}x{params.height} in "
+                                                                  f"{video.timings.get('generate', 0.0):.2f}s")
+        self._step(task, END, finishing=True)
+        self._step(task, POSTPROCESS_START, finishing=True)
         relpath = self.storage.output_relpath(task.uuid, OUTPUT_NAME)
         size = self._store_output(video.frames, params.fps, relpath)
         cost = self.settings.cost_per_second * max(0.0, time.time() - task.accepttime)
+        outputs = [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)]
+        done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)"
         try:
-            self.store.complete(
-                task.id, self.worker_id, [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)], totalcost=cost,
-                debugoutput=f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)",
-            )
+            self._through_outage(
+                lambda: self.store.complete(task.id, self.worker_id, outputs, totalcost=cost, debugoutput=done,
+                                            claimed_attempt=task.attempts),
+                finishing=True)
         except TaskKilled:
             raise _Killed("Task killed by request at task_postprocess_start.") from None
 
@@ -269,8 +351,7 @@ class Worker:
         """Encode the MP4 to a local temporary file, then put it in the storage under its final name (atomically:
         never a partial file there); returns its size. Too little free disk space fails the task before writing."""
         scratch = Path(tempfile.gettempdir())
-        needed = self.settings.min_free_disk_bytes
-        problem = disk_space_problem(scratch, needed) or self.storage.space_problem(needed)
+        problem = self.resources_problem()
         if problem:
             raise _Failed(problem)
         with tempfile.TemporaryDirectory(prefix="particalize-output-", dir=scratch) as tmp:
@@ -285,7 +366,7 @@ class Worker:
     def _load_image(self, task: Task) -> Image.Image:
         field = "inputImage" if task.upload_id else "inputImageUrl"
         if task.upload_id:
-            upload = self.store.get_upload(task.upload_id)
+            upload = self._through_outage(lambda: self.store.get_upload(task.upload_id))
             if upload is None:
                 raise _Failed(f"Request parameter [{field}]: the uploaded image {task.image_url} no longer exists.")
             data = upload.data
@@ -312,11 +393,11 @@ class Worker:
         """Run the pipeline; progress goes to debugoutput (at most every progress_interval_seconds, and the
         last step always); a kill, or a stop once its grace period is over, is seen after the step it arrives in."""
         interval = self.settings.progress_interval_seconds
-        state = {"written": 0.0, "killed": False, "fresh": False}
+        state: dict[str, Any] = {"written": 0.0, "killed": False, "fresh": False, "step": 0, "total": 1}
 
         def progress(p: Any) -> None:
             now = time.monotonic()
-            state["fresh"] = False
+            state["fresh"], state["step"], state["total"] = False, p.step, p.total
             if now - state["written"] < interval and p.step != p.total:
                 return
             state["written"] = now
@@ -325,15 +406,23 @@ class Worker:
             remaining = (p.total - p.step) / rate if rate else 0.0
             note = (f"step {p.step}/{p.total} ({p.percentage:.0f}%), {speed}, elapsed {p.elapsed:.1f}s, "
                     f"remaining {remaining:.1f}s")
-            state["killed"] = self.store.advance(task.id, self.worker_id, OUTPUT, debugoutput=note,
-                                                 message=f"step {p.step}/{p.total}")
-            state["fresh"] = True
+            try:  # progress is not worth waiting for: during a store outage the run goes on without it
+                state["killed"] = self.health.call(lambda: self.store.advance(
+                    task.id, self.worker_id, OUTPUT, debugoutput=note, message=f"step {p.step}/{p.total}"))
+                state["fresh"] = True
+            except SQLAlchemyError as exc:
+                if not is_outage(exc):
+                    raise
 
         def should_stop() -> bool:
-            if stop_due(self.stop_event):
-                return True
+            if stop_due(self.stop_event) and state["step"] < state["total"]:
+                return True  # mid-denoise: requeued; after the last step the video is finished instead
             if not state["fresh"]:
-                state["killed"] = self.store.kill_requested(task.id)
+                try:
+                    state["killed"] = self.health.call(lambda: self.store.kill_requested(task.id))
+                except SQLAlchemyError as exc:
+                    if not is_outage(exc):
+                        raise
             return bool(state["killed"])
 
         try:
@@ -370,10 +459,15 @@ def run_worker(
     from particalize import __version__
     from pipeline.generator import generator_from_settings
 
-    store = open_store(settings)
+    health = StoreHealth(log)  # a worker started during a store outage waits for the store, it does not crash
+
+    def when_up(action: Callable[[], Any]) -> Any:
+        return health.retry(action, give_up=stop_event.is_set, sleep=stop_event.wait)
+
+    store = when_up(lambda: open_store(settings))
     worker_id = worker_id_for(settings, slot)
-    store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device="", state="loading",
-                          version=__version__)
+    when_up(lambda: store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device="",
+                                          state="loading", version=__version__))
     if generator is None:
         try:
             _set_cpu_threads(settings)
@@ -391,8 +485,9 @@ def run_worker(
 
         loaded = f"{NOISE_WARNING}; {loaded}"
         log.warning("worker %s: %s", worker_id, NOISE_WARNING)
-    store.register_worker(worker_id, pid=os.getpid(), model=settings.model, device=str(generator.device),
-                          state="stopping" if stop_event.is_set() else "ready", detail=loaded, version=__version__)
+    when_up(lambda: store.register_worker(worker_id, pid=os.getpid(), model=settings.model,
+                                          device=str(generator.device), state="stopping" if stop_event.is_set()
+                                          else "ready", detail=loaded, version=__version__))
     log.info("worker %s ready: model %s on %s", worker_id, settings.model, generator.device)
     worker = Worker(store, Storage.from_settings(settings), generator, settings, worker_id=worker_id)
     try:

@@ -73,6 +73,13 @@ def test_ready_ignores_a_worker_whose_heartbeat_is_older_than_a_lease(client: Te
     assert_unavailable(client.get("/ready"), "n1/gpu0 last seen 20s ago (more than the 5s lease)")
 
 
+def test_ready_says_why_a_worker_is_paused(client: TestClient):
+    store = store_of(client)
+    register(store, "n1/gpu0", "ready")
+    store.worker_state("n1/gpu0", "paused", detail="Not enough free disk space to write the output: ...")
+    assert_unavailable(client.get("/ready"), "n1/gpu0 is paused: Not enough free disk space")
+
+
 @pytest.mark.parametrize("state", ["ready", "busy"])
 def test_ready_with_one_live_loaded_worker(client: TestClient, state: str):
     register(store_of(client), "old/gpu0", "ready", seconds_ago=60)

@@ -123,6 +123,50 @@ def test_past_the_grace_period_the_task_is_interrupted_at_its_next_step_and_requ
     assert spy.times[-2] - asked[0] < grace, "interrupted at the first step that ended after the deadline"
 
 
+class SlowDecode(Paced):
+    """As Paced, with a VAE decode (after the last step) that takes `decode` seconds."""
+
+    def __init__(self, inner, decode: float, **kwargs) -> None:
+        super().__init__(inner, **kwargs)
+        self.decode = decode
+
+    def generate(self, params, image, progress=None, should_stop=None):
+        video = super().generate(params, image, progress=progress, should_stop=should_stop)
+        time.sleep(self.decode)
+        return video
+
+
+def assert_completed_once(store, settings, task) -> None:
+    done = store.get(task.id)
+    assert done.status == "task_postprocess_end" and done.pexit == "0", (done.status, done.debugerror)
+    (output,) = store.outputs([task.id])[task.id]
+    assert (Path(settings.outputs_dir) / output.path).is_file(), "the video is stored"
+    statuses = [e.status for e in store.events(task.id)]
+    assert statuses.count("task_postprocess_end") == 1 and "task_queue" not in statuses[1:], statuses
+
+
+def test_a_grace_period_that_ends_during_the_decode_still_stores_the_video_and_completes_once(
+    store, settings, tiny_generator
+):
+    stop = StopRequest(grace_seconds=0.3)
+    task = queue(store, steps="4")
+    spy = SlowDecode(tiny_generator, decode=1.5, at={3: stop.request})
+    started = time.monotonic()
+    run_until_stopped(store, settings, spy, stop)
+    assert time.monotonic() - started >= 1.5
+    assert spy.steps == [1, 2, 3, 4] and spy.calls == 1
+    assert_completed_once(store, settings, task)
+
+
+def test_a_stop_due_at_the_last_step_does_not_throw_the_denoised_video_away(store, settings, tiny_generator):
+    stop = StopRequest(grace_seconds=0)
+    task = queue(store, steps="4")
+    spy = Paced(tiny_generator, at={4: stop.request})
+    run_until_stopped(store, settings, spy, stop)
+    assert spy.stopped_at is None, "the last step was not interrupted"
+    assert_completed_once(store, settings, task)
+
+
 def test_a_second_request_interrupts_the_task_at_once(store, settings, tiny_generator):
     stop = StopRequest(grace_seconds=60)
     task = queue(store, steps="40")
@@ -160,12 +204,14 @@ time.sleep(60)
 """
 
 
-def test_the_supervisor_waits_the_grace_period_plus_a_margin_before_sigkill(tmp_path, monkeypatch):
+def test_the_supervisor_waits_the_grace_period_and_the_finishing_time_plus_a_margin_before_sigkill(
+    tmp_path, monkeypatch
+):
     monkeypatch.setattr(supervisor, "STOP_MARGIN_SECONDS", 0.5)
-    settings = make_settings(tmp_path, shutdown_grace_seconds=1.0)
+    settings = make_settings(tmp_path, shutdown_grace_seconds=0.7, shutdown_finish_seconds=0.3)
     procs = WorkerProcesses(settings, 0)
     assert procs.stop_timeout == 1.5
-    assert WorkerProcesses(make_settings(tmp_path, shutdown_grace_seconds=30), 1).stop_timeout == 30.5
+    assert WorkerProcesses(make_settings(tmp_path), 1).stop_timeout == 1200 + 120 + 0.5
     for slot, mode in enumerate(("ignore", "obey")):
         child = subprocess.Popen([sys.executable, "-c", CHILD, mode], stdout=subprocess.PIPE)
         assert child.stdout.readline() == b"up\n"

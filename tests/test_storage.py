@@ -21,6 +21,7 @@ from server.store import Database, NewUpload, TaskStore, new_id, upgrade
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
+from tests.test_worker import Spy
 
 RUN = "/v1/Run/codexq/Particalize"
 SMALL = {"numFrames": "9", "steps": "2", "width": "32", "height": "32", "seed": "5"}
@@ -256,32 +257,37 @@ def test_a_put_that_fails_midway_leaves_nothing_and_the_task_fails_with_the_reas
 # --- free disk space --------------------------------------------------------------------------------------
 
 
-def test_too_little_free_disk_space_fails_the_task_saying_how_much_and_the_worker_goes_on(
+def test_under_the_disk_floor_a_worker_claims_nothing_says_why_and_resumes_once_there_is_room(
     tmp_path: Path, tiny_generator, store_of, monkeypatch
 ):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), min_free_disk_bytes=10**18)
     store, storage = store_of(settings), Storage.from_settings(settings)
-    task, following = queue_upload_task(store), queue_upload_task(store)
-    worker = Worker(store, storage, tiny_generator, settings, worker_id=WORKER)
-    assert worker.run_once()
-    failed = store.get(task.id)
+    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    task = queue_upload_task(store)
+    spy = Spy(tiny_generator)
+    worker = Worker(store, storage, spy, settings, worker_id=WORKER)
+    assert worker.run_once() is False and worker.run_once() is False
+    assert spy.calls == 0, "no GPU time spent on a video that could not be written"
+    assert store.get(task.id).status == "task_queue", "the task waits in the queue, not failed"
+    (row,) = store.workers()
     free = shutil.disk_usage(tempfile.gettempdir()).free
-    assert failed.status == "task_postprocess_end" and failed.pexit == "1"
-    assert "Not enough free disk space" in failed.debugerror and tempfile.gettempdir() in failed.debugerror
-    assert f"({10**18} bytes) needed" in failed.debugerror and "PARTICALIZE_MIN_FREE_DISK_BYTES" in failed.debugerror
-    reported = int(failed.debugerror.split(" bytes) free")[0].rsplit("(", 1)[1])
+    assert row.state == "paused" and "Not enough free disk space" in row.detail
+    assert "free in the worker's temporary directory" in row.detail and tempfile.gettempdir() not in row.detail
+    assert f"({10**18} bytes) needed" in row.detail and "PARTICALIZE_MIN_FREE_DISK_BYTES" in row.detail
+    reported = int(row.detail.split(" bytes) free")[0].rsplit("(", 1)[1])
     assert abs(reported - free) < 2**30, "the free space reported is the real one"
-    assert not (Path(settings.outputs_dir) / task.uuid).exists()
 
     monkeypatch.setattr(settings, "min_free_disk_bytes", 0)
-    assert worker.run_once(), "the worker stays up and takes the next task"
-    assert store.get(following.id).pexit == "0"
+    assert worker.run_once(), "once there is room the worker takes the task"
+    assert store.get(task.id).pexit == "0" and spy.calls == 1
+    assert store.workers()[0].state == "ready"
 
 
 def test_the_local_storage_directory_is_checked_for_free_space_too(tmp_path: Path, tiny_generator, store_of,
                                                                     monkeypatch):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), min_free_disk_bytes=50 * 2**20)
     store, storage = store_of(settings), Storage.from_settings(settings)
+    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -294,13 +300,48 @@ def test_the_local_storage_directory_is_checked_for_free_space_too(tmp_path: Pat
 
     monkeypatch.setattr("server.storage.shutil.disk_usage", usage)
     task = queue_upload_task(store)
+    assert Worker(store, storage, tiny_generator, settings, worker_id=WORKER).run_once() is False
+    assert store.get(task.id).status == "task_queue"
+    detail = store.workers()[0].detail
+    assert f"10.0 MiB ({10 * 2**20} bytes) free in the output storage" in detail
+    assert f"at least 50.0 MiB ({50 * 2**20} bytes) needed" in detail and str(storage.local_root) not in detail
+
+
+def test_space_that_runs_out_while_generating_fails_the_task_before_writing_naming_no_server_path(
+    tmp_path: Path, tiny_generator, store_of, monkeypatch
+):
+    settings = make_settings(tmp_path, sqlite_url(tmp_path), min_free_disk_bytes=0)
+    store, storage = store_of(settings), Storage.from_settings(settings)
+    task = queue_upload_task(store)
+
+    class FillsTheDisk(Spy):
+        def generate(self, *args, **kwargs):
+            video = super().generate(*args, **kwargs)
+            monkeypatch.setattr(settings, "min_free_disk_bytes", 10**18)  # another process filled the disk
+            return video
+
+    assert Worker(store, storage, FillsTheDisk(tiny_generator), settings, worker_id=WORKER).run_once()
+    failed = store.get(task.id)
+    assert failed.status == "task_postprocess_end" and failed.pexit == "1"
+    assert "Not enough free disk space" in failed.debugerror
+    assert tempfile.gettempdir() not in failed.debugerror and str(tmp_path) not in failed.debugerror
+    assert not (Path(settings.outputs_dir) / task.uuid).exists()
+
+
+def test_a_storage_error_reaches_the_client_without_server_paths(tmp_path: Path, tiny_generator, store_of,
+                                                                  monkeypatch):
+    settings = make_settings(tmp_path, sqlite_url(tmp_path), min_free_disk_bytes=0)
+    store, storage = store_of(settings), Storage.from_settings(settings)
+    task = queue_upload_task(store)
+
+    def full(lpath, rpath, **kwargs):
+        raise OSError(28, "No space left on device", rpath)
+
+    monkeypatch.setattr(storage.fs, "put_file", full)
     Worker(store, storage, tiny_generator, settings, worker_id=WORKER).run_once()
     failed = store.get(task.id)
-    assert failed.pexit == "1" and f"10.0 MiB ({10 * 2**20} bytes) free in {storage.local_root}" in failed.debugerror
-    assert f"at least 50.0 MiB ({50 * 2**20} bytes) needed" in failed.debugerror
-
-
-# --- settings -------------------------------------------------------------------------------------------
+    assert failed.pexit == "1" and "No space left on device" in failed.debugerror
+    assert str(tmp_path) not in failed.debugerror and ".part" not in failed.debugerror, failed.debugerror
 
 
 def test_storage_options_reach_the_fsspec_filesystem(tmp_path: Path):

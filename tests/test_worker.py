@@ -242,3 +242,9 @@ def test_a_worker_restarting_under_its_id_requeues_what_it_held(store, settings,
 def test_failure_reasons_are_plain():
     assert failure_reason(RuntimeError("CUDA error: out of memory")).startswith("Out of memory")
     assert failure_reason(ValueError("")) == "Internal error: ValueError: ValueError"
+
+
+def test_failure_reasons_name_no_server_path():
+    reason = failure_reason(FileNotFoundError(2, "No such file or directory", "/srv/particalize/tmp/x.mp4"))
+    assert reason == "Internal error: FileNotFoundError: No such file or directory"
+    assert "/srv" not in failure_reason(RuntimeError("could not open /srv/particalize/data/x.part for writing"))

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse
 from server.errors import error_body
 from server.routes.common import services_of
 from server.store import TaskStore
+from server.store.outage import RETRY_AFTER_SECONDS
 
 router = APIRouter()
 
@@ -30,6 +31,7 @@ PROBE_TIMEOUT_SECONDS = 5.0
 SERVING_STATES = ("ready", "busy")
 RANDOM_WEIGHTS_MARK = "RANDOM WEIGHTS"
 """In a worker's detail when it serves a model built with random values (pipeline.random_weights)."""
+RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
 class Unhealthy(Exception):
@@ -62,6 +64,8 @@ def not_ready_reason(store: TaskStore, workers: Iterable[Any], now: float) -> st
         if w.state in SERVING_STATES:
             seen.append(f"{w.id} last seen {now - w.heartbeat_at:.0f}s ago (more than the {store.lease_seconds:g}s "
                         "lease)")
+        elif w.state == "paused" and w.detail:
+            seen.append(f"{w.id} is paused: {w.detail}")  # e.g. its disk is below the floor
         else:
             seen.append(f"{w.id} is {w.state}")
     if not seen:
@@ -75,10 +79,10 @@ async def _probe(request: Request, work: Any) -> JSONResponse:
     try:
         extra = await asyncio.wait_for(run_in_threadpool(work, services_of(request)), PROBE_TIMEOUT_SECONDS)
     except Unhealthy as exc:
-        return JSONResponse(error_body([(0, str(exc))]), status_code=503)
+        return JSONResponse(error_body([(0, str(exc))]), status_code=503, headers=RETRY_AFTER)
     except asyncio.TimeoutError:
         message = f"The database did not answer within {PROBE_TIMEOUT_SECONDS:g}s; check that it is up and not busy."
-        return JSONResponse(error_body([(0, message)]), status_code=503)
+        return JSONResponse(error_body([(0, message)]), status_code=503, headers=RETRY_AFTER)
     return JSONResponse({"result": True, "errors": [], **extra})
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 def normalize_url(url: str) -> str:
@@ -39,7 +40,11 @@ class Database:
             self.engine: Engine = create_engine(self.url, pool_size=8, max_overflow=32, pool_timeout=30)
             _sqlite_setup(self.engine)
         else:
-            self.engine = create_engine(self.url, pool_size=8, max_overflow=32, pool_pre_ping=True)
+            # pre-ping: a connection the server dropped (a restart, a failover) is replaced before use, so
+            # recovery needs no restart; a bounded connect: a host that is gone fails fast (a 503), never hangs.
+            connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+            self.engine = create_engine(self.url, pool_size=8, max_overflow=32, pool_pre_ping=True,
+                                        connect_args=connect_args)
 
     @contextmanager
     def connect(self, write: bool = False) -> Iterator[Connection]:

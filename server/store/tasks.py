@@ -329,11 +329,13 @@ class TaskStore:
         debugoutput: str | None = None,
         parameters: dict[str, Any] | None = None,
         message: str = "",
+        claimed_attempt: int | None = None,
     ) -> bool:
-        """Move an owned task to `status` (stamping its time, renewing the lease). True if a kill was asked."""
+        """Move an owned task to `status` (stamping its time, renewing the lease). True if a kill was asked.
+        `claimed_attempt`: the worker has finished the video and takes the task back if it lost it (`_owned`)."""
         now = self.clock()
         with self.db.session(write=True) as s:
-            task = self._owned(s, task_id, worker_id)
+            task = self._owned(s, task_id, worker_id, claimed_attempt)
             if status != task.status or message:
                 _set_status(s, task, status, now, message=message)
             task.lease_expires_at = now + self.lease_seconds
@@ -348,12 +350,15 @@ class TaskStore:
             return bool(s.scalar(select(Task.kill_requested).where(Task.id == task_id)))
 
     def complete(
-        self, task_id: int, worker_id: str, outputs: list[NewOutput], *, totalcost: float, debugoutput: str
+        self, task_id: int, worker_id: str, outputs: list[NewOutput], *, totalcost: float, debugoutput: str,
+        claimed_attempt: int | None = None,
     ) -> Task:
-        """Success: outputs recorded and task_postprocess_end with pexit 0, in one transaction."""
+        """Success: outputs recorded and task_postprocess_end with pexit 0, in one transaction.
+
+        With `claimed_attempt`, a finished video is recorded even if its lease ran out meanwhile (see `_owned`)."""
         now = self.clock()
         with self.db.session(write=True) as s:
-            task = self._owned(s, task_id, worker_id)
+            task = self._owned(s, task_id, worker_id, claimed_attempt)
             if task.kill_requested:
                 raise TaskKilled(f"task {task_id} was killed while finishing")
             parent = uuid.uuid5(uuid.NAMESPACE_URL, task.uuid).hex
@@ -441,12 +446,26 @@ class TaskStore:
                     found.append(Recovered(task.id, "failed", dead))
         return found
 
-    def _owned(self, s: Session, task_id: int, worker_id: str) -> Task:
+    def _owned(self, s: Session, task_id: int, worker_id: str, claimed_attempt: int | None = None) -> Task:
+        """The task, locked, if `worker_id` owns it; TaskLost otherwise.
+
+        With `claimed_attempt` (the task's attempts when this worker claimed it; given once its video is made),
+        a task lost only to its lease is taken back: its lease ran out while the store was unreachable (the
+        heartbeats could not be written) and it was requeued, or even claimed by another worker since, which
+        then finds it gone at its next write. So a finished video is recorded, not made again. A task that has
+        ended (or was claimed before this worker's claim) is not: a result lands exactly once."""
         task = s.get(Task, task_id, with_for_update=True)
-        if task is None or task.worker_id != worker_id or task.status not in RUNNING:
-            state = "gone" if task is None else f"{task.status}, worker {task.worker_id}"
-            raise TaskLost(f"task {task_id} is no longer owned by {worker_id} ({state})")
-        return task
+        if task is not None and task.worker_id == worker_id and task.status in RUNNING:
+            return task
+        if (claimed_attempt is not None and task is not None and task.status not in TERMINAL
+                and task.attempts >= claimed_attempt):
+            if task.status not in RUNNING:
+                task.accepttime = task.accepttime or self.clock()
+            task.worker_id = worker_id
+            task.lease_expires_at = self.clock() + self.lease_seconds
+            return task
+        state = "gone" if task is None else f"{task.status}, worker {task.worker_id}"
+        raise TaskLost(f"task {task_id} is no longer owned by {worker_id} ({state})")
 
     # --- workers ---------------------------------------------------------------------------------
 

@@ -1,0 +1,137 @@
+"""PostgreSQL stopped and started mid-run, under a real API process and two real worker processes, on a private
+cluster this test starts itself. While the database is down every answer is 503 in Wiro's error shape with
+Retry-After, on a kept-alive connection that the next request can use (no reset); once it is back, every task
+ends exactly once, none made twice, and each worker logged the outage once, not once a second."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.harness import ServeProcess, WorkerProcess
+from server.store import Database, TaskStore
+from server.store.models import ACCEPT, POSTPROCESS_END, RUNNING, TERMINAL
+from tests.images import png_bytes
+from tests.private_postgres import PrivateCluster, unavailable_reason
+
+pytestmark = [pytest.mark.slow]
+
+RUN = "/v1/Run/codexq/Particalize"
+TASKS = 8
+STEPS = 100
+OUTAGE_SECONDS = 6.0
+ENV = dict(
+    PARTICALIZE_LEASE_SECONDS="20", PARTICALIZE_PROGRESS_INTERVAL_SECONDS="0.1", PARTICALIZE_ACCESS_LOG="0",
+    PARTICALIZE_MIN_FREE_DISK_BYTES="0", PARTICALIZE_WORKER_CPU_THREADS="1",
+)
+
+
+@pytest.fixture
+def cluster() -> Iterator[PrivateCluster]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no private PostgreSQL cluster: {reason}")
+    pg = PrivateCluster()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.remove()
+
+
+def request(conn: http.client.HTTPConnection, method: str, path: str, body: dict | None = None):
+    """One request on a kept-alive connection: (status, headers, JSON body). A reset raises here."""
+    payload = json.dumps(body).encode() if body is not None else None
+    conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
+    answer = conn.getresponse()
+    return answer.status, dict(answer.getheaders()), json.loads(answer.read()), answer.will_close
+
+
+def assert_503(status: int, headers: dict, body: dict, will_close: bool) -> None:
+    assert status == 503, (status, body)
+    assert headers.get("retry-after") and body["result"] is False and body["errors"][0]["message"], (headers, body)
+    assert not will_close, "the connection stays usable"
+
+
+def test_a_database_outage_mid_run_is_answered_503_and_costs_no_task(cluster: PrivateCluster, tmp_path: Path):
+    data = tmp_path / "data"
+    api = ServeProcess(data, database_url=cluster.url, args=["--workers", "0"],
+                       env={**ENV, "PARTICALIZE_NODE_NAME": "api", "PARTICALIZE_ALLOW_PRIVATE_URLS": "1"})
+    workers = [WorkerProcess(data, database_url=cluster.url, env={**ENV, "PARTICALIZE_NODE_NAME": node})
+               for node in ("w1", "w2")]
+    db = Database(cluster.url)
+    store = TaskStore(db)
+    try:
+        api.wait_up()
+        deadline = time.monotonic() + 120
+        while sum(w["state"] == "ready" for w in api.http.get("/healthz").json()["workers"]) < len(workers):
+            for worker in workers:
+                assert worker.proc.poll() is None, worker.log_text()
+            assert time.monotonic() < deadline, "the workers never got ready"
+            time.sleep(0.1)
+        image = png_bytes(40, 40)
+        ids = []
+        for i in range(TASKS):
+            fields = {"prompt": f"task {i}", "numFrames": "13", "steps": str(STEPS), "width": "32", "height": "32",
+                      "seed": str(i)}
+            body = httpx.post(f"{api.base}{RUN}", data=fields, files={"inputImage": ("in.png", image, "image/png")},
+                              timeout=60).json()
+            assert body["result"] is True, body
+            ids.append(int(body["taskid"]))
+
+        deadline = time.monotonic() + 120
+        while sum(store.count(status) for status in RUNNING) < 2:
+            for worker in workers:
+                assert worker.proc.poll() is None, worker.log_text()
+            assert time.monotonic() < deadline, "both workers never ran a task at once"
+            time.sleep(0.05)
+
+        conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
+        status, _, _, _ = request(conn, "POST", "/v1/Task/Detail", {"taskid": str(ids[0])})
+        assert status == 200
+        sock = conn.sock
+        cluster.stop()
+        down_until = time.monotonic() + OUTAGE_SECONDS
+        answers = 0
+        while time.monotonic() < down_until:
+            assert_503(*request(conn, "POST", "/v1/Task/Detail", {"taskid": str(ids[0])}))
+            assert_503(*request(conn, "POST", "/v1/Task/Kill", {"taskid": str(ids[1])}))
+            assert_503(*request(conn, "POST", RUN, {"prompt": "x", "inputImageUrl": "http://127.0.0.1:9/x.png"}))
+            assert_503(*request(conn, "GET", "/healthz"))
+            assert_503(*request(conn, "GET", "/health"))
+            answers += 5
+            time.sleep(0.2)
+        assert conn.sock is sock, "every answer came on the one kept-alive connection"
+        cluster.start()
+        status, _, body, _ = request(conn, "POST", "/v1/Task/Detail", {"taskid": str(ids[0])})
+        assert status == 200 and body["result"] is True, "the API recovered by itself"
+        conn.close()
+
+        deadline = time.monotonic() + 240
+        while sum(store.count(status) for status in TERMINAL) < TASKS:
+            assert time.monotonic() < deadline, "not every task ended"
+            time.sleep(0.2)
+        for task_id in ids:
+            task = store.get(task_id)
+            assert task.status == POSTPROCESS_END and task.pexit == "0", (task_id, task.status, task.debugerror)
+            events = [e.status for e in store.events(task_id)]
+            assert events.count(ACCEPT) == 1, f"task {task_id} was claimed (made) {events.count(ACCEPT)} times"
+            assert events.count(POSTPROCESS_END) == 1
+            assert len(store.outputs([task_id])[task_id]) == 1
+        for worker in workers:
+            log = worker.log_text()
+            assert log.count("task store is unavailable") == 1, log
+            assert log.count("task store answers again") == 1, log
+            assert "Traceback" not in log, log
+        assert answers >= 10
+    finally:
+        for worker in workers:
+            worker.stop()
+        api.stop()
+        db.dispose()

@@ -1,0 +1,355 @@
+"""A store outage is an answer, not a 500, and costs no finished work: every route answers 503 in the error
+shape with Retry-After; a worker rides out an outage quietly (one log line when it starts, one when it ends),
+keeps the video it made and records it once the store is back, even when its lease ran out meanwhile and the
+task was requeued (a result lands exactly once, the video is never made twice)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from server.app import create_app
+from server.auth import Authenticator
+from server.services import Services
+from server.storage import Storage
+from server.store import Database, DbNonceStore, TaskLost, TaskStore
+from server.store.outage import RETRY_AFTER_SECONDS, StoreHealth, is_outage
+from server.worker import Worker
+from tests.conftest import make_settings
+from tests.images import png_bytes
+from tests.test_worker import IMAGE_URL, SMALL, WORKER, FakeFetch, Spy
+
+UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2"
+RUN = "/v1/Run/codexq/Particalize"
+
+
+def outage_error() -> OperationalError:
+    return OperationalError("UPDATE tasks ...", {}, ConnectionRefusedError("connection refused"))
+
+
+def assert_outage_answer(answer) -> None:
+    assert answer.status_code == 503, (answer.status_code, answer.text)
+    assert answer.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+    body = answer.json()
+    assert body["result"] is False and body["errors"][0]["code"] == 0, body
+    assert "task store is unavailable" in body["errors"][0]["message"]
+    assert "connection refused" not in body["errors"][0]["message"], "no driver details for a client"
+
+
+def test_outages_are_told_from_bugs():
+    assert is_outage(outage_error())
+    assert is_outage(OperationalError("INSERT", {}, Exception("database or disk is full")))
+    assert not is_outage(IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed")))
+    assert not is_outage(ValueError("x"))
+
+
+def test_every_route_answers_503_with_retry_after_when_the_database_is_down(tmp_path: Path):
+    settings = make_settings(tmp_path, UNREACHABLE_DB)
+    db = Database(UNREACHABLE_DB)
+    services = Services(settings, TaskStore.from_settings(db, settings), Storage.from_settings(settings),
+                        Authenticator({}, DbNonceStore(db), settings.nonce_window_seconds))
+    image = ("in.png", png_bytes(40, 40), "image/png")
+    with TestClient(create_app(settings, services=services), raise_server_exceptions=False) as client:
+        assert_outage_answer(client.post(RUN, data={"prompt": "x", **SMALL}, files={"inputImage": image}))
+        for path in ("/v1/Task/Detail", "/v1/Task/Kill", "/v1/Task/Cancel"):
+            assert_outage_answer(client.post(path, json={"taskid": "1"}))
+        assert_outage_answer(client.post("/v1/Task/Detail", json={"tasktoken": "abc"}))
+        assert_outage_answer(client.get("/healthz"))
+        for path in ("/v1/Task/List", "/v1/Task/InputOutputDelete", "/v1/File/Upload"):
+            assert_outage_answer(client.post(path, json={"taskid": "1"}) if "Upload" not in path
+                                 else client.post(path, files={"file": image}))
+        assert_outage_answer(client.get("/files/uploads/0123456789abcdef0123456789abcdef/in.png"))
+        assert_outage_answer(client.get("/v1/Task/Events", params={"tasktoken": "abc"}))
+        assert_outage_answer(client.get("/metrics"))
+        assert client.get("/health").status_code == 503
+    db.dispose()
+
+
+# --- the worker ------------------------------------------------------------------------------------------------
+
+
+class FlakyStore:
+    """The real store, except that every call fails as an unreachable database does while `down` is set."""
+
+    def __init__(self, inner: TaskStore) -> None:
+        self.inner = inner
+        self.down = threading.Event()
+        self.failed_calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.inner, name)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down.is_set():
+                self.failed_calls += 1
+                raise outage_error()
+            return value(*args, **kwargs)
+
+        return call
+
+
+class Outage(Spy):
+    """The real generator; the store goes down after `at` steps and the video is made during the outage;
+    `meanwhile()` runs once the video is made, still during the outage; then the store comes back."""
+
+    def __init__(self, inner, flaky: FlakyStore, at: int, down_for: float, meanwhile=None) -> None:
+        super().__init__(inner)
+        self.flaky, self.at, self.down_for, self.meanwhile = flaky, at, down_for, meanwhile
+
+    def generate(self, params, image, progress=None, should_stop=None):
+        def watched(p):
+            if p.step == self.at:
+                self.flaky.down.set()
+            if progress is not None:
+                progress(p)
+
+        video = super().generate(params, image, progress=watched, should_stop=should_stop)
+
+        def come_back() -> None:
+            time.sleep(self.down_for)
+            if self.meanwhile is not None:
+                self.meanwhile()
+            self.flaky.down.clear()
+
+        threading.Thread(target=come_back, daemon=True).start()
+        return video
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str):
+    return make_settings(tmp_path, db_url, lease_seconds=1.0)
+
+
+def run_worker(store: TaskStore, flaky: FlakyStore, settings, generator, until) -> Worker:
+    """A worker loop on the flaky store, in a thread, until `until()` (or 60 s)."""
+    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    worker = Worker(flaky, Storage.from_settings(settings), generator, settings, worker_id=WORKER,  # type: ignore[arg-type]
+                    fetch=FakeFetch(png_bytes(40, 40)))
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not until() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    return worker
+
+
+def outage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "particalize.worker" and r.levelno >= logging.WARNING]
+
+
+def test_a_video_made_during_an_outage_is_recorded_once_the_store_is_back_and_logged_twice(
+    store, settings, tiny_generator, caplog
+):
+    caplog.set_level(logging.INFO)
+    flaky = FlakyStore(store)
+    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL, "steps": "4"}, image_url=IMAGE_URL)
+    spy = Outage(tiny_generator, flaky, at=2, down_for=2.5)
+    worker = run_worker(store, flaky, settings, spy, until=lambda: store.get(task.id).status == "task_postprocess_end")
+    done = store.get(task.id)
+    assert done.status == "task_postprocess_end" and done.pexit == "0", done.debugerror
+    assert spy.calls == 1, "the video was made once"
+    assert len(store.outputs([task.id])[task.id]) == 1
+    assert flaky.failed_calls >= 3, "the worker did try the store during the outage"
+    lines = outage_lines(caplog)
+    assert len(lines) == 2, lines
+    assert "unavailable" in lines[0] and "answers again" in lines[1]
+    assert worker.health.outages == 1 and not worker.health.down
+    assert [e.status for e in store.events(task.id)].count("task_postprocess_end") == 1
+
+
+def test_a_video_finished_after_its_lease_ran_out_is_kept_not_made_again(store, settings, tiny_generator, caplog):
+    flaky = FlakyStore(store)
+    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    requeued: list[Any] = []
+
+    def another_worker_sweeps() -> None:  # the lease (1 s) ran out during the outage; another worker saw it
+        requeued.extend(store.recover_orphans(now=time.time() + 10))
+
+    spy = Outage(tiny_generator, flaky, at=1, down_for=2.0, meanwhile=another_worker_sweeps)
+    run_worker(store, flaky, settings, spy, until=lambda: store.get(task.id).status == "task_postprocess_end")
+    assert [r.action for r in requeued] == ["requeued"], "the task had gone back to the queue"
+    done = store.get(task.id)
+    assert done.status == "task_postprocess_end" and done.pexit == "0", done.debugerror
+    assert spy.calls == 1, "the finished video was recorded, not made again"
+    assert done.worker_id == WORKER and len(store.outputs([task.id])[task.id]) == 1
+
+
+def test_a_finished_result_wins_over_a_worker_that_took_the_requeued_task_up(store):
+    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    first = store.claim_next("a/gpu0")
+    store.recover_orphans(now=time.time() + 3600)
+    assert store.claim_next("b/gpu0").id == task.id
+    from server.store import NewOutput
+
+    out = [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")]
+    done = store.complete(task.id, "a/gpu0", out, totalcost=0.0, debugoutput="done", claimed_attempt=first.attempts)
+    assert done.status == "task_postprocess_end" and done.pexit == "0"
+    with pytest.raises(TaskLost):
+        store.advance(task.id, "b/gpu0", "task_output")
+    with pytest.raises(TaskLost):
+        store.complete(task.id, "b/gpu0", out, totalcost=0.0, debugoutput="again", claimed_attempt=2)
+    assert len(store.outputs([task.id])[task.id]) == 1, "the result landed exactly once"
+    with pytest.raises(TaskLost):  # without the attempt it claimed, a worker that lost its task cannot complete it
+        store.complete(task.id, "c/gpu0", out, totalcost=0.0, debugoutput="x")
+
+
+def test_store_health_logs_once_per_state_change():
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("particalize.test-outage")
+    logger.addHandler(Collect())
+    health = StoreHealth(logger)
+    calls = iter([outage_error()] * 20 + [None])
+
+    def action() -> str:
+        error = next(calls)
+        if error is not None:
+            raise error
+        return "ok"
+
+    assert health.retry(action, give_up=lambda: False, first_wait=0.001, max_wait=0.002) == "ok"
+    assert len(records) == 2 and health.outages == 1
+    with pytest.raises(OperationalError):
+        health.retry(lambda: (_ for _ in ()).throw(outage_error()), give_up=lambda: True)
+    with pytest.raises(IntegrityError):  # a bug is not retried
+        health.retry(lambda: (_ for _ in ()).throw(IntegrityError("x", {}, Exception("y"))), give_up=lambda: False)
+
+
+def test_right_after_an_outage_a_worker_gives_others_one_lease_before_requeueing_their_tasks(tmp_path: Path):
+    from sqlalchemy import update
+
+    from server.store import upgrade
+    from server.store.models import Task
+
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", lease_seconds=2.0)
+    db = Database(settings.sqlalchemy_url)
+    upgrade(db)
+    store = TaskStore.from_settings(db, settings)
+    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    store.claim_next("other/gpu0")
+    worker = Worker(store, Storage.from_settings(settings), object(), settings, worker_id=WORKER)  # type: ignore[arg-type]
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        worker.health.back_at = time.monotonic()  # the store has just come back ...
+        with db.session(write=True) as s:  # ... and the other worker's lease ran out during the outage
+            s.execute(update(Task).where(Task.id == task.id).values(lease_expires_at=time.time() - 1))
+        time.sleep(1.2)
+        assert store.get(task.id).status == "task_accept", "not taken from a worker that could not beat"
+        deadline = time.monotonic() + 15
+        while store.get(task.id).status == "task_accept" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        messages = [e.message for e in store.events(task.id) if e.status == "task_queue"]
+        assert any("other/gpu0 stopped" in m for m in messages), "requeued once its worker had had a lease to beat"
+    finally:
+        stop.set()
+        thread.join(10)
+        db.dispose()
+
+
+def test_a_video_made_when_the_grace_period_ends_during_an_outage_is_still_recorded(store, settings, tiny_generator):
+    from server.shutdown import StopRequest
+
+    flaky = FlakyStore(store)
+    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    stop = StopRequest(grace_seconds=0.2)
+    spy = Outage(tiny_generator, flaky, at=2, down_for=1.5, meanwhile=None)
+    real_generate = spy.generate
+
+    def generate_then_stop(*args, **kwargs):
+        video = real_generate(*args, **kwargs)
+        stop.request()  # SIGTERM while the store is down; the grace ends before it is back
+        return video
+
+    spy.generate = generate_then_stop  # type: ignore[method-assign]
+    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    worker = Worker(flaky, Storage.from_settings(settings), spy, settings, worker_id=WORKER,  # type: ignore[arg-type]
+                    fetch=FakeFetch(png_bytes(40, 40)))
+    started = time.monotonic()
+    worker.run(stop)
+    assert time.monotonic() - started < 30, "the worker stopped once the video was recorded"
+    done = store.get(task.id)
+    assert done.status == "task_postprocess_end" and done.pexit == "0", (done.status, done.debugerror)
+    assert spy.calls == 1 and len(store.outputs([task.id])[task.id]) == 1
+
+
+def test_the_api_logs_an_outage_at_most_once_every_few_seconds_not_once_per_request():
+    from server.store.outage import ThrottledLog
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("particalize.test-throttled")
+    logger.addHandler(Collect())
+    throttled = ThrottledLog(logger, every=0.3)
+    for _ in range(50):
+        throttled.warning("request %s failed", "x")
+    time.sleep(0.35)
+    throttled.warning("request %s failed", "y")
+    assert records == ["request x failed", "request y failed (49 more since the last such line)"]
+
+
+def test_a_bug_answers_500_and_says_the_connection_closes(tmp_path: Path, monkeypatch):
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        store = client.app.state.services.store
+
+        def broken(*args, **kwargs):
+            raise IntegrityError("SELECT", {}, Exception("not an outage"))
+
+        monkeypatch.setattr(store, "find_with_outputs", broken)
+        answer = client.post("/v1/Task/Detail", json={"taskid": "1"})
+        assert answer.status_code == 500 and answer.json()["result"] is False
+        assert answer.headers["connection"] == "close", "the client does not reuse a connection the server drops"
+        monkeypatch.setattr(store, "find_with_outputs", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+        answer = client.post("/v1/Task/Detail", json={"taskid": "1"})
+        assert answer.status_code == 500 and answer.headers["connection"] == "close"
+
+
+def test_a_live_follower_pauses_through_an_outage_and_misses_no_event(tmp_path: Path):
+    from server.live import TaskFollower
+    from server.services import Services
+    from server.store import NewOutput
+
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}")
+    services = Services.open(settings)
+    try:
+        store = services.store
+        task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+        flaky = FlakyStore(store)
+        follower = TaskFollower(services, task)
+        assert [e.message["type"] for e in follower.poll()] == ["task_queue"]
+        claimed = store.claim_next(WORKER)
+        store.complete(task.id, WORKER, [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")],
+                       totalcost=0.0, debugoutput="done", claimed_attempt=claimed.attempts)
+        services.store = flaky  # type: ignore[misc]
+        flaky.down.set()
+        assert follower.poll() == [] and not follower.finished, "an outage is a pause, not the end"
+        flaky.down.clear()
+        types = [e.message["type"] for e in follower.poll()]
+        assert types == ["task_accept", "task_postprocess_end"] and follower.finished
+    finally:
+        services.store = store  # type: ignore[misc]
+        services.close()

@@ -4,7 +4,10 @@ queue -> accept (claimed) -> preprocess_start (fetch and check the image) -> pre
 -> start -> output (the current step in debugoutput, repeated) -> output_full -> end
 -> postprocess_start (encode the MP4, store it) -> postprocess_end (pexit 0 and the output).
 
-A kill stops the run within one denoising step and ends in task_cancel with no output left behind; any
+Task/Kill ends the task in task_cancel at once (server/store); the worker notices within one transformer
+block (a watcher thread turns the store's flag into an event the pipeline checks before every block and VAE
+decoder call), throws the run away and leaves no output behind, also when the kill comes during the VAE
+decode or the MP4 write; any
 failure ends in task_postprocess_end with pexit 1 and the reason in debugerror. Either way the model
 stays loaded and the worker takes the next task. One worker per GPU; `run_worker` is the entry of both
 `particalize worker` and the workers `particalize serve` starts.
@@ -54,6 +57,10 @@ log = logging.getLogger("particalize.worker")
 EXIT_LOAD_FAILED = 3
 """`particalize worker` exits with this when the model cannot be loaded (restarting would not help)."""
 
+KILL_POLL_SECONDS = 0.1
+"""How often the kill watcher reads the task's kill flag while a task runs (bounds kill-to-stop with the time of
+one transformer block)."""
+
 IMAGE_TYPES_REFUSED = ("text/", "application/json", "application/xml", "application/javascript")
 
 
@@ -63,7 +70,7 @@ class Generator(Protocol):
     def resolve(self, params: GenerationParams, image: Image.Image) -> GenerationParams: ...
 
     def generate(self, params: GenerationParams, image: Image.Image, progress: Any = None,
-                 should_stop: Any = None) -> Any: ...
+                 should_stop: Any = None, interrupt: Any = None) -> Any: ...
 
 
 class _Killed(Exception):
@@ -190,13 +197,18 @@ class Worker:
     def process(self, task: Task) -> None:
         started = time.monotonic()
         log.info("task %s accepted by %s", task.id, self.worker_id, extra={"task_id": task.id})
+        interrupt = threading.Event()
+        watcher = threading.Thread(target=self._watch_kill, args=(task.id, interrupt), name="kill-watcher",
+                                   daemon=True)
+        watcher.start()
         try:
-            self._run_task(task)
+            self._run_task(task, interrupt)
             log.info("task %s done in %.2fs", task.id, time.monotonic() - started, extra={"task_id": task.id})
-        except _Killed as killed:
+        except (_Killed, TaskKilled) as killed:
             self.storage.discard_task(task.uuid)
-            self._settle(task, self.store.finish_killed, task.id, self.worker_id, killed.note)
-            log.info("task %s killed: %s", task.id, killed.note, extra={"task_id": task.id})
+            note = killed.note if isinstance(killed, _Killed) else "Task killed by request."
+            self._settle(task, self.store.finish_killed, task.id, self.worker_id, note)
+            log.info("task %s killed: %s", task.id, note, extra={"task_id": task.id})
         except _Stopping:
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.release, task.id, self.worker_id, "requeued: the worker stopped")
@@ -211,6 +223,18 @@ class Worker:
             log.exception("task %s failed", task.id, extra={"task_id": task.id})
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.fail, task.id, failure_reason(exc), self.worker_id)
+        finally:
+            interrupt.set()
+            watcher.join(timeout=2)
+
+    def _watch_kill(self, task_id: int, interrupt: threading.Event) -> None:
+        """While the task runs: set `interrupt` once it is killed or the worker's stop is due."""
+        while not interrupt.wait(KILL_POLL_SECONDS):
+            try:
+                if stop_due(self.stop_event) or self.store.kill_requested(task_id):
+                    interrupt.set()
+            except SQLAlchemyError:
+                log.warning("could not read the kill flag of task %s; retrying", task_id)
 
     def _settle(self, task: Task, action: Callable[..., object], *args: Any) -> None:
         """Record how the task ended, unless it is no longer this worker's."""
@@ -227,7 +251,7 @@ class Worker:
         if stop_due(self.stop_event):
             raise _Stopping()
 
-    def _run_task(self, task: Task) -> None:
+    def _run_task(self, task: Task, interrupt: threading.Event) -> None:
         parameters = parameters_of(task)
         self._step(task, PREPROCESS_START)
         image = self._load_image(task)
@@ -245,7 +269,7 @@ class Worker:
         self._step(task, ASSIGN, debugoutput=f"assigned to {self.worker_id} ({self.generator.device})")
         self._step(task, START)
 
-        video = self._generate(task, params, image)
+        video = self._generate(task, params, image, interrupt)
 
         self._step(task, OUTPUT_FULL, debugoutput=f"generated {video.frames.shape[0]} frames "
                                                   f"{params.width}x{params.height} in "
@@ -253,7 +277,7 @@ class Worker:
         self._step(task, END)
         self._step(task, POSTPROCESS_START)
         relpath = self.storage.output_relpath(task.uuid, OUTPUT_NAME)
-        size = self._store_output(video.frames, params.fps, relpath)
+        size = self._store_output(video.frames, params.fps, relpath, task.id)
         cost = self.settings.cost_per_second * max(0.0, time.time() - task.accepttime)
         try:
             self.store.complete(
@@ -263,7 +287,7 @@ class Worker:
         except TaskKilled:
             raise _Killed("Task killed by request at task_postprocess_start.") from None
 
-    def _store_output(self, frames: Any, fps: int, relpath: str) -> int:
+    def _store_output(self, frames: Any, fps: int, relpath: str, task_id: int) -> int:
         """Encode the MP4 to a local temporary file, then put it in the storage under its final name (atomically:
         never a partial file there); returns its size. Too little free disk space fails the task before writing."""
         scratch = Path(tempfile.gettempdir())
@@ -274,6 +298,8 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix="particalize-output-", dir=scratch) as tmp:
             path = write_mp4(frames, Path(tmp) / OUTPUT_NAME, fps=fps)
             size = path.stat().st_size
+            if self.store.kill_requested(task_id):  # killed during the write: nothing reaches the storage
+                raise _Killed("Task killed by request while its MP4 was written.")
             try:
                 self.storage.put_file(path, relpath)
             except StorageError as exc:
@@ -306,15 +332,15 @@ class Worker:
         except InvalidParameter as exc:
             raise _Failed(str(exc)) from None
 
-    def _generate(self, task: Task, params: GenerationParams, image: Image.Image) -> Any:
+    def _generate(self, task: Task, params: GenerationParams, image: Image.Image, interrupt: threading.Event) -> Any:
         """Run the pipeline; progress goes to debugoutput (at most every progress_interval_seconds, and the
-        last step always); a kill, or a stop once its grace period is over, is seen after the step it arrives in."""
+        last step always). A kill, or a stop once its grace period is over, stops it before the next transformer
+        block (`interrupt`, set by the kill watcher) or at the end of the step it arrives in, whichever is first."""
         interval = self.settings.progress_interval_seconds
-        state = {"written": 0.0, "killed": False, "fresh": False}
+        state = {"written": 0.0}
 
         def progress(p: Any) -> None:
             now = time.monotonic()
-            state["fresh"] = False
             if now - state["written"] < interval and p.step != p.total:
                 return
             state["written"] = now
@@ -323,22 +349,24 @@ class Worker:
             remaining = (p.total - p.step) / rate if rate else 0.0
             note = (f"step {p.step}/{p.total} ({p.percentage:.0f}%), {speed}, elapsed {p.elapsed:.1f}s, "
                     f"remaining {remaining:.1f}s")
-            state["killed"] = self.store.advance(task.id, self.worker_id, OUTPUT, debugoutput=note,
-                                                 message=f"step {p.step}/{p.total}")
-            state["fresh"] = True
+            if self.store.advance(task.id, self.worker_id, OUTPUT, debugoutput=note,
+                                  message=f"step {p.step}/{p.total}"):
+                interrupt.set()
 
-        def should_stop() -> bool:
-            if stop_due(self.stop_event):
-                return True
-            if not state["fresh"]:
-                state["killed"] = self.store.kill_requested(task.id)
-            return bool(state["killed"])
+        def should_stop() -> bool:  # once per step: a read of the kill flag costs nothing next to a step
+            if interrupt.is_set() or stop_due(self.stop_event) or self.store.kill_requested(task.id):
+                interrupt.set()
+            return interrupt.is_set()
 
         try:
-            return self.generator.generate(params, image, progress=progress, should_stop=should_stop)
+            return self.generator.generate(params, image, progress=progress, should_stop=should_stop,
+                                           interrupt=interrupt.is_set)
         except Interrupted as stopped:
-            if state["killed"]:
-                raise _Killed(f"Task killed by request after step {stopped.step} of {stopped.total}.") from None
+            if self.store.kill_requested(task.id):
+                raise _Killed(f"Task killed by request during step {stopped.step + 1} of {stopped.total}."
+                              if stopped.step < stopped.total else
+                              f"Task killed by request after the last step ({stopped.total}); the VAE decode was "
+                              "skipped or cut short.") from None
             raise _Stopping() from None
 
 

@@ -86,7 +86,7 @@ def _no_connections(sock: socket.socket, address: Any) -> None:
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     tmp = Path(tmp_path_factory.mktemp("fuzz"))
     app_settings = make_settings(
-        tmp, f"sqlite:///{tmp / 'tasks.db'}", api_keys=f"{KEY}:{SECRET},{PLAIN_KEY}:", kill_wait_seconds=0.0,
+        tmp, f"sqlite:///{tmp / 'tasks.db'}", api_keys=f"{KEY}:{SECRET},{PLAIN_KEY}:",
         max_body_bytes=64 * 1024, max_image_bytes=32 * 1024, callback_attempts=1,
     )
     with pytest.MonkeyPatch.context() as patch:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from server.bodies import RequestFields
 from server.errors import NOT_FOUND, ApiError
-from server.routes.common import answer, authorized, find_task, identifiers, services_of, text_field
+from server.routes.common import answer, find_task, identifiers, text_field
 from server.services import Services
 from server.store.models import TERMINAL, Task
 
@@ -62,25 +59,19 @@ async def cancel(request: Request) -> JSONResponse:
 
 @router.post("/v1/Task/Kill")
 async def kill(request: Request) -> JSONResponse:
-    """Stops a running task within one denoising step. Waits up to kill_wait_seconds for the worker to
-    confirm, so that the answer normally shows task_cancel; otherwise the kill is still under way."""
+    """Stops a running task: it is task_cancel in the answer (as the seed's Kill answer shows); its worker stops
+    within one transformer block and writes no output."""
 
-    def ask(services: Services, owner: str | None, fields: RequestFields) -> Task:
+    def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         task = find_task(services, owner, fields, token_names=CONTROL_TOKENS)
         outcome = services.store.request_kill(task.id)
         if outcome.task is None:
             raise ApiError("There is no task yet.", code=NOT_FOUND)
         if not outcome.accepted:
             raise ApiError(f"Task could not be killed: {outcome.reason}", code=NOT_FOUND)
-        return outcome.task
+        return _tasklist(services, outcome.task)
 
-    task = await authorized(request, ask)
-    services = services_of(request)
-    deadline = time.monotonic() + services.settings.kill_wait_seconds
-    while task.status not in TERMINAL and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        task = await run_in_threadpool(services.store.get, task.id) or task
-    return JSONResponse(await run_in_threadpool(_tasklist, services, task))
+    return await answer(request, handler)
 
 
 def _int_field(fields: RequestFields, name: str, default: int, low: int, high: int) -> int:

@@ -263,11 +263,15 @@ class TaskStore:
             if task is None or task.status != QUEUED:
                 return task, False
             _set_status(s, task, CANCEL, now, message="cancelled while queued")
+            task.endtime = now
             task.debugoutput = "Task cancelled while queued."
             return task, True
 
     def request_kill(self, task_id: int) -> KillOutcome:
-        """Ask the worker running the task to stop; it ends the task in task_cancel within one step."""
+        """Kill a running task now: it is task_cancel (endtime, canceltime set, no cost) when this returns, as
+        Task/Kill answers. Its worker sees the flag within one transformer block and throws the run away; it
+        can no longer record outputs (see `complete`)."""
+        now = self.clock()
         with self.db.session(write=True) as s:
             task = s.get(Task, task_id, with_for_update=True)
             if task is None:
@@ -277,6 +281,10 @@ class TaskStore:
             if task.status in TERMINAL:
                 return KillOutcome(task, False, f"it has already ended ({task.status}).")
             task.kill_requested = True
+            task.debugoutput = f"Task killed by request at {task.status}."
+            task.totalcost = 0.0
+            task.endtime = now
+            _set_status(s, task, CANCEL, now, message="killed by request")
             return KillOutcome(task, True)
 
     def delete_files(self, task_id: int) -> list[str]:
@@ -369,12 +377,18 @@ class TaskStore:
             return task
 
     def finish_killed(self, task_id: int, worker_id: str, note: str) -> Task:
+        """The worker has stopped a killed run: say where in debugoutput. (A kill found while the task is still
+        running, e.g. from an older API process, ends it in task_cancel here.)"""
         now = self.clock()
         with self.db.session(write=True) as s:
-            task = self._owned(s, task_id, worker_id)
+            task = s.get(Task, task_id, with_for_update=True)
+            if task is None or task.worker_id != worker_id or not task.kill_requested:
+                raise TaskLost(f"task {task_id} is not a task killed while {worker_id} held it")
             task.debugoutput = note
             task.totalcost = 0.0
-            _set_status(s, task, CANCEL, now, message=note)
+            if task.status != CANCEL:
+                task.endtime = now
+                _set_status(s, task, CANCEL, now, message=note)
             return task
 
     def fail(self, task_id: int, reason: str, worker_id: str | None = None, pexit: str = "1") -> Task | None:
@@ -443,6 +457,8 @@ class TaskStore:
 
     def _owned(self, s: Session, task_id: int, worker_id: str) -> Task:
         task = s.get(Task, task_id, with_for_update=True)
+        if task is not None and task.worker_id == worker_id and task.status == CANCEL and task.kill_requested:
+            raise TaskKilled(f"task {task_id} was killed by request")
         if task is None or task.worker_id != worker_id or task.status not in RUNNING:
             state = "gone" if task is None else f"{task.status}, worker {task.worker_id}"
             raise TaskLost(f"task {task_id} is no longer owned by {worker_id} ({state})")

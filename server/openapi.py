@@ -72,7 +72,8 @@ def _run_body(settings: Any) -> dict[str, Any]:
         f"Also: width x height at most {settings.max_pixels} pixels; numFrames x width x height x steps at "
         f"most {settings.max_work} (a size of 0 is checked once the image is read)."
     )
-    as_json = {"type": "object", "properties": properties, "required": [IMAGE_URL_FIELD], "description": limits}
+    as_json = {"type": "object", "properties": properties, "description": f"Send {IMAGE_URL_FIELD} (or the URL in "
+               f"{IMAGE_FIELD}). {limits}"}
     with_file = {
         "type": "object",
         "properties": {**properties, IMAGE_FIELD: {"type": "string", "format": "binary",

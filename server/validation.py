@@ -32,7 +32,8 @@ IMAGE_URL_FIELD = "inputImageUrl"
 class RunRequest:
     params: GenerationParams
     parameters: dict[str, str]
-    """The tool inputs as sent (every value a string), recorded with the task."""
+    """Recorded with the task (every value a string): the tool inputs as sent, plus the default of each one not
+    sent and the seed chosen now; width/height 0 are resolved by the worker once it has read the image."""
     image_url: str
     upload_id: str | None
     """Set when the image is in the store: sent with this request (`new_upload`) or via File/Upload."""
@@ -50,9 +51,12 @@ def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: Tas
     values = {k: v for k, v in fields.values.items() if k in TOOL_INPUTS or k == "callbackUrl"}
     parameters = {k: _as_text(k, v) for k, v in values.items() if k in TOOL_INPUTS}
     try:
-        params = parse_params(values, limits_from_settings(settings))
+        params = parse_params(values, limits_from_settings(settings)).with_seed()
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
+    for name, value in params.wiro_inputs().items():  # what will run: defaults and the seed are recorded too
+        if not parameters.get(name, "").strip():
+            parameters[name] = str(value)
 
     upload = fields.files.get(IMAGE_FIELD) or fields.files.get(IMAGE_URL_FIELD)
     if upload is not None:

@@ -150,7 +150,9 @@ def test_run_as_the_seeds_curl_sends_it(api: Api):
     assert task["createtime"] != "0"
     assert all(task[t] == "0" for t in TIME_FIELDS if t != "createtime"), "times not reached are 0"
     assert task["elapsedseconds"] == "0.0000" and task["outputs"] == [] and task["size"] == "0"
-    assert task["parameters"] == {k: str(v) for k, v in body.items()}, "the inputs as sent"
+    sent = {k: str(v) for k, v in body.items()}
+    assert {k: task["parameters"][k] for k in sent} == sent, "the inputs as sent"
+    assert task["parameters"]["seed"].isdigit(), "the seed that will run is chosen and recorded at once"
 
 
 def test_run_with_json_urlencoded_and_real_multipart(api: Api):
@@ -359,12 +361,12 @@ def test_tool_detail_describes_the_inputs_defaults_and_limits(api: Api, settings
     assert (tool["slugowner"], tool["slugproject"]) == ("codexq", "Particalize")
     assert isinstance(tool["categories"], list) and "image-to-video" in tool["categories"]
     items = {item["id"]: item for group in tool["parameters"] for item in group["items"]}
-    assert list(items) == ["inputImageUrl", "prompt", "negativePrompt", "fps", "width", "height", "numFrames",
-                           "steps", "scale", "flowShift", "seed"]
+    assert list(items) == ["inputImage", "inputImageUrl", "prompt", "negativePrompt", "fps", "width", "height",
+                           "numFrames", "steps", "scale", "flowShift", "seed"]
     assert all(isinstance(item["default"], str) for item in items.values())
     assert items["numFrames"]["default"] == "81" and items["numFrames"]["max"] == settings.max_num_frames
     assert items["steps"]["max"] == settings.max_steps and items["scale"]["default"] == "5.0"
-    assert items["negativePrompt"]["default"] == "bad quality video" and items["inputImageUrl"]["required"]
+    assert items["negativePrompt"]["default"] == "bad quality video"
     assert_error(api.json("/v1/Tool/Detail", {"slugowner": "x", "slugproject": "y"}), 1)
 
 

@@ -90,3 +90,30 @@ def identifiers(fields: RequestFields, token_names: tuple[str, ...]) -> tuple[st
         names = " or ".join(("taskid", *token_names))
         raise ApiError(f"Request parameter [taskid] is required: send {names}.")
     return (taskid[1] if taskid else None), (token[1] if token else None)
+
+
+def int_field(fields: RequestFields, name: str, default: int, low: int, high: int) -> int:
+    """An integer field (sent as a number or as text) within [low, high]; `default` when absent or empty."""
+    value = fields.values.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = int(str(value).strip())
+    except ValueError:
+        raise ApiError(f"Request parameter [{name}] must be an integer, got {str(value)[:40]!r}.") from None
+    if not low <= number <= high:
+        raise ApiError(f"Request parameter [{name}] must be between {low} and {high}, got {number}.")
+    return number
+
+
+def choice_field(fields: RequestFields, name: str, allowed: tuple[str, ...]) -> str:
+    """One of `allowed` (compared in lower case), or "" when absent; ApiError code 0 naming them otherwise."""
+    found = text_field(fields, name)
+    if found is None:
+        return ""
+    value = found[1].lower()
+    if value not in allowed:
+        raise ApiError(f"Request parameter [{name}] must be one of {', '.join(allowed)}, got {found[1][:40]!r}.")
+    return value

@@ -10,9 +10,10 @@ from starlette.responses import JSONResponse
 
 from server.bodies import RequestFields
 from server.errors import NOT_FOUND, ApiError
-from server.routes.common import answer, find_task, identifiers, text_field
+from server.routes.common import answer, choice_field, find_task, identifiers, int_field, text_field
 from server.services import Services
 from server.store.models import TERMINAL, Task
+from server.tool_info import names_this_tool
 
 router = APIRouter()
 
@@ -74,29 +75,23 @@ async def kill(request: Request) -> JSONResponse:
     return await answer(request, handler)
 
 
-def _int_field(fields: RequestFields, name: str, default: int, low: int, high: int) -> int:
-    value = fields.values.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = int(str(value).strip())
-    except ValueError:
-        raise ApiError(f"Request parameter [{name}] must be an integer, got {str(value)[:40]!r}.") from None
-    if not low <= number <= high:
-        raise ApiError(f"Request parameter [{name}] must be between {low} and {high}, got {number}.")
-    return number
-
-
 @router.post("/v1/Task/List")
 async def task_list(request: Request) -> JSONResponse:
-    """This server's tasks (of the calling API key), newest first; `start`/`limit` page through them."""
+    """This server's tasks (of the calling API key), newest first; `start`/`limit` page through them. The official
+    client's filters are honoured: `type` (model; this server runs no other kind of task), `sort` (id or
+    createtime), `order` (DESC or ASC) and `modelName` (this tool's "owner/project" or a part of it; another
+    name lists nothing)."""
 
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
-        start = _int_field(fields, "start", 0, 0, 10**9)
-        limit = _int_field(fields, "limit", 20, 1, MAX_LIST_LIMIT)
-        total, tasks = services.store.list(owner, start, limit)
+        start = int_field(fields, "start", 0, 0, 10**9)
+        limit = int_field(fields, "limit", 20, 1, MAX_LIST_LIMIT)
+        kind = (text_field(fields, "type") or ("type", "model"))[1].lower()
+        choice_field(fields, "sort", ("id", "createtime"))
+        order = choice_field(fields, "order", ("desc", "asc"))
+        model = text_field(fields, "modelName", "model")
+        if kind not in ("model", "all") or (model is not None and not names_this_tool(model[1])):
+            return {"total": "0", "errors": [], "tasklist": [], "result": True}
+        total, tasks = services.store.list(owner, start, limit, ascending=order == "asc")
         return {"total": str(total), "errors": [], "tasklist": services.views(tasks), "result": True}
 
     return await answer(request, handler)

@@ -212,12 +212,15 @@ class TaskStore:
                 return task, []
             return task, list(conn.execute(_OUTPUTS_OF_TASK, {"task_id": task.id}))
 
-    def list(self, owner: str | None = None, start: int = 0, limit: int = 20) -> tuple[int, list[Task]]:
-        """Newest first."""
+    def list(
+        self, owner: str | None = None, start: int = 0, limit: int = 20, *, ascending: bool = False
+    ) -> tuple[int, list[Task]]:
+        """Newest first (oldest first when `ascending`)."""
         with self.db.session() as s:
             where = [] if owner is None else [Task.owner == owner]
             total = s.scalar(select(func.count()).select_from(Task).where(*where)) or 0
-            rows = s.scalars(select(Task).where(*where).order_by(Task.id.desc()).offset(start).limit(limit))
+            order = Task.id.asc() if ascending else Task.id.desc()
+            rows = s.scalars(select(Task).where(*where).order_by(order).offset(start).limit(limit))
             return total, list(rows)
 
     def outputs(self, task_ids: Iterable[int]) -> dict[int, list[Output]]:

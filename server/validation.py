@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from PIL import Image
 
@@ -18,7 +19,7 @@ from pipeline.images import decode_image
 from pipeline.params import GenerationParams, limits_from_settings, parse_params
 from server.bodies import RequestFields, UploadedFile
 from server.errors import ApiError
-from server.netguard import UnsafeUrl, check_url
+from server.netguard import PrivateAddress, UnresolvableHost, UnsafeUrl, check_url
 from server.storage import Storage, safe_name
 from server.store import NewUpload, TaskStore, new_id
 from server.tool_info import TOOL_INPUTS
@@ -89,23 +90,34 @@ def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: Tas
 
 def check_public_url(field: str, url: str, settings: Any) -> None:
     if len(url) > MAX_URL_CHARS:
-        raise ApiError(f"Request parameter [{field}] is longer than {MAX_URL_CHARS} characters.")
+        raise ApiError(f"Request parameter [{field}] must be at most {MAX_URL_CHARS} characters long, got "
+                       f"{len(url)} characters.")
     if not url.lower().startswith(("http://", "https://")):
         raise ApiError(f"Request parameter [{field}] must be an http(s) URL, got {url[:60]!r}.")
     try:
         check_url(url, settings.allow_private_urls)
-    except UnsafeUrl as exc:
+    except UnresolvableHost:
+        host = urlsplit(url).hostname or url
         raise ApiError(
-            f"Request parameter [{field}] is refused: {exc} (an operator can allow private addresses with "
-            "PARTICALIZE_ALLOW_PRIVATE_URLS=1)."
+            f"Request parameter [{field}] must be a URL whose host resolves, got {url[:100]!r}: the host {host!r} "
+            "could not be resolved from this server; check its spelling (a name only your own network knows "
+            "cannot be reached from here)."
         ) from None
+    except PrivateAddress as exc:
+        raise ApiError(
+            f"Request parameter [{field}] must be a public http(s) URL, got {url[:100]!r}: {exc} (an operator can "
+            "allow private addresses with PARTICALIZE_ALLOW_PRIVATE_URLS=1)."
+        ) from None
+    except UnsafeUrl as exc:
+        raise ApiError(f"Request parameter [{field}] must be a plain http(s) URL, got {url[:100]!r}: {exc}") from None
 
 
 def check_upload(upload: UploadedFile, settings: Any, field: str) -> NewUpload:
     """An uploaded image within the size limit that decodes; else ApiError naming the field."""
     if len(upload.data) > settings.max_image_bytes:
         raise ApiError(
-            f"Request parameter [{field}] is {len(upload.data)} bytes; the limit is {settings.max_image_bytes}."
+            f"Request parameter [{field}] must be at most {settings.max_image_bytes} bytes, got {len(upload.data)} "
+            "bytes."
         )
     try:
         image = decode_image(upload.data, field=field)

@@ -1,13 +1,15 @@
-"""Interruption points inside one denoising step: before every transformer block and every VAE decoder call.
+"""Interruption points inside a run: before every transformer block, and every VAE encoder and decoder call.
 
 A kill must stop the GPU within one transformer block, not one denoising step (on the real 14B model at 480P a
-step is ~6.6 s, a block ~0.17 s), and a run killed during its last step must not start the VAE decode.
+step is ~6.6 s, a block ~0.17 s), a run killed during its last step must not start the VAE decode, and one
+killed while the conditioning frames are VAE-encoded (before the first step) stops there.
 
 The transformer's forward walks `transformer.blocks` in Python (only the blocks themselves may be compiled), so
 the check sits in that walk: the block list's class is swapped for one whose iteration asks the run's check first.
 That keeps the check outside compiled regions (a forward pre-hook on a block runs inside `torch.compile`'s graph
 when the block is compiled with fullgraph=True, where Python-side flags cannot be read), and leaves the modules,
-their parameters and state-dict keys as they are. The VAE decoder is never compiled: a forward pre-hook does.
+their parameters and state-dict keys as they are. The VAE is never compiled: forward pre-hooks on its encoder
+and decoder (called chunk by chunk of frames) do.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ class InterruptPoints:
         if isinstance(blocks, nn.ModuleList) and not isinstance(blocks, _CheckedBlocks):
             blocks.__class__ = _CheckedBlocks
             blocks.interrupt_points = self
-        decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
-        if isinstance(decoder, nn.Module):
-            decoder.register_forward_pre_hook(lambda module, args: self._check_decode())
+        vae = getattr(pipe, "vae", None)
+        for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)):
+            if isinstance(part, nn.Module):
+                part.register_forward_pre_hook(lambda module, args: self._check_vae())
 
     def arm(self, stop: StopCheck | None) -> None:
         """Set the check of the run that starts now (None: the run has ended)."""
@@ -61,6 +64,6 @@ class InterruptPoints:
             raise BlockInterrupt()
         self.blocks_entered += 1
 
-    def _check_decode(self) -> None:
+    def _check_vae(self) -> None:
         if self.stop is not None and self.stop():
             raise BlockInterrupt()

@@ -332,6 +332,11 @@ class Worker:
         except InvalidParameter as exc:
             raise _Failed(str(exc)) from None
 
+    def _entered_blocks(self) -> bool:
+        """Whether the last run got as far as a transformer block (unknown: assume it did)."""
+        points = getattr(self.generator, "interrupt_points", None)
+        return points is None or points.blocks_entered > 0
+
     def _generate(self, task: Task, params: GenerationParams, image: Image.Image, interrupt: threading.Event) -> Any:
         """Run the pipeline; progress goes to debugoutput (at most every progress_interval_seconds, and the
         last step always). A kill, or a stop once its grace period is over, stops it before the next transformer
@@ -363,10 +368,13 @@ class Worker:
                                            interrupt=interrupt.is_set)
         except Interrupted as stopped:
             if self.store.kill_requested(task.id):
-                raise _Killed(f"Task killed by request during step {stopped.step + 1} of {stopped.total}."
-                              if stopped.step < stopped.total else
-                              f"Task killed by request after the last step ({stopped.total}); the VAE decode was "
-                              "skipped or cut short.") from None
+                if stopped.step >= stopped.total:
+                    where = f"after the last step ({stopped.total}); the VAE decode was skipped or cut short"
+                elif stopped.step == 0 and not self._entered_blocks():
+                    where = "before the first step (while its inputs were encoded)"
+                else:
+                    where = f"during step {stopped.step + 1} of {stopped.total}"
+                raise _Killed(f"Task killed by request {where}.") from None
             raise _Stopping() from None
 
 

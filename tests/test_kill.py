@@ -163,3 +163,21 @@ def test_kill_during_the_mp4_write_ends_in_task_cancel_with_no_output(app, setti
     assert ended["outputs"] == [] and ended["size"] == "0" and ended["endtime"] != "0"
     assert "while its MP4 was written" in ended["debugoutput"]
     assert not output_dir(settings, ended).exists(), "nothing reached the storage"
+
+
+def test_kill_while_the_inputs_are_encoded_stops_before_the_first_step(app, settings, tiny_generator, slow_blocks):
+    client, worker = app
+    slow_encode = SlowModules([tiny_generator.pipe.vae.encoder], 0.3)
+    try:
+        taskid = run(client, steps="20")
+        wait_until(lambda: len(slow_encode.started) >= 1, what="the VAE encode of the conditioning frames")
+        assert client.post("/v1/Task/Kill", json={"taskid": taskid}).json()["tasklist"][0]["status"] == "task_cancel"
+        killed_at = time.monotonic()
+        wait_until(lambda: worker.current_task is None, timeout=10, what="the worker to drop the task")
+        assert slow_encode.after(killed_at) <= 1, "the encode is cut short"
+    finally:
+        slow_encode.remove()
+    assert slow_blocks.started == [], "no transformer block ran"
+    ended = detail(client, taskid)
+    assert "before the first step" in ended["debugoutput"], ended["debugoutput"]
+    assert ended["status"] == "task_cancel" and ended["outputs"] == []

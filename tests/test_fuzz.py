@@ -49,7 +49,7 @@ from tests.images import png_bytes
 
 KEY, SECRET, PLAIN_KEY = "fuzz-key", "fuzz-secret", "fuzz-plain"
 ROUTES = [RUN_PATH, "/v1/Task/Detail", "/v1/Task/Kill", "/v1/Task/Cancel", "/v1/Task/List", "/v1/Tool/Detail",
-          "/v1/File/Upload", "/v1/Task/InputOutputDelete"]
+          "/v1/File/Upload", "/v1/Task/InputOutputDelete", "/v1/Tool/List", "/v1/Tool/Explore"]
 EXAMPLES = int(os.environ.get("PARTICALIZE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, database=None,

@@ -33,7 +33,7 @@ from tests.test_api import (
 )
 
 ROUTES = ["/v1/Task/Detail", "/v1/Task/Kill", "/v1/Task/Cancel", "/v1/Task/List", "/v1/Tool/Detail",
-          "/v1/File/Upload", "/v1/Task/InputOutputDelete", RUN]
+          "/v1/File/Upload", "/v1/Task/InputOutputDelete", "/v1/Tool/List", "/v1/Tool/Explore", RUN]
 
 
 def limited_client(tmp_path: Path, **overrides) -> Iterator[TestClient]:

@@ -5,8 +5,8 @@ queue -> accept (claimed) -> preprocess_start (fetch and check the image) -> pre
 -> postprocess_start (encode the MP4, store it) -> postprocess_end (pexit 0 and the output).
 
 Task/Kill ends the task in task_cancel at once (server/store); the worker notices within one transformer
-block (a watcher thread turns the store's flag into an event the pipeline checks before every block and VAE
-decoder call), throws the run away and leaves no output behind, also when the kill comes during the VAE
+block (a watcher thread turns the store's flag into an event the pipeline checks before every block and every
+VAE encoder and decoder call), throws the run away and leaves no output behind, also when the kill comes during the VAE
 decode or the MP4 write; any
 failure ends in task_postprocess_end with pexit 1 and the reason in debugerror. Either way the model
 stays loaded and the worker takes the next task. One worker per GPU; `run_worker` is the entry of both
@@ -204,11 +204,13 @@ class Worker:
         try:
             self._run_task(task, interrupt)
             log.info("task %s done in %.2fs", task.id, time.monotonic() - started, extra={"task_id": task.id})
-        except (_Killed, TaskKilled) as killed:
+        except _Killed as killed:
             self.storage.discard_task(task.uuid)
-            note = killed.note if isinstance(killed, _Killed) else "Task killed by request."
-            self._settle(task, self.store.finish_killed, task.id, self.worker_id, note)
-            log.info("task %s killed: %s", task.id, note, extra={"task_id": task.id})
+            self._settle(task, self.store.finish_killed, task.id, self.worker_id, killed.note)
+            log.info("task %s killed: %s", task.id, killed.note, extra={"task_id": task.id})
+        except TaskKilled:  # seen at a store write: the task already says where it was killed
+            self.storage.discard_task(task.uuid)
+            log.info("task %s killed", task.id, extra={"task_id": task.id})
         except _Stopping:
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.release, task.id, self.worker_id, "requeued: the worker stopped")
@@ -354,8 +356,11 @@ class Worker:
             remaining = (p.total - p.step) / rate if rate else 0.0
             note = (f"step {p.step}/{p.total} ({p.percentage:.0f}%), {speed}, elapsed {p.elapsed:.1f}s, "
                     f"remaining {remaining:.1f}s")
-            if self.store.advance(task.id, self.worker_id, OUTPUT, debugoutput=note,
-                                  message=f"step {p.step}/{p.total}"):
+            try:
+                if self.store.advance(task.id, self.worker_id, OUTPUT, debugoutput=note,
+                                      message=f"step {p.step}/{p.total}"):
+                    interrupt.set()
+            except TaskKilled:  # stop at this step's end, noting where (below)
                 interrupt.set()
 
         def should_stop() -> bool:  # once per step: a read of the kill flag costs nothing next to a step

@@ -1,7 +1,7 @@
 """Soak benchmark: does the server stay correct and flat under minutes of sustained Run + Task/Detail load?
 
 Starts the real `particalize serve --model tiny` (API keys configured, so every request is HMAC-checked and
-its nonce recorded in the database) and, for `--seconds` (default 300) on loopback, applies:
+its nonce checked against the clock) and, for `--seconds` (default 300) on loopback, applies:
 
 - `--runners` closed-loop clients (default 4), each submitting a Run (a small tiny-model video whose image URL
   is fetched from a loopback HTTP server), polling its own task with Task/Detail every `--poll-interval`

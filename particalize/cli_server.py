@@ -144,6 +144,30 @@ def lora_lines(settings: Any) -> list[str]:
     return lines
 
 
+TINY_LIMITS = {"max_pixels": 320 * 192, "max_work": 81 * 320 * 192 * 100}
+"""Default limits when serving the tiny preset, so that trying the API on a laptop never queues a multi-hour task
+by accident (a 1280x720, 81-frame, 50-step request runs ~165 s per step on a CPU). Measured on this project's
+2-core machine: 320x192, 81 frames, 3 steps took 18.6 s (mostly the VAE decode), so the largest task allowed
+(320x192, 81 frames, 100 steps) takes minutes."""
+
+
+def tiny_limits(settings: Any) -> tuple[Any, str | None]:
+    """For the tiny preset: TINY_LIMITS in place of the limits left at their defaults (a limit set in the
+    environment or by a flag is kept), and the line `serve` prints about it."""
+    if settings.model != "tiny":
+        return settings, None
+    fields = type(settings).model_fields
+    tighter = {name: value for name, value in TINY_LIMITS.items()
+               if getattr(settings, name) == fields[name].default and value < getattr(settings, name)}
+    if not tighter:
+        return settings, None
+    settings = settings.with_overrides(**tighter)
+    return settings, (
+        f"limits for the tiny preset: width x height at most {settings.max_pixels} pixels, numFrames x width x "
+        f"height x steps at most {settings.max_work} (set PARTICALIZE_MAX_PIXELS / PARTICALIZE_MAX_WORK to change)"
+    )
+
+
 def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     import uvicorn
 
@@ -163,7 +187,13 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     if problem is not None:
         print(f"error: cannot serve {settings.model}: {problem}", flush=True)
         return 2
-    auth = f"{len(keys)} API key(s)" if keys else "none (no API keys configured; loopback only)"
+    settings, limits_line = tiny_limits(settings)
+    if limits_line:
+        print(limits_line, flush=True)
+    auth = f"{len(keys)} API key(s)" if keys else (
+        "none (no API keys configured; loopback only). To require signed requests, create a key with "
+        "`particalize keys create` and start with PARTICALIZE_API_KEYS=key:secret"
+    )
     print(f"auth: {auth}; database: {_redacted(settings.sqlalchemy_url)}; workers: {settings.workers}", flush=True)
     print(f"serving {settings.model} on http://{settings.host}:{settings.port}", flush=True)
     # JSON logs: uvicorn's own log config would print its lines as text, so its loggers go to ours instead.

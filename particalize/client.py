@@ -29,6 +29,9 @@ DEFAULT_MODEL = "codexq/Particalize"
 TERMINAL_STATUSES = frozenset({"task_postprocess_end", "task_cancel"})
 """As the newest official client: task_error is not terminal (the task still ends in one of these)."""
 RETRYABLE_HTTP = frozenset({408, 429})
+WAIT_TIMEOUT_SECONDS = 1800.0
+"""wait()'s default: a real GPU video takes minutes (a 480P step of the 14B model is ~6.6 s on an H200, a 720P
+step ~23 s: 30 steps are 3.3 to 11.5 minutes), plus any queue; 30 minutes leaves room for both."""
 
 ImageInput = bytes | str | os.PathLike
 
@@ -44,7 +47,7 @@ class WiroError(Exception):
 
 
 class AuthError(WiroError):
-    """HTTP 401: wrong key, secret, signature or a reused nonce."""
+    """HTTP 401: wrong key, secret or signature, or a nonce outside the server's freshness window (check the clock)."""
 
 
 class TaskFailed(WiroError):
@@ -208,7 +211,7 @@ class WiroClient:
         *,
         tasktoken: str | None = None,
         poll_interval: float | None = None,
-        timeout: float = 120.0,
+        timeout: float = WAIT_TIMEOUT_SECONDS,
         on_progress: Callable[[Progress], None] | None = None,
         max_errors: int = 5,
     ) -> dict[str, Any]:

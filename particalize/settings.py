@@ -134,11 +134,20 @@ class Settings(BaseSettings):
     allow_unauthenticated_public: bool = Field(
         False, description="Allow binding a non-loopback host with no API keys configured."
     )
-    nonce_window_seconds: int = Field(300, ge=1)
+    nonce_window_seconds: int = Field(
+        3600, ge=1, description="A timestamp x-nonce further than this from the server's clock is refused. Generous, "
+        "as the seed's sample signs once and reuses its NONCE while a video runs; a captured signed request can "
+        "be replayed within it (see replay_protection)."
+    )
+    nonce_unit: Literal["auto", "seconds", "milliseconds", "any"] = Field(
+        "auto", description="How x-nonce is read as a time: auto (seconds, or ms from 10**11 on), seconds, "
+        "milliseconds, or any (any integer, no freshness check)."
+    )
     replay_protection: bool = Field(
-        True,
-        description="Refuse a (key, nonce) pair seen within nonce_window_seconds. The official client sends a "
-        "fresh ms nonce per request; turn off for clients that reuse one NONCE, as the seed's shell sample does.",
+        False,
+        description="Strict mode (opt-in): refuse a request identical (API key, nonce, method, path, body) to one "
+        "seen within nonce_window_seconds. Distinct requests sharing a nonce (the official client's parallel "
+        "calls, the seed's reused NONCE) still pass; an identical poll repeated with one NONCE does not.",
     )
     allow_private_urls: bool = Field(False, description="Allow image/callback URLs to private addresses.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
@@ -185,9 +194,6 @@ class Settings(BaseSettings):
     )
     progress_interval_seconds: float = Field(
         0.25, ge=0, description="Least time between two progress (task_output) writes of a running task."
-    )
-    kill_wait_seconds: float = Field(
-        5.0, ge=0, description="How long Task/Kill waits for the worker to confirm before answering."
     )
     worker_cpu_threads: int = Field(
         0, ge=0, description="torch CPU threads of a worker on CPU (0: all cores but one, leaving one for the API)."

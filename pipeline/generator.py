@@ -17,11 +17,12 @@ from PIL import Image
 
 from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options, compile_cache_for, resolve_compile
 from pipeline.embeddings import EmbeddingCache
-from pipeline.errors import Interrupted, InvalidParameter
+from pipeline.errors import Interrupted
 from pipeline.fast import FAST, NORMAL, FastMode
+from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
 from pipeline.loader import load_base_pipeline, pick_device
 from pipeline.lora import LoraInfo, LoraStack
-from pipeline.params import GenerationParams, Limits, limits_from_settings, resolve_size
+from pipeline.params import GenerationParams, Limits, limits_from_settings, no_speed_lora, resolve_size
 from pipeline.presets import ModelPreset
 from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
 from pipeline.video import write_mp4
@@ -114,6 +115,7 @@ class VideoGenerator:
         self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size, encode_device=encode_device)
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
         self.fast_schedulers = ShiftedSchedulers(step_distill_scheduler(self.fast.flow_shift))
+        self.interrupt_points = InterruptPoints(self.pipe)
         self.limits = limits or Limits()
         self.max_sequence_length = max_sequence_length or getattr(self.pipe.tokenizer, "model_max_length", 512)
         self.max_sequence_length = min(self.max_sequence_length, 512)
@@ -154,8 +156,7 @@ class VideoGenerator:
         mode = params.mode or self.mode
         if mode == FAST:
             if not self.lora_stack.has_speed:
-                raise InvalidParameter("mode", "is 'fast', but this server has no speed LoRA configured "
-                                               "(PARTICALIZE_SPEED_LORA): leave mode out or send 'normal'.")
+                raise no_speed_lora()
             params = self.fast.apply(params)
         else:
             params = params.model_copy(update={"mode": NORMAL})
@@ -170,8 +171,11 @@ class VideoGenerator:
         image: Image.Image,
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
+        interrupt: StopCheck | None = None,
     ) -> Video:
-        """Run one video. `should_stop` is checked after every step; when true the run raises Interrupted."""
+        """Run one video. `should_stop` is checked after every step (it may do I/O); `interrupt` before every
+        transformer block and VAE decoder call (it must be cheap, e.g. `threading.Event.is_set`). When either
+        says stop, the run raises Interrupted (a run stopped in its last step never starts the VAE decode)."""
         params = self.resolve(params, image.convert("RGB"))
         image = image.convert("RGB")
         with self._lock:
@@ -179,15 +183,17 @@ class VideoGenerator:
             fast = params.mode == FAST
             self.lora_stack.use(fast)
             self.pipe.scheduler = (self.fast_schedulers if fast else self.schedulers).for_shift(params.flow_shift)
+            steps = {"done": 0}
 
             def on_step_end(pipe: object, i: int, t: object, kwargs: dict) -> dict:
-                done = i + 1
+                done = steps["done"] = i + 1
                 if progress is not None:
                     progress(StepProgress(done, params.steps, time.perf_counter() - started))
-                if should_stop is not None and should_stop():
+                if (should_stop is not None and should_stop()) or (interrupt is not None and interrupt()):
                     raise Interrupted(done, params.steps)
                 return {}
 
+            self.interrupt_points.arm(interrupt)
             try:
                 guidance = params.scale > 1.0
                 prompt_embeds, negative_embeds = self.embeddings.prompt_embeds(
@@ -209,9 +215,14 @@ class VideoGenerator:
                     callback_on_step_end=on_step_end,
                     max_sequence_length=self.max_sequence_length,
                 )
+            except BlockInterrupt:
+                self._release()
+                raise Interrupted(steps["done"], params.steps) from None
             except BaseException:
                 self._release()
                 raise
+            finally:
+                self.interrupt_points.arm(None)
             frames = np.asarray(result.frames[0], dtype=np.float32)
             return Video(frames=frames, params=params, timings={"generate": time.perf_counter() - started})
 

@@ -13,10 +13,32 @@ MAX_IMAGE_PIXELS = 40_000_000
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"}
 
 
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """The size an image's header declares, read by the format's own plugin without Pillow's decompression-bomb
+    guard (that guard fires inside Image.open, before a caller can see the size)."""
+    Image.init()
+    for fmt in ALLOWED_FORMATS:
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        if factory is None or (accept is not None and not accept(data[:16])):
+            continue
+        try:
+            with factory(io.BytesIO(data), None) as probe:
+                return probe.size
+        except Exception:  # not this format, or a malformed header: try the next one
+            continue
+    return None
+
+
 def decode_image(data: bytes, field: str = "inputImage", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Bytes to an RGB image; a decompression bomb, a truncated file or a non-image is a clear error."""
     if not data:
-        raise InvalidParameter(field, "is empty: send a PNG, JPEG or WebP image")
+        raise InvalidParameter(field, "must be a PNG, JPEG or WebP image, got an empty file.")
+
+    def too_large(width: int, height: int) -> InvalidParameter:
+        return InvalidParameter(
+            field, f"must be an image of at most {max_pixels} pixels, got {width}x{height} ({width * height} pixels)."
+        )
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -24,17 +46,23 @@ def decode_image(data: bytes, field: str = "inputImage", max_pixels: int = MAX_I
             fmt = probe.format
             width, height = probe.size
             if fmt not in ALLOWED_FORMATS:
-                raise InvalidParameter(field, f"has unsupported format {fmt}: send PNG, JPEG or WebP")
+                raise InvalidParameter(field, f"must be a PNG, JPEG or WebP image, got {fmt}.")
             if width * height > max_pixels:
-                raise InvalidParameter(field, f"is {width}x{height}, more than {max_pixels} pixels")
+                raise too_large(width, height)
             probe.load()
             image = probe.convert("RGB")
     except InvalidParameter:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidParameter(field, "is not a decodable image: send a PNG, JPEG or WebP file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        size = _header_size(data)
+        if size is not None:
+            raise too_large(*size) from None
+        raise InvalidParameter(field, f"must be an image of at most {max_pixels} pixels.") from None
+    except UnidentifiedImageError:
+        raise InvalidParameter(field, "must be a PNG, JPEG or WebP image, got a file that is not an image.") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidParameter(field, f"could not be decoded ({exc}): send a complete image file") from None
+        raise InvalidParameter(field, f"must be a complete image file, got one that could not be decoded ({exc}).") \
+            from None
     if image.width < 2 or image.height < 2:
-        raise InvalidParameter(field, f"is {image.width}x{image.height}; it must be at least 2x2 pixels")
+        raise InvalidParameter(field, f"must be at least 2x2 pixels, got {image.width}x{image.height}.")
     return image

@@ -6,6 +6,7 @@ here, before any model work, so a bad request never costs GPU time.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from dataclasses import dataclass
@@ -40,9 +41,11 @@ class Limits:
 
 
 def _numeric(value: Any, *, integer: bool) -> Any:
-    """Accept numbers sent as strings; refuse booleans, NaN and infinities."""
+    """Accept numbers sent as strings; refuse booleans, NaN and infinities. (parse_params adds the value as sent
+    to each message.)"""
+    kind = "a whole number" if integer else "a number"
     if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
+        raise ValueError(f"must be {kind}, not a boolean")
     if isinstance(value, str):
         text = value.strip()
         if text == "":
@@ -50,13 +53,13 @@ def _numeric(value: Any, *, integer: bool) -> Any:
         try:
             value = float(text) if any(c in text for c in ".eE") or not integer else int(text)
         except ValueError:
-            raise ValueError(f"must be a number, got {value[:40]!r}") from None
+            raise ValueError(f"must be {kind}") from None
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError("must be a finite number")
+            raise ValueError(f"must be {kind} (finite)")
         if integer:
             if not value.is_integer():
-                raise ValueError(f"must be a whole number, got {value}")
+                raise ValueError("must be a whole number")
             return int(value)
     return value
 
@@ -104,7 +107,7 @@ class GenerationParams(BaseModel):
         if not isinstance(value, str):
             raise ValueError("must be text")
         if "\x00" in value:
-            raise ValueError("must not contain NUL characters")
+            raise ValueError("must be text without NUL characters")
         return value
 
     @model_validator(mode="before")
@@ -119,7 +122,7 @@ class GenerationParams(BaseModel):
     @classmethod
     def _frames_shape(cls, value: int) -> int:
         if (value - 1) % 4 != 0:
-            raise ValueError(f"must be 4*n + 1 (for example 33, 49, 81), got {value}")
+            raise ValueError("must be 4*n + 1 (for example 33, 49, 81)")
         return value
 
     def with_seed(self) -> GenerationParams:
@@ -138,19 +141,64 @@ _WIRO_NAME = {
 }
 
 
+_FIELD_NAME = {wiro: name for name, wiro in _WIRO_NAME.items()}
+
+
+def _allowed_range(name: str) -> str:
+    """What a field's bounds allow, in words ("between 1 and 60")."""
+    low = high = None
+    low_open = False
+    for bound in GenerationParams.model_fields[name].metadata:
+        if getattr(bound, "ge", None) is not None:
+            low = bound.ge
+        elif getattr(bound, "gt", None) is not None:
+            low, low_open = bound.gt, True
+        elif getattr(bound, "le", None) is not None:
+            high = bound.le
+    if name == "seed":
+        return f"-1 (random) or between {low} and {high}"
+    if low_open:
+        return f"greater than {low:g} and at most {high:g}"
+    if high is None:
+        return f"at least {low}"
+    return f"between {low:g} and {high:g}" if isinstance(low, float) else f"between {low} and {high}"
+
+
+def _as_sent(value: Any) -> str:
+    """The value as the client sent it, for an error message: short texts quoted, long ones by their length."""
+    if isinstance(value, str) and len(value) > 40:
+        return f"a text of {len(value)} characters"
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)[:40]
+
+
+def _message(err: dict[str, Any], name: str) -> str:
+    kind = err["type"]
+    if kind == "value_error":
+        return err["msg"].removeprefix("Value error, ")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"must be {_allowed_range(name)}"
+    if kind == "string_too_long":
+        return f"must be at most {err['ctx']['max_length']} characters long"
+    if kind.startswith("string"):
+        return "must be text"
+    if kind.startswith(("int", "float")):
+        return "must be a number"
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
 def parse_params(data: dict[str, Any], limits: Limits | None = None) -> GenerationParams:
-    """Validate raw tool inputs; raise InvalidParameter naming the first bad field."""
+    """Validate raw tool inputs; raise InvalidParameter naming the first bad field, in one voice:
+    "Request parameter [field] must be <what is allowed>, got <the value as sent>"."""
     limits = limits or Limits()
     try:
         params = GenerationParams.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err.get("loc", ())]
-        field = _WIRO_NAME.get(loc[0], loc[0]) if loc else "body"
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] != "value_error" and "input" in err:
-            message = f"{message[0].lower()}{message[1:]} (got {str(err['input'])[:40]!r})"
-        raise InvalidParameter(field, message) from None
+        name = _FIELD_NAME.get(loc[0], loc[0]) if loc else ""
+        field = _WIRO_NAME.get(name, name) or "body"
+        sent = data.get(field, data.get(name)) if isinstance(data, dict) else data
+        raise InvalidParameter(field, f"{_message(err, name)}, got {_as_sent(sent)}.") from None
     check_limits(params, limits)
     return params
 
@@ -167,30 +215,35 @@ def limits_from_settings(settings: Any) -> Limits:
     )
 
 
+def no_speed_lora() -> InvalidParameter:
+    """The answer to a fast-mode request on a server without a speed LoRA (checked at Run and in the worker)."""
+    return InvalidParameter(
+        "mode", "must be 'normal' on this server (fast mode needs a speed LoRA: PARTICALIZE_SPEED_LORA), got 'fast'."
+    )
+
+
 def check_limits(params: GenerationParams, limits: Limits) -> None:
+    """This server's limits (from settings), in parse_params' voice."""
     if params.mode == "fast" and not limits.fast_mode:
-        raise InvalidParameter(
-            "mode", "is 'fast', but this server has no speed LoRA configured (PARTICALIZE_SPEED_LORA): leave mode "
-            "out or send 'normal'."
-        )
+        raise no_speed_lora()
     if params.num_frames > limits.max_num_frames:
-        raise InvalidParameter("numFrames", f"must be at most {limits.max_num_frames}, got {params.num_frames}")
+        raise InvalidParameter("numFrames", f"must be at most {limits.max_num_frames}, got {params.num_frames}.")
     if params.steps > limits.max_steps:
-        raise InvalidParameter("steps", f"must be at most {limits.max_steps}, got {params.steps}")
+        raise InvalidParameter("steps", f"must be at most {limits.max_steps}, got {params.steps}.")
     for name in ("width", "height"):
         value = getattr(params, name)
         if value == 0:
             continue
         if value % limits.size_multiple or value < limits.size_multiple:
             raise InvalidParameter(
-                name, f"must be 0 (from the image) or a multiple of {limits.size_multiple}, got {value}"
+                name, f"must be 0 (from the image) or a multiple of {limits.size_multiple}, got {value}."
             )
         if value > limits.max_side:
-            raise InvalidParameter(name, f"must be at most {limits.max_side}, got {value}")
+            raise InvalidParameter(name, f"must be at most {limits.max_side}, got {value}.")
     if params.width and params.height and params.width * params.height > limits.max_pixels:
         raise InvalidParameter(
             "width",
-            f"width x height must be at most {limits.max_pixels} pixels, got {params.width}x{params.height}",
+            f"x height must be at most {limits.max_pixels} pixels, got {params.width}x{params.height}.",
         )
     check_work(params, limits)
 

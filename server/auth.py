@@ -13,10 +13,11 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from server.errors import ApiError
 
@@ -77,7 +78,8 @@ def new_key_pair() -> tuple[str, str]:
 
 class NonceStore(Protocol):
     def use(self, api_key: str, nonce: str, now: float, window: float) -> bool:
-        """Record the nonce; True if it was not used by this key within `window` seconds."""
+        """Record the nonce (in strict mode a request fingerprint); True if this key did not use it within
+        `window` seconds."""
         ...
 
 
@@ -124,52 +126,135 @@ def _signature_token(value: str) -> str:
     return parts[-1].lower() if parts else ""
 
 
+NonceUnit = Literal["auto", "seconds", "milliseconds", "any"]
+_MS_FROM = 10**11
+"""auto: a nonce at or above this is milliseconds (10**11 s is the year 5138; 10**11 ms is 1973)."""
+
+INVALID_CREDENTIALS = (
+    "Invalid x-api-key or x-signature: use an API key configured on this server (`particalize keys create`) and "
+    "x-signature = hex(HMAC-SHA256(key=API_KEY, message=API_SECRET + NONCE))."
+)
+"""One answer for an unknown key and a wrong signature, so that a caller cannot learn which keys exist."""
+
+
+def nonce_seconds(nonce: str, unit: NonceUnit) -> float | None:
+    """The unix time a timestamp nonce stands for (None for unit "any": no freshness check)."""
+    if unit == "any":
+        return None
+    value = int(nonce)
+    if unit == "milliseconds" or (unit == "auto" and value >= _MS_FROM):
+        return value / 1000
+    return float(value)
+
+
+def _utc(seconds: float) -> str:
+    try:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return "a time out of range"
+
+
+def request_fingerprint(nonce: str, method: str, path: str, body: bytes) -> str:
+    """What strict replay protection remembers: the nonce and the request it signed (40 hex characters).
+    Two distinct requests sharing a nonce (the official client's parallel calls) differ here."""
+    digest = hashlib.sha256()
+    for part in (nonce.encode(), method.upper().encode(), path.encode(), body):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()[:40]
+
+
 class Authenticator:
-    """Checks the auth headers of one request against the configured keys."""
+    """Checks the auth headers of one request against the configured keys.
+
+    A nonce may repeat (the seed's sample signs once and reuses its NONCE; the official client's millisecond
+    nonce is shared by parallel calls): what is checked is the signature and that the nonce, read as a unix
+    time, is within `nonce_window_seconds` of this server's clock. `replay_protection` (opt-in) also refuses a
+    request identical to one seen within the window: same key, nonce, method, path and body.
+    """
 
     def __init__(
         self,
         keys: dict[str, ApiKey],
         nonce_store: NonceStore,
         nonce_window_seconds: float,
-        replay_protection: bool = True,
+        replay_protection: bool = False,
+        nonce_unit: NonceUnit = "auto",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._keys = dict(keys)
         self._nonces = nonce_store
         self._window = nonce_window_seconds
         self._replay_protection = replay_protection
+        self._unit = nonce_unit
+        self._clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Any, nonce_store: NonceStore) -> Authenticator:
+        return cls(
+            load_api_keys(settings), nonce_store, settings.nonce_window_seconds,
+            replay_protection=settings.replay_protection, nonce_unit=settings.nonce_unit,
+        )
 
     @property
     def open(self) -> bool:
         """No keys configured: unsigned requests are accepted (the server then binds loopback only)."""
         return not self._keys
 
+    @property
+    def strict(self) -> bool:
+        """Strict replay protection is on: `check_replay` needs the request's body."""
+        return self._replay_protection and not self.open
+
     def authenticate(self, headers: Mapping[str, str]) -> str | None:
-        """The API key the request used (None in open mode); raises ApiError(401) otherwise."""
+        """The API key the request used (None in open mode); raises ApiError(401) otherwise.
+        Headers only: it is decided before any body is read."""
         if self.open:
             return None
         given_key = (headers.get("x-api-key") or "").strip()
         if not given_key:
-            raise _unauthorized("Missing x-api-key header.")
+            raise _unauthorized("Missing x-api-key header: send your API key in x-api-key.")
         api_key = self._keys.get(given_key)
-        if api_key is None:
-            raise _unauthorized("Unknown API key (x-api-key).")
-        if api_key.secret is None:
+        if api_key is not None and api_key.secret is None:
             return api_key.key
         nonce = (headers.get("x-nonce") or "").strip()
         signature = _signature_token(headers.get("x-signature") or "")
         if not nonce or not signature:
             raise _unauthorized(
-                "This API key requires signed requests: send x-nonce (unix time) and "
+                "Signed requests need x-nonce (the current unix time) and "
                 "x-signature = hex(HMAC-SHA256(key=API_KEY, message=API_SECRET + NONCE))."
             )
         if not _NONCE.fullmatch(nonce):
-            raise _unauthorized("x-nonce must be a decimal integer (e.g. unix time in seconds or ms).")
-        expected = sign(api_key.key, api_key.secret, nonce)
-        if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
-            raise _unauthorized(
-                "Invalid x-signature; expected hex(HMAC-SHA256(key=API_KEY, message=API_SECRET + NONCE))."
-            )
-        if self._replay_protection and not self._nonces.use(api_key.key, nonce, time.time(), self._window):
-            raise _unauthorized("x-nonce already used; send a fresh nonce with every request.")
+            raise _unauthorized(f"x-nonce must be a decimal integer (unix time in seconds or ms), got {nonce[:40]!r}.")
+        secret = api_key.secret if api_key is not None else ""
+        expected = sign(given_key, secret or "", nonce)
+        if api_key is None or not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
+            raise _unauthorized(INVALID_CREDENTIALS)
+        self._check_fresh(nonce)
         return api_key.key
+
+    def _check_fresh(self, nonce: str) -> None:
+        sent = nonce_seconds(nonce, self._unit)
+        if sent is None:
+            return
+        now = self._clock()
+        if abs(now - sent) <= self._window:
+            return
+        unit = "milliseconds" if self._unit == "milliseconds" or (self._unit == "auto" and int(nonce) >= _MS_FROM) \
+            else "seconds"
+        raise _unauthorized(
+            f"x-nonce {nonce} is outside the freshness window: read as unix time in {unit} it is {_utc(sent)}, "
+            f"more than {self._window:g} seconds from this server's clock ({_utc(now)}). Send the current unix "
+            "time (seconds or milliseconds) as x-nonce and sign it again."
+        )
+
+    def check_replay(self, api_key: str | None, nonce: str, method: str, path: str, body: bytes) -> None:
+        """Strict mode only: refuse a request identical to one this key sent within the window."""
+        if not self.strict or api_key is None or self._keys[api_key].secret is None:
+            return
+        fingerprint = request_fingerprint(nonce.strip(), method, path, body)
+        if not self._nonces.use(api_key, fingerprint, self._clock(), self._window):
+            raise _unauthorized(
+                "This exact request (same x-nonce, route and body) was already received: strict replay protection "
+                "is on, so send a fresh x-nonce with a new signature."
+            )

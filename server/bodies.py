@@ -43,7 +43,11 @@ class RequestFields:
 
 async def read_fields(request: Request, max_bytes: int) -> RequestFields:
     """All fields of the request body; raises ApiError(code=0) saying what to send instead."""
-    body = await _read_body(request, max_bytes)
+    return await parse_fields(request, await read_body(request, max_bytes), max_bytes)
+
+
+async def parse_fields(request: Request, body: bytes, max_bytes: int) -> RequestFields:
+    """The fields of `body` (read with `read_body`), in the form its Content-Type and content say."""
     if not body.strip():
         return RequestFields()
     media_type, params = parse_options_header(request.headers.get("content-type"))
@@ -63,7 +67,7 @@ def _too_large(max_bytes: int) -> ApiError:
     return ApiError(f"Request body is larger than {max_bytes} bytes.")
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def read_body(request: Request, max_bytes: int) -> bytes:
     """The body, read chunk by chunk so an oversized one is refused without buffering it all."""
     declared = (request.headers.get("content-length") or "").strip()
     if declared.isdigit() and int(declared) > max_bytes:

@@ -33,6 +33,14 @@ class UnsafeUrl(ValueError):
     """The URL is not allowed: wrong scheme or form, or it points at a non-public address."""
 
 
+class PrivateAddress(UnsafeUrl):
+    """The URL's host is (or resolves to) an address that is not public."""
+
+
+class UnresolvableHost(UnsafeUrl):
+    """The URL's host name does not resolve (a typo, or a name only the client's network knows)."""
+
+
 class FetchError(ValueError):
     """The URL was allowed but fetching it failed (HTTP error, too large, timeout, connection)."""
 
@@ -110,7 +118,7 @@ def _checked_addresses(host: str, port: int, allow_private: bool) -> list[IPAddr
     if not allow_private:
         for address in addresses:
             if not is_public_address(address):
-                raise UnsafeUrl(
+                raise PrivateAddress(
                     f"URL host {host} resolves to {address}, which is not a public address; "
                     "only public http(s) URLs are allowed."
                 )
@@ -149,7 +157,7 @@ def check_url(url: str, allow_private: bool) -> None:
     try:
         _checked_addresses(host, _port(parsed), allow_private)
     except (OSError, UnicodeError) as exc:
-        raise UnsafeUrl(f"The URL host {host} could not be resolved.") from exc
+        raise UnresolvableHost(f"The URL host {host} could not be resolved.") from exc
 
 
 class _GuardedBackend(httpcore.SyncBackend):

@@ -72,7 +72,8 @@ def _run_body(settings: Any) -> dict[str, Any]:
         f"Also: width x height at most {settings.max_pixels} pixels; numFrames x width x height x steps at "
         f"most {settings.max_work} (a size of 0 is checked once the image is read)."
     )
-    as_json = {"type": "object", "properties": properties, "required": [IMAGE_URL_FIELD], "description": limits}
+    as_json = {"type": "object", "properties": properties, "description": f"Send {IMAGE_URL_FIELD} (or the URL in "
+               f"{IMAGE_FIELD}). {limits}"}
     with_file = {
         "type": "object",
         "properties": {**properties, IMAGE_FIELD: {"type": "string", "format": "binary",
@@ -131,6 +132,8 @@ def _schemas() -> dict[str, Any]:
         "TaskListAnswer": _ok({"tasklist": {"type": "array", "items": _ref("Task")}}),
         "TaskListTotalAnswer": _ok({"total": texts, "tasklist": {"type": "array", "items": _ref("Task")}}),
         "ToolDetailAnswer": _ok({"tool": {"type": "array", "items": {"type": "object"}}}),
+        "ToolListAnswer": _ok({"total": texts, "tool": {"type": "array", "items": {"type": "object"}}}),
+        "ExploreAnswer": _ok({"explore": {"type": "array", "items": {"type": "object", "required": ["tools"]}}}),
         "UploadAnswer": _ok({"list": {"type": "array", "items": {"type": "object", "required": ["url"]}}}),
         "EmptyAnswer": _ok({}),
     }
@@ -167,8 +170,17 @@ def openapi_document(settings: Any) -> dict[str, Any]:
         "/v1/Task/Kill": _operation("Stop a running task", _body(_fields(**task_ids)), "TaskListAnswer"),
         "/v1/Task/Cancel": _operation("Remove a queued task", _body(_fields(**task_ids)), "TaskListAnswer"),
         "/v1/Task/List": _operation(
-            "This API key's tasks, newest first", _body(_fields(start=_INT_OR_TEXT, limit=_INT_OR_TEXT)),
+            "This API key's tasks, newest first", _body(_fields(
+                start=_INT_OR_TEXT, limit=_INT_OR_TEXT, type=_TEXT, sort={"enum": ["id", "createtime"]},
+                order={"enum": ["DESC", "ASC", "desc", "asc"]}, modelName=_TEXT)),
             "TaskListTotalAnswer"),
+        "/v1/Tool/List": _operation(
+            "This server's tool, when it matches search (every word), categories (any) and slugowner",
+            _body(_fields(start=_INT_OR_TEXT, limit=_INT_OR_TEXT, search=_TEXT, slugowner=_TEXT, sort=_TEXT,
+                          categories={"anyOf": [{"type": "array", "items": _TEXT}, _TEXT]})),
+            "ToolListAnswer"),
+        "/v1/Tool/Explore": _operation("The catalogue: one category holding this server's tool", _body(_fields()),
+                                       "ExploreAnswer"),
         "/v1/Tool/Detail": _operation(
             "The tool's inputs, defaults and limits", _body(_fields(slugowner=_TEXT, slugproject=_TEXT)),
             "ToolDetailAnswer"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.auth import Authenticator, load_api_keys
+from server.auth import Authenticator
 from server.storage import Storage
 from server.store import Database, DbNonceStore, TaskStore, upgrade
 from server.task_view import OutputLike, TaskLike, task_dict
@@ -23,7 +23,7 @@ class Services:
         """Connect to the database and bring its schema up to date (Alembic)."""
         db = Database(settings.sqlalchemy_url)
         upgrade(db)
-        auth = Authenticator(load_api_keys(settings), DbNonceStore(db), settings.nonce_window_seconds)
+        auth = Authenticator.from_settings(settings, DbNonceStore(db))
         return cls(settings, TaskStore.from_settings(db, settings), Storage.from_settings(settings), auth)
 
     def close(self) -> None:

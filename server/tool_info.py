@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.images import MAX_IMAGE_PIXELS
 from pipeline.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_PROMPT_CHARS, MAX_SEED
 from server.inspire import INSPIRE
 
@@ -34,6 +35,12 @@ def is_this_tool(owner: str, project: str) -> bool:
     return owner.lower() == SLUG_OWNER.lower() and project.lower() == SLUG_PROJECT.lower()
 
 
+def names_this_tool(model: str) -> bool:
+    """A model filter (Task/List's `modelName`: "owner/project" or a part of it) that names this tool."""
+    wanted = model.strip().lower()
+    return wanted in f"{SLUG_OWNER}/{SLUG_PROJECT}".lower()
+
+
 def _item(id_: str, type_: str, label: str, description: str, default: str, **extra: Any) -> dict[str, Any]:
     return {"id": id_, "type": type_, "label": label, "description": description, "default": default,
             "required": False, **extra}
@@ -41,10 +48,14 @@ def _item(id_: str, type_: str, label: str, description: str, default: str, **ex
 
 def input_items(settings: Any) -> list[dict[str, Any]]:
     return [
+        _item("inputImage", "fileinput", "input-image",
+              "the start image (PNG, JPEG or WebP) as a multipart file part, or its http(s) URL as the value; "
+              "one of inputImage and inputImageUrl is needed", "",
+              note=f"at most {settings.max_image_bytes} bytes and {MAX_IMAGE_PIXELS} pixels"),
         _item("inputImageUrl", "text", "input-image-url",
-              "http(s) URL of the start image (PNG, JPEG or WebP); or send the file as a multipart part "
-              "named inputImage", "", required=True,
-              note=f"at most {settings.max_image_bytes} bytes"),
+              "http(s) URL of the start image (PNG, JPEG or WebP), e.g. one File/Upload answered; one of "
+              "inputImage and inputImageUrl is needed", "",
+              note=f"at most {settings.max_image_bytes} bytes and {MAX_IMAGE_PIXELS} pixels"),
         _item("prompt", "textarea", "prompt", "What happens in the video.", DEFAULT_PROMPT,
               max=MAX_PROMPT_CHARS),
         _item("negativePrompt", "textarea", "negativePrompt", "negative prompt", DEFAULT_NEGATIVE_PROMPT,
@@ -107,4 +118,30 @@ def tool_detail(settings: Any) -> dict[str, Any]:
         "cps": f"{settings.cost_per_second:.12f}",
         "dynamicprice": json.dumps([{"inputs": {}, "price": settings.cost_per_second, "priceMethod": "cps"}]),
         "model": settings.model,
+    }
+
+
+def _search_text() -> str:
+    return " ".join([TITLE, SLUG_OWNER, SLUG_PROJECT, f"{SLUG_OWNER}/{SLUG_PROJECT}", DESCRIPTION, *CATEGORIES,
+                     "style", "wan2.1", "video", "lora"]).lower()
+
+
+def matches(search: str = "", categories: list[str] | None = None, slugowner: str = "") -> bool:
+    """Whether this tool answers a Tool/List query: every word of `search` appears in its title, slugs,
+    description or categories; it has any of `categories`; its owner is `slugowner` (case-insensitive)."""
+    text = _search_text()
+    if any(word not in text for word in search.lower().split()):
+        return False
+    if categories and not {c.strip().lower() for c in categories} & {c.lower() for c in CATEGORIES}:
+        return False
+    return not slugowner or slugowner.strip().lower() == SLUG_OWNER.lower()
+
+
+def explore_item() -> dict[str, Any]:
+    """This tool as one entry of Tool/Explore's `tools` lists."""
+    return {
+        "id": "1", "title": TITLE, "slugowner": SLUG_OWNER, "slugproject": SLUG_PROJECT,
+        "cleanslugowner": SLUG_OWNER, "cleanslugproject": SLUG_PROJECT.lower(), "image": "",
+        "description": DESCRIPTION, "categories": list(CATEGORIES), "commentcount": "0", "ratedusercount": "0",
+        "averagepoint": "0", "discount": None,
     }

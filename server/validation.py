@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from PIL import Image
 
@@ -18,7 +19,7 @@ from pipeline.images import decode_image
 from pipeline.params import GenerationParams, limits_from_settings, parse_params
 from server.bodies import RequestFields, UploadedFile
 from server.errors import ApiError
-from server.netguard import UnsafeUrl, check_url
+from server.netguard import PrivateAddress, UnresolvableHost, UnsafeUrl, check_url
 from server.storage import Storage, safe_name
 from server.store import NewUpload, TaskStore, new_id
 from server.tool_info import TOOL_INPUTS
@@ -32,7 +33,8 @@ IMAGE_URL_FIELD = "inputImageUrl"
 class RunRequest:
     params: GenerationParams
     parameters: dict[str, str]
-    """The tool inputs as sent (every value a string), recorded with the task."""
+    """Recorded with the task (every value a string): the tool inputs as sent, plus the default of each one not
+    sent and the seed chosen now; width/height 0 are resolved by the worker once it has read the image."""
     image_url: str
     upload_id: str | None
     """Set when the image is in the store: sent with this request (`new_upload`) or via File/Upload."""
@@ -50,9 +52,12 @@ def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: Tas
     values = {k: v for k, v in fields.values.items() if k in TOOL_INPUTS or k == "callbackUrl"}
     parameters = {k: _as_text(k, v) for k, v in values.items() if k in TOOL_INPUTS}
     try:
-        params = parse_params(values, limits_from_settings(settings))
+        params = parse_params(values, limits_from_settings(settings)).with_seed()
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
+    for name, value in params.wiro_inputs().items():  # what will run: defaults and the seed are recorded too
+        if not parameters.get(name, "").strip():
+            parameters[name] = str(value)
 
     upload = fields.files.get(IMAGE_FIELD) or fields.files.get(IMAGE_URL_FIELD)
     if upload is not None:
@@ -85,23 +90,34 @@ def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: Tas
 
 def check_public_url(field: str, url: str, settings: Any) -> None:
     if len(url) > MAX_URL_CHARS:
-        raise ApiError(f"Request parameter [{field}] is longer than {MAX_URL_CHARS} characters.")
+        raise ApiError(f"Request parameter [{field}] must be at most {MAX_URL_CHARS} characters long, got "
+                       f"{len(url)} characters.")
     if not url.lower().startswith(("http://", "https://")):
         raise ApiError(f"Request parameter [{field}] must be an http(s) URL, got {url[:60]!r}.")
     try:
         check_url(url, settings.allow_private_urls)
-    except UnsafeUrl as exc:
+    except UnresolvableHost:
+        host = urlsplit(url).hostname or url
         raise ApiError(
-            f"Request parameter [{field}] is refused: {exc} (an operator can allow private addresses with "
-            "PARTICALIZE_ALLOW_PRIVATE_URLS=1)."
+            f"Request parameter [{field}] must be a URL whose host resolves, got {url[:100]!r}: the host {host!r} "
+            "could not be resolved from this server; check its spelling (a name only your own network knows "
+            "cannot be reached from here)."
         ) from None
+    except PrivateAddress as exc:
+        raise ApiError(
+            f"Request parameter [{field}] must be a public http(s) URL, got {url[:100]!r}: {exc} (an operator can "
+            "allow private addresses with PARTICALIZE_ALLOW_PRIVATE_URLS=1)."
+        ) from None
+    except UnsafeUrl as exc:
+        raise ApiError(f"Request parameter [{field}] must be a plain http(s) URL, got {url[:100]!r}: {exc}") from None
 
 
 def check_upload(upload: UploadedFile, settings: Any, field: str) -> NewUpload:
     """An uploaded image within the size limit that decodes; else ApiError naming the field."""
     if len(upload.data) > settings.max_image_bytes:
         raise ApiError(
-            f"Request parameter [{field}] is {len(upload.data)} bytes; the limit is {settings.max_image_bytes}."
+            f"Request parameter [{field}] must be at most {settings.max_image_bytes} bytes, got {len(upload.data)} "
+            "bytes."
         )
     try:
         image = decode_image(upload.data, field=field)

@@ -4,7 +4,10 @@ queue -> accept (claimed) -> preprocess_start (fetch and check the image) -> pre
 -> start -> output (the current step in debugoutput, repeated) -> output_full -> end
 -> postprocess_start (encode the MP4, store it) -> postprocess_end (pexit 0 and the output).
 
-A kill stops the run within one denoising step and ends in task_cancel with no output left behind; any
+Task/Kill ends the task in task_cancel at once (server/store); the worker notices within one transformer
+block (a watcher thread turns the store's flag into an event the pipeline checks before every block and every
+VAE encoder and decoder call), throws the run away and leaves no output behind, also when the kill comes during the VAE
+decode or the MP4 write; any
 failure ends in task_postprocess_end with pexit 1 and the reason in debugerror. Either way the model
 stays loaded and the worker takes the next task. One worker per GPU; `run_worker` is the entry of both
 `particalize worker` and the workers `particalize serve` starts.
@@ -62,6 +65,10 @@ log = logging.getLogger("particalize.worker")
 EXIT_LOAD_FAILED = 3
 """`particalize worker` exits with this when the model cannot be loaded (restarting would not help)."""
 
+KILL_POLL_SECONDS = 0.1
+"""How often the kill watcher reads the task's kill flag while a task runs (bounds kill-to-stop with the time of
+one transformer block)."""
+
 IMAGE_TYPES_REFUSED = ("text/", "application/json", "application/xml", "application/javascript")
 
 
@@ -71,7 +78,7 @@ class Generator(Protocol):
     def resolve(self, params: GenerationParams, image: Image.Image) -> GenerationParams: ...
 
     def generate(self, params: GenerationParams, image: Image.Image, progress: Any = None,
-                 should_stop: Any = None) -> Any: ...
+                 should_stop: Any = None, interrupt: Any = None) -> Any: ...
 
 
 class _Killed(Exception):
@@ -126,6 +133,8 @@ class Worker:
         self.current_task: int | None = None
         self.tasks_done = 0
         self.health = StoreHealth(log)
+        self._denoised = threading.Event()
+        """Set once the running task's last denoising step is done (its video is then finished, not requeued)."""
         self._state_lock = threading.Lock()  # the heartbeat's "stopping" mark never lands after the task's end
         self.paused_for: str | None = None
 
@@ -235,13 +244,21 @@ class Worker:
     def process(self, task: Task) -> None:
         started = time.monotonic()
         log.info("task %s accepted by %s", task.id, self.worker_id, extra={"task_id": task.id})
+        interrupt = threading.Event()
+        self._denoised.clear()
+        watcher = threading.Thread(target=self._watch_kill, args=(task.id, interrupt), name="kill-watcher",
+                                   daemon=True)
+        watcher.start()
         try:
-            self._run_task(task)
+            self._run_task(task, interrupt)
             log.info("task %s done in %.2fs", task.id, time.monotonic() - started, extra={"task_id": task.id})
         except _Killed as killed:
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.finish_killed, task.id, self.worker_id, killed.note)
             log.info("task %s killed: %s", task.id, killed.note, extra={"task_id": task.id})
+        except TaskKilled:  # seen at a store write: the task already says where it was killed
+            self.storage.discard_task(task.uuid)
+            log.info("task %s killed", task.id, extra={"task_id": task.id})
         except _Stopping:
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.release, task.id, self.worker_id, "requeued: the worker stopped")
@@ -265,6 +282,23 @@ class Worker:
             log.exception("task %s failed", task.id, extra={"task_id": task.id})
             self.storage.discard_task(task.uuid)
             self._settle(task, self.store.fail, task.id, failure_reason(exc), self.worker_id)
+        finally:
+            interrupt.set()
+            watcher.join(timeout=2)
+
+    def _watch_kill(self, task_id: int, interrupt: threading.Event) -> None:
+        """While the task runs: set `interrupt` once it is killed, or once the worker's stop is due while it is
+        still denoising (a finished generation is decoded and stored instead, within shutdown_finish_seconds)."""
+        while not interrupt.wait(KILL_POLL_SECONDS):
+            if stop_due(self.stop_event) and not self._denoised.is_set():
+                interrupt.set()
+                return
+            try:
+                if self.health.call(lambda: self.store.kill_requested(task_id)):
+                    interrupt.set()
+            except SQLAlchemyError as exc:
+                if not is_outage(exc):  # an outage is logged once by self.health
+                    log.warning("could not read the kill flag of task %s (%s); retrying", task_id, exc)
 
     def _settle(self, task: Task, action: Callable[..., object], *args: Any) -> None:
         """Record how the task ended, unless it is no longer this worker's (waiting out a store outage)."""
@@ -306,7 +340,7 @@ class Worker:
         if not finishing and stop_due(self.stop_event):
             raise _Stopping()
 
-    def _run_task(self, task: Task) -> None:
+    def _run_task(self, task: Task, interrupt: threading.Event) -> None:
         parameters = parameters_of(task)
         self._step(task, PREPROCESS_START)
         image = self._load_image(task)
@@ -326,7 +360,7 @@ class Worker:
         self._step(task, ASSIGN, debugoutput=f"assigned to {self.worker_id} ({self.generator.device})")
         self._step(task, START)
 
-        video = self._generate(task, params, image)
+        video = self._generate(task, params, image, interrupt)
 
         # The video is made: from here a stop does not throw it away (bounded by shutdown_finish_seconds).
         self._step(task, OUTPUT_FULL, finishing=True, debugoutput=f"generated {video.frames.shape[0]} frames "
@@ -335,7 +369,7 @@ class Worker:
         self._step(task, END, finishing=True)
         self._step(task, POSTPROCESS_START, finishing=True)
         relpath = self.storage.output_relpath(task.uuid, OUTPUT_NAME)
-        size = self._store_output(video.frames, params.fps, relpath)
+        size = self._store_output(video.frames, params.fps, relpath, task.id)
         cost = self.settings.cost_per_second * max(0.0, time.time() - task.accepttime)
         outputs = [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)]
         done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)"
@@ -347,7 +381,7 @@ class Worker:
         except TaskKilled:
             raise _Killed("Task killed by request at task_postprocess_start.") from None
 
-    def _store_output(self, frames: Any, fps: int, relpath: str) -> int:
+    def _store_output(self, frames: Any, fps: int, relpath: str, task_id: int) -> int:
         """Encode the MP4 to a local temporary file, then put it in the storage under its final name (atomically:
         never a partial file there); returns its size. Too little free disk space fails the task before writing."""
         scratch = Path(tempfile.gettempdir())
@@ -357,6 +391,8 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix="particalize-output-", dir=scratch) as tmp:
             path = write_mp4(frames, Path(tmp) / OUTPUT_NAME, fps=fps)
             size = path.stat().st_size
+            if self.store.kill_requested(task_id):  # killed during the write: nothing reaches the storage
+                raise _Killed("Task killed by request while its MP4 was written.")
             try:
                 self.storage.put_file(path, relpath)
             except StorageError as exc:
@@ -389,15 +425,23 @@ class Worker:
         except InvalidParameter as exc:
             raise _Failed(str(exc)) from None
 
-    def _generate(self, task: Task, params: GenerationParams, image: Image.Image) -> Any:
+    def _entered_blocks(self) -> bool:
+        """Whether the last run got as far as a transformer block (unknown: assume it did)."""
+        points = getattr(self.generator, "interrupt_points", None)
+        return points is None or points.blocks_entered > 0
+
+    def _generate(self, task: Task, params: GenerationParams, image: Image.Image, interrupt: threading.Event) -> Any:
         """Run the pipeline; progress goes to debugoutput (at most every progress_interval_seconds, and the
-        last step always); a kill, or a stop once its grace period is over, is seen after the step it arrives in."""
+        last step always). A kill, or a stop once its grace period is over, stops it before the next transformer
+        block (`interrupt`, set by the kill watcher) or at the end of the step it arrives in, whichever is first."""
         interval = self.settings.progress_interval_seconds
-        state: dict[str, Any] = {"written": 0.0, "killed": False, "fresh": False, "step": 0, "total": 1}
+        state: dict[str, Any] = {"written": 0.0}
+        denoised = self._denoised
 
         def progress(p: Any) -> None:
             now = time.monotonic()
-            state["fresh"], state["step"], state["total"] = False, p.step, p.total
+            if p.step >= p.total:
+                denoised.set()  # from here a stop no longer interrupts the run: the video is finished instead
             if now - state["written"] < interval and p.step != p.total:
                 return
             state["written"] = now
@@ -407,29 +451,39 @@ class Worker:
             note = (f"step {p.step}/{p.total} ({p.percentage:.0f}%), {speed}, elapsed {p.elapsed:.1f}s, "
                     f"remaining {remaining:.1f}s")
             try:  # progress is not worth waiting for: during a store outage the run goes on without it
-                state["killed"] = self.health.call(lambda: self.store.advance(
-                    task.id, self.worker_id, OUTPUT, debugoutput=note, message=f"step {p.step}/{p.total}"))
-                state["fresh"] = True
+                if self.health.call(lambda: self.store.advance(task.id, self.worker_id, OUTPUT, debugoutput=note,
+                                                               message=f"step {p.step}/{p.total}")):
+                    interrupt.set()
+            except TaskKilled:  # stop at this step's end, noting where (below)
+                interrupt.set()
             except SQLAlchemyError as exc:
                 if not is_outage(exc):
                     raise
 
-        def should_stop() -> bool:
-            if stop_due(self.stop_event) and state["step"] < state["total"]:
-                return True  # mid-denoise: requeued; after the last step the video is finished instead
-            if not state["fresh"]:
+        def should_stop() -> bool:  # once per step: a read of the kill flag costs nothing next to a step
+            if stop_due(self.stop_event) and not denoised.is_set():
+                interrupt.set()  # mid-denoise: requeued
+            if not interrupt.is_set():
                 try:
-                    state["killed"] = self.health.call(lambda: self.store.kill_requested(task.id))
+                    if self.health.call(lambda: self.store.kill_requested(task.id)):
+                        interrupt.set()
                 except SQLAlchemyError as exc:
                     if not is_outage(exc):
                         raise
-            return bool(state["killed"])
+            return interrupt.is_set()
 
         try:
-            return self.generator.generate(params, image, progress=progress, should_stop=should_stop)
+            return self.generator.generate(params, image, progress=progress, should_stop=should_stop,
+                                           interrupt=interrupt.is_set)
         except Interrupted as stopped:
-            if state["killed"]:
-                raise _Killed(f"Task killed by request after step {stopped.step} of {stopped.total}.") from None
+            if self.store.kill_requested(task.id):
+                if stopped.step >= stopped.total:
+                    where = f"after the last step ({stopped.total}); the VAE decode was skipped or cut short"
+                elif stopped.step == 0 and not self._entered_blocks():
+                    where = "before the first step (while its inputs were encoded)"
+                else:
+                    where = f"during step {stopped.step + 1} of {stopped.total}"
+                raise _Killed(f"Task killed by request {where}.") from None
             raise _Stopping() from None
 
 

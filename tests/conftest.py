@@ -102,7 +102,6 @@ def make_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -
         allow_unauthenticated_public=False,
         progress_interval_seconds=0.0,
         worker_poll_seconds=0.02,
-        kill_wait_seconds=5.0,
         callback_backoff_seconds=0.05,
         callback_timeout_seconds=2.0,
         node_name="testnode",

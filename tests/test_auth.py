@@ -5,21 +5,46 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 from starlette.datastructures import Headers
 
-from server.auth import ApiKey, Authenticator, MemoryNonceStore, load_api_keys, new_key_pair, sign
+from server.auth import (
+    INVALID_CREDENTIALS,
+    ApiKey,
+    Authenticator,
+    MemoryNonceStore,
+    load_api_keys,
+    new_key_pair,
+    sign,
+)
 from server.errors import ApiError
 
 KEY, SECRET = "test-key", "test-secret"
 KEY_ONLY = "plain-key"
 
 
-def make_auth(replay_protection: bool = True, window: float = 300) -> Authenticator:
-    keys = {KEY: ApiKey(KEY, SECRET), KEY_ONLY: ApiKey(KEY_ONLY, None)}
-    return Authenticator(keys, MemoryNonceStore(), window, replay_protection=replay_protection)
+NOW = 1_790_000_000.0
+"""The server's clock in these tests (2026-09-21): nonces are read against it."""
+
+
+OTHER_SIGNED = "other-key"
+
+
+def make_auth(replay_protection: bool = False, window: float = 300, unit: str = "auto") -> Authenticator:
+    keys = {KEY: ApiKey(KEY, SECRET), KEY_ONLY: ApiKey(KEY_ONLY, None), OTHER_SIGNED: ApiKey(OTHER_SIGNED, "s2")}
+    return Authenticator(keys, MemoryNonceStore(), window, replay_protection=replay_protection, nonce_unit=unit,
+                         clock=lambda: NOW)
+
+
+def seconds_nonce(offset: float = 0) -> str:
+    return str(int(NOW + offset))
+
+
+def ms_nonce(offset: float = 0) -> str:
+    return str(int((NOW + offset) * 1000))
 
 
 def signed_headers(nonce: str, signature: str | None = None, key: str = KEY) -> Headers:
@@ -60,37 +85,37 @@ def test_sign_is_lowercase_hex_sha256() -> None:
 
 
 def test_raw_openssl_output_is_accepted_as_signature() -> None:
-    nonce = str(int(time.time()))
+    nonce = seconds_nonce()
     line = openssl_line(nonce)
     assert "=" in line  # "SHA2-256(stdin)= <hex>" or "(stdin)= <hex>", exactly as the seed sends it
     assert make_auth().authenticate(signed_headers(nonce, line)) == KEY
 
 
 def test_signature_is_case_insensitive_hex() -> None:
-    nonce = "1734513809"
+    nonce = seconds_nonce()
     assert make_auth().authenticate(signed_headers(nonce, sign(KEY, SECRET, nonce).upper())) == KEY
 
 
 def test_fresh_millisecond_nonces_are_accepted_like_the_official_client_sends() -> None:
     auth = make_auth()
-    first = str(int(time.time() * 1000))
+    first = ms_nonce()
     second = str(int(first) + 1)
     assert auth.authenticate(signed_headers(first)) == KEY
     assert auth.authenticate(signed_headers(second)) == KEY
 
 
 def test_wrong_signature_is_refused() -> None:
-    error = refused(make_auth(), signed_headers("1734513809", "0" * 64))
+    error = refused(make_auth(), signed_headers(seconds_nonce(), "0" * 64))
     assert "x-signature" in error.message
 
 
 def test_signature_for_another_nonce_is_refused() -> None:
-    refused(make_auth(), signed_headers("1734513809", sign(KEY, SECRET, "1734513808")))
+    refused(make_auth(), signed_headers(seconds_nonce(), sign(KEY, SECRET, seconds_nonce(-1))))
 
 
 def test_unknown_key_is_refused() -> None:
-    error = refused(make_auth(), signed_headers("1", key="nobody"))
-    assert "Unknown API key" in error.message
+    error = refused(make_auth(), signed_headers(seconds_nonce(), key="nobody"))
+    assert error.message == INVALID_CREDENTIALS
 
 
 def test_missing_key_is_refused() -> None:
@@ -98,25 +123,74 @@ def test_missing_key_is_refused() -> None:
     assert "x-api-key" in error.message
 
 
-def test_replayed_nonce_is_refused() -> None:
+def test_a_reused_seconds_nonce_is_accepted_as_the_seeds_sample_signs_once() -> None:
     auth = make_auth()
-    headers = signed_headers("1734513809")
-    assert auth.authenticate(headers) == KEY
-    error = refused(auth, headers)
-    assert "nonce already used" in error.message
-
-
-def test_refused_signature_does_not_burn_the_nonce() -> None:
-    auth = make_auth()
-    refused(auth, signed_headers("42", "f" * 64))
-    assert auth.authenticate(signed_headers("42")) == KEY
-
-
-def test_replay_protection_off_accepts_a_reused_nonce_as_the_seed_shell_does() -> None:
-    auth = make_auth(replay_protection=False)
-    headers = signed_headers("1734513809")
-    for _ in range(3):
+    headers = signed_headers(seconds_nonce())
+    for _ in range(3):  # Run, Detail, Kill with one NONCE and one SIGNATURE
         assert auth.authenticate(headers) == KEY
+
+
+def test_parallel_calls_sharing_one_millisecond_nonce_are_all_accepted() -> None:
+    auth = make_auth()
+    headers = signed_headers(ms_nonce())
+    with ThreadPoolExecutor(10) as pool:
+        assert list(pool.map(lambda _: auth.authenticate(headers), range(10))) == [KEY] * 10
+
+
+@pytest.mark.parametrize(("nonce", "unit", "reads_as"), [
+    ("1000", "seconds", "1970-01-01T00:16:40Z"),
+    (seconds_nonce(-301), "seconds", "2026-09-21T14:08:19Z"),
+    (ms_nonce(+400), "milliseconds", "2026-09-21T14:20:00Z"),
+    (str(9 * 10**15), "milliseconds", "a time out of range"),
+])
+def test_a_timestamp_nonce_outside_the_window_is_refused_saying_so(nonce: str, unit: str, reads_as: str) -> None:
+    error = refused(make_auth(), signed_headers(nonce))
+    assert error.message == (
+        f"x-nonce {nonce} is outside the freshness window: read as unix time in {unit} it is {reads_as}, more than "
+        "300 seconds from this server's clock (2026-09-21T14:13:20Z). Send the current unix time (seconds or "
+        "milliseconds) as x-nonce and sign it again."
+    )
+
+
+def test_nonces_within_the_window_in_seconds_and_milliseconds_pass() -> None:
+    auth = make_auth()
+    for nonce in (seconds_nonce(-299), seconds_nonce(299), ms_nonce(-299), ms_nonce(299)):
+        assert auth.authenticate(signed_headers(nonce)) == KEY
+
+
+def test_the_nonce_unit_is_configurable() -> None:
+    assert make_auth(unit="milliseconds").authenticate(signed_headers(ms_nonce())) == KEY
+    refused(make_auth(unit="milliseconds"), signed_headers(seconds_nonce()))
+    refused(make_auth(unit="seconds"), signed_headers(ms_nonce()))
+    assert make_auth(unit="any").authenticate(signed_headers("42")) == KEY, "any integer, no freshness check"
+
+
+def test_unknown_key_and_wrong_signature_get_the_same_answer() -> None:
+    auth = make_auth()
+    wrong_signature = refused(auth, signed_headers(seconds_nonce(), "f" * 64))
+    unknown_key = refused(auth, signed_headers(seconds_nonce(), key="no-such-key"))
+    assert wrong_signature.message == unknown_key.message == INVALID_CREDENTIALS
+
+
+def test_strict_mode_refuses_an_identical_replayed_request_and_nothing_else() -> None:
+    auth = make_auth(replay_protection=True)
+    nonce = ms_nonce()
+    assert auth.authenticate(signed_headers(nonce)) == KEY
+    auth.check_replay(KEY, nonce, "POST", "/v1/Task/Detail", b'{"taskid": "1"}')
+    # distinct requests sharing the nonce (the client's parallel calls, the seed's Run -> Detail -> Kill) pass
+    auth.check_replay(KEY, nonce, "POST", "/v1/Task/Detail", b'{"taskid": "2"}')
+    auth.check_replay(KEY, nonce, "POST", "/v1/Task/Kill", b'{"taskid": "1"}')
+    auth.check_replay(OTHER_SIGNED, nonce, "POST", "/v1/Task/Detail", b'{"taskid": "1"}')
+    with pytest.raises(ApiError) as caught:
+        auth.check_replay(KEY, nonce, "POST", "/v1/Task/Detail", b'{"taskid": "1"}')
+    assert caught.value.http_status == 401 and "already received" in caught.value.message
+
+
+def test_strict_mode_off_by_default_never_refuses_a_repeat() -> None:
+    auth = make_auth()
+    assert not auth.strict
+    for _ in range(3):
+        auth.check_replay(KEY, ms_nonce(), "POST", "/v1/Task/Detail", b"{}")
 
 
 def test_non_integer_nonce_is_refused() -> None:
@@ -218,10 +292,11 @@ def test_missing_keys_file_is_an_error(tmp_path) -> None:
         load_api_keys(SimpleNamespace(api_keys=None, api_keys_file=tmp_path / "absent"))
 
 
-def test_settings_expose_replay_protection_on_by_default() -> None:
+def test_settings_default_to_a_generous_window_and_strict_mode_off() -> None:
     from particalize.settings import Settings
 
     settings = Settings(api_keys="a:b,c:", api_keys_file=None)
-    assert settings.replay_protection is True
-    assert Settings(replay_protection=False).replay_protection is False
+    assert settings.replay_protection is False and settings.nonce_window_seconds == 3600
+    assert settings.nonce_unit == "auto"
+    assert Settings(replay_protection=True).replay_protection is True
     assert load_api_keys(settings) == {"a": ApiKey("a", "b"), "c": ApiKey("c", None)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ VIEWPORT = {"width": 1280, "height": 1700}
 """Tall enough for the whole page: a full_page screenshot in Chromium 156 under Playwright 1.65 leaves the page's
 scrollY out of step with what is shown, and the next click lands beside its target."""
 KEY, SECRET = "browser-key", "browser-secret-value"
-_nonces = itertools.count(9 * 10**15)
-"""The test's own signed calls use nonces far above the page's Date.now() ones, so the two never collide."""
+_nonces = itertools.count(int(time.time() * 1000))
+"""The test's own signed calls use millisecond nonces, as the page does (a nonce may repeat)."""
 
 HOSTED_DEFAULTS = {
     "inputImageUrl": "",

@@ -159,7 +159,8 @@ def test_fast_mode_on_a_server_without_a_speed_lora_is_refused_in_the_error_shap
     with TestClient(create_app(make_settings(tmp_path))) as client:
         api = Api(client)
         answer = client.post(RUN, json={"inputImageUrl": "http://127.0.0.1:9/dog.png", **SMALL, "mode": "fast"})
-        assert_error(answer, 0, contains="Request parameter [mode] is 'fast', but this server has no speed LoRA")
+        assert_error(answer, 0, contains="Request parameter [mode] must be 'normal' on this server (fast mode needs a "
+                                         "speed LoRA")
         assert_error(client.post(RUN, json={"inputImageUrl": "http://127.0.0.1:9/d.png", "mode": "turbo"}), 0,
                      contains="[mode]")
         assert api.task_count() == 0

@@ -33,13 +33,13 @@ from tests.test_api import (
 )
 
 ROUTES = ["/v1/Task/Detail", "/v1/Task/Kill", "/v1/Task/Cancel", "/v1/Task/List", "/v1/Tool/Detail",
-          "/v1/File/Upload", "/v1/Task/InputOutputDelete", RUN]
+          "/v1/File/Upload", "/v1/Task/InputOutputDelete", "/v1/Tool/List", "/v1/Tool/Explore", RUN]
 
 
 def limited_client(tmp_path: Path, **overrides) -> Iterator[TestClient]:
     keys = f"{KEY}:{SECRET},{OTHER_KEY}:{OTHER_SECRET}"
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", api_keys=keys, allow_private_urls=True,
-                             kill_wait_seconds=0.0, **overrides)
+                             **overrides)
     with TestClient(create_app(settings)) as client:
         yield client
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -222,17 +223,26 @@ def test_three_workers_survive_a_sigkill_and_a_sigterm_with_every_task_done_exac
 
 def test_sigterm_to_an_api_replica_lets_its_in_flight_requests_finish(tmp_path: Path, postgres_url: str):
     api = ServeProcess(tmp_path / "data", database_url=postgres_url, args=["--workers", "0"], env={
-        **COMMON_ENV, "PARTICALIZE_KILL_WAIT_SECONDS": "3", "PARTICALIZE_SHUTDOWN_GRACE_SECONDS": "20"})
-    store = TaskStore(Database(postgres_url))
+        **COMMON_ENV, "PARTICALIZE_SHUTDOWN_GRACE_SECONDS": "20"})
     try:
         api.wait_up()
-        run = httpx.post(f"{api.base}{RUN}", data={"numFrames": "5", "steps": "2"},
-                         files={"inputImage": ("in.png", png_bytes(), "image/png")}, timeout=30).json()
-        store.claim_next("ghost/gpu0")  # a worker that will never confirm the kill: Task/Kill waits 3 s
+        boundary = "slowupload"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        started = threading.Event()
+
+        def slow_body() -> Iterator[bytes]:  # an upload whose body takes 3 s to arrive: in flight at the SIGTERM
+            yield head
+            started.set()
+            time.sleep(3)
+            yield png_bytes() + tail
+
         with ThreadPoolExecutor(max_workers=1) as pool:
-            slow = pool.submit(httpx.post, f"{api.base}/v1/Task/Kill", data={"taskid": run["taskid"]}, timeout=30)
-            while not store.get(int(run["taskid"])).kill_requested:
-                time.sleep(0.01)
+            slow = pool.submit(httpx.post, f"{api.base}/v1/File/Upload", content=slow_body(), timeout=30,
+                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            assert started.wait(10)
+            time.sleep(0.2)  # the headers and first chunk have reached the server
             signalled = time.monotonic()
             api.proc.send_signal(signal.SIGTERM)
             answer = slow.result()
@@ -244,4 +254,3 @@ def test_sigterm_to_an_api_replica_lets_its_in_flight_requests_finish(tmp_path: 
             httpx.get(f"{api.base}/health", timeout=5)
     finally:
         api.stop()
-        store.db.dispose()

@@ -42,7 +42,7 @@ class Paced(Spy):
         self.times: list[float] = []
         self.stopped_at: float | None = None
 
-    def generate(self, params, image, progress=None, should_stop=None):
+    def generate(self, params, image, progress=None, should_stop=None, interrupt=None):
         self.times, self.stopped_at = [], None
 
         def watched() -> bool:
@@ -59,7 +59,7 @@ class Paced(Spy):
             if progress is not None:
                 progress(p)
 
-        return super().generate(params, image, progress=paced, should_stop=watched)
+        return super().generate(params, image, progress=paced, should_stop=watched, interrupt=interrupt)
 
 
 def run_until_stopped(store, settings, generator, stop: threading.Event) -> Worker:

@@ -152,7 +152,7 @@ def test_concurrent_claimers_never_share_a_task(db_url: str, store: TaskStore):
 def test_cancel_only_while_queued(store: TaskStore):
     queued, running = make_task(store), make_task(store)
     task, cancelled = store.cancel_if_queued(queued.id)
-    assert cancelled and task.status == CANCEL and task.canceltime > 0
+    assert cancelled and task.status == CANCEL and task.canceltime > 0 and task.endtime == task.canceltime
     assert store.claim_next("w").id == running.id
     task, cancelled = store.cancel_if_queued(running.id)
     assert not cancelled and task.status == ACCEPT
@@ -168,12 +168,17 @@ def test_kill_only_while_running(store: TaskStore):
     store.advance(queued.id, "w", START)
     outcome = store.request_kill(queued.id)
     assert outcome.accepted
-    assert store.advance(queued.id, "w", OUTPUT) is True, "the worker sees the kill at its next write"
+    killed = store.get(queued.id)
+    assert outcome.task.status == killed.status == CANCEL, "task_cancel at once, as Task/Kill answers"
+    assert killed.canceltime > 0 and killed.endtime == killed.canceltime and killed.totalcost == 0
     assert store.kill_requested(queued.id)
+    with pytest.raises(TaskKilled):
+        store.advance(queued.id, "w", OUTPUT)  # the worker learns of it at its next write
     with pytest.raises(TaskKilled):
         store.complete(queued.id, "w", [], totalcost=0, debugoutput="")
     ended = store.finish_killed(queued.id, "w", "killed at step 2")
-    assert ended.status == CANCEL and ended.canceltime > 0 and ended.totalcost == 0
+    assert ended.status == CANCEL and ended.debugoutput == "killed at step 2" and ended.totalcost == 0
+    assert store.outputs([queued.id])[queued.id] == []
     outcome = store.request_kill(queued.id)
     assert not outcome.accepted and "ended" in outcome.reason
 
@@ -219,11 +224,11 @@ def test_expired_lease_frees_a_task_held_by_a_dead_worker(store: TaskStore):
     assert [r.action for r in recovered] == ["requeued"]
 
 
-def test_an_orphan_that_was_being_killed_is_cancelled_not_requeued(store: TaskStore):
+def test_a_killed_task_is_not_an_orphan_to_requeue(store: TaskStore):
     task = make_task(store)
     store.claim_next("w")
     store.request_kill(task.id)
-    assert [r.action for r in store.recover_orphans(worker_id="w")] == ["cancelled"]
+    assert store.recover_orphans(worker_id="w") == [], "it already ended in task_cancel"
     assert store.get(task.id).status == CANCEL
 
 

@@ -55,7 +55,7 @@ class Spy:
     def resolve(self, params, image):
         return self.inner.resolve(params, image)
 
-    def generate(self, params, image, progress=None, should_stop=None):
+    def generate(self, params, image, progress=None, should_stop=None, interrupt=None):
         self.calls += 1
         self.steps = []
         if self.error is not None:
@@ -68,7 +68,7 @@ class Spy:
             if p.step == self.at_step and self.action is not None:
                 self.action()
 
-        return self.inner.generate(params, image, progress=seen, should_stop=should_stop)
+        return self.inner.generate(params, image, progress=seen, should_stop=should_stop, interrupt=interrupt)
 
 
 def make_worker(store, settings, generator, fetch=None) -> Worker:

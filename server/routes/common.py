@@ -1,5 +1,5 @@
-"""The path every /v1 call takes: read the body (any form), authenticate (headers), count the call against the
-caller's rate limit, run the handler off the event loop, answer JSON."""
+"""The path every /v1 call takes: authenticate (headers), count the call against the caller's rate limit, then
+read the body (any form), run the handler off the event loop, answer JSON."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from server.bodies import RequestFields, read_fields
+from server.bodies import RequestFields, parse_fields, read_body
 from server.errors import NOT_FOUND, ApiError
 from server.ratelimit import RateLimiter
 from server.services import Services
@@ -36,20 +36,20 @@ def rate_limit(request: Request, owner: str | None) -> None:
 
 
 async def authorized(request: Request, handler: Handler) -> Any:
-    """Read the body, then off the event loop (one hop): authenticate, apply the rate limit, and run
-    `handler`. Authentication is decided first: a request that fails it gets 401 whatever its body; then
-    a caller over its rate limit gets code 96 whatever its body."""
+    """Authenticate (headers only) and apply the rate limit before reading any body, so that an
+    unauthenticated or limited request costs no memory beyond its headers; then read the body and, off the
+    event loop (one hop), check strict replay protection and run `handler`."""
     services = services_of(request)
-    try:
-        fields, body_error = await read_fields(request, services.settings.max_body_bytes), None
-    except ApiError as exc:
-        fields, body_error = RequestFields(), exc
+    owner = services.auth.authenticate(request.headers)
+    rate_limit(request, owner)
+    max_bytes = services.settings.max_body_bytes
+    body = await read_body(request, max_bytes)
+    fields = await parse_fields(request, body, max_bytes)
 
     def work() -> Any:
-        owner = services.auth.authenticate(request.headers)
-        rate_limit(request, owner)
-        if body_error is not None:
-            raise body_error
+        if services.auth.strict:
+            services.auth.check_replay(owner, request.headers.get("x-nonce") or "", request.method,
+                                       request.url.path, body)
         return handler(services, owner, fields)
 
     return await run_in_threadpool(work)
@@ -90,3 +90,30 @@ def identifiers(fields: RequestFields, token_names: tuple[str, ...]) -> tuple[st
         names = " or ".join(("taskid", *token_names))
         raise ApiError(f"Request parameter [taskid] is required: send {names}.")
     return (taskid[1] if taskid else None), (token[1] if token else None)
+
+
+def int_field(fields: RequestFields, name: str, default: int, low: int, high: int) -> int:
+    """An integer field (sent as a number or as text) within [low, high]; `default` when absent or empty."""
+    value = fields.values.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = int(str(value).strip())
+    except ValueError:
+        raise ApiError(f"Request parameter [{name}] must be an integer, got {str(value)[:40]!r}.") from None
+    if not low <= number <= high:
+        raise ApiError(f"Request parameter [{name}] must be between {low} and {high}, got {number}.")
+    return number
+
+
+def choice_field(fields: RequestFields, name: str, allowed: tuple[str, ...]) -> str:
+    """One of `allowed` (compared in lower case), or "" when absent; ApiError code 0 naming them otherwise."""
+    found = text_field(fields, name)
+    if found is None:
+        return ""
+    value = found[1].lower()
+    if value not in allowed:
+        raise ApiError(f"Request parameter [{name}] must be one of {', '.join(allowed)}, got {found[1][:40]!r}.")
+    return value

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from server.bodies import RequestFields
 from server.errors import NOT_FOUND, ApiError
-from server.routes.common import answer, authorized, find_task, identifiers, services_of, text_field
+from server.routes.common import answer, choice_field, find_task, identifiers, int_field, text_field
 from server.services import Services
 from server.store.models import TERMINAL, Task
+from server.tool_info import names_this_tool
 
 router = APIRouter()
 
@@ -62,50 +60,38 @@ async def cancel(request: Request) -> JSONResponse:
 
 @router.post("/v1/Task/Kill")
 async def kill(request: Request) -> JSONResponse:
-    """Stops a running task within one denoising step. Waits up to kill_wait_seconds for the worker to
-    confirm, so that the answer normally shows task_cancel; otherwise the kill is still under way."""
+    """Stops a running task: it is task_cancel in the answer (as the seed's Kill answer shows); its worker stops
+    within one transformer block and writes no output."""
 
-    def ask(services: Services, owner: str | None, fields: RequestFields) -> Task:
+    def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         task = find_task(services, owner, fields, token_names=CONTROL_TOKENS)
         outcome = services.store.request_kill(task.id)
         if outcome.task is None:
             raise ApiError("There is no task yet.", code=NOT_FOUND)
         if not outcome.accepted:
             raise ApiError(f"Task could not be killed: {outcome.reason}", code=NOT_FOUND)
-        return outcome.task
+        return _tasklist(services, outcome.task)
 
-    task = await authorized(request, ask)
-    services = services_of(request)
-    deadline = time.monotonic() + services.settings.kill_wait_seconds
-    while task.status not in TERMINAL and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        task = await run_in_threadpool(services.store.get, task.id) or task
-    return JSONResponse(await run_in_threadpool(_tasklist, services, task))
-
-
-def _int_field(fields: RequestFields, name: str, default: int, low: int, high: int) -> int:
-    value = fields.values.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = int(str(value).strip())
-    except ValueError:
-        raise ApiError(f"Request parameter [{name}] must be an integer, got {str(value)[:40]!r}.") from None
-    if not low <= number <= high:
-        raise ApiError(f"Request parameter [{name}] must be between {low} and {high}, got {number}.")
-    return number
+    return await answer(request, handler)
 
 
 @router.post("/v1/Task/List")
 async def task_list(request: Request) -> JSONResponse:
-    """This server's tasks (of the calling API key), newest first; `start`/`limit` page through them."""
+    """This server's tasks (of the calling API key), newest first; `start`/`limit` page through them. The official
+    client's filters are honoured: `type` (model; this server runs no other kind of task), `sort` (id or
+    createtime), `order` (DESC or ASC) and `modelName` (this tool's "owner/project" or a part of it; another
+    name lists nothing)."""
 
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
-        start = _int_field(fields, "start", 0, 0, 10**9)
-        limit = _int_field(fields, "limit", 20, 1, MAX_LIST_LIMIT)
-        total, tasks = services.store.list(owner, start, limit)
+        start = int_field(fields, "start", 0, 0, 10**9)
+        limit = int_field(fields, "limit", 20, 1, MAX_LIST_LIMIT)
+        kind = (text_field(fields, "type") or ("type", "model"))[1].lower()
+        choice_field(fields, "sort", ("id", "createtime"))
+        order = choice_field(fields, "order", ("desc", "asc"))
+        model = text_field(fields, "modelName", "model")
+        if kind not in ("model", "all") or (model is not None and not names_this_tool(model[1])):
+            return {"total": "0", "errors": [], "tasklist": [], "result": True}
+        total, tasks = services.store.list(owner, start, limit, ascending=order == "asc")
         return {"total": str(total), "errors": [], "tasklist": services.views(tasks), "result": True}
 
     return await answer(request, handler)

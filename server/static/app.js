@@ -42,7 +42,8 @@ function fieldFor(item) {
 }
 
 function buildForm(tool) {
-  state.items = tool.parameters.flatMap((group) => group.items);
+  // The file input (inputImage) is the drop zone above; the form holds the other inputs.
+  state.items = tool.parameters.flatMap((group) => group.items).filter((item) => item.type !== "fileinput");
   $("fields").replaceChildren(...state.items.map(fieldFor));
   const examples = $("examples");
   examples.replaceChildren(examples.options[0]);

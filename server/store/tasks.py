@@ -212,12 +212,15 @@ class TaskStore:
                 return task, []
             return task, list(conn.execute(_OUTPUTS_OF_TASK, {"task_id": task.id}))
 
-    def list(self, owner: str | None = None, start: int = 0, limit: int = 20) -> tuple[int, list[Task]]:
-        """Newest first."""
+    def list(
+        self, owner: str | None = None, start: int = 0, limit: int = 20, *, ascending: bool = False
+    ) -> tuple[int, list[Task]]:
+        """Newest first (oldest first when `ascending`)."""
         with self.db.session() as s:
             where = [] if owner is None else [Task.owner == owner]
             total = s.scalar(select(func.count()).select_from(Task).where(*where)) or 0
-            rows = s.scalars(select(Task).where(*where).order_by(Task.id.desc()).offset(start).limit(limit))
+            order = Task.id.asc() if ascending else Task.id.desc()
+            rows = s.scalars(select(Task).where(*where).order_by(order).offset(start).limit(limit))
             return total, list(rows)
 
     def outputs(self, task_ids: Iterable[int]) -> dict[int, list[Output]]:
@@ -263,11 +266,15 @@ class TaskStore:
             if task is None or task.status != QUEUED:
                 return task, False
             _set_status(s, task, CANCEL, now, message="cancelled while queued")
+            task.endtime = now
             task.debugoutput = "Task cancelled while queued."
             return task, True
 
     def request_kill(self, task_id: int) -> KillOutcome:
-        """Ask the worker running the task to stop; it ends the task in task_cancel within one step."""
+        """Kill a running task now: it is task_cancel (endtime, canceltime set, no cost) when this returns, as
+        Task/Kill answers. Its worker sees the flag within one transformer block and throws the run away; it
+        can no longer record outputs (see `complete`)."""
+        now = self.clock()
         with self.db.session(write=True) as s:
             task = s.get(Task, task_id, with_for_update=True)
             if task is None:
@@ -277,6 +284,10 @@ class TaskStore:
             if task.status in TERMINAL:
                 return KillOutcome(task, False, f"it has already ended ({task.status}).")
             task.kill_requested = True
+            task.debugoutput = f"Task killed by request at {task.status}."
+            task.totalcost = 0.0
+            task.endtime = now
+            _set_status(s, task, CANCEL, now, message="killed by request")
             return KillOutcome(task, True)
 
     def delete_files(self, task_id: int) -> list[str]:
@@ -374,12 +385,18 @@ class TaskStore:
             return task
 
     def finish_killed(self, task_id: int, worker_id: str, note: str) -> Task:
+        """The worker has stopped a killed run: say where in debugoutput. (A kill found while the task is still
+        running, e.g. from an older API process, ends it in task_cancel here.)"""
         now = self.clock()
         with self.db.session(write=True) as s:
-            task = self._owned(s, task_id, worker_id)
+            task = s.get(Task, task_id, with_for_update=True)
+            if task is None or task.worker_id != worker_id or not task.kill_requested:
+                raise TaskLost(f"task {task_id} is not a task killed while {worker_id} held it")
             task.debugoutput = note
             task.totalcost = 0.0
-            _set_status(s, task, CANCEL, now, message=note)
+            if task.status != CANCEL:
+                task.endtime = now
+                _set_status(s, task, CANCEL, now, message=note)
             return task
 
     def fail(self, task_id: int, reason: str, worker_id: str | None = None, pexit: str = "1") -> Task | None:
@@ -455,6 +472,8 @@ class TaskStore:
         then finds it gone at its next write. So a finished video is recorded, not made again. A task that has
         ended (or was claimed before this worker's claim) is not: a result lands exactly once."""
         task = s.get(Task, task_id, with_for_update=True)
+        if task is not None and task.worker_id == worker_id and task.status == CANCEL and task.kill_requested:
+            raise TaskKilled(f"task {task_id} was killed by request")
         if task is not None and task.worker_id == worker_id and task.status in RUNNING:
             return task
         if (claimed_attempt is not None and task is not None and task.status not in TERMINAL

@@ -1,0 +1,55 @@
+"""Fast mode under torch.compile, as the server runs it: the Particalize LoRA fused, the speed LoRA an unfused
+adapter switched per request. Switching modes must not recompile (each mode is compiled once, at warm-up), and
+the compiled fast mode must give the eager fast mode's frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.acceleration import SpeedOptions
+from pipeline.generator import VideoGenerator
+from pipeline.params import GenerationParams
+from pipeline.presets import get_preset
+from tests.images import noise_image
+from tests.lora_files import make_diffs, make_weights, write_lora
+
+IMAGE = noise_image(32, 32)
+SMALL = GenerationParams(width=32, height=32, numFrames=5, steps=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("loras")
+    transformer = VideoGenerator(get_preset("tiny"), weights_dir=tmp).pipe.transformer
+    style = write_lora(tmp / "style.safetensors", make_weights(transformer, seed=1), "kohya")
+    speed = write_lora(tmp / "speed.safetensors", make_weights(transformer, rank=8, alpha=8.0, seed=4, magnitude=0.2),
+                       "original_lora_ab", make_diffs(transformer, seed=5))
+    return tmp, {"loras": [(style, 0.8)], "speed_lora": (speed, 1.0)}
+
+
+def test_switching_modes_under_compile_compiles_nothing_after_the_warm_up(loras):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    tmp, kw = loras
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = VideoGenerator(get_preset("tiny"), weights_dir=tmp, speed=SpeedOptions(compile=True), **kw)
+        assert compiled.applied.compiled and compiled.loras[0].fused and not compiled.loras[-1].fused
+        warmed = counters["stats"]["unique_graphs"]
+        assert 1 <= warmed <= 2  # one graph per mode: adapters off (normal) and on (fast)
+        torch._dynamo.config.error_on_recompile = True
+        frames = {}
+        for mode in ("fast", "normal", "fast", "normal", "fast"):
+            frames[mode] = compiled.generate(SMALL.model_copy(update={"mode": mode}), IMAGE).frames
+        assert counters["stats"]["unique_graphs"] == warmed
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    eager = VideoGenerator(get_preset("tiny"), weights_dir=tmp, speed=SpeedOptions(compile=False), fuse_lora=True, **kw)
+    for mode in ("normal", "fast"):
+        expected = eager.generate(SMALL.model_copy(update={"mode": mode}), IMAGE).frames
+        np.testing.assert_allclose(frames[mode], expected, atol=1e-4)
+    assert np.abs(frames["fast"] - frames["normal"]).max() > 1e-3  # the switch really changed the model

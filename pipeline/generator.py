@@ -109,7 +109,8 @@ class VideoGenerator:
         self.fast = fast or FastMode()
         self.lora_stack.use(mode == FAST)
         self.speed = speed
-        self.applied: Applied = apply_speed_options(self.pipe, speed, self.device)
+        self.applied: Applied = apply_speed_options(self.pipe, speed, self.device,
+                                                    float8_keep=self.lora_stack.switched_parameters())
         encode_device = torch.device("cpu") if self.applied.text_encoder_on_cpu else None
         self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size, encode_device=encode_device)
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)

@@ -107,6 +107,10 @@ class LoraStack:
     def has_speed(self) -> bool:
         return any(info.speed for info in self.loras)
 
+    def switched_parameters(self) -> set[str]:
+        """Parameters that unfused LoRAs change by a full difference, rewritten in place when modes switch."""
+        return {name for info in self.loras if not info.fused for name in self.diffs.names(info.name)}
+
     def load(self, path: Path, strength: float = 1.0, *, speed: bool = False) -> LoraInfo:
         """Load one file as a new adapter (active at `strength` now unless it is the speed LoRA)."""
         path = Path(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.acceleration import SpeedOptions
 from pipeline.generator import VideoGenerator
@@ -53,3 +54,29 @@ def test_switching_modes_under_compile_compiles_nothing_after_the_warm_up(loras)
         expected = eager.generate(SMALL.model_copy(update={"mode": mode}), IMAGE).frames
         np.testing.assert_allclose(frames[mode], expected, atol=1e-4)
     assert np.abs(frames["fast"] - frames["normal"]).max() > 1e-3  # the switch really changed the model
+
+
+def test_float8_with_a_speed_lora_quantizes_the_base_layers_only_and_keeps_switched_weights_in_bf16(loras):
+    """torchao float8 needs CUDA: here the layer choice, made with what the LoRA stack switches per request."""
+    from pipeline.acceleration import Applied, apply_float8, float8_filter
+
+    tmp, kw = loras
+    gen = VideoGenerator(get_preset("tiny"), weights_dir=tmp, fuse_lora=True, **kw)
+    keep = gen.lora_stack.switched_parameters()
+    switched_linear = "condition_embedder.image_embedder.ff.net.0.proj"  # lightx2v's img_emb.proj.1.diff
+    assert f"{switched_linear}.weight" in keep and "blocks.0.attn1.norm_q.weight" in keep
+    modules = dict(gen.pipe.transformer.named_modules())
+    chosen = {fqn for fqn, module in modules.items() if float8_filter(module, fqn, keep)}
+    wrapped = [fqn for fqn, module in modules.items() if hasattr(module, "lora_A") and "speed_speed" in module.lora_A]
+    assert wrapped and all(f"{fqn}.base_layer" in chosen for fqn in wrapped
+                           if modules[fqn].in_features % 16 == 0 and modules[fqn].out_features % 16 == 0)
+    assert not any("lora_" in fqn for fqn in chosen)  # the adapter stays bf16 on top of the float8 base
+    linear = modules[switched_linear]
+    assert linear.in_features % 16 == 0 and linear.out_features % 16 == 0  # float8 would take its size...
+    assert switched_linear not in chosen and float8_filter(linear, switched_linear)  # ...but not its switched weight
+
+    applied = Applied()
+    before = linear.weight.detach().clone()
+    apply_float8(gen.pipe, torch.device("cpu"), applied, keep)
+    assert not applied.float8 and "CUDA" in applied.notes[-1]  # refused here, with the reason
+    torch.testing.assert_close(linear.weight, before)

@@ -288,6 +288,8 @@ def compile_cache_for(
         "fused_qkv": applied.fused_qkv,
         "step_cache": applied.step_cache,
         "cfg_batch": applied.guidance_hook is not None,
+        # an unfused (speed) LoRA's adapter layers are in the compiled graphs: their ranks are their shapes
+        "lora_adapter_ranks": sorted({r for m in pipe.transformer.modules() for r in getattr(m, "r", {}).values()}),
     }
     return CompileCache(Path(options.compile_cache_dir), cache_key(pipe.transformer, device, graph_options))
 

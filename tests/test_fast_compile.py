@@ -4,6 +4,8 @@ the compiled fast mode must give the eager fast mode's frames."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +82,29 @@ def test_float8_with_a_speed_lora_quantizes_the_base_layers_only_and_keeps_switc
     apply_float8(gen.pipe, torch.device("cpu"), applied, keep)
     assert not applied.float8 and "CUDA" in applied.notes[-1]  # refused here, with the reason
     torch.testing.assert_close(linear.weight, before)
+
+
+def test_a_restart_with_a_speed_lora_takes_both_modes_from_the_compile_cache(loras, tmp_path, monkeypatch):
+    """The warm-up compiles normal and fast mode, and the cache keeps both: a restarted worker compiles nothing."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    tmp, kw = loras
+    cache_dir = tmp_path / "compile-cache"
+    speed = SpeedOptions(compile=True, compile_cache_dir=cache_dir)
+    try:
+        for run in (1, 2):  # each "process" with an empty inductor cache of its own
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / f"inductor-{run}"))
+            torch._dynamo.reset()
+            counters.clear()
+            gen = VideoGenerator(get_preset("tiny"), weights_dir=tmp, speed=speed, **kw)
+            if run == 1:
+                assert counters["inductor"]["fxgraph_cache_miss"] > 0
+                assert json.loads(next(cache_dir.glob("*.json")).read_text())["lora_adapter_ranks"] == [8]
+        assert counters["inductor"]["fxgraph_cache_hit"] >= 2 and counters["inductor"]["fxgraph_cache_miss"] == 0
+        torch._dynamo.config.error_on_recompile = True
+        for mode in ("fast", "normal"):
+            gen.generate(SMALL.model_copy(update={"mode": mode}), IMAGE)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()

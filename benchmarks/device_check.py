@@ -454,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         first, _ = timed(_forward(gen, inputs), device)
         seconds, _ = timed(_forward(gen, inputs), device, repeats=2)
         check.row("first forward, float8, compiling", first, "s")
-        check.row("forward, float8 + compiled", seconds, "s", tflops(seconds))
+        speed_lora = "; speed LoRA loaded (off), its adapters in bf16" if gen.lora_stack.has_speed else ""
+        check.row("forward, float8 + compiled", seconds, "s", tflops(seconds) + speed_lora)
         check.row("step, float8 + compiled, CFG (estimate: 2 forwards)", 2 * seconds, "s/step", "target <= 4.0")
         memory = torch.cuda.memory_allocated(device) / 2**30
         check.row("GPU memory allocated with float8 transformer", memory, "GiB")

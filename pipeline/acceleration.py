@@ -8,7 +8,9 @@ LoRA stays in bf16 on top of float8 base layers); compiling last means the compi
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -119,7 +121,11 @@ def choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torc
         applied.note("attention backend: native (fallback)")
 
 
-def apply_float8(pipe: WanImageToVideoPipeline, device: torch.device, applied: Applied) -> None:
+def apply_float8(
+    pipe: WanImageToVideoPipeline, device: torch.device, applied: Applied, keep: Collection[str] = ()
+) -> None:
+    """`keep`: parameters an unfused LoRA switches by a full difference (pipeline.lora_diffs rewrites them in
+    place per request): their Linear layers stay in bf16, since a float8 weight cannot take that copy."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         applied.note("float8 weights need a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); not applied")
         return
@@ -128,24 +134,35 @@ def apply_float8(pipe: WanImageToVideoPipeline, device: torch.device, applied: A
     except ImportError:
         applied.note("float8 weights need torchao (`pip install torchao`); not applied")
         return
-    quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(), filter_fn=float8_filter)
+    quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(),
+              filter_fn=functools.partial(float8_filter, keep=frozenset(keep)))
     applied.float8 = True
     lora = any("lora_" in name for name, _ in pipe.transformer.named_modules())
+    kept = sum(1 for fqn, m in pipe.transformer.named_modules() if _switched_linear(m, fqn, frozenset(keep)))
     applied.note("transformer weights quantized to float8 (torchao, dynamic activations)"
-                 + ("; the unfused LoRA stays in bf16 on top" if lora else ""))
+                 + ("; the unfused LoRA stays in bf16 on top" if lora else "")
+                 + (f"; {kept} Linear layers kept in bf16 (a switched LoRA difference rewrites their weights)"
+                    if kept else ""))
 
 
-def float8_filter(module: torch.nn.Module, fqn: str) -> bool:
+def float8_filter(module: torch.nn.Module, fqn: str, keep: Collection[str] = frozenset()) -> bool:
     """Which layers torchao quantizes: the base linears whose sizes float8 matmuls take (multiples of 16).
 
     An unfused LoRA's small lora_A/lora_B (rank-sized) stay in bf16: PEFT adds them on top of the float8 base.
     The separate projections that fused QKV left as views of the fused weights are not used: left as they are.
+    A Linear whose weight is in `keep` (switched per request by a LoRA difference) stays in bf16.
     """
-    if not isinstance(module, torch.nn.Linear) or "lora_" in fqn:
+    if not isinstance(module, torch.nn.Linear) or "lora_" in fqn or _switched_linear(module, fqn, keep):
         return False
     if module.weight._base is not None:  # a view into a fused QKV layer (apply_fuse_qkv): unused, keep it a view
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def _switched_linear(module: torch.nn.Module, fqn: str, keep: Collection[str]) -> bool:
+    """A Linear (or PEFT's base_layer of one) whose weight a switchable LoRA difference rewrites."""
+    owner = fqn.removesuffix(".base_layer")
+    return isinstance(module, torch.nn.Linear) and "lora_" not in fqn and f"{owner}.weight" in keep
 
 
 def apply_fuse_qkv(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
@@ -271,17 +288,22 @@ def compile_cache_for(
         "fused_qkv": applied.fused_qkv,
         "step_cache": applied.step_cache,
         "cfg_batch": applied.guidance_hook is not None,
+        # an unfused (speed) LoRA's adapter layers are in the compiled graphs: their ranks are their shapes
+        "lora_adapter_ranks": sorted({r for m in pipe.transformer.modules() for r in getattr(m, "r", {}).values()}),
     }
     return CompileCache(Path(options.compile_cache_dir), cache_key(pipe.transformer, device, graph_options))
 
 
-def apply_speed_options(pipe: WanImageToVideoPipeline, options: SpeedOptions, device: torch.device) -> Applied:
+def apply_speed_options(
+    pipe: WanImageToVideoPipeline, options: SpeedOptions, device: torch.device, float8_keep: Collection[str] = ()
+) -> Applied:
+    """`float8_keep`: parameters switched in place per request (see apply_float8)."""
     applied = Applied()
     choose_attention(pipe, options.attention_backend, device, applied)
     if options.fuse_qkv:
         apply_fuse_qkv(pipe, applied)
     if options.float8:
-        apply_float8(pipe, device, applied)
+        apply_float8(pipe, device, applied, float8_keep)
     if options.step_cache != "none":
         apply_step_cache(pipe, options, applied)
     if options.cfg_batch:

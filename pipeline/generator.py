@@ -110,7 +110,8 @@ class VideoGenerator:
         self.fast = fast or FastMode()
         self.lora_stack.use(mode == FAST)
         self.speed = speed
-        self.applied: Applied = apply_speed_options(self.pipe, speed, self.device)
+        self.applied: Applied = apply_speed_options(self.pipe, speed, self.device,
+                                                    float8_keep=self.lora_stack.switched_parameters())
         encode_device = torch.device("cpu") if self.applied.text_encoder_on_cpu else None
         self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size, encode_device=encode_device)
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
@@ -131,11 +132,16 @@ class VideoGenerator:
         log.info("model %s ready on %s in %.1fs", preset.name, self.device, self.load_seconds)
 
     def warmup(self) -> None:
-        """One short run at start so that the first task does not pay for compilation."""
+        """Short runs at start so that the first task does not pay for compilation: one per mode when a speed
+        LoRA is loaded (its active adapters are guarded Python state, so each mode has its own compiled graphs;
+        switching between warmed modes then compiles nothing)."""
         started = time.perf_counter()
         image = Image.new("RGB", (832, 480), (127, 127, 127))
-        self.generate(GenerationParams(numFrames=9, steps=2, seed=0), image)
-        log.info("warm-up run took %.1fs", time.perf_counter() - started)
+        modes = (NORMAL, FAST) if self.lora_stack.has_speed else (None,)
+        for mode in modes:
+            self.generate(GenerationParams(numFrames=9, steps=2, seed=0, mode=mode), image)
+        log.info("warm-up run%s took %.1fs", "s (normal and fast)" if len(modes) > 1 else "",
+                 time.perf_counter() - started)
 
     @property
     def loras(self) -> list[LoraInfo]:

@@ -107,15 +107,21 @@ class LoraStack:
     def has_speed(self) -> bool:
         return any(info.speed for info in self.loras)
 
-    def load(self, path: Path, strength: float = 1.0, *, speed: bool = False) -> LoraInfo:
-        """Load one file as a new adapter (active at `strength` now unless it is the speed LoRA)."""
+    def switched_parameters(self) -> set[str]:
+        """Parameters that unfused LoRAs change by a full difference, rewritten in place when modes switch."""
+        return {name for info in self.loras if not info.fused for name in self.diffs.names(info.name)}
+
+    def load(self, path: Path, strength: float = 1.0, *, speed: bool = False,
+             state_dict: dict[str, torch.Tensor] | None = None) -> LoraInfo:
+        """Load one file as a new adapter (active at `strength` now unless it is the speed LoRA). `state_dict`:
+        the file's keys already in memory, on any device (benchmarks build them in code); `path` then names it."""
         path = Path(path)
-        if not path.is_file():
+        if state_dict is None and not path.is_file():
             raise WeightsMissing(
                 f"LoRA file {path} does not exist: set PARTICALIZE_LORA_PATH or PARTICALIZE_LORAS to a local "
                 ".safetensors file, or a hub file and run `particalize weights fetch`"
             )
-        state_dict = read_lora_file(path)
+        state_dict = read_lora_file(path) if state_dict is None else state_dict
         name = _adapter_name(path, speed, (info.name for info in self.loras))
         plan = plan_lora(state_dict, ModelParts.of(self.pipe.transformer))
         self._check(plan, path, "")
@@ -214,8 +220,8 @@ def _pairs_not_loaded(transformer: torch.nn.Module, plan: LoraPlan, adapter: str
                 b.div_(peft_scale)
         expected_b = pair.up * pair.scale
         if a.shape != pair.down.shape or b.shape != expected_b.shape or not (
-            torch.allclose(a.float().cpu(), pair.down.to(a.dtype).float(), rtol=1e-3, atol=1e-6)
-            and torch.allclose(b.float().cpu(), expected_b.to(b.dtype).float(), rtol=1e-2, atol=1e-6)
+            torch.allclose(a.float(), pair.down.to(a.device, a.dtype).float(), rtol=1e-3, atol=1e-6)
+            and torch.allclose(b.float(), expected_b.to(b.device, b.dtype).float(), rtol=1e-2, atol=1e-6)
         ):
             missed.add(module)
     return missed

@@ -21,7 +21,7 @@ def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monke
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     out = tmp_path / "check.json"
     try:
-        code = device_check.main(["--small", "--out", str(out)])
+        code = device_check.main(["--small", "--fused-lora-rank", "2", "--out", str(out)])
     finally:
         torch._dynamo.reset()
     body = json.loads(out.read_text())
@@ -36,5 +36,9 @@ def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monke
     assert rows["fast mode video (4 steps, scale 1, encoders + VAE)"]["value"] > 0
     assert "attention sdpa" in rows
     assert body["parts"]["profile"]["top_by_time"][0]["ms"] > 0
+    fast = body["parts"]["fast_mode"]  # the real fast mode: a speed LoRA through LoraStack, the distilled schedule
+    assert "fast mode only" in fast["lora"] and "layers rank 4" in fast["lora"]
+    assert (fast["steps"], fast["scale"]) == (4, 1.0) and fast["frames_shape"][0] == 9
+    assert fast["graphs_compiled"] >= 1 and fast["recompiles_in_video"] == 0  # the adapter graph, compiled once
     printed = capsys.readouterr().out
     assert "device check" in printed and "forward, compiled" in printed

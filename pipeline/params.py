@@ -132,9 +132,8 @@ class GenerationParams(BaseModel):
         return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
 
     def wiro_inputs(self) -> dict[str, Any]:
-        """The parameters under the hosted tool's names, as recorded with a task (an unset mode is the server's,
-        recorded by the worker once resolved)."""
-        return self.model_dump(by_alias=True, exclude_none=True)
+        """The parameters under the hosted tool's names, as recorded with a task."""
+        return self.model_dump(by_alias=True)
 
 
 _WIRO_NAME = {

@@ -56,7 +56,7 @@ def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: Tas
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
     for name, value in params.wiro_inputs().items():  # what will run: defaults and the seed are recorded too
-        if not parameters.get(name, "").strip():
+        if value is not None and not parameters.get(name, "").strip():  # an unset mode: the worker records it
             parameters[name] = str(value)
 
     upload = fields.files.get(IMAGE_FIELD) or fields.files.get(IMAGE_URL_FIELD)

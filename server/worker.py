@@ -293,11 +293,11 @@ class Worker:
             if stop_due(self.stop_event) and not self._denoised.is_set():
                 interrupt.set()
                 return
-            try:
-                if self.health.call(lambda: self.store.kill_requested(task_id)):
+            try:  # not through self.health: a read that works while writes fail (a full disk) is no recovery
+                if self.store.kill_requested(task_id):
                     interrupt.set()
             except SQLAlchemyError as exc:
-                if not is_outage(exc):  # an outage is logged once by self.health
+                if not is_outage(exc):  # an outage is logged once, by the task's own store calls
                     log.warning("could not read the kill flag of task %s (%s); retrying", task_id, exc)
 
     def _settle(self, task: Task, action: Callable[..., object], *args: Any) -> None:

@@ -135,7 +135,8 @@ def test_a_fast_server_uses_fast_mode_unless_a_request_says_normal(tmp_path, fil
 
 def test_fast_mode_without_a_speed_lora_is_a_clear_error(tmp_path, files):
     gen = VideoGenerator(get_preset("tiny"), weights_dir=tmp_path, loras=[(files[2][0], 1.0)])
-    with pytest.raises(InvalidParameter, match=r"\[mode\].*no speed LoRA configured \(PARTICALIZE_SPEED_LORA\)"):
+    refused = r"\[mode\] must be 'normal' on this server \(fast mode needs a speed LoRA: PARTICALIZE_SPEED_LORA\)"
+    with pytest.raises(InvalidParameter, match=refused + r", got 'fast'\."):
         gen.generate(GenerationParams(width=32, height=32, numFrames=5, mode="fast"), IMAGE)
     with pytest.raises(ValueError, match="PARTICALIZE_SPEED_LORA"):
         VideoGenerator(get_preset("tiny"), weights_dir=tmp_path, mode="fast")

@@ -130,8 +130,8 @@ class SlowDecode(Paced):
         super().__init__(inner, **kwargs)
         self.decode = decode
 
-    def generate(self, params, image, progress=None, should_stop=None):
-        video = super().generate(params, image, progress=progress, should_stop=should_stop)
+    def generate(self, params, image, progress=None, should_stop=None, interrupt=None):
+        video = super().generate(params, image, progress=progress, should_stop=should_stop, interrupt=interrupt)
         time.sleep(self.decode)
         return video
 

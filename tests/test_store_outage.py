@@ -105,7 +105,7 @@ class Outage(Spy):
         super().__init__(inner)
         self.flaky, self.at, self.down_for, self.meanwhile = flaky, at, down_for, meanwhile
 
-    def generate(self, params, image, progress=None, should_stop=None):
+    def generate(self, params, image, progress=None, should_stop=None, interrupt=None):
         def watched(p):
             if p.step == self.at:
                 self.flaky.down.set()

@@ -177,7 +177,7 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
 def cmd_weights_verify(args: argparse.Namespace) -> int:
     from pipeline.loader import preset_dir
     from pipeline.presets import get_preset
-    from weights.locate import lora_files_from_settings, lora_source_file, speed_lora_source
+    from weights.locate import lora_files_from_settings, speed_lora_file
     from weights.verify import verify_directory
 
     settings = _settings(args)
@@ -186,9 +186,9 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     if not preset.is_tiny:
         reports.append(verify_directory(preset_dir(preset, settings.weights_dir), full_hash=not args.quick))
     loras = [path for _, path in lora_files_from_settings(settings)]
-    speed = speed_lora_source(settings)
+    speed = speed_lora_file(settings)
     if speed is not None:
-        loras.append(lora_source_file(speed, settings.weights_dir, "PARTICALIZE_SPEED_LORA"))
+        loras.append(speed[1])
     for folder in dict.fromkeys(path.parent for path in loras):  # every LoRA's folder, once
         reports.append(verify_directory(folder, full_hash=not args.quick, is_model=False))
     ok = True

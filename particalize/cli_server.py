@@ -125,7 +125,7 @@ def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, l
 
 def lora_lines(settings: Any) -> list[str]:
     """The start-up banner's LoRA lines: the stack in order with strengths, the speed LoRA and the modes."""
-    from weights.locate import lora_files_from_settings, lora_source_file, speed_lora_source
+    from weights.locate import lora_files_from_settings, speed_lora_file
 
     stack = lora_files_from_settings(settings)
     lines = [f"LoRA {i}: {path} (strength {source.strength:g})" for i, (source, path) in enumerate(stack, 1)]
@@ -133,12 +133,12 @@ def lora_lines(settings: Any) -> list[str]:
         lines.append("LoRA: none configured (plain Wan2.1 output, not Particalize)")
     if stack and settings.fuse_lora:
         lines.append("LoRA: fused into the weights at load")
-    speed = speed_lora_source(settings)
+    speed = speed_lora_file(settings)
     if speed is None:
         lines.append("mode: normal (fast mode needs a step-distilled LoRA: PARTICALIZE_SPEED_LORA)")
         return lines
-    path = lora_source_file(speed, settings.weights_dir, "PARTICALIZE_SPEED_LORA")
-    lines.append(f"speed LoRA (fast mode): {path} (strength {speed.strength:g}); fast = {settings.fast_steps} steps, "
+    source, path = speed
+    lines.append(f"speed LoRA (fast mode): {path} (strength {source.strength:g}); fast = {settings.fast_steps} steps, "
                  f"scale {settings.fast_scale:g}, flow shift {settings.fast_flow_shift:g}")
     lines.append(f"mode: {settings.mode} by default; a request may send mode 'normal' or 'fast'")
     return lines

@@ -259,13 +259,10 @@ class VideoGenerator:
 def generator_from_settings(settings: Settings) -> VideoGenerator:
     """Build the warm generator the settings describe (model preset, LoRAs, fast mode, device, limits)."""
     from pipeline.presets import get_preset
-    from weights.locate import lora_files_from_settings, lora_source_file, speed_lora_source
+    from weights.locate import lora_files_from_settings, speed_lora_file
 
-    speed_source = speed_lora_source(settings)
-    speed_lora = None
-    if speed_source is not None:
-        path = lora_source_file(speed_source, settings.weights_dir, "PARTICALIZE_SPEED_LORA")
-        speed_lora = (path, speed_source.strength)
+    speed = speed_lora_file(settings)
+    speed_lora = (speed[1], speed[0].strength) if speed is not None else None
     return VideoGenerator(
         get_preset(settings.model, max_area=settings.model_max_area),
         weights_dir=settings.weights_dir,

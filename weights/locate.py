@@ -71,6 +71,14 @@ def lora_source_file(source: LoraSource, weights_dir: Path, setting: str = "PART
     return path
 
 
+def speed_lora_file(settings: Settings) -> tuple[LoraSource, Path] | None:
+    """The speed LoRA (fast mode) with its file on disk, or None when none is configured."""
+    source = speed_lora_source(settings)
+    if source is None:
+        return None
+    return source, lora_source_file(source, settings.weights_dir, "PARTICALIZE_SPEED_LORA")
+
+
 def lora_files_from_settings(settings: Settings) -> list[tuple[LoraSource, Path]]:
     """Every LoRA of the stack with its file on disk (the speed LoRA is apart: `speed_lora_source`)."""
     sources = lora_sources_from_settings(settings)

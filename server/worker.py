@@ -460,16 +460,9 @@ class Worker:
                 if not is_outage(exc):
                     raise
 
-        def should_stop() -> bool:  # once per step: a read of the kill flag costs nothing next to a step
+        def should_stop() -> bool:  # once per step; a kill reaches `interrupt` by the watcher or the progress write
             if stop_due(self.stop_event) and not denoised.is_set():
                 interrupt.set()  # mid-denoise: requeued
-            if not interrupt.is_set():
-                try:
-                    if self.health.call(lambda: self.store.kill_requested(task.id)):
-                        interrupt.set()
-                except SQLAlchemyError as exc:
-                    if not is_outage(exc):
-                        raise
             return interrupt.is_set()
 
         try:

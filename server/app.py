@@ -27,7 +27,7 @@ from server.openapi import openapi_document
 from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
-from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER_SECONDS, ThrottledLog, describe, is_outage
+from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER, ThrottledLog, describe, is_outage
 
 log = logging.getLogger("particalize.server")
 
@@ -98,8 +98,7 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
             return internal_error_response(request, exc)
         outages.warning("%s %s answered 503: the task store is unavailable (%s)", request.method, request.url.path,
                         describe(exc))
-        return JSONResponse(error_body([(0, OUTAGE_MESSAGE)]), status_code=503,
-                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return JSONResponse(error_body([(0, OUTAGE_MESSAGE)]), status_code=503, headers=RETRY_AFTER)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 from server.errors import error_body
 from server.routes.common import services_of
 from server.store import TaskStore
-from server.store.outage import RETRY_AFTER_SECONDS
+from server.store.outage import RETRY_AFTER
 
 router = APIRouter()
 
@@ -31,7 +31,6 @@ PROBE_TIMEOUT_SECONDS = 5.0
 SERVING_STATES = ("ready", "busy")
 RANDOM_WEIGHTS_MARK = "RANDOM WEIGHTS"
 """In a worker's detail when it serves a model built with random values (pipeline.random_weights)."""
-RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
 class Unhealthy(Exception):

@@ -20,6 +20,8 @@ T = TypeVar("T")
 
 RETRY_AFTER_SECONDS = 5
 """What a 503 tells a client to wait: about how long a PostgreSQL restart or a failover takes."""
+RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+"""The headers of every 503 (store outage, failed probe)."""
 
 OUTAGE_MESSAGE = (
     "The task store is unavailable for the moment (the database does not answer or cannot be written); "

@@ -137,14 +137,16 @@ INVALID_CREDENTIALS = (
 """One answer for an unknown key and a wrong signature, so that a caller cannot learn which keys exist."""
 
 
+def _read_unit(nonce: str, unit: NonceUnit) -> Literal["seconds", "milliseconds"]:
+    """The unit a timestamp nonce is read in (auto: by its size)."""
+    return "milliseconds" if unit == "milliseconds" or (unit == "auto" and int(nonce) >= _MS_FROM) else "seconds"
+
+
 def nonce_seconds(nonce: str, unit: NonceUnit) -> float | None:
     """The unix time a timestamp nonce stands for (None for unit "any": no freshness check)."""
     if unit == "any":
         return None
-    value = int(nonce)
-    if unit == "milliseconds" or (unit == "auto" and value >= _MS_FROM):
-        return value / 1000
-    return float(value)
+    return int(nonce) / 1000 if _read_unit(nonce, unit) == "milliseconds" else float(int(nonce))
 
 
 def _utc(seconds: float) -> str:
@@ -240,8 +242,7 @@ class Authenticator:
         now = self._clock()
         if abs(now - sent) <= self._window:
             return
-        unit = "milliseconds" if self._unit == "milliseconds" or (self._unit == "auto" and int(nonce) >= _MS_FROM) \
-            else "seconds"
+        unit = _read_unit(nonce, self._unit)
         raise _unauthorized(
             f"x-nonce {nonce} is outside the freshness window: read as unix time in {unit} it is {_utc(sent)}, "
             f"more than {self._window:g} seconds from this server's clock ({_utc(now)}). Send the current unix "

@@ -266,7 +266,6 @@ class TaskStore:
             if task is None or task.status != QUEUED:
                 return task, False
             _set_status(s, task, CANCEL, now, message="cancelled while queued")
-            task.endtime = now
             task.debugoutput = "Task cancelled while queued."
             return task, True
 
@@ -286,7 +285,6 @@ class TaskStore:
             task.kill_requested = True
             task.debugoutput = f"Task killed by request at {task.status}."
             task.totalcost = 0.0
-            task.endtime = now
             _set_status(s, task, CANCEL, now, message="killed by request")
             return KillOutcome(task, True)
 
@@ -395,7 +393,6 @@ class TaskStore:
             task.debugoutput = note
             task.totalcost = 0.0
             if task.status != CANCEL:
-                task.endtime = now
                 _set_status(s, task, CANCEL, now, message=note)
             return task
 
@@ -612,6 +609,8 @@ def _set_status(s: Session, task: Task, status: str, now: float, message: str = 
     stamp = STAMPS.get(status)
     if stamp is not None:
         setattr(task, stamp, now)
+    if status == CANCEL:
+        task.endtime = now  # a cancelled or killed task has ended too (canceltime says how)
     if status in TERMINAL:
         task.lease_expires_at = None
         if task.callbackurl:

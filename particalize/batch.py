@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from particalize.batch_manifest import Manifest
 from particalize.batch_plan import BatchInvalid, Job, load_jobs
 from particalize.contact_sheet import write_contact_sheet
+from particalize.image_source import read_image_source
 
 if TYPE_CHECKING:
     from particalize.settings import Settings
@@ -36,13 +37,6 @@ class BatchSummary:
     failed: int = 0
 
 
-def read_source(source: str) -> bytes:
-    """Image bytes from a file path or an http(s) URL."""
-    from particalize.cli import _read_image_source
-
-    return _read_image_source(source)
-
-
 def run_job(job: Job, generator: VideoGenerator, out_dir: Path, model: str | None = None) -> dict[str, Any]:
     """Make one job's MP4 and contact sheet; any error becomes a failed record rather than an exception."""
     from pipeline.images import decode_image
@@ -57,7 +51,7 @@ def run_job(job: Job, generator: VideoGenerator, out_dir: Path, model: str | Non
     }
     timings: dict[str, float] = record["timings"]
     try:
-        image = decode_image(read_source(job.source), field="image")
+        image = decode_image(read_image_source(job.source), field="image")
         timings["load_image"] = time.perf_counter() - t0
         mp4 = out_dir / f"{job.key}.mp4"
         video = generator.render(params, image, mp4)

@@ -98,19 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_image_source(source: str) -> bytes:
-    if source.startswith(("http://", "https://")):
-        import httpx
-
-        response = httpx.get(source, follow_redirects=True, timeout=60)
-        response.raise_for_status()
-        return response.content
-    return Path(source).expanduser().read_bytes()
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from particalize.image_source import read_image_source
     from pipeline.generator import generator_from_settings, limits_from_settings
     from pipeline.images import decode_image
     from pipeline.params import parse_params
@@ -118,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     inputs = {dest: getattr(args, dest) for dest, _ in TOOL_FLAGS.values() if getattr(args, dest) is not None}
     params = parse_params(inputs, limits_from_settings(settings))
-    image = decode_image(_read_image_source(args.image), field="--image")
+    image = decode_image(read_image_source(args.image), field="--image")
     from pipeline.parallel import rank
 
     if settings.context_parallel != "none" and params.seed is None:

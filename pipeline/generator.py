@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 
 from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options, compile_cache_for, resolve_compile
+from pipeline.devices import pick_device
 from pipeline.embeddings import EmbeddingCache
 from pipeline.errors import Interrupted
 from pipeline.fast import FAST, NORMAL, FastMode
 from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
-from pipeline.loader import load_base_pipeline, pick_device
+from pipeline.loader import load_base_pipeline
 from pipeline.lora import LoraInfo, LoraStack
 from pipeline.params import GenerationParams, Limits, limits_from_settings, no_speed_lora, resolve_size
 from pipeline.presets import ModelPreset

@@ -8,9 +8,10 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from weights.manifest import MANIFEST_NAME
-
 log = logging.getLogger(__name__)
+
+MANIFEST_NAME = ".particalize-manifest.json"
+"""The record `particalize weights fetch` writes into a snapshot (weights.manifest); read here for its repo id."""
 
 
 @dataclass(frozen=True)

@@ -484,7 +484,7 @@ def _set_cpu_threads(settings: Any) -> None:
     """On CPU, leave one core to the API process (unless told otherwise)."""
     import torch
 
-    from pipeline.loader import pick_device
+    from pipeline.devices import pick_device
 
     if pick_device(settings.device).type != "cpu":
         return

@@ -574,8 +574,8 @@ def resolve_args(args: argparse.Namespace, preset: ModelPreset) -> dict[str, Any
 
 def build_generator(args: argparse.Namespace) -> VideoGenerator:
     """As the server builds it: PARTICALIZE_* settings first, the flags given on top."""
+    from particalize.compose import make_generator
     from particalize.settings import Settings
-    from pipeline.generator import generator_from_settings
 
     settings = Settings().with_overrides(
         model=args.model,
@@ -587,7 +587,7 @@ def build_generator(args: argparse.Namespace) -> VideoGenerator:
         random_weights=args.random_weights,
         compile=args.compile,
     )
-    return generator_from_settings(settings)
+    return make_generator(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

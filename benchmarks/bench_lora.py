@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.generator import VideoGenerator
+from pipeline.generator import GeneratorOptions, VideoGenerator
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from tests.lora_files import make_diffs, make_weights, write_lora
@@ -55,7 +55,7 @@ def main() -> None:
                               seed=42, prompt="a dog is crystallizing into translucent shards")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (params.height, params.width, 3), np.uint8))
 
-    gen = VideoGenerator(get_preset(args.model), weights_dir=Path(args.weights_dir))
+    gen = VideoGenerator(GeneratorOptions(get_preset(args.model), Path(args.weights_dir)))
     transformer = gen.pipe.transformer
     forwards: list[int] = [0]
     transformer.register_forward_pre_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))

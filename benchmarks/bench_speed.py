@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from pipeline.acceleration import SpeedOptions
-from pipeline.generator import StepProgress, VideoGenerator
+from pipeline.generator import GeneratorOptions, StepProgress, VideoGenerator
+from pipeline.lora import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 
@@ -73,9 +74,9 @@ def run_option(name: str, args: argparse.Namespace, params: GenerationParams, im
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    gen = VideoGenerator(get_preset(args.model), weights_dir=Path(args.weights_dir), lora_path=args.lora,
-                         fuse_lora=args.fuse_lora, speed=SpeedOptions(**OPTIONS[name]),
-                         random_weights=args.random_weights)
+    stack = LoraStackOptions(loras=((Path(args.lora), 1.0),) if args.lora else (), fuse=args.fuse_lora)
+    gen = VideoGenerator(GeneratorOptions(get_preset(args.model), Path(args.weights_dir), loras=stack,
+                                          speed=SpeedOptions(**OPTIONS[name]), random_weights=args.random_weights))
     load = time.perf_counter() - started
     gen.generate(params, image)  # warm-up (compilation, caches, allocator)
     videos, steps = [], []

@@ -60,7 +60,7 @@ from benchmarks.timing import peak_gib, reset_peak, synchronize, timed
 from pipeline.acceleration import Applied, SpeedOptions, apply_compile, apply_float8, choose_attention
 from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.fast import FAST
-from pipeline.generator import StepProgress, VideoGenerator
+from pipeline.generator import GeneratorOptions, StepProgress, VideoGenerator
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 
@@ -220,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
         reset_peak(device)
         started = time.perf_counter()
-        gen = VideoGenerator(get_preset("tiny" if small else args.model), weights_dir=tmp / "weights",
-                             device=device.type,
-                             speed=SpeedOptions(attention_backend="native", compile=False), random_weights=not small)
+        gen = VideoGenerator(GeneratorOptions(get_preset("tiny" if small else args.model), tmp / "weights",
+                                              device=device.type, random_weights=not small,
+                                              speed=SpeedOptions(attention_backend="native", compile=False)))
         synchronize(device)
         seconds = time.perf_counter() - started
         state["gen"] = gen

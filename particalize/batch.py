@@ -109,17 +109,17 @@ def run_batch(
 
 def batch_command(file: Path, out_dir: Path, settings: Settings, defaults: dict[str, Any]) -> int:
     """The CLI's batch: 0 all done, 1 some jobs failed, 2 invalid rows (nothing run), 130 interrupted."""
-    from pipeline.generator import generator_from_settings, limits_from_settings
+    from particalize import compose
 
     try:
-        jobs = load_jobs(file, limits_from_settings(settings), defaults)
+        jobs = load_jobs(file, compose.limits(settings), defaults)
     except BatchInvalid as exc:
         for problem in exc.problems:
             print(f"{file}: {problem}", file=sys.stderr)
         print(f"error: {len(exc.problems)} problem(s) in {file}; nothing was generated", file=sys.stderr)
         return 2
     try:
-        summary = run_batch(jobs, out_dir, lambda: generator_from_settings(settings), model=settings.model)
+        summary = run_batch(jobs, out_dir, lambda: compose.make_generator(settings), model=settings.model)
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to finish the rest ({out_dir / 'manifest.jsonl'})",
               file=sys.stderr)

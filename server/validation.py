@@ -16,17 +16,15 @@ from PIL import Image
 
 from pipeline.errors import InvalidParameter
 from pipeline.images import decode_image
-from pipeline.params import GenerationParams, limits_from_settings, parse_params
+from pipeline.params import GenerationParams, parse_params
 from server.bodies import RequestFields, UploadedFile
 from server.errors import ApiError
 from server.netguard import PrivateAddress, UnresolvableHost, UnsafeUrl, check_url
 from server.storage import Storage, safe_name
 from server.store import NewUpload, TaskStore, new_id
-from server.tool_info import TOOL_INPUTS
+from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD, TOOL_INPUTS
 
 MAX_URL_CHARS = 2048
-IMAGE_FIELD = "inputImage"
-IMAGE_URL_FIELD = "inputImageUrl"
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: Tas
     values = {k: v for k, v in fields.values.items() if k in TOOL_INPUTS or k == "callbackUrl"}
     parameters = {k: _as_text(k, v) for k, v in values.items() if k in TOOL_INPUTS}
     try:
-        params = parse_params(values, limits_from_settings(settings)).with_seed()
+        params = parse_params(values, settings.params).with_seed()
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
     for name, value in params.wiro_inputs().items():  # what will run: defaults and the seed are recorded too

@@ -46,7 +46,7 @@ _PATTERNS = [
 
 def _app(settings: Any) -> Any:
     try:
-        from particalize.compose import build_app
+        from particalize.compose_server import build_app
     except ImportError:  # before the redesign
         from server.app import create_app as build_app
     return build_app(settings)
@@ -85,7 +85,7 @@ def api_script(root: Path, log: list[Any]) -> None:
         from pipeline.presets import get_preset
 
         try:
-            from pipeline.options import GeneratorOptions
+            from pipeline.generator import GeneratorOptions
         except ImportError:
             return VideoGenerator(get_preset("tiny"), weights_dir=root / "weights")
         return VideoGenerator(GeneratorOptions(get_preset("tiny"), root / "weights"))

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.storage import Storage
+from particalize.compose_server import build_app, open_storage
 from server.store.models import RUNNING
 from server.worker import Worker
 from tests.conftest import make_settings
@@ -70,7 +69,7 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
             assert freed.wait(30)
             return video
 
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(build_app(settings), raise_server_exceptions=False) as client:
         store = client.app.state.services.store
         image = {"inputImage": ("in.png", png_bytes(40, 40), "image/png")}
         body = client.post(RUN, data=SMALL, files=image).json()
@@ -79,7 +78,7 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
 
         store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
         spy = FillsTheDisk(tiny_generator)
-        worker = Worker(store, Storage.from_settings(settings), spy, settings, worker_id=WORKER,
+        worker = Worker(store, open_storage(settings), spy, settings, worker_id=WORKER,
                         fetch=FakeFetch(png_bytes(40, 40)))
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -107,7 +106,7 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
         assert spy.calls == 1 and len(store.outputs([task_id])[task_id]) == 1
         assert sum(store.count(status) for status in RUNNING) == 0, "nothing left running that no worker owns"
 
-        restarted = Worker(store, Storage.from_settings(settings), tiny_generator, settings, worker_id=WORKER)
+        restarted = Worker(store, open_storage(settings), tiny_generator, settings, worker_id=WORKER)
         assert store.recover_orphans(worker_id=WORKER, now=time.time() + 3600) == []
         restarted.recover(own=True)
         events = store.events(task_id)

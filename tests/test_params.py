@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from particalize import compose
 from particalize.settings import Settings
 from pipeline.errors import InvalidParameter
 from pipeline.params import (
@@ -12,7 +13,6 @@ from pipeline.params import (
     GenerationParams,
     Limits,
     check_work,
-    limits_from_settings,
     parse_params,
     resolve_size,
 )
@@ -128,6 +128,6 @@ def test_a_size_from_the_image_is_checked_once_known(size):
 
 def test_limits_from_settings_carry_every_operator_limit():
     settings = Settings(max_num_frames=49, max_steps=40, max_side=1024, max_pixels=512 * 512, max_work=12345)
-    assert limits_from_settings(settings) == Limits(
+    assert compose.limits(settings) == Limits(
         max_num_frames=49, max_steps=40, max_side=1024, max_pixels=512 * 512, max_work=12345
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
+from particalize.compose_server import build_app
 from server.errors import ApiError
 from server.ratelimit import RateLimiter
 from tests.conftest import make_settings
@@ -40,7 +40,7 @@ def limited_client(tmp_path: Path, **overrides) -> Iterator[TestClient]:
     keys = f"{KEY}:{SECRET},{OTHER_KEY}:{OTHER_SECRET}"
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", api_keys=keys, allow_private_urls=True,
                              **overrides)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         yield client
 
 
@@ -90,7 +90,7 @@ def test_the_rate_limit_covers_every_api_route_and_comes_after_authentication(cl
 
 def test_without_keys_the_limit_is_per_client_address(tmp_path: Path):
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", rate_limit_per_minute=2)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         for _ in range(2):
             assert client.post("/v1/Task/List", json={}).json()["result"] is True
         assert_error(client.post("/v1/Task/List", json={}), 96, contains="this client address (testclient)")
@@ -139,9 +139,14 @@ def test_concurrent_requests_of_one_key_never_exceed_the_limit():
     assert allowed.count(True) == 5 and len(allowed) == 20
 
 
+def limiter_of(settings) -> RateLimiter | None:
+    """The limiter of the app built for these settings (made when the app is, before it starts)."""
+    return build_app(settings).state.rate_limiter
+
+
 def test_rate_limiter_from_settings_is_off_at_zero():
-    assert RateLimiter.from_settings(make_settings(Path("/nonexistent"), rate_limit_per_minute=0)) is None
-    assert RateLimiter.from_settings(make_settings(Path("/nonexistent"), rate_limit_per_minute=7)).per_window == 7
+    assert limiter_of(make_settings(Path("/nonexistent"), rate_limit_per_minute=0)) is None
+    assert limiter_of(make_settings(Path("/nonexistent"), rate_limit_per_minute=7)).per_window == 7
 
 
 # --- queue and body size -------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ async def detail(request: Request) -> JSONResponse:
         if not is_this_tool(*asked):
             raise ApiError(f"slug-owner-project-not-exist: this server runs {SLUG_OWNER}/{SLUG_PROJECT} only.",
                            code=NOT_FOUND)
-        return {"result": True, "errors": [], "tool": [tool_detail(services.settings)]}
+        return {"result": True, "errors": [], "tool": [tool_detail(services.options.tool, services.options.limits)]}
 
     return await answer(request, handler)
 
@@ -64,7 +64,7 @@ async def tool_list(request: Request) -> JSONResponse:
         search = text_field(fields, "search")
         slugowner = text_field(fields, "slugowner")
         found = matches(search[1] if search else "", _categories(fields), slugowner[1] if slugowner else "")
-        tools = [tool_detail(services.settings)] if found else []
+        tools = [tool_detail(services.options.tool, services.options.limits)] if found else []
         return {"result": True, "errors": [], "total": str(len(tools)), "tool": tools[start:start + limit]}
 
     return await answer(request, handler)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_server import RESULTS_DIR, RUN, Connection, machine, serve_env, summary
-from server.harness import ServeProcess
+from benchmarks.harness import ServeProcess
 from server.store.models import TERMINAL
 from tests.images import ImageServer
 

@@ -56,7 +56,8 @@ from PIL import Image
 
 from benchmarks.bench_attention import measure as measure_attention
 from benchmarks.flops import step_flops
-from benchmarks.timing import peak_gib, reset_peak, synchronize, timed
+from benchmarks.memory import peak_gib, reset_peak
+from benchmarks.timing import synchronize, timed
 from pipeline.acceleration import Applied, SpeedOptions, apply_compile, apply_float8, choose_attention
 from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.fast import FAST
@@ -141,7 +142,7 @@ def _run_steps(gen: VideoGenerator, params: GenerationParams, image: Image.Image
         synchronize(gen.device)
         stamps.append(time.perf_counter())
 
-    reset_peak(gen.device)
+    reset_peak(gen.device, release_cache=True)
     synchronize(gen.device)
     started = time.perf_counter()
     video = gen.generate(params, image, progress=progress)
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     def build() -> dict[str, Any]:
         from pipeline.random_weights import parameter_counts
 
-        reset_peak(device)
+        reset_peak(device, release_cache=True)
         started = time.perf_counter()
         gen = VideoGenerator(GeneratorOptions(get_preset("tiny" if small else args.model), tmp / "weights",
                                               device=device.type, random_weights=not small,

@@ -36,17 +36,21 @@ ROUTES = ["/v1/Task/Detail", "/v1/Task/Kill", "/v1/Task/Cancel", "/v1/Task/List"
           "/v1/File/Upload", "/v1/Task/InputOutputDelete", "/v1/Tool/List", "/v1/Tool/Explore", RUN]
 
 
-def limited_client(tmp_path: Path, **overrides) -> Iterator[TestClient]:
+def limited_settings(tmp_path: Path, **overrides):
     keys = f"{KEY}:{SECRET},{OTHER_KEY}:{OTHER_SECRET}"
-    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", api_keys=keys, allow_private_urls=True,
-                             **overrides)
-    with TestClient(build_app(settings)) as client:
-        yield client
+    return make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", api_keys=keys, allow_private_urls=True,
+                         **overrides)
 
 
 @pytest.fixture
-def client(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TestClient]:
-    yield from limited_client(tmp_path, **getattr(request, "param", {}))
+def settings(tmp_path: Path, request: pytest.FixtureRequest):
+    return limited_settings(tmp_path, **getattr(request, "param", {}))
+
+
+@pytest.fixture
+def client(settings) -> Iterator[TestClient]:
+    with TestClient(build_app(settings)) as client:
+        yield client
 
 
 def task_count(client: TestClient) -> int:
@@ -60,7 +64,7 @@ def retry_seconds(message: str) -> int:
 # --- rate limit ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("client", [{"rate_limit_per_minute": 3}], indirect=True)
+@pytest.mark.parametrize("settings", [{"rate_limit_per_minute": 3}], indirect=True)
 def test_over_the_rate_limit_a_key_gets_code_96_saying_the_limit_and_when_to_retry(client: TestClient):
     api = Api(client)
     for _ in range(3):
@@ -73,7 +77,7 @@ def test_over_the_rate_limit_a_key_gets_code_96_saying_the_limit_and_when_to_ret
     assert other.json()["result"] is True, "each key has its own limit"
 
 
-@pytest.mark.parametrize("client", [{"rate_limit_per_minute": 1}], indirect=True)
+@pytest.mark.parametrize("settings", [{"rate_limit_per_minute": 1}], indirect=True)
 def test_the_rate_limit_covers_every_api_route_and_comes_after_authentication(client: TestClient):
     api = Api(client)
     assert api.json("/v1/Task/List", {}).json()["result"] is True
@@ -152,7 +156,7 @@ def test_rate_limiter_from_settings_is_off_at_zero():
 # --- queue and body size -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("client", [{"max_queue_length": 1}], indirect=True)
+@pytest.mark.parametrize("settings", [{"max_queue_length": 1}], indirect=True)
 def test_a_full_queue_answers_code_96_and_creates_nothing(client: TestClient):
     api = Api(client)
     first = api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL}).json()
@@ -163,7 +167,7 @@ def test_a_full_queue_answers_code_96_and_creates_nothing(client: TestClient):
     assert api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL}).json()["result"] is True, "room again"
 
 
-@pytest.mark.parametrize("client", [{"max_body_bytes": 1024}], indirect=True)
+@pytest.mark.parametrize("settings", [{"max_body_bytes": 1024}], indirect=True)
 def test_an_oversized_body_is_refused_with_or_without_content_length(client: TestClient):
     api = Api(client)
     big = {"inputImageUrl": IMAGE_URL, **SMALL, "prompt": "x" * 2000}
@@ -184,7 +188,7 @@ def test_an_oversized_body_is_refused_with_or_without_content_length(client: Tes
 # --- work cap ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("client", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
+@pytest.mark.parametrize("settings", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
 def test_explicit_size_over_the_work_cap_is_refused_at_run(client: TestClient):
     api = Api(client)
     message = assert_error(api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL, "steps": "3"}), 0,
@@ -194,18 +198,19 @@ def test_explicit_size_over_the_work_cap_is_refused_at_run(client: TestClient):
     assert api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL}).json()["result"] is True, "at the cap"
 
 
-@pytest.mark.parametrize("client", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
-def test_a_size_from_the_image_over_the_work_cap_fails_the_task_in_the_worker(client: TestClient, tiny_generator):
+@pytest.mark.parametrize("settings", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
+def test_a_size_from_the_image_over_the_work_cap_fails_the_task_in_the_worker(client: TestClient, settings,
+                                                                              tiny_generator):
     api = Api(client)
     body = {**SMALL, "width": "0", "height": "0"}
     run = api.multipart(RUN, body, {"inputImage": ("in.png", png_bytes(40, 40), "image/png")}).json()
     assert run["result"] is True, "the size is not known before the image is read"
-    assert run_worker_once(client, tiny_generator)
+    assert run_worker_once(client, settings, tiny_generator)
     task = api.detail(taskid=run["taskid"])["tasklist"][0]
     assert task["status"] == "task_postprocess_end" and task["pexit"] != "0" and task["outputs"] == []
     assert re.search(r"x width x height x steps is 9 x (\d+) x (\d+) x 2 = \d+, more than the limit of "
                      r"18432", task["debugerror"]), task["debugerror"]
     assert "derived from the input image" in task["debugerror"]
     explicit = api.multipart(RUN, SMALL, {"inputImage": ("in.png", png_bytes(40, 40), "image/png")}).json()
-    assert run_worker_once(client, tiny_generator)
+    assert run_worker_once(client, settings, tiny_generator)
     assert api.detail(taskid=explicit["taskid"])["tasklist"][0]["pexit"] == "0", "32x32 asked: at the cap"

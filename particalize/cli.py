@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from particalize.settings import Settings
+from pipeline.fast import MODES
 from pipeline.inputs import ToolInput, tool_inputs
 
-TOOL_INPUTS: list[ToolInput] = [spec for spec in tool_inputs() if not spec.advanced]
+TOOL_FLAGS: list[ToolInput] = [spec for spec in tool_inputs() if not spec.advanced]
 """Every input of the hosted tool is a flag (`mode`, an advanced input, is `--mode`: the run's default mode)."""
 _METAVAR = {"number": "N", "float": "X", "textarea": "TEXT", "select": "CHOICE"}
 
@@ -27,7 +28,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=None,
                    help="refuse a LoRA with keys that change nothing (default); --no-lora-strict loads the rest")
     p.add_argument("--speed-lora", metavar="PATH[:STRENGTH]", help="step-distilled LoRA for fast mode")
-    p.add_argument("--mode", choices=["normal", "fast"], help="default mode (fast needs --speed-lora)")
+    p.add_argument("--mode", choices=MODES, help="default mode (fast needs --speed-lora)")
     p.add_argument("--random-weights", action="store_const", const=True, default=None,
                    help="build the real-size model with random weights (no download): videos are NOISE; "
                    "for measuring speed and memory")
@@ -38,14 +39,14 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 def _tool_flags(p: argparse.ArgumentParser) -> None:
     """One flag per tool input, read from the parameter model. Values stay text: parse_params checks them as it
     checks a request's, with the same messages."""
-    for spec in TOOL_INPUTS:
+    for spec in TOOL_FLAGS:
         default = f" (default: {spec.default})" if spec.default else ""
         p.add_argument(spec.flag, dest=spec.name, metavar=_METAVAR[spec.kind], help=f"{spec.help}{default}")
 
 
 def _tool_values(args: argparse.Namespace) -> dict[str, str]:
     """The tool flags given, under their GenerationParams names."""
-    return {spec.name: getattr(args, spec.name) for spec in TOOL_INPUTS if getattr(args, spec.name) is not None}
+    return {spec.name: getattr(args, spec.name) for spec in TOOL_FLAGS if getattr(args, spec.name) is not None}
 
 
 def _settings(args: argparse.Namespace) -> Settings:

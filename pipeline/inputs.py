@@ -13,6 +13,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
+from pydantic.fields import FieldInfo
+
 from pipeline.fast import NORMAL, FastMode
 from pipeline.params import GenerationParams, Limits
 
@@ -91,37 +93,40 @@ def _context(limits: Limits, fast: FastMode, default_mode: str) -> dict[str, Any
             "fast_flow_shift": fast.flow_shift, "fast_forwards": forwards, "default_mode": default_mode}
 
 
+def _resolved(value: Any, context: dict[str, Any]) -> Any:
+    """A value, or the `Limits` attribute (or fast-mode value) a text names."""
+    return context[value] if isinstance(value, str) else value
+
+
+def _tool_input(name: str, field: FieldInfo, context: dict[str, Any]) -> ToolInput:
+    extra = _extra(name)
+    kind, choices = _kind(field.annotation)
+    numeric = kind in ("number", "float")
+    if "default" in extra:
+        default = extra["default"].format(**context)
+    else:
+        default = "" if field.default is None else str(field.default)
+    return ToolInput(
+        name=name,
+        id=field.alias or name,
+        kind=kind,
+        label=field.title or name,
+        help=(field.description or "").format(**context),
+        default=default,
+        low=_plain(extra.get("min", _bound(field.metadata, "ge", "gt"))) if numeric else None,
+        high=_plain(_resolved(extra["max"], context) if "max" in extra else _bound(field.metadata, "le"))
+        if numeric else None,
+        step=_resolved(extra.get("step", 1 if kind == "number" else FLOAT_STEP), context) if numeric else None,
+        max_length=_bound(field.metadata, "max_length") if kind == "textarea" else None,
+        note=extra["note"].format(**context) if "note" in extra else None,
+        choices=choices,
+        advanced=bool(extra.get("advanced")),
+    )
+
+
 def tool_inputs(limits: Limits | None = None, fast: FastMode | None = None,
                 default_mode: str = NORMAL) -> list[ToolInput]:
     """Every input this server offers (an advanced one only when the `Limits` flag it needs is set), in order."""
     context = _context(limits or Limits(), fast or FastMode(), default_mode)
-    found = []
-    for name, field in GenerationParams.model_fields.items():
-        extra = _extra(name)
-        if extra.get("needs") and not context[extra["needs"]]:
-            continue
-        kind, choices = _kind(field.annotation)
-
-        def resolved(value: Any, context: dict[str, Any] = context) -> Any:
-            return context[value] if isinstance(value, str) else value
-
-        numeric = kind in ("number", "float")
-        default = extra["default"].format(**context) if "default" in extra else (
-            "" if field.default is None else str(field.default))
-        found.append(ToolInput(
-            name=name,
-            id=field.alias or name,
-            kind=kind,
-            label=field.title or name,
-            help=(field.description or "").format(**context),
-            default=default,
-            low=_plain(extra.get("min", _bound(field.metadata, "ge", "gt"))) if numeric else None,
-            high=_plain(resolved(extra["max"]) if "max" in extra else _bound(field.metadata, "le")) if numeric
-            else None,
-            step=resolved(extra.get("step", 1 if kind == "number" else FLOAT_STEP)) if numeric else None,
-            max_length=_bound(field.metadata, "max_length") if kind == "textarea" else None,
-            note=extra["note"].format(**context) if "note" in extra else None,
-            choices=choices,
-            advanced=bool(extra.get("advanced")),
-        ))
-    return found
+    return [_tool_input(name, field, context) for name, field in GenerationParams.model_fields.items()
+            if context.get(_extra(name).get("needs"), True)]  # no `needs`: always offered

@@ -135,13 +135,15 @@ class Settings(BaseSettings):
         False, description="Allow binding a non-loopback host with no API keys configured."
     )
     nonce_window_seconds: int = Field(
-        3600, ge=1, description="A timestamp x-nonce further than this from the server's clock is refused. Generous, "
-        "as the seed's sample signs once and reuses its NONCE while a video runs; a captured signed request can "
-        "be replayed within it (see replay_protection)."
+        3600, ge=1, description="With nonce_unit seconds, milliseconds or auto: a timestamp x-nonce further than "
+        "this from the server's clock is refused (generous, as the seed's sample signs once and reuses its NONCE "
+        "while a video runs). Also how long strict replay protection remembers a request."
     )
     nonce_unit: Literal["auto", "seconds", "milliseconds", "any"] = Field(
-        "auto", description="How x-nonce is read as a time: auto (seconds, or ms from 10**11 on), seconds, "
-        "milliseconds, or any (any integer, no freshness check)."
+        "any", description="any (default): any decimal integer x-nonce with a right signature is accepted, as Wiro "
+        "documents ('unix time or any random integer value'). Opt-in hardening: seconds, milliseconds or auto "
+        "(seconds, or ms from 10**11 on) read it as unix time and refuse one outside nonce_window_seconds; this "
+        "refuses clients that send random integers or reuse a nonce for longer than the window."
     )
     replay_protection: bool = Field(
         False,

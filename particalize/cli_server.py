@@ -152,13 +152,12 @@ by accident (a 1280x720, 81-frame, 50-step request runs ~165 s per step on a CPU
 
 
 def tiny_limits(settings: Any) -> tuple[Any, str | None]:
-    """For the tiny preset: TINY_LIMITS in place of the limits left at their defaults (a limit set in the
-    environment or by a flag is kept), and the line `serve` prints about it."""
+    """For the tiny preset: TINY_LIMITS in place of the limits the operator did not set (one set in the environment
+    or by a flag is kept, whatever its value, even the default), and the line `serve` prints about it."""
     if settings.model != "tiny":
         return settings, None
-    fields = type(settings).model_fields
     tighter = {name: value for name, value in TINY_LIMITS.items()
-               if getattr(settings, name) == fields[name].default and value < getattr(settings, name)}
+               if name not in settings.model_fields_set and value < getattr(settings, name)}
     if not tighter:
         return settings, None
     settings = settings.with_overrides(**tighter)

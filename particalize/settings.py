@@ -248,6 +248,10 @@ class Settings(BaseSettings):
         return self.data_dir / "outputs"
 
     def with_overrides(self, **overrides: object) -> Settings:
-        """CLI flags win over the environment; None means 'flag not given'."""
+        """CLI flags win over the environment; None means 'flag not given'. What was set (in the environment, by
+        a flag) stays marked as set in `model_fields_set`, so a setting equal to its default still counts as the
+        operator's choice (see cli_server.tiny_limits)."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        return self.model_validate({**self.model_dump(), **given})
+        updated = self.model_validate({**self.model_dump(), **given})
+        updated.__pydantic_fields_set__ = self.model_fields_set | set(given)
+        return updated

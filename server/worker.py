@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.errors import Interrupted, InvalidParameter
 from pipeline.images import decode_image
-from pipeline.params import GenerationParams, check_work, limits_from_settings, parse_params
+from pipeline.params import GenerationParams, limits_from_settings, parse_params, size_for_image
 from pipeline.video import write_mp4
 from server.errors import public_text
 from server.netguard import FetchError, UnsafeUrl, fetch_url
@@ -346,9 +346,8 @@ class Worker:
         image = self._load_image(task)
         try:
             params = parse_params(parameters, self.limits)
-            sized = bool(params.width and params.height)
+            params = size_for_image(params, image.size, self.limits)  # a size of 0 is only known now
             params = self.generator.resolve(params, image)
-            check_work(params, self.limits, derived=not sized)  # a size of 0 is only known now
         except InvalidParameter as exc:
             raise _Failed(str(exc)) from None
         used = {**parameters, "seed": str(params.seed), "width": str(params.width), "height": str(params.height)}

@@ -156,6 +156,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     fetch_timeout_seconds: float = Field(20.0, gt=0)
     max_queue_length: int = Field(1000, ge=1)
+    max_active_tasks_per_key: int = Field(
+        0, ge=0, description="Most tasks one API key may have between task_queue and a terminal status (0: no "
+        "limit); a Run over it gets error code 96, as on Wiro. Counted in the task store: it holds across API "
+        "replicas. Without API keys there is no key to count by."
+    )
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Requests one API key (with no keys: one client address) may make per minute to one "
         "API process (0: no limit); over it: error code 96. Counted per replica: N replicas allow N x this."

@@ -161,6 +161,67 @@ def test_a_full_queue_answers_code_96_and_creates_nothing(client: TestClient):
     assert api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL}).json()["result"] is True, "room again"
 
 
+# --- active tasks per key (Wiro's concurrency limit) --------------------------------------------------------
+
+
+def other_key() -> dict[str, str]:
+    return signed(OTHER_KEY, OTHER_SECRET)
+
+
+@pytest.mark.parametrize("client", [{"max_active_tasks_per_key": 2}], indirect=True)
+def test_a_key_at_its_active_task_limit_gets_code_96_saying_how_many_and_the_limit(client: TestClient):
+    api = Api(client)
+    body = {"inputImageUrl": IMAGE_URL, **SMALL}
+    first, second = (api.json(RUN, body).json() for _ in range(2))
+    assert first["result"] is True and second["result"] is True
+    refused = api.json(RUN, body)
+    assert refused.status_code == 200
+    assert refused.json() == {"result": False, "errors": [{"code": 96, "message": (
+        "Too many active tasks for this API key: 2 are queued or running and the limit is 2 per key on this "
+        "server. Wait for one to finish (or cancel or kill one), then try again.")}]}
+    assert task_count(client) == 2, "a refused Run creates nothing"
+    assert api.json(RUN, body, headers=other_key()).json()["result"] is True, "each key has its own limit"
+
+    assert api.json("/v1/Task/Cancel", {"taskid": first["taskid"]}).json()["result"] is True
+    third = api.json(RUN, body).json()
+    assert third["result"] is True, "a cancelled task is no longer active"
+    client.app.state.services.store.fail(int(second["taskid"]), "ended")
+    assert api.json(RUN, body).json()["result"] is True, "nor is one that ended"
+    assert_error(api.json(RUN, body), 96, contains="2 are queued or running and the limit is 2")
+
+
+def test_no_active_task_limit_by_default(client: TestClient):
+    assert client.app.state.services.settings.max_active_tasks_per_key == 0
+    api = Api(client)
+    assert all(api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL}).json()["result"] for _ in range(6))
+
+
+def test_concurrent_runs_of_one_key_never_exceed_its_active_limit(tmp_path: Path, db_url: str):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.store import Database, TaskStore, TooManyActive, upgrade
+
+    db = Database(db_url)
+    upgrade(db)
+    store = TaskStore(db, max_active_per_key=3)
+    start = threading.Barrier(12)
+
+    def create(_: int) -> bool:
+        start.wait()
+        try:
+            store.create(parameters={}, image_url=IMAGE_URL, owner="k1")
+        except TooManyActive:
+            return False
+        return True
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            assert sum(pool.map(create, range(12))) == 3
+        assert store.active_count("k1") == 3
+    finally:
+        db.dispose()
+
+
 @pytest.mark.parametrize("client", [{"max_body_bytes": 1024}], indirect=True)
 def test_an_oversized_body_is_refused_with_or_without_content_length(client: TestClient):
     api = Api(client)

@@ -227,16 +227,18 @@ def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
     from particalize.settings import Settings
     from server.shutdown import StopRequest, stop_on_signals
     from server.supervisor import PARENT_ENV, SETTINGS_ENV, die_with_parent
-    from server.worker import run_worker
+    from server.worker import run_worker, worker_id_for
+    from server.worker_reports import reporter_from_env
 
     parent = os.environ.pop(PARENT_ENV, None)
     if parent:
         die_with_parent(int(parent))
     given = os.environ.pop(SETTINGS_ENV, None)
     settings = Settings.model_validate_json(given) if given else settings_of(args)
+    report = reporter_from_env(worker_id_for(settings, args.slot))
     stop = StopRequest(settings.shutdown_grace_seconds)
     stop_on_signals(stop)
-    code = run_worker(settings, stop, slot=args.slot, parent_pid=int(parent) if parent else None)
+    code = run_worker(settings, stop, slot=args.slot, parent_pid=int(parent) if parent else None, report=report)
     exit_now(code)
 
 

@@ -80,6 +80,9 @@ class TooManyActive(Exception):
         self.active, self.limit = active, limit
 
 
+WAITING_NOTE = "Waiting in the queue:"
+"""How a queued task's debugoutput starts while every worker is paused (see TaskStore.note_waiting)."""
+
 _ACTIVE_LOCK_NAMESPACE = 7_301_244_191
 """With a hash of the API key, the PostgreSQL advisory lock that makes one key's Runs count and insert in turn."""
 
@@ -194,7 +197,7 @@ class TaskStore:
                 image_url=image_url,
                 upload_id=upload_id,
                 callbackurl=callback_url or "",
-                debugoutput="",
+                debugoutput=self._waiting_note(s, now),
                 debugerror="",
                 pexit="0",
                 totalcost=0.0,
@@ -563,6 +566,31 @@ class TaskStore:
                     .values(lease_expires_at=now + self.lease_seconds)
                     .execution_options(synchronize_session=False)
                 )
+
+    def _waiting_note(self, s: Session, now: float) -> str:
+        """Why a queued task waits when every live worker (its heartbeat within one lease) is paused, e.g. for disk
+        space; "" otherwise (some worker will take it, or none is alive to say)."""
+        alive = [w for w in s.scalars(select(Worker).order_by(Worker.id))
+                 if w.state not in ("stopped", "failed") and self.heartbeat_fresh(w, now)]
+        if not alive or any(w.state != "paused" for w in alive):
+            return ""
+        first = alive[0]
+        more = f" (and {len(alive) - 1} more)" if len(alive) > 1 else ""
+        return (f"{WAITING_NOTE} every worker is paused, so no task starts until one can go on. "
+                f"{first.id}{more}: {first.detail or 'paused'}")
+
+    def note_waiting(self) -> int:
+        """Bring queued tasks' debugoutput in line with the workers (a worker calls it when it pauses or goes on):
+        the waiting note on those that have nothing else to say, or the note taken off. Answers how many changed."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            note = self._waiting_note(s, now)
+            queued = Task.status == QUEUED
+            noted = Task.debugoutput.startswith(WAITING_NOTE)
+            stmt = update(Task).where(queued, or_(Task.debugoutput == "", noted)) if note \
+                else update(Task).where(queued, noted)
+            done = s.execute(stmt.values(debugoutput=note).execution_options(synchronize_session=False))
+            return done.rowcount or 0
 
     def workers(self) -> list[Worker]:
         with self.db.session() as s:

@@ -22,12 +22,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from server.callbacks import CallbackDispatcher
-from server.errors import ApiError, error_body
+from server.errors import ApiError, error_body, redact_paths
 from server.openapi import openapi_document
 from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
 from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER, ThrottledLog, describe, is_outage
+from server.worker_reports import WorkerReports
 
 log = logging.getLogger("particalize.server")
 
@@ -43,7 +44,8 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
         opened = services or await run_in_threadpool(Services.open, settings)
         app.state.services = opened
         callbacks = CallbackDispatcher(opened.store, opened.detail_body, settings).start()
-        workers = WorkerProcesses(settings, settings.workers).start() if settings.workers > 0 else None
+        workers = WorkerProcesses(settings, settings.workers, reports=app.state.worker_reports).start() \
+            if settings.workers > 0 else None
         try:
             yield
         finally:
@@ -56,6 +58,7 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: openapi_document(settings)  # type: ignore[method-assign]  # the routes read raw bodies
     app.state.rate_limiter = RateLimiter.from_settings(settings)
+    app.state.worker_reports = WorkerReports()  # what this process's workers say of themselves (/ready)
     outages = ThrottledLog(log)
     for module in (run, tasks, tool, files, live, metrics, playground, health):
         app.include_router(module.router)
@@ -69,7 +72,7 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
             workers = [
                 {"id": w.id, "state": w.state, "pid": str(w.pid), "model": w.model, "device": w.device,
                  "version": w.version, "taskid": "" if w.task_id is None else str(w.task_id),
-                 "detail": w.detail, "heartbeat": f"{w.heartbeat_at:.3f}"}
+                 "detail": redact_paths(w.detail), "heartbeat": f"{w.heartbeat_at:.3f}"}
                 for w in store.workers()
             ]
             return {"result": True, "errors": [], "queued": str(store.count("task_queue")), "workers": workers}

@@ -156,13 +156,12 @@ by accident (a 1280x720, 81-frame, 50-step request runs ~165 s per step on a CPU
 
 
 def tiny_limits(settings: Settings) -> tuple[Settings, str | None]:
-    """For the tiny preset: TINY_LIMITS in place of the limits left at their defaults (a limit set in the
-    environment or by a flag is kept), and the line `serve` prints about it."""
+    """For the tiny preset: TINY_LIMITS in place of the limits the operator did not set (one set in the environment
+    or by a flag is kept, whatever its value, even the default), and the line `serve` prints about it."""
     if settings.model != "tiny":
         return settings, None
-    fields = type(settings).model_fields
     tighter = {name: value for name, value in TINY_LIMITS.items()
-               if getattr(settings, name) == fields[name].default and value < getattr(settings, name)}
+               if name not in settings.model_fields_set and value < getattr(settings, name)}
     if not tighter:
         return settings, None
     settings = settings.with_overrides(**tighter)
@@ -231,16 +230,18 @@ def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
     shutdown_grace_seconds (else puts it back in the queue) and exits 0; a second signal ends the wait."""
     from server.shutdown import StopRequest, stop_on_signals
     from server.supervisor import PARENT_ENV, SETTINGS_ENV, die_with_parent
-    from server.worker import run_worker
+    from server.worker import run_worker, worker_id_for
+    from server.worker_reports import reporter_from_env
 
     parent = os.environ.pop(PARENT_ENV, None)
     if parent:
         die_with_parent(int(parent))
     given = os.environ.pop(SETTINGS_ENV, None)
     settings = Settings.model_validate_json(given) if given else settings_of(args)
+    report = reporter_from_env(worker_id_for(settings, args.slot))
     stop = StopRequest(settings.shutdown_grace_seconds)
     stop_on_signals(stop)
-    code = run_worker(settings, stop, slot=args.slot, parent_pid=int(parent) if parent else None)
+    code = run_worker(settings, stop, slot=args.slot, parent_pid=int(parent) if parent else None, report=report)
     exit_now(code)
 
 

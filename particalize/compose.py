@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from particalize.settings import Settings
 from pipeline.fast import FastMode
-from pipeline.params import Limits
+from pipeline.params import Limits, model_max_area
 from weights.locate import LoraSources
 from weights.lora_sources import parse_lora_list, parse_lora_source
 
@@ -29,6 +29,7 @@ def limits(settings: Settings) -> Limits:
         max_side=settings.max_side,
         max_pixels=settings.max_pixels,
         max_work=settings.max_work,
+        max_area=model_max_area(settings.model, settings.model_max_area),
         fast_mode=bool(settings.speed_lora),
     )
 

@@ -22,6 +22,7 @@ from server.tool_info import ToolOptions
 
 if TYPE_CHECKING:
     from server.supervisor import WorkerProcesses
+    from server.worker_reports import WorkerReports
 
 
 def public_base_url(settings: Settings) -> str:
@@ -98,10 +99,10 @@ def build_app(settings: Settings, *, services: Services | None = None) -> FastAP
     open (the caller closes them), instead of opening the settings' at start."""
     options = server_options(settings)
 
-    def start_workers() -> WorkerProcesses:
+    def start_workers(reports: WorkerReports) -> WorkerProcesses:
         from server.supervisor import WorkerProcesses
 
-        return WorkerProcesses(settings, settings.workers).start()
+        return WorkerProcesses(settings, settings.workers, reports=reports).start()
 
     return create_app(
         options,

@@ -22,13 +22,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from server.callbacks import CallbackDispatcher
-from server.errors import ApiError, error_body
+from server.errors import ApiError, error_body, redact_paths
 from server.openapi import openapi_document
 from server.options import ServerOptions
 from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
 from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER, ThrottledLog, describe, is_outage
+from server.worker_reports import WorkerReports
 
 log = logging.getLogger("particalize.server")
 
@@ -42,18 +43,18 @@ def create_app(
     open_services: Callable[[], Services],
     *,
     close_services: bool = True,
-    start_workers: Callable[[], Workers] | None = None,
+    start_workers: Callable[[WorkerReports], Workers] | None = None,
 ) -> FastAPI:
     """The app for `options`. Its lifespan opens the services (the store migrated), starts the callback sender and
-    the workers (`start_workers`: worker processes, for a server that runs its own), and stops them on shutdown;
-    it closes the services too unless told they are the caller's."""
+    the workers (`start_workers`: worker processes reporting to the given WorkerReports, for a server that runs its
+    own), and stops them on shutdown; it closes the services too unless told they are the caller's."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         opened = await run_in_threadpool(open_services)
         app.state.services = opened
         callbacks = CallbackDispatcher(opened.store, opened.detail_body, options.callbacks).start()
-        workers = await run_in_threadpool(start_workers) if start_workers is not None else None
+        workers = None if start_workers is None else await run_in_threadpool(start_workers, app.state.worker_reports)
         try:
             yield
         finally:
@@ -66,6 +67,7 @@ def create_app(
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: openapi_document(options)  # type: ignore[method-assign]  # the routes read raw bodies
     app.state.rate_limiter = RateLimiter.per_minute(options.rate_limit_per_minute)
+    app.state.worker_reports = WorkerReports()  # what this process's workers say of themselves (/ready)
     outages = ThrottledLog(log)
     for module in (run, tasks, tool, files, live, metrics, playground, health):
         app.include_router(module.router)
@@ -79,7 +81,7 @@ def create_app(
             workers = [
                 {"id": w.id, "state": w.state, "pid": str(w.pid), "model": w.model, "device": w.device,
                  "version": w.version, "taskid": "" if w.task_id is None else str(w.task_id),
-                 "detail": w.detail, "heartbeat": f"{w.heartbeat_at:.3f}"}
+                 "detail": redact_paths(w.detail), "heartbeat": f"{w.heartbeat_at:.3f}"}
                 for w in store.workers()
             ]
             return {"result": True, "errors": [], "queued": str(store.count("task_queue")), "workers": workers}

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from server.worker import EXIT_LOAD_FAILED
+from server.worker_reports import REPORT_FD_ENV, WorkerReports
 
 log = logging.getLogger("particalize.supervisor")
 
@@ -49,8 +50,11 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 class WorkerProcesses:
-    def __init__(self, settings: Any, count: int, *, restart_delay: float = 2.0, max_restarts: int = 5) -> None:
+    def __init__(self, settings: Any, count: int, *, restart_delay: float = 2.0, max_restarts: int = 5,
+                 reports: WorkerReports | None = None) -> None:
         self.settings = settings
+        self.reports = reports or WorkerReports()
+        """What each child says about itself over its report pipe (/ready reads it)."""
         self.count = count
         self.restart_delay = restart_delay
         self.max_restarts = max_restarts
@@ -81,10 +85,20 @@ class WorkerProcesses:
 
     def _spawn(self, slot: int) -> None:
         # Spawned from the supervisor thread, which lives as long as the children (PDEATHSIG is per thread).
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "particalize.cli", "worker", "--slot", str(slot)],
-            env=self._env(slot), stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+        read_fd, write_fd = os.pipe()  # the child's reports (server/worker_reports.py)
+        env = {**self._env(slot), REPORT_FD_ENV: str(write_fd)}
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "particalize.cli", "worker", "--slot", str(slot)],
+                env=env, stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(write_fd,),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        threading.Thread(target=self.reports.read_pipe, args=(read_fd,), name=f"worker-{slot}-reports",
+                         daemon=True).start()
         self.processes[slot] = proc
         log.info("worker slot %d started (pid %d)", slot, proc.pid)
 

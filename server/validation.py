@@ -1,8 +1,9 @@
 """A Run request's fields checked before anything is stored: tool inputs, start image, callbackUrl.
 
 A bad request is refused here with the field it is about (code 0) and creates nothing. An uploaded
-image is decoded now (fail fast); an image URL is checked now (scheme, public address) and fetched by
-the worker at task_preprocess_start.
+image (sent with the Run or earlier to File/Upload) is decoded now (fail fast), and a width/height left to it
+(0) is resolved now and held to every size limit; an image URL is checked now (scheme, public address) and
+fetched by the worker at task_preprocess_start, which then does the same for its size.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from pipeline.errors import InvalidParameter
-from pipeline.images import decode_image
-from pipeline.params import GenerationParams, parse_params
+from pipeline.images import decode_image, image_size
+from pipeline.params import GenerationParams, Limits, parse_params, size_for_image
 from server.bodies import RequestFields, UploadedFile
 from server.errors import ApiError
 from server.netguard import PrivateAddress, UnresolvableHost, UnsafeUrl, check_url
@@ -32,7 +33,8 @@ class RunRequest:
     params: GenerationParams
     parameters: dict[str, str]
     """Recorded with the task (every value a string): the tool inputs as sent, plus the default of each one not
-    sent and the seed chosen now; width/height 0 are resolved by the worker once it has read the image."""
+    sent and the seed chosen now; width/height 0 are recorded as used by the worker once it has read the image
+    (an image sent or uploaded is already checked here with the size it implies)."""
     image_url: str
     upload_id: str | None
     """Set when the image is in the store: sent with this request (`new_upload`) or via File/Upload."""
@@ -49,8 +51,9 @@ def _as_text(name: str, value: Any) -> str:
 def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: TaskStore) -> RunRequest:
     values = {k: v for k, v in fields.values.items() if k in TOOL_INPUTS or k == "callbackUrl"}
     parameters = {k: _as_text(k, v) for k, v in values.items() if k in TOOL_INPUTS}
+    limits = settings.params
     try:
-        params = parse_params(values, settings.params).with_seed()
+        params = parse_params(values, limits).with_seed()
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
     for name, value in params.wiro_inputs().items():  # what will run: defaults and the seed are recorded too
@@ -58,12 +61,14 @@ def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: Tas
             parameters[name] = str(value)
 
     upload = fields.files.get(IMAGE_FIELD) or fields.files.get(IMAGE_URL_FIELD)
+    image_data: bytes | None = None  # the image, when it is here already (else the worker fetches it)
     if upload is not None:
         new_upload = check_upload(upload, settings, IMAGE_FIELD)
         image_url = storage.upload_url(new_upload.id, new_upload.name)
         parameters.pop(IMAGE_URL_FIELD, None)
         parameters[IMAGE_FIELD] = image_url
         upload_id: str | None = new_upload.id
+        image_data = new_upload.data
     else:
         new_upload = None
         field = IMAGE_URL_FIELD if parameters.get(IMAGE_URL_FIELD, "").strip() else IMAGE_FIELD
@@ -75,15 +80,31 @@ def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: Tas
             )
         upload_id = storage.upload_id_from_url(image_url)
         if upload_id is not None:
-            if store.get_upload(upload_id) is None:
+            stored = store.get_upload(upload_id)
+            if stored is None:
                 raise ApiError(f"Request parameter [{field}] names an upload that does not exist: {image_url}")
+            image_data = stored.data
         else:
             check_public_url(field, image_url, settings)
+    if image_data is not None:
+        check_size_for_image(params, image_data, limits)
 
     callback_url = _as_text("callbackUrl", values.get("callbackUrl")).strip()
     if callback_url:
         check_public_url("callbackUrl", callback_url, settings)
     return RunRequest(params, parameters, image_url, upload_id, new_upload, callback_url)
+
+
+def check_size_for_image(params: GenerationParams, image_data: bytes, limits: Limits) -> None:
+    """A width/height left to the image (0) resolved now that the image is here, and refused (code 0) when the size
+    it implies breaks a limit. What is recorded stays as sent: the worker resolves it again, the same way."""
+    size = image_size(image_data)
+    if size is None:  # unreadable here: the worker decodes it and says why
+        return
+    try:
+        size_for_image(params, size, limits)
+    except InvalidParameter as exc:
+        raise ApiError(str(exc)) from None
 
 
 def check_public_url(field: str, url: str, settings: Any) -> None:

@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.errors import Interrupted, InvalidParameter
 from pipeline.images import decode_image
-from pipeline.params import GenerationParams, check_work, parse_params
+from pipeline.params import GenerationParams, parse_params, size_for_image
 from pipeline.video import write_mp4
 from server.errors import public_text
 from server.netguard import FetchError, UnsafeUrl, fetch_url
@@ -59,6 +59,7 @@ from server.store.models import (
 )
 from server.store.outage import StoreHealth, is_outage
 from server.store.tasks import parameters_of
+from server.worker_reports import Report
 
 log = logging.getLogger("particalize.worker")
 
@@ -120,6 +121,7 @@ class Worker:
         *,
         worker_id: str,
         fetch: Callable[..., tuple[bytes, str]] = fetch_url,
+        report: Report | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -139,6 +141,12 @@ class Worker:
         """Set once the running task's last denoising step is done (its video is then finished, not requeued)."""
         self._state_lock = threading.Lock()  # the heartbeat's "stopping" mark never lands after the task's end
         self.paused_for: str | None = None
+        self.report: Report = report or (lambda state, detail: None)
+        """Tells the serve process that started this worker when it pauses and goes on (server/worker_reports.py),
+        which /ready believes also when the store cannot be written."""
+        self._state_unwritten = False
+        """The store has not taken the last pause or resume yet (it could not be written): retried, quietly."""
+        self._next_state_try = 0.0
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -162,7 +170,9 @@ class Worker:
                 if time.monotonic() >= max(next_sweep, self.health.back_at + self.store.lease_seconds):
                     self.health.call(lambda: self.recover(own=False))
                     next_sweep = time.monotonic() + sweep_every
-                worked = self.health.call(self.run_once)
+                # Paused, the worker touches the store only to record that (which may fail quietly): that is no
+                # news of the store's health, so it is not counted as such.
+                worked = False if self._paused() else self.health.call(self._claim_and_process)
             except SQLAlchemyError as exc:
                 if not is_outage(exc):
                     log.exception("database error in the worker loop; retrying in 1 s")
@@ -183,6 +193,9 @@ class Worker:
         """Claim and do one task; False when the queue is empty or the disks are below their floor."""
         if self._paused():
             return False
+        return self._claim_and_process()
+
+    def _claim_and_process(self) -> bool:
         task = self.store.claim_next(self.worker_id)
         if task is None:
             return False
@@ -210,19 +223,40 @@ class Worker:
         return problem or self.storage.space_problem(needed)
 
     def _paused(self) -> bool:
-        """Under the disk floor the worker claims nothing (state "paused", the reason in its detail, which
-        /ready shows), and resumes by itself once there is room; one log line each way."""
+        """Under the disk floor the worker claims nothing (state "paused", the reason in its detail, which /ready
+        shows), and resumes by itself once there is room: one log line each way, and one report to the serve
+        process, whether or not the store can take the new state now (SQLite on that very disk may not)."""
         problem = self.resources_problem()
-        if problem != self.paused_for:
+        if (problem is None) != (self.paused_for is None):  # a change of state, not of the free bytes it names
+            self.paused_for = problem
             if problem:
                 log.warning("worker %s claims no task: %s", self.worker_id, problem)
-                self.store.worker_state(self.worker_id, "paused", detail=problem)
             else:
                 log.warning("worker %s has room to write outputs again; claiming tasks", self.worker_id)
-                self.store.worker_state(self.worker_id, "stopping" if self.stop_event.is_set() else "ready",
-                                        detail="")
-            self.paused_for = problem
+            self.report(*self._pause_state())
+            self._state_unwritten, self._next_state_try = True, 0.0
+        if self._state_unwritten and time.monotonic() >= self._next_state_try:
+            self._write_pause_state()
         return problem is not None
+
+    def _pause_state(self) -> tuple[str, str]:
+        if self.paused_for:
+            return "paused", self.paused_for
+        return ("stopping" if self.stop_event.is_set() else "ready"), ""
+
+    def _write_pause_state(self) -> None:
+        """Record the pause (or its end) and what it means for the queued tasks' debugoutput; while the store cannot
+        be written, try again once a second (its outage is logged once, by self.health)."""
+        state, detail = self._pause_state()
+        try:
+            self.health.call(lambda: self.store.worker_state(self.worker_id, state, detail=detail))
+            self.health.call(self.store.note_waiting)
+        except SQLAlchemyError as exc:
+            if not is_outage(exc):
+                raise
+            self._next_state_try = time.monotonic() + 1.0
+            return
+        self._state_unwritten = False
 
     def _heartbeat_loop(self) -> None:
         """Until the loop has ended (not just been asked to stop: a task finishing in its grace period keeps
@@ -348,9 +382,8 @@ class Worker:
         image = self._load_image(task)
         try:
             params = parse_params(parameters, self.limits)
-            sized = bool(params.width and params.height)
+            params = size_for_image(params, image.size, self.limits)  # a size of 0 is only known now
             params = self.generator.resolve(params, image)
-            check_work(params, self.limits, derived=not sized)  # a size of 0 is only known now
         except InvalidParameter as exc:
             raise _Failed(str(exc)) from None
         used = {**parameters, "seed": str(params.seed), "width": str(params.width), "height": str(params.height)}
@@ -502,9 +535,11 @@ def run_worker(
     slot: int = 0,
     generator: Generator | None = None,
     parent_pid: int | None = None,
+    report: Report | None = None,
 ) -> int:
     """Load the model once, then serve tasks until `stop_event` (a server.shutdown.StopRequest gives the
-    running task its grace period; a plain Event stops it at once). Returns the process exit code."""
+    running task its grace period; a plain Event stops it at once). `report`: the pipe to the serve process that
+    started this worker, if one did. Returns the process exit code."""
     from particalize import __version__
     from particalize.compose import make_generator
     from particalize.compose_server import open_storage
@@ -539,7 +574,7 @@ def run_worker(
                                           device=str(generator.device), state="stopping" if stop_event.is_set()
                                           else "ready", detail=loaded, version=__version__))
     log.info("worker %s ready: model %s on %s", worker_id, settings.model, generator.device)
-    worker = Worker(store, open_storage(settings), generator, settings, worker_id=worker_id)
+    worker = Worker(store, open_storage(settings), generator, settings, worker_id=worker_id, report=report)
     try:
         worker.run(stop_event, parent_pid=parent_pid)
     finally:

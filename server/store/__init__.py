@@ -10,6 +10,7 @@ from server.store.tasks import (
     TaskKilled,
     TaskLost,
     TaskStore,
+    TooManyActive,
     new_id,
     new_token,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "TaskKilled",
     "TaskLost",
     "TaskStore",
+    "TooManyActive",
     "new_id",
     "new_token",
     "upgrade",

@@ -41,6 +41,8 @@ LIFECYCLE = (
 RUNNING = LIFECYCLE[1:-1]
 """Owned by a worker: from accept up to (not including) the end of post-processing."""
 TERMINAL = (POSTPROCESS_END, CANCEL)
+ACTIVE = (QUEUED, *RUNNING)
+"""Between task_queue and a terminal status: what PARTICALIZE_MAX_ACTIVE_TASKS_PER_KEY counts."""
 
 STAMPS = {
     ACCEPT: "accepttime",
@@ -70,6 +72,7 @@ class Task(Base):
     __table_args__ = (
         Index("ix_tasks_status_id", "status", "id"),
         Index("ix_tasks_owner_id", "owner", "id"),
+        Index("ix_tasks_owner_status", "owner", "status"),
         {"sqlite_autoincrement": True},
     )
 

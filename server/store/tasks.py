@@ -8,6 +8,7 @@ worker died (its lease ran out, or its worker restarted under the same id) is re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import string
@@ -17,13 +18,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, false, func, or_, select, update
+from sqlalchemy import bindparam, delete, false, func, or_, select, text, update
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from server.store.db import Database
 from server.store.models import (
     ACCEPT,
+    ACTIVE,
     CANCEL,
     POSTPROCESS_END,
     QUEUED,
@@ -41,6 +43,8 @@ _TOKEN_ALPHABET = string.ascii_letters + string.digits
 _TASKS, _OUTPUTS = Task.__table__, Output.__table__
 _TASK_BY_ID = select(_TASKS).where(_TASKS.c.id == bindparam("id"))
 _TASK_BY_TOKEN = select(_TASKS).where(_TASKS.c.socketaccesstoken == bindparam("token"))
+_ACTIVE_OF_OWNER = select(func.count()).select_from(_TASKS).where(
+    _TASKS.c.owner == bindparam("owner"), _TASKS.c.status.in_(ACTIVE))
 _OUTPUTS_OF_TASK = select(_OUTPUTS).where(_OUTPUTS.c.task_id == bindparam("task_id")).order_by(_OUTPUTS.c.name)
 
 
@@ -63,6 +67,30 @@ class TaskKilled(TaskLost):
 
 class QueueFull(Exception):
     pass
+
+
+class TooManyActive(Exception):
+    """The API key already has its most tasks between task_queue and a terminal status."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(
+            f"Too many active tasks for this API key: {active} are queued or running and the limit is {limit} per "
+            "key on this server. Wait for one to finish (or cancel or kill one), then try again."
+        )
+        self.active, self.limit = active, limit
+
+
+WAITING_NOTE = "Waiting in the queue:"
+"""How a queued task's debugoutput starts while every worker is paused (see TaskStore.note_waiting)."""
+
+_ACTIVE_LOCK_NAMESPACE = 7_301_244_191
+"""With a hash of the API key, the PostgreSQL advisory lock that makes one key's Runs count and insert in turn."""
+
+
+def _key_lock(owner: str) -> int:
+    """A 63-bit lock id for one API key (two keys sharing one only wait for each other)."""
+    digest = hashlib.sha256(f"{_ACTIVE_LOCK_NAMESPACE}:{owner}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -107,6 +135,7 @@ class TaskStore:
         lease_seconds: float = 60.0,
         requeue_limit: int = 1,
         max_queue_length: int = 1000,
+        max_active_per_key: int = 0,
         callback_attempts: int = 5,
         callback_backoff_seconds: float = 1.0,
         clock: Callable[[], float] = time.time,
@@ -115,6 +144,8 @@ class TaskStore:
         self.lease_seconds = lease_seconds
         self.requeue_limit = requeue_limit
         self.max_queue_length = max_queue_length
+        self.max_active_per_key = max_active_per_key
+        """Most tasks one API key may have between task_queue and a terminal status (0: no limit)."""
         self.callback_attempts = callback_attempts
         self.callback_backoff_seconds = callback_backoff_seconds
         self.clock = clock
@@ -126,6 +157,7 @@ class TaskStore:
             lease_seconds=settings.lease_seconds,
             requeue_limit=settings.requeue_limit,
             max_queue_length=settings.max_queue_length,
+            max_active_per_key=getattr(settings, "max_active_tasks_per_key", 0),
             callback_attempts=settings.callback_attempts,
             callback_backoff_seconds=settings.callback_backoff_seconds,
         )
@@ -143,11 +175,14 @@ class TaskStore:
         owner: str | None = None,
     ) -> Task:
         """A queued task. Its image is fetched from `image_url` by the worker, or read from the store when
-        `upload_id` names an upload (`new_upload`: one sent with this request, stored with the task)."""
+        `upload_id` names an upload (`new_upload`: one sent with this request, stored with the task).
+        QueueFull when the queue is full; TooManyActive when `owner` has `max_active_per_key` active tasks."""
         if new_upload is not None:
             upload_id = new_upload.id
         now = self.clock()
         with self.db.session(write=True) as s:
+            if owner is not None and self.max_active_per_key:
+                self._check_active(s, owner)
             queued = s.scalar(select(func.count()).select_from(Task).where(Task.status == QUEUED)) or 0
             if queued >= self.max_queue_length:
                 raise QueueFull(
@@ -162,7 +197,7 @@ class TaskStore:
                 image_url=image_url,
                 upload_id=upload_id,
                 callbackurl=callback_url or "",
-                debugoutput="",
+                debugoutput=self._waiting_note(s, now),
                 debugerror="",
                 pexit="0",
                 totalcost=0.0,
@@ -178,6 +213,21 @@ class TaskStore:
                 s.add(_upload_row(new_upload, owner, now, task_id=task.id))
             _event(s, task.id, QUEUED, now)
         return task
+
+    def _check_active(self, s: Session, owner: str) -> None:
+        """TooManyActive when `owner` is at its limit. Counted in this write transaction, which creates the task
+        too, and taken in turn per key (SQLite: the database's write lock; PostgreSQL: an advisory lock held to
+        commit, so the count sees the task the previous Run of this key made, whichever API process made it)."""
+        if self.db.is_postgres:
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _key_lock(owner)})
+        active = s.scalar(_ACTIVE_OF_OWNER, {"owner": owner}) or 0
+        if active >= self.max_active_per_key:
+            raise TooManyActive(active, self.max_active_per_key)
+
+    def active_count(self, owner: str) -> int:
+        """How many of `owner`'s tasks are between task_queue and a terminal status."""
+        with self.db.session() as s:
+            return s.scalar(_ACTIVE_OF_OWNER, {"owner": owner}) or 0
 
     def get(self, task_id: int, owner: str | None = None) -> Task | None:
         with self.db.session() as s:
@@ -516,6 +566,31 @@ class TaskStore:
                     .values(lease_expires_at=now + self.lease_seconds)
                     .execution_options(synchronize_session=False)
                 )
+
+    def _waiting_note(self, s: Session, now: float) -> str:
+        """Why a queued task waits when every live worker (its heartbeat within one lease) is paused, e.g. for disk
+        space; "" otherwise (some worker will take it, or none is alive to say)."""
+        alive = [w for w in s.scalars(select(Worker).order_by(Worker.id))
+                 if w.state not in ("stopped", "failed") and self.heartbeat_fresh(w, now)]
+        if not alive or any(w.state != "paused" for w in alive):
+            return ""
+        first = alive[0]
+        more = f" (and {len(alive) - 1} more)" if len(alive) > 1 else ""
+        return (f"{WAITING_NOTE} every worker is paused, so no task starts until one can go on. "
+                f"{first.id}{more}: {first.detail or 'paused'}")
+
+    def note_waiting(self) -> int:
+        """Bring queued tasks' debugoutput in line with the workers (a worker calls it when it pauses or goes on):
+        the waiting note on those that have nothing else to say, or the note taken off. Answers how many changed."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            note = self._waiting_note(s, now)
+            queued = Task.status == QUEUED
+            noted = Task.debugoutput.startswith(WAITING_NOTE)
+            stmt = update(Task).where(queued, or_(Task.debugoutput == "", noted)) if note \
+                else update(Task).where(queued, noted)
+            done = s.execute(stmt.values(debugoutput=note).execution_options(synchronize_session=False))
+            return done.rowcount or 0
 
     def workers(self) -> list[Worker]:
         with self.db.session() as s:

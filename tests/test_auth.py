@@ -337,12 +337,13 @@ def test_missing_keys_file_is_an_error(tmp_path) -> None:
 
 
 def test_settings_default_to_any_nonce_a_generous_opt_in_window_and_strict_mode_off() -> None:
+    from particalize.compose_server import auth_options
     from particalize.settings import Settings
 
     settings = Settings(api_keys="a:b,c:", api_keys_file=None)
     assert settings.replay_protection is False and settings.nonce_window_seconds == 3600
     assert settings.nonce_unit == "any", "the seed: 'unix time or any random integer value'"
-    assert Authenticator.from_settings(settings, MemoryNonceStore()).authenticate(
+    assert Authenticator(auth_options(settings), MemoryNonceStore()).authenticate(
         Headers({"x-api-key": "a", "x-nonce": "12345", "x-signature": sign("a", "b", "12345")})) == "a"
     assert Settings(replay_protection=True).replay_protection is True
     assert load_api_keys(settings.api_keys, settings.api_keys_file) == {"a": ApiKey("a", "b"), "c": ApiKey("c", None)}

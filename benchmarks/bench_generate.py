@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import sys
 import tempfile
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.memory import max_rss_bytes, peak_bytes, reset_peak
+from benchmarks.timing import synchronize, timed
 from pipeline.generator import StepProgress, VideoGenerator
 from pipeline.params import GenerationParams, Limits, parse_params
 from pipeline.presets import ModelPreset, get_preset
@@ -186,26 +187,6 @@ def settle_gc() -> None:
     gc.freeze()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def _max_rss_bytes() -> int:
-    """ru_maxrss is KiB on Linux and bytes on macOS; it is the process high-water mark (it never resets)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -228,13 +209,9 @@ def _call_pipe(gen: VideoGenerator, scheduler: Any, kwargs: dict[str, Any]) -> t
     """The bare pipeline (its progress bar is already disabled by the generator), timed alone."""
     gen.pipe.scheduler = scheduler
     gc.collect()
-    _reset_peak(gen.device)
-    _sync(gen.device)
-    started = time.perf_counter()
-    result = gen.pipe(**kwargs)
-    _sync(gen.device)
-    seconds = time.perf_counter() - started
-    return Run(seconds, peak_cuda_bytes=_peak(gen.device)), np.asarray(result.frames[0], dtype=np.float32)
+    reset_peak(gen.device)
+    seconds, result = timed(lambda: gen.pipe(**kwargs), gen.device)
+    return Run(seconds, peak_cuda_bytes=peak_bytes(gen.device)), np.asarray(result.frames[0], dtype=np.float32)
 
 
 def run_wrapper(gen: VideoGenerator, params: GenerationParams, image: Image.Image) -> tuple[Run, np.ndarray]:
@@ -259,8 +236,8 @@ def run_wrapper(gen: VideoGenerator, params: GenerationParams, image: Image.Imag
         return False
 
     gc.collect()
-    _reset_peak(gen.device)
-    _sync(gen.device)
+    reset_peak(gen.device)
+    synchronize(gen.device)
     start_event = end_event = None
     if cuda:
         start_event = torch.cuda.Event(enable_timing=True)
@@ -270,7 +247,7 @@ def run_wrapper(gen: VideoGenerator, params: GenerationParams, image: Image.Imag
     if cuda:
         end_event = torch.cuda.Event(enable_timing=True)
         end_event.record()
-    _sync(gen.device)
+    synchronize(gen.device)
     seconds = time.perf_counter() - started
 
     if cuda:
@@ -279,7 +256,7 @@ def run_wrapper(gen: VideoGenerator, params: GenerationParams, image: Image.Imag
         marks.append(start_event.elapsed_time(end_event) / 1000)
     else:
         marks = [0.0] + [s - started for s in stamps] + [seconds]
-    run = Run(seconds, peak_cuda_bytes=_peak(gen.device))
+    run = Run(seconds, peak_cuda_bytes=peak_bytes(gen.device))
     if len(marks) > 2:
         run.first_step_end = marks[1]
         run.step_seconds = [b - a for a, b in zip(marks[1:-2], marks[2:-1], strict=True)]
@@ -574,8 +551,8 @@ def resolve_args(args: argparse.Namespace, preset: ModelPreset) -> dict[str, Any
 
 def build_generator(args: argparse.Namespace) -> VideoGenerator:
     """As the server builds it: PARTICALIZE_* settings first, the flags given on top."""
+    from particalize.compose import make_generator
     from particalize.settings import Settings
-    from pipeline.generator import generator_from_settings
 
     settings = Settings().with_overrides(
         model=args.model,
@@ -587,7 +564,7 @@ def build_generator(args: argparse.Namespace) -> VideoGenerator:
         random_weights=args.random_weights,
         compile=args.compile,
     )
-    return generator_from_settings(settings)
+    return make_generator(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -608,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"loading {preset.name} ...", flush=True)
     gen = build_generator(args)
-    rss_after_load = _max_rss_bytes()
+    rss_after_load = max_rss_bytes()
     image = test_image(params.width, params.height)
     params = gen.resolve(params, image)  # width, height and seed are explicit: resolving changes nothing
     call = record_call(gen, params, image)
@@ -683,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cuda_peak_bytes": {n: max(r.peak_cuda_bytes or 0 for r in runs) for n, runs in m.timed.items()}
             if device.type == "cuda"
             else None,
-            "max_rss_bytes": _max_rss_bytes(),
+            "max_rss_bytes": max_rss_bytes(),
             "rss_after_load_bytes": rss_after_load,
         },
         "frames": {"shape": list(m.frames.shape), "max_abs_diff_vs_first_direct": m.max_abs_diff},

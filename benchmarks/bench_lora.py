@@ -18,27 +18,17 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.generator import VideoGenerator
+from benchmarks.timing import timed
+from pipeline.generator import GeneratorOptions, VideoGenerator
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from tests.lora_files import make_diffs, make_weights, write_lora
-
-
-def _timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -55,7 +45,7 @@ def main() -> None:
                               seed=42, prompt="a dog is crystallizing into translucent shards")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (params.height, params.width, 3), np.uint8))
 
-    gen = VideoGenerator(get_preset(args.model), weights_dir=Path(args.weights_dir))
+    gen = VideoGenerator(GeneratorOptions(get_preset(args.model), Path(args.weights_dir)))
     transformer = gen.pipe.transformer
     forwards: list[int] = [0]
     transformer.register_forward_pre_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))
@@ -66,16 +56,17 @@ def main() -> None:
                              make_weights(transformer, rank=rank, seed=9, magnitude=0.01), "original_down_up_alpha",
                              make_diffs(transformer, magnitude=0.001))
         sizes = {"style_mb": style.stat().st_size / 2**20, "distill_mb": distill.stat().st_size / 2**20}
-        load_style = _timed(lambda: gen.lora_stack.load(style, 1.0))
-        load_distill = _timed(lambda: gen.lora_stack.load(distill, 1.0, speed=True))
-    switches = [_timed(lambda fast=fast: gen.lora_stack.use(fast)) for _ in range(repeats) for fast in (True, False)]
+        load_style = timed(lambda: gen.lora_stack.load(style, 1.0), gen.device)[0]
+        load_distill = timed(lambda: gen.lora_stack.load(distill, 1.0, speed=True), gen.device)[0]
+    switches = [timed(lambda fast=fast: gen.lora_stack.use(fast), gen.device)[0]
+                for _ in range(repeats) for fast in (True, False)]
 
     runs: dict[str, dict] = {}
     for mode in ("normal", "fast"):
         request = params.model_copy(update={"mode": mode})
         gen.generate(request, image)  # warm-up
         forwards[0] = 0
-        seconds = [_timed(lambda request=request: gen.generate(request, image)) for _ in range(repeats)]
+        seconds = [timed(lambda request=request: gen.generate(request, image), gen.device)[0] for _ in range(repeats)]
         runs[mode] = {"seconds": statistics.median(seconds), "forwards": forwards[0] // repeats,
                       "steps": gen.resolve(request, image).steps}
     result = {

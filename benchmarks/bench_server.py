@@ -35,8 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import ServeProcess
 from server.auth import sign
-from server.harness import ServeProcess
 from server.store import Database, TaskStore
 from tests.images import ImageServer
 

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_server import RESULTS_DIR, RUN, Connection, machine, serve_env, summary
-from server.harness import ServeProcess
+from benchmarks.harness import ServeProcess
+from benchmarks.memory import rss_bytes
 from server.store.models import TERMINAL
 from tests.images import ImageServer
 
@@ -168,17 +169,6 @@ async def poller(load: Load, index: int, count: int, interval: float) -> None:
 
 
 # --- memory --------------------------------------------------------------------------------------------
-
-
-def rss_bytes(pid: int) -> int | None:
-    """VmRSS of a process, or None when it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
 
 
 def children(pid: int) -> list[int]:

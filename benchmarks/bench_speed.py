@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -23,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.memory import max_rss_bytes, peak_gib, reset_peak
+from benchmarks.timing import timed
 from pipeline.acceleration import SpeedOptions
-from pipeline.generator import StepProgress, VideoGenerator
+from pipeline.generator import GeneratorOptions, StepProgress, VideoGenerator
+from pipeline.lora import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 
@@ -63,19 +66,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process-wide max RSS on CPU
+    """torch's peak GPU allocation on CUDA; the process-wide peak RSS on the CPU."""
+    peak = peak_gib(device)
+    return peak if peak is not None else max_rss_bytes() / 2**30
 
 
 def run_option(name: str, args: argparse.Namespace, params: GenerationParams, image) -> dict:  # noqa: ANN001
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(torch.device("cuda" if torch.cuda.is_available() else "cpu"), release_cache=True)
     started = time.perf_counter()
-    gen = VideoGenerator(get_preset(args.model), weights_dir=Path(args.weights_dir), lora_path=args.lora,
-                         fuse_lora=args.fuse_lora, speed=SpeedOptions(**OPTIONS[name]),
-                         random_weights=args.random_weights)
+    stack = LoraStackOptions(loras=((Path(args.lora), 1.0),) if args.lora else (), fuse=args.fuse_lora)
+    gen = VideoGenerator(GeneratorOptions(get_preset(args.model), Path(args.weights_dir), loras=stack,
+                                          speed=SpeedOptions(**OPTIONS[name]), random_weights=args.random_weights))
     load = time.perf_counter() - started
     gen.generate(params, image)  # warm-up (compilation, caches, allocator)
     videos, steps = [], []
@@ -86,14 +87,10 @@ def run_option(name: str, args: argparse.Namespace, params: GenerationParams, im
         def progress(p: StepProgress, stamps: list[float] = stamps) -> None:
             stamps.append(time.perf_counter())
 
-        if gen.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        frames = gen.generate(params, image, progress=progress).frames
-        if gen.device.type == "cuda":
-            torch.cuda.synchronize()
-        videos.append(time.perf_counter() - t0)
-        steps += [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)][1:]  # step 1 pays for encoding
+        seconds, video = timed(functools.partial(gen.generate, params, image, progress=progress), gen.device)
+        frames = video.frames
+        videos.append(seconds)
+        steps += [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]  # from step 2 (1 pays for encoding)
     result = {
         "option": name,
         "applied": gen.applied.notes,

@@ -35,8 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import ServeProcess
+from benchmarks.memory import rss_bytes
 from server.auth import sign
-from server.harness import ServeProcess
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 KEY, SECRET = "bench-memory-key", "bench-memory-secret"
@@ -44,12 +45,12 @@ CHUNK = 256 * 1024
 BOUNDARY = "benchboundary"
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+def serve_rss(pid: int) -> int:
+    """The serve process's RSS; it must be alive while it is measured."""
+    rss = rss_bytes(pid)
+    if rss is None:
+        raise RuntimeError(f"no VmRSS for process {pid}: the server has gone")
+    return rss
 
 
 class RssSampler:
@@ -62,11 +63,11 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.peak = max(self.peak, serve_rss(self.pid))
             self._stop.wait(self.every)
 
     def __enter__(self) -> RssSampler:
-        self.peak = rss_bytes(self.pid)
+        self.peak = serve_rss(self.pid)
         self._thread.start()
         return self
 
@@ -119,7 +120,7 @@ async def upload(port: int, kind: str, size: int) -> dict[str, Any]:
 
 async def phase(port: int, pid: int, kind: str, clients: int, size: int) -> dict[str, Any]:
     await asyncio.sleep(1.0)  # let the previous phase's buffers go
-    baseline = rss_bytes(pid)
+    baseline = serve_rss(pid)
     started = time.perf_counter()
     with RssSampler(pid) as sampler:
         results = await asyncio.gather(*(upload(port, kind, size) for _ in range(clients)))

@@ -56,11 +56,12 @@ from PIL import Image
 
 from benchmarks.bench_attention import measure as measure_attention
 from benchmarks.flops import step_flops
-from benchmarks.timing import peak_gib, reset_peak, synchronize, timed
+from benchmarks.memory import peak_gib, reset_peak
+from benchmarks.timing import synchronize, timed
 from pipeline.acceleration import Applied, SpeedOptions, apply_compile, apply_float8, choose_attention
 from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.fast import FAST
-from pipeline.generator import StepProgress, VideoGenerator
+from pipeline.generator import GeneratorOptions, StepProgress, VideoGenerator
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 
@@ -141,7 +142,7 @@ def _run_steps(gen: VideoGenerator, params: GenerationParams, image: Image.Image
         synchronize(gen.device)
         stamps.append(time.perf_counter())
 
-    reset_peak(gen.device)
+    reset_peak(gen.device, release_cache=True)
     synchronize(gen.device)
     started = time.perf_counter()
     video = gen.generate(params, image, progress=progress)
@@ -218,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     def build() -> dict[str, Any]:
         from pipeline.random_weights import parameter_counts
 
-        reset_peak(device)
+        reset_peak(device, release_cache=True)
         started = time.perf_counter()
-        gen = VideoGenerator(get_preset("tiny" if small else args.model), weights_dir=tmp / "weights",
-                             device=device.type,
-                             speed=SpeedOptions(attention_backend="native", compile=False), random_weights=not small)
+        gen = VideoGenerator(GeneratorOptions(get_preset("tiny" if small else args.model), tmp / "weights",
+                                              device=device.type, random_weights=not small,
+                                              speed=SpeedOptions(attention_backend="native", compile=False)))
         synchronize(device)
         seconds = time.perf_counter() - started
         state["gen"] = gen

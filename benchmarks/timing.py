@@ -1,4 +1,5 @@
-"""Wall time of GPU (or CPU) work, synchronized so that queued kernels are counted; shared by the benchmarks."""
+"""Wall time of GPU (or CPU) work, synchronized so that queued kernels are counted; shared by the benchmarks
+(memory figures: benchmarks/memory.py)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,3 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1, warmup:
         seconds.append(time.perf_counter() - started)
     return statistics.median(seconds), result
 
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> float | None:
-    """Peak memory allocated by torch on the GPU since the last reset, GiB (None off CUDA)."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

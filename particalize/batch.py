@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from particalize.batch_manifest import Manifest
 from particalize.batch_plan import BatchInvalid, Job, load_jobs
 from particalize.contact_sheet import write_contact_sheet
+from particalize.image_source import read_image_source
 
 if TYPE_CHECKING:
     from particalize.settings import Settings
@@ -36,13 +37,6 @@ class BatchSummary:
     failed: int = 0
 
 
-def read_source(source: str) -> bytes:
-    """Image bytes from a file path or an http(s) URL."""
-    from particalize.cli import _read_image_source
-
-    return _read_image_source(source)
-
-
 def run_job(job: Job, generator: VideoGenerator, out_dir: Path, model: str | None = None) -> dict[str, Any]:
     """Make one job's MP4 and contact sheet; any error becomes a failed record rather than an exception."""
     from pipeline.images import decode_image
@@ -57,7 +51,7 @@ def run_job(job: Job, generator: VideoGenerator, out_dir: Path, model: str | Non
     }
     timings: dict[str, float] = record["timings"]
     try:
-        image = decode_image(read_source(job.source), field="image")
+        image = decode_image(read_image_source(job.source), field="image")
         timings["load_image"] = time.perf_counter() - t0
         mp4 = out_dir / f"{job.key}.mp4"
         video = generator.render(params, image, mp4)
@@ -115,17 +109,17 @@ def run_batch(
 
 def batch_command(file: Path, out_dir: Path, settings: Settings, defaults: dict[str, Any]) -> int:
     """The CLI's batch: 0 all done, 1 some jobs failed, 2 invalid rows (nothing run), 130 interrupted."""
-    from pipeline.generator import generator_from_settings, limits_from_settings
+    from particalize import compose
 
     try:
-        jobs = load_jobs(file, limits_from_settings(settings), defaults)
+        jobs = load_jobs(file, compose.limits(settings), defaults)
     except BatchInvalid as exc:
         for problem in exc.problems:
             print(f"{file}: {problem}", file=sys.stderr)
         print(f"error: {len(exc.problems)} problem(s) in {file}; nothing was generated", file=sys.stderr)
         return 2
     try:
-        summary = run_batch(jobs, out_dir, lambda: generator_from_settings(settings), model=settings.model)
+        summary = run_batch(jobs, out_dir, lambda: compose.make_generator(settings), model=settings.model)
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to finish the rest ({out_dir / 'manifest.jsonl'})",
               file=sys.stderr)

@@ -8,20 +8,12 @@ import sys
 from pathlib import Path
 
 from particalize.settings import Settings
+from pipeline.fast import MODES
+from pipeline.inputs import ToolInput, tool_inputs
 
-TOOL_FLAGS = {
-    # flag: (GenerationParams field, type)
-    "prompt": ("prompt", str),
-    "negative-prompt": ("negative_prompt", str),
-    "fps": ("fps", str),
-    "width": ("width", str),
-    "height": ("height", str),
-    "num-frames": ("num_frames", str),
-    "steps": ("steps", str),
-    "scale": ("scale", str),
-    "flow-shift": ("flow_shift", str),
-    "seed": ("seed", str),
-}
+TOOL_FLAGS: list[ToolInput] = [spec for spec in tool_inputs() if not spec.advanced]
+"""Every input of the hosted tool is a flag (`mode`, an advanced input, is `--mode`: the run's default mode)."""
+_METAVAR = {"number": "N", "float": "X", "textarea": "TEXT", "select": "CHOICE"}
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -36,7 +28,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=None,
                    help="refuse a LoRA with keys that change nothing (default); --no-lora-strict loads the rest")
     p.add_argument("--speed-lora", metavar="PATH[:STRENGTH]", help="step-distilled LoRA for fast mode")
-    p.add_argument("--mode", choices=["normal", "fast"], help="default mode (fast needs --speed-lora)")
+    p.add_argument("--mode", choices=MODES, help="default mode (fast needs --speed-lora)")
     p.add_argument("--random-weights", action="store_const", const=True, default=None,
                    help="build the real-size model with random weights (no download): videos are NOISE; "
                    "for measuring speed and memory")
@@ -45,8 +37,16 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _tool_flags(p: argparse.ArgumentParser) -> None:
-    for flag, (dest, kind) in TOOL_FLAGS.items():
-        p.add_argument(f"--{flag}", dest=dest, type=kind)
+    """One flag per tool input, read from the parameter model. Values stay text: parse_params checks them as it
+    checks a request's, with the same messages."""
+    for spec in TOOL_FLAGS:
+        default = f" (default: {spec.default})" if spec.default else ""
+        p.add_argument(spec.flag, dest=spec.name, metavar=_METAVAR[spec.kind], help=f"{spec.help}{default}")
+
+
+def _tool_values(args: argparse.Namespace) -> dict[str, str]:
+    """The tool flags given, under their GenerationParams names."""
+    return {spec.name: getattr(args, spec.name) for spec in TOOL_FLAGS if getattr(args, spec.name) is not None}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -98,32 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_image_source(source: str) -> bytes:
-    if source.startswith(("http://", "https://")):
-        import httpx
-
-        response = httpx.get(source, follow_redirects=True, timeout=60)
-        response.raise_for_status()
-        return response.content
-    return Path(source).expanduser().read_bytes()
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pipeline.generator import generator_from_settings, limits_from_settings
+    from particalize import compose
+    from particalize.image_source import read_image_source
     from pipeline.images import decode_image
     from pipeline.params import parse_params
 
     settings = _settings(args)
-    inputs = {dest: getattr(args, dest) for dest, _ in TOOL_FLAGS.values() if getattr(args, dest) is not None}
-    params = parse_params(inputs, limits_from_settings(settings))
-    image = decode_image(_read_image_source(args.image), field="--image")
+    params = parse_params(_tool_values(args), compose.limits(settings))
+    image = decode_image(read_image_source(args.image), field="--image")
     from pipeline.parallel import rank
 
     if settings.context_parallel != "none" and params.seed is None:
         raise ValueError("Request parameter [seed] is required with context parallelism: every rank must agree")
-    generator = generator_from_settings(settings)
+    generator = compose.make_generator(settings)
     if rank() != 0:  # context-parallel peers compute with rank 0 but write nothing
         generator.generate(params, image)
         return 0
@@ -145,14 +135,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from particalize.batch import batch_command
 
-    defaults = {dest: getattr(args, dest) for dest, _ in TOOL_FLAGS.values() if getattr(args, dest) is not None}
-    return batch_command(args.file, args.out, _settings(args), defaults)
+    return batch_command(args.file, args.out, _settings(args), _tool_values(args))
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from particalize.compose import lora_sources
     from pipeline.presets import get_preset
     from weights.fetch import fetch_lora, fetch_model
-    from weights.locate import lora_sources_from_settings, speed_lora_source
+    from weights.locate import stack_sources
 
     settings = _settings(args).with_overrides(lora_repo=args.lora_repo, lora_file=args.lora_file)
     if not args.skip_model:
@@ -161,7 +151,8 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
             print(f"model {preset.name} needs no download")
         else:
             print(f"fetched {preset.repo_id} into {fetch_model(preset, settings.weights_dir, settings.hf_token)}")
-    sources = lora_sources_from_settings(settings) + [s for s in [speed_lora_source(settings)] if s]
+    configured = lora_sources(settings)
+    sources = stack_sources(configured) + [s for s in [configured.speed_lora] if s]
     for source in sources:
         if source.is_hub:
             path = fetch_lora(source.repo, source.file, settings.weights_dir, source.revision, settings.hf_token)
@@ -175,18 +166,20 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_verify(args: argparse.Namespace) -> int:
+    from particalize.compose import lora_sources
     from pipeline.loader import preset_dir
     from pipeline.presets import get_preset
-    from weights.locate import lora_files_from_settings, speed_lora_file
+    from weights.locate import speed_lora_file, stack_files
     from weights.verify import verify_directory
 
     settings = _settings(args)
+    configured = lora_sources(settings)
     preset = get_preset(settings.model)
     reports = []
     if not preset.is_tiny:
         reports.append(verify_directory(preset_dir(preset, settings.weights_dir), full_hash=not args.quick))
-    loras = [path for _, path in lora_files_from_settings(settings)]
-    speed = speed_lora_file(settings)
+    loras = [path for _, path in stack_files(configured)]
+    speed = speed_lora_file(configured)
     if speed is not None:
         loras.append(speed[1])
     for folder in dict.fromkeys(path.parent for path in loras):  # every LoRA's folder, once

@@ -9,7 +9,9 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
+
+from particalize.settings import Settings
 
 
 def add_server_commands(sub: argparse._SubParsersAction, model_flags: Callable, settings_of: Callable) -> None:
@@ -50,7 +52,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bind_refusal(settings: Any, has_keys: bool) -> str | None:
+def bind_refusal(settings: Settings, has_keys: bool) -> str | None:
     """Why the server must not listen where the settings say, or None."""
     if has_keys or is_loopback(settings.host) or settings.allow_unauthenticated_public:
         return None
@@ -61,7 +63,7 @@ def bind_refusal(settings: Any, has_keys: bool) -> str | None:
     )
 
 
-def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, list[str], str | None]:
+def describe_environment(settings: Settings, model_is_explicit: bool) -> tuple[Settings, list[str], str | None]:
     """What `serve` says at start about the GPU and the weights, the settings to serve with (the tiny
     preset when the default model cannot run here), and an error when it cannot serve at all. An API-only
     replica (--workers 0) runs no model: it does not even import torch (seconds and memory saved)."""
@@ -123,17 +125,19 @@ def describe_environment(settings: Any, model_is_explicit: bool) -> tuple[Any, l
     return settings, lines, None
 
 
-def lora_lines(settings: Any) -> list[str]:
+def lora_lines(settings: Settings) -> list[str]:
     """The start-up banner's LoRA lines: the stack in order with strengths, the speed LoRA and the modes."""
-    from weights.locate import lora_files_from_settings, speed_lora_file
+    from particalize.compose import lora_sources
+    from weights.locate import speed_lora_file, stack_files
 
-    stack = lora_files_from_settings(settings)
+    configured = lora_sources(settings)
+    stack = stack_files(configured)
     lines = [f"LoRA {i}: {path} (strength {source.strength:g})" for i, (source, path) in enumerate(stack, 1)]
     if not stack:
         lines.append("LoRA: none configured (plain Wan2.1 output, not Particalize)")
     if stack and settings.fuse_lora:
         lines.append("LoRA: fused into the weights at load")
-    speed = speed_lora_file(settings)
+    speed = speed_lora_file(configured)
     if speed is None:
         lines.append("mode: normal (fast mode needs a step-distilled LoRA: PARTICALIZE_SPEED_LORA)")
         return lines
@@ -151,7 +155,7 @@ by accident (a 1280x720, 81-frame, 50-step request runs ~165 s per step on a CPU
 (320x192, 81 frames, 100 steps) takes minutes."""
 
 
-def tiny_limits(settings: Any) -> tuple[Any, str | None]:
+def tiny_limits(settings: Settings) -> tuple[Settings, str | None]:
     """For the tiny preset: TINY_LIMITS in place of the limits the operator did not set (one set in the environment
     or by a flag is kept, whatever its value, even the default), and the line `serve` prints about it."""
     if settings.model != "tiny":
@@ -170,11 +174,11 @@ def tiny_limits(settings: Any) -> tuple[Any, str | None]:
 def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from particalize.compose_server import build_app
     from server.auth import load_api_keys
 
     settings = settings_of(args).with_overrides(allow_unauthenticated_public=args.allow_unauthenticated_public)
-    keys = load_api_keys(settings)
+    keys = load_api_keys(settings.api_keys, settings.api_keys_file)
     refusal = bind_refusal(settings, bool(keys))
     if refusal:
         print(f"error: {refusal}", flush=True)
@@ -199,7 +203,7 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     # SIGTERM/Ctrl-C: uvicorn stops accepting, lets in-flight requests finish for up to the grace period,
     # then the app's shutdown stops the workers (each with the grace period again for its running task).
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
                 access_log=settings.access_log, timeout_graceful_shutdown=drain_seconds(settings),
                 log_config=log_config)
     return 0
@@ -210,7 +214,7 @@ API_DRAIN_CAP_SECONDS = 30.0
 stopping API does not wait the workers' long grace period for them."""
 
 
-def drain_seconds(settings: Any) -> float:
+def drain_seconds(settings: Settings) -> float:
     """How long a stopping API process waits for in-flight requests (a live progress stream is cut then)."""
     return min(settings.shutdown_grace_seconds, API_DRAIN_CAP_SECONDS)
 
@@ -224,7 +228,6 @@ def _redacted(url: str) -> str:
 def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
     """One worker until SIGTERM/SIGINT: then it claims nothing more, finishes its running task within
     shutdown_grace_seconds (else puts it back in the queue) and exits 0; a second signal ends the wait."""
-    from particalize.settings import Settings
     from server.shutdown import StopRequest, stop_on_signals
     from server.supervisor import PARENT_ENV, SETTINGS_ENV, die_with_parent
     from server.worker import run_worker, worker_id_for

@@ -6,29 +6,26 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options, compile_cache_for, resolve_compile
+from pipeline.devices import pick_device
 from pipeline.embeddings import EmbeddingCache
 from pipeline.errors import Interrupted
 from pipeline.fast import FAST, NORMAL, FastMode
 from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
-from pipeline.loader import load_base_pipeline, pick_device
-from pipeline.lora import LoraInfo, LoraStack
-from pipeline.params import GenerationParams, Limits, limits_from_settings, no_speed_lora, resolve_size
+from pipeline.loader import load_base_pipeline
+from pipeline.lora import LoraInfo, LoraStack, LoraStackOptions
+from pipeline.params import GenerationParams, no_speed_lora, resolve_size
 from pipeline.presets import ModelPreset
 from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
 from pipeline.video import write_mp4
-
-if TYPE_CHECKING:
-    from particalize.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,59 +54,45 @@ ProgressFn = Callable[[StepProgress], None]
 StopFn = Callable[[], bool]
 
 
+@dataclass(frozen=True)
+class GeneratorOptions:
+    """What a warm generator is built from; the entry points compose it once from their own configuration."""
+
+    preset: ModelPreset
+    weights_dir: Path
+    device: str = "auto"
+    random_weights: bool = False
+    """Build the real-size model with random values (pipeline.random_weights): every video is noise."""
+    loras: LoraStackOptions = field(default_factory=LoraStackOptions)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    fast: FastMode = field(default_factory=FastMode)
+    mode: str = NORMAL
+    """The mode of a request that names none; fast needs `loras.speed_lora`."""
+
+
 class VideoGenerator:
     """Owns one WanImageToVideoPipeline on one device; calls are serialized (one GPU, one video at a time)."""
 
-    def __init__(
-        self,
-        preset: ModelPreset,
-        *,
-        weights_dir: Path,
-        device: str = "auto",
-        lora_path: Path | None = None,
-        lora_strength: float = 1.0,
-        fuse_lora: bool = False,
-        limits: Limits | None = None,
-        max_sequence_length: int | None = None,
-        speed: SpeedOptions | None = None,
-        loras: Sequence[tuple[Path, float]] = (),
-        speed_lora: tuple[Path, float] | None = None,
-        lora_strict: bool = True,
-        mode: str = NORMAL,
-        fast: FastMode | None = None,
-        random_weights: bool = False,
-    ) -> None:
+    def __init__(self, options: GeneratorOptions) -> None:
         started = time.perf_counter()
-        self.preset = preset
-        speed = speed or SpeedOptions()
-        self.device = pick_device(device)
+        self.options = options
+        self.preset = preset = options.preset
+        self.speed = speed = options.speed
+        self.mode = options.mode
+        self.fast = options.fast
+        self.device = pick_device(options.device)
         if speed.context_parallel != "none":
             from pipeline.parallel import rank_device
 
             self.device = rank_device(self.device)
         offloaded = speed.memory_mode != "none"
-        self.random_weights = random_weights and not preset.is_tiny
+        self.random_weights = options.random_weights and not preset.is_tiny
         """Real-size model built with random values (pipeline.random_weights): every video is noise."""
-        self.pipe = load_base_pipeline(preset, weights_dir, self.device, place=not offloaded,
-                                       random_weights=random_weights)
+        self.pipe = load_base_pipeline(preset, options.weights_dir, self.device, place=not offloaded,
+                                       random_weights=options.random_weights)
         self.pipe.set_progress_bar_config(disable=True)
-        if mode == FAST and speed_lora is None:
-            raise ValueError("fast mode needs a step-distilled speed LoRA: set PARTICALIZE_SPEED_LORA")
-        self.lora_stack = LoraStack(self.pipe, strict=lora_strict)
-        stack = ([(Path(lora_path), lora_strength)] if lora_path is not None else []) + list(loras)
-        for path, strength in stack:
-            self.lora_stack.load(path, strength)
-        if stack and resolve_compile(speed, self.device)[0] and not fuse_lora:
-            log.info("fusing the LoRAs before compiling (compiled graphs should not carry adapter layers)")
-            fuse_lora = True
-        if fuse_lora:
-            self.lora_stack.fuse()
-        if speed_lora is not None:  # after fusing: it stays an adapter, switched on per request
-            self.lora_stack.load(speed_lora[0], speed_lora[1], speed=True)
-        self.mode = mode
-        self.fast = fast or FastMode()
-        self.lora_stack.use(mode == FAST)
-        self.speed = speed
+        self.lora_stack = self._load_loras(options.loras)
+        self.lora_stack.use(self.mode == FAST)
         self.applied: Applied = apply_speed_options(self.pipe, speed, self.device,
                                                     float8_keep=self.lora_stack.switched_parameters())
         encode_device = torch.device("cpu") if self.applied.text_encoder_on_cpu else None
@@ -117,9 +100,7 @@ class VideoGenerator:
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
         self.fast_schedulers = ShiftedSchedulers(step_distill_scheduler(self.fast.flow_shift))
         self.interrupt_points = InterruptPoints(self.pipe)
-        self.limits = limits or Limits()
-        self.max_sequence_length = max_sequence_length or getattr(self.pipe.tokenizer, "model_max_length", 512)
-        self.max_sequence_length = min(self.max_sequence_length, 512)
+        self.max_sequence_length = min(getattr(self.pipe.tokenizer, "model_max_length", 512), 512)
         self._lock = threading.Lock()
         if self.applied.compiled:
             cache = compile_cache_for(self.pipe, speed, self.applied, self.device)
@@ -130,6 +111,24 @@ class VideoGenerator:
                 cache.save()
         self.load_seconds = time.perf_counter() - started
         log.info("model %s ready on %s in %.1fs", preset.name, self.device, self.load_seconds)
+
+    def _load_loras(self, options: LoraStackOptions) -> LoraStack:
+        """The stack in order, fused when asked (always before compiling: compiled graphs should not carry adapter
+        layers), then the speed LoRA as an adapter switched on per request."""
+        if self.mode == FAST and options.speed_lora is None:
+            raise ValueError("fast mode needs a step-distilled speed LoRA: set PARTICALIZE_SPEED_LORA")
+        stack = LoraStack(self.pipe, strict=options.strict)
+        for path, strength in options.loras:
+            stack.load(path, strength)
+        fuse = options.fuse
+        if options.loras and resolve_compile(self.speed, self.device)[0] and not fuse:
+            log.info("fusing the LoRAs before compiling (compiled graphs should not carry adapter layers)")
+            fuse = True
+        if fuse:
+            stack.fuse()
+        if options.speed_lora is not None:  # after fusing: it stays an adapter, switched on per request
+            stack.load(options.speed_lora[0], options.speed_lora[1], speed=True)
+        return stack
 
     def warmup(self) -> None:
         """Short runs at start so that the first task does not pay for compilation: one per mode when a speed
@@ -234,7 +233,6 @@ class VideoGenerator:
 
     def _release(self) -> None:
         """After an interrupted or failed run: drop activations so the warm model serves the next task."""
-        self.pipe._interrupt = False
         if getattr(self.pipe.transformer, "is_cache_enabled", False):
             self.pipe.transformer._reset_stateful_cache()
         gc.collect()
@@ -254,49 +252,3 @@ class VideoGenerator:
         write_mp4(video.frames, out, fps=video.params.fps)
         video.timings["encode"] = time.perf_counter() - started
         return video
-
-
-def generator_from_settings(settings: Settings) -> VideoGenerator:
-    """Build the warm generator the settings describe (model preset, LoRAs, fast mode, device, limits)."""
-    from pipeline.presets import get_preset
-    from weights.locate import lora_files_from_settings, speed_lora_file
-
-    speed = speed_lora_file(settings)
-    speed_lora = (speed[1], speed[0].strength) if speed is not None else None
-    return VideoGenerator(
-        get_preset(settings.model, max_area=settings.model_max_area),
-        weights_dir=settings.weights_dir,
-        device=settings.device,
-        loras=[(path, source.strength) for source, path in lora_files_from_settings(settings)],
-        speed_lora=speed_lora,
-        lora_strict=settings.lora_strict,
-        mode=settings.mode,
-        fast=FastMode(settings.fast_steps, settings.fast_scale, settings.fast_flow_shift),
-        fuse_lora=settings.fuse_lora,
-        limits=limits_from_settings(settings),
-        speed=speed_from_settings(settings),
-        random_weights=settings.random_weights,
-    )
-
-
-def speed_from_settings(settings: Settings) -> SpeedOptions:
-    return SpeedOptions(
-        attention_backend=settings.attention_backend,
-        compile=settings.compile,
-        compile_dynamic=settings.compile_dynamic,
-        compile_mode=settings.compile_mode,
-        cfg_batch=settings.cfg_batch,
-        step_cache=settings.step_cache,
-        step_cache_threshold=settings.step_cache_threshold,
-        step_cache_interval=settings.step_cache_interval,
-        memory_mode=settings.memory_mode,
-        vae_tiling=settings.vae_tiling,
-        float8=settings.float8,
-        encode_cache_size=settings.encode_cache_size,
-        context_parallel=settings.context_parallel,
-        compile_cache_dir=(settings.compile_cache_dir or settings.data_dir / "compile-cache")
-        if settings.compile_cache else None,
-        fuse_qkv=settings.fuse_qkv,
-        text_encoder_on_cpu=settings.text_encoder_on_cpu,
-    )
-

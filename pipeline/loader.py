@@ -10,25 +10,13 @@ import torch
 from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 from transformers import CLIPVisionModel
 
+from pipeline.devices import serving_dtype_for
 from pipeline.errors import WeightsMissing
 from pipeline.presets import ModelPreset
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA GPU")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def serving_dtype_for(device: torch.device) -> torch.dtype:
-    """The transformer's and text encoder's dtype on this device."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def preset_dir(preset: ModelPreset, weights_dir: Path) -> Path:
@@ -124,7 +112,7 @@ def load_base_pipeline(
         shown = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise WeightsMissing(f"model {preset.name} is not complete on disk (missing {shown}): {fetch_hint(preset)}")
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = serving_dtype_for(device)
     log.info("loading %s from %s (%s on %s)", preset.name, model_dir, dtype, device)
     image_encoder = CLIPVisionModel.from_pretrained(
         model_dir, subfolder="image_encoder", torch_dtype=torch.float32, local_files_only=True

@@ -34,6 +34,20 @@ SHOWN_PROBLEMS = 5
 
 
 @dataclass(frozen=True)
+class LoraStackOptions:
+    """The LoRAs a generator loads, as files on disk (the entry points find them: weights.locate)."""
+
+    loras: tuple[tuple[Path, float], ...] = ()
+    """(file, strength) in order: the Particalize LoRA first, then any stacked after it."""
+    speed_lora: tuple[Path, float] | None = None
+    """Fast mode's step-distilled LoRA: loaded last, active only in fast mode."""
+    fuse: bool = False
+    """Fuse the stack into the weights at load (no per-step LoRA cost); the speed LoRA stays an adapter."""
+    strict: bool = True
+    """Refuse a file any key of which changes nothing (False: load what fits, log the rest)."""
+
+
+@dataclass(frozen=True)
 class LoraInfo:
     name: str
     """Its adapter name."""

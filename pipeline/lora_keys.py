@@ -137,10 +137,6 @@ class LoraPlan:
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     @property
-    def applied_keys(self) -> int:
-        return sum(len(p.keys) for p in self.pairs.values()) + sum(len(k) for k in self.delta_keys.values())
-
-    @property
     def rank(self) -> int:
         return max((p.rank for p in self.pairs.values()), default=0)
 

@@ -33,7 +33,7 @@ DEFAULT_MAX_AREA = 480 * 832
 
 @dataclass(frozen=True)
 class Limits:
-    """Operator limits (from Settings); the hard ranges below apply on top."""
+    """The operator's limits (composed at the top from its configuration); the hard ranges below apply on top."""
 
     max_num_frames: int = 161
     max_steps: int = 100
@@ -72,22 +72,51 @@ def _numeric(value: Any, *, integer: bool) -> Any:
     return value
 
 
+SIDE_HELP = "0: from the input image's aspect ratio; else a multiple of {size_multiple}"
+MODE_HELP = (
+    "fast: the step-distilled speed LoRA with {fast_steps} steps, guidance scale {fast_scale:g} and flow shift "
+    "{fast_flow_shift:g} (steps, scale and flowShift sent are not used; {fast_forwards} transformer forwards instead "
+    "of 2 x steps). normal: steps, scale and flowShift as sent. Empty: this server's default."
+)
+
+
 class GenerationParams(BaseModel):
-    """One video's parameters, named as the hosted tool names them (aliases) or in snake_case."""
+    """One video's parameters, named as the hosted tool names them (aliases) or in snake_case.
+
+    Each field is also the tool input's whole description (pipeline.inputs reads it for Tool/Detail, the OpenAPI
+    document and the CLI's flags): its Wiro id (the alias), type, default and hard range, its label on the
+    published page (title), its help (description) and, in json_schema_extra, what this server's limits add: the
+    `Limits` attribute bounding it (`max`), its `step`, a `note`, a `min` a client may send besides the range,
+    and whether it is `advanced` (not an input of the hosted tool) and which `Limits` flag it `needs`. Texts name
+    the limits they quote as {format} fields.
+    """
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
 
-    prompt: str = Field(DEFAULT_PROMPT, max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, alias="negativePrompt", max_length=MAX_PROMPT_CHARS)
-    fps: int = Field(16, ge=1, le=60)
-    width: int = Field(0, ge=0)
-    height: int = Field(0, ge=0)
-    num_frames: int = Field(81, alias="numFrames", ge=1)
-    steps: int = Field(30, ge=1)
-    scale: float = Field(5.0, ge=0.0, le=30.0)
-    flow_shift: float = Field(5.0, alias="flowShift", gt=0.0, le=50.0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    mode: Literal["normal", "fast"] | None = None
+    prompt: str = Field(DEFAULT_PROMPT, max_length=MAX_PROMPT_CHARS, title="prompt",
+                        description="What happens in the video.")
+    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, alias="negativePrompt", max_length=MAX_PROMPT_CHARS,
+                                 title="negativePrompt", description="negative prompt")
+    fps: int = Field(16, ge=1, le=60, title="fps", description="frame rate of the output video")
+    width: int = Field(0, ge=0, title="width", description=SIDE_HELP,
+                       json_schema_extra={"max": "max_side", "step": "size_multiple"})
+    height: int = Field(0, ge=0, title="height", description=SIDE_HELP,
+                        json_schema_extra={"max": "max_side", "step": "size_multiple",
+                                           "note": "width x height at most {max_pixels} pixels"})
+    num_frames: int = Field(81, alias="numFrames", ge=1, title="num-frames", description="4*n + 1",
+                            json_schema_extra={"max": "max_num_frames", "step": 4})
+    steps: int = Field(30, ge=1, title="inferencesteps", description="denoising steps",
+                       json_schema_extra={"max": "max_steps"})
+    scale: float = Field(5.0, ge=0.0, le=30.0, title="guidancescale", description="classifier-free guidance scale")
+    flow_shift: float = Field(5.0, alias="flowShift", gt=0.0, le=50.0, title="flowShift",
+                              description="flow shift (greater than 0)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, title="seed",
+                             description="empty or -1: random; the seed used is recorded in the task",
+                             json_schema_extra={"min": -1})
+    mode: Literal["normal", "fast"] | None = Field(
+        None, title="mode", description=MODE_HELP,
+        json_schema_extra={"advanced": True, "needs": "fast_mode", "default": "{default_mode}"},
+    )
     """None: the server's mode. fast: the step-distilled speed LoRA with its own steps, scale and shift."""
 
     @field_validator("fps", "width", "height", "num_frames", "steps", mode="before")
@@ -211,24 +240,11 @@ def parse_params(data: dict[str, Any], limits: Limits | None = None) -> Generati
     return params
 
 
-def limits_from_settings(settings: Any) -> Limits:
-    """The operator limits of a `particalize.settings.Settings` (kept here: no model import needed)."""
-    return Limits(
-        max_num_frames=settings.max_num_frames,
-        max_steps=settings.max_steps,
-        max_side=settings.max_side,
-        max_pixels=settings.max_pixels,
-        max_work=settings.max_work,
-        max_area=model_max_area(settings.model, getattr(settings, "model_max_area", None)),
-        fast_mode=bool(getattr(settings, "speed_lora", None)),
-    )
-
-
 @lru_cache(maxsize=16)
 def model_max_area(model: str, max_area: int | None = None) -> int:
-    """The pixel budget of `model` (a preset's, or a local snapshot's from its metadata; cached: limits are built
-    per request). A model this process cannot see (an API replica without the weights) gets `max_area` or 480P's:
-    the worker, which has the model, checks the size again."""
+    """The pixel budget of `model` (a preset's, or a local snapshot's from its metadata; cached: a snapshot's
+    metadata is read once). A model this process cannot see (an API replica without the weights) gets `max_area`
+    or 480P's: the worker, which has the model, checks the size again."""
     from pipeline.presets import get_preset
 
     try:
@@ -245,7 +261,7 @@ def no_speed_lora() -> InvalidParameter:
 
 
 def check_limits(params: GenerationParams, limits: Limits) -> None:
-    """This server's limits (from settings), in parse_params' voice."""
+    """This server's limits, in parse_params' voice."""
     if params.mode == "fast" and not limits.fast_mode:
         raise no_speed_lora()
     if params.num_frames > limits.max_num_frames:

@@ -8,9 +8,10 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from weights.manifest import MANIFEST_NAME
-
 log = logging.getLogger(__name__)
+
+MANIFEST_NAME = ".particalize-manifest.json"
+"""The record `particalize weights fetch` writes into a snapshot (weights.manifest); read here for its repo id."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ PRESETS: dict[str, ModelPreset] = {
 
 def get_preset(name_or_path: str, max_area: int | None = None) -> ModelPreset:
     """A preset by name, or a local diffusers directory. A directory's pixel budget is `max_area` when given
-    (settings.model_max_area), else what its metadata says (`snapshot_max_area`), else 480P's; never its name."""
+    (PARTICALIZE_MODEL_MAX_AREA), else what its metadata says (`snapshot_max_area`), else 480P's; never its name."""
     if name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
         return preset if max_area is None else replace(preset, max_area=max_area)

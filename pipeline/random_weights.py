@@ -16,8 +16,8 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-from pipeline.loader import serving_dtype_for
-from pipeline.tiny import _tokenizer
+from pipeline.devices import serving_dtype_for
+from pipeline.tiny import byte_tokenizer
 
 NOISE_WARNING = "RANDOM WEIGHTS: every video is noise (for measuring speed and memory only)"
 MAX_SEQUENCE_LENGTH = 512
@@ -94,7 +94,7 @@ def random_components(device: torch.device | str, dtype: torch.dtype | None = No
             image_encoder = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H_14)).eval()
             vae = AutoencoderKLWan().eval()  # its defaults are Wan2.1's VAE
     return dict(
-        tokenizer=_tokenizer(MAX_SEQUENCE_LENGTH),
+        tokenizer=byte_tokenizer(MAX_SEQUENCE_LENGTH),
         text_encoder=text_encoder,
         image_encoder=image_encoder,
         image_processor=CLIPImageProcessor(crop_size={"height": 224, "width": 224}, size={"shortest_edge": 224}),

@@ -54,7 +54,7 @@ TINY_TRANSFORMER_CONFIG = dict(
 )
 
 
-def _tokenizer(model_max_length: int = MAX_SEQUENCE_LENGTH) -> PreTrainedTokenizerFast:
+def byte_tokenizer(model_max_length: int = MAX_SEQUENCE_LENGTH) -> PreTrainedTokenizerFast:
     """Byte-level vocabulary: every prompt tokenizes, and different prompts give different ids."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
@@ -74,7 +74,7 @@ def _tokenizer(model_max_length: int = MAX_SEQUENCE_LENGTH) -> PreTrainedTokeniz
 
 def build_tiny_components() -> dict[str, object]:
     torch.manual_seed(SEED)
-    tokenizer = _tokenizer()
+    tokenizer = byte_tokenizer()
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=len(tokenizer),

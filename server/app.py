@@ -9,9 +9,9 @@ never a traceback.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse
 from server.callbacks import CallbackDispatcher
 from server.errors import ApiError, error_body, redact_paths
 from server.openapi import openapi_document
+from server.options import ServerOptions
 from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
@@ -33,31 +34,39 @@ from server.worker_reports import WorkerReports
 log = logging.getLogger("particalize.server")
 
 
-def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
-    """The app for `settings`. Its lifespan opens the store (migrating it), starts the callback sender and
-    `settings.workers` worker processes, and stops them on shutdown."""
+class Workers(Protocol):
+    def stop(self) -> None: ...
+
+
+def create_app(
+    options: ServerOptions,
+    open_services: Callable[[], Services],
+    *,
+    close_services: bool = True,
+    start_workers: Callable[[WorkerReports], Workers] | None = None,
+) -> FastAPI:
+    """The app for `options`. Its lifespan opens the services (the store migrated), starts the callback sender and
+    the workers (`start_workers`: worker processes reporting to the given WorkerReports, for a server that runs its
+    own), and stops them on shutdown; it closes the services too unless told they are the caller's."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from server.supervisor import WorkerProcesses
-
-        opened = services or await run_in_threadpool(Services.open, settings)
+        opened = await run_in_threadpool(open_services)
         app.state.services = opened
-        callbacks = CallbackDispatcher(opened.store, opened.detail_body, settings).start()
-        workers = WorkerProcesses(settings, settings.workers, reports=app.state.worker_reports).start() \
-            if settings.workers > 0 else None
+        callbacks = CallbackDispatcher(opened.store, opened.detail_body, options.callbacks).start()
+        workers = None if start_workers is None else await run_in_threadpool(start_workers, app.state.worker_reports)
         try:
             yield
         finally:
             if workers is not None:
                 await run_in_threadpool(workers.stop)
             callbacks.stop()
-            if services is None:
+            if close_services:
                 opened.close()
 
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.openapi = lambda: openapi_document(settings)  # type: ignore[method-assign]  # the routes read raw bodies
-    app.state.rate_limiter = RateLimiter.from_settings(settings)
+    app.openapi = lambda: openapi_document(options)  # type: ignore[method-assign]  # the routes read raw bodies
+    app.state.rate_limiter = RateLimiter.per_minute(options.rate_limit_per_minute)
     app.state.worker_reports = WorkerReports()  # what this process's workers say of themselves (/ready)
     outages = ThrottledLog(log)
     for module in (run, tasks, tool, files, live, metrics, playground, health):

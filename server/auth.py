@@ -14,10 +14,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from server.errors import ApiError
 
@@ -25,6 +25,11 @@ MAX_NONCE_DIGITS = 64
 """Room for any timestamp (nanoseconds are 19 digits) or random integer, with a bound on what is hashed."""
 _NONCE = re.compile(rf"[0-9]{{1,{MAX_NONCE_DIGITS}}}")
 _KEY = re.compile(r"[^\s:,#]+")
+
+
+NonceUnit = Literal["auto", "seconds", "milliseconds", "any"]
+"""How x-nonce is read: "any" (the default) takes any decimal integer, as the seed says ("unix time or any random
+integer value"); the others read it as unix time and turn the freshness window on (an operator's opt-in)."""
 
 
 @dataclass(frozen=True)
@@ -48,14 +53,14 @@ def _add(keys: dict[str, ApiKey], api_key: ApiKey, where: str) -> None:
     keys[api_key.key] = api_key
 
 
-def load_api_keys(settings: Any) -> dict[str, ApiKey]:
-    """Keys from `settings.api_keys` ("k:s,k2:s2,k3:") and `settings.api_keys_file` (one "k:s" a line)."""
+def load_api_keys(api_keys: str | None, api_keys_file: Path | None = None) -> dict[str, ApiKey]:
+    """Keys from `api_keys` ("k:s,k2:s2,k3:") and `api_keys_file` (one "k:s" a line)."""
     keys: dict[str, ApiKey] = {}
-    for index, entry in enumerate((getattr(settings, "api_keys", None) or "").split(",")):
+    for index, entry in enumerate((api_keys or "").split(",")):
         if entry.strip():
             where = f"#{index + 1} in api_keys"
             _add(keys, _parse_entry(entry, where), where)
-    path: Path | None = getattr(settings, "api_keys_file", None)
+    path = api_keys_file
     if path is not None:
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -128,9 +133,6 @@ def _signature_token(value: str) -> str:
     return parts[-1].lower() if parts else ""
 
 
-NonceUnit = Literal["auto", "seconds", "milliseconds", "any"]
-"""How x-nonce is read: "any" (the default) takes any decimal integer, as the seed says ("unix time or any random
-integer value"); the others read it as unix time and turn the freshness window on (an operator's opt-in)."""
 _MS_FROM = 10**11
 """auto: a nonce at or above this is milliseconds (10**11 s is the year 5138; 10**11 ms is 1973)."""
 
@@ -170,6 +172,20 @@ def request_fingerprint(nonce: str, method: str, path: str, body: bytes) -> str:
     return digest.hexdigest()[:40]
 
 
+@dataclass(frozen=True)
+class AuthOptions:
+    """Who may call this server and how a signed request's nonce is checked."""
+
+    keys: Mapping[str, ApiKey] = field(default_factory=dict)
+    """No keys: unsigned requests are accepted (the server then binds loopback only)."""
+    nonce_window_seconds: float = 3600
+    """With a time unit: a timestamp x-nonce further than this from the server's clock is refused. Also how long
+    strict replay protection remembers a request."""
+    nonce_unit: NonceUnit = "any"
+    replay_protection: bool = False
+    """Strict mode: also refuse a request identical to one seen within the window."""
+
+
 class Authenticator:
     """Checks the auth headers of one request against the configured keys.
 
@@ -181,28 +197,13 @@ class Authenticator:
     (same key, nonce, method, path and body).
     """
 
-    def __init__(
-        self,
-        keys: dict[str, ApiKey],
-        nonce_store: NonceStore,
-        nonce_window_seconds: float,
-        replay_protection: bool = False,
-        nonce_unit: NonceUnit = "any",
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._keys = dict(keys)
+    def __init__(self, options: AuthOptions, nonce_store: NonceStore, clock: Callable[[], float] = time.time) -> None:
+        self._keys = dict(options.keys)
         self._nonces = nonce_store
-        self._window = nonce_window_seconds
-        self._replay_protection = replay_protection
-        self._unit = nonce_unit
+        self._window = options.nonce_window_seconds
+        self._replay_protection = options.replay_protection
+        self._unit = options.nonce_unit
         self._clock = clock
-
-    @classmethod
-    def from_settings(cls, settings: Any, nonce_store: NonceStore) -> Authenticator:
-        return cls(
-            load_api_keys(settings), nonce_store, settings.nonce_window_seconds,
-            replay_protection=settings.replay_protection, nonce_unit=settings.nonce_unit,
-        )
 
     @property
     def open(self) -> bool:

@@ -41,13 +41,9 @@ class RequestFields:
     files: dict[str, UploadedFile] = field(default_factory=dict)
 
 
-async def read_fields(request: Request, max_bytes: int) -> RequestFields:
-    """All fields of the request body; raises ApiError(code=0) saying what to send instead."""
-    return await parse_fields(request, await read_body(request, max_bytes), max_bytes)
-
-
 async def parse_fields(request: Request, body: bytes, max_bytes: int) -> RequestFields:
-    """The fields of `body` (read with `read_body`), in the form its Content-Type and content say."""
+    """The fields of `body` (read with `read_body`), in the form its Content-Type and content say; ApiError (code 0)
+    saying what to send instead."""
     if not body.strip():
         return RequestFields()
     media_type, params = parse_options_header(request.headers.get("content-type"))

@@ -3,8 +3,8 @@
 Due callbacks are rows in the store (state `pending`, a next-attempt time), so they survive a restart and
 any API process can send them (a claimed one is held so no other process sends it at the same time).
 Each attempt runs on a small thread pool apart from the queue and the workers, is logged with its
-outcome, and a failure is retried with exponential back-off up to `callback_attempts` times. The same
-SSRF guard as for input images applies.
+outcome, and a failure is retried with exponential back-off up to the store's attempts. The same SSRF guard
+as for input images applies.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -26,12 +27,19 @@ from server.store.outage import StoreHealth, is_outage
 log = logging.getLogger("particalize.callbacks")
 
 
+@dataclass(frozen=True)
+class CallbackOptions:
+    timeout_seconds: float = 10.0
+    """Of one callback POST."""
+    allow_private_urls: bool = False
+
+
 class CallbackDispatcher:
     def __init__(
         self,
         store: TaskStore,
         render: Callable[[Task], dict[str, Any]],
-        settings: Any,
+        options: CallbackOptions,
         *,
         post: Callable[..., int] = post_json,
         poll_seconds: float = 0.2,
@@ -39,7 +47,7 @@ class CallbackDispatcher:
     ) -> None:
         self.store = store
         self.render = render
-        self.settings = settings
+        self.options = options
         self.post = post
         self.poll_seconds = poll_seconds
         self.max_in_flight = max_in_flight
@@ -59,7 +67,7 @@ class CallbackDispatcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
-        hold = self.settings.callback_timeout_seconds * 2 + 5
+        hold = self.options.timeout_seconds * 2 + 5
         while not self._stop.is_set():
             free = 0
             while self._slots.acquire(blocking=False):
@@ -92,8 +100,8 @@ class CallbackDispatcher:
             return False
         try:
             status = self.post(
-                task.callbackurl, self.render(task), timeout=self.settings.callback_timeout_seconds,
-                allow_private=self.settings.allow_private_urls,
+                task.callbackurl, self.render(task), timeout=self.options.timeout_seconds,
+                allow_private=self.options.allow_private_urls,
             )
             delivered = 200 <= status < 300
             outcome = f"HTTP {status}"

@@ -11,8 +11,9 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-from server.tool_info import SLUG_OWNER, SLUG_PROJECT, input_items
-from server.validation import IMAGE_FIELD, IMAGE_URL_FIELD, MAX_URL_CHARS
+from server.options import ServerOptions
+from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD, SLUG_OWNER, SLUG_PROJECT, input_items
+from server.validation import MAX_URL_CHARS
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -63,14 +64,14 @@ def tool_input_schema(item: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "description": description, "default": item["default"]}
 
 
-def _run_body(settings: Any) -> dict[str, Any]:
-    properties = {item["id"]: tool_input_schema(item) for item in input_items(settings)}
+def _run_body(options: ServerOptions) -> dict[str, Any]:
+    properties = {item["id"]: tool_input_schema(item) for item in input_items(options.tool, options.limits)}
     properties["callbackUrl"] = {
         "type": "string", **_URL, "description": "Receives the Task/Detail JSON (POST) when the task ends.",
     }
     limits = (
-        f"Also: width x height at most {settings.max_pixels} pixels; numFrames x width x height x steps at "
-        f"most {settings.max_work} (a size of 0 is checked once the image is read)."
+        f"Also: width x height at most {options.limits.params.max_pixels} pixels; numFrames x width x height x "
+        f"steps at most {options.limits.params.max_work} (a size of 0 is checked once the image is read)."
     )
     as_json = {"type": "object", "properties": properties, "description": f"Send {IMAGE_URL_FIELD} (or the URL in "
                f"{IMAGE_FIELD}). {limits}"}
@@ -160,11 +161,11 @@ def _operation(summary: str, body: dict[str, Any], answer: str) -> dict[str, Any
     }}
 
 
-def openapi_document(settings: Any) -> dict[str, Any]:
-    """The OpenAPI 3.1 description of the Wiro routes for this server's `settings`."""
+def openapi_document(options: ServerOptions) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the Wiro routes for this server's `options`."""
     task_ids = {"taskid": _TEXT, "tasktoken": _TEXT, "socketaccesstoken": _TEXT}
     paths = {
-        RUN_PATH: _operation("Queue a video of the start image", _run_body(settings), "RunAnswer"),
+        RUN_PATH: _operation("Queue a video of the start image", _run_body(options), "RunAnswer"),
         "/v1/Task/Detail": _operation(
             "A task by taskid or tasktoken", _body(_fields(taskid=_TEXT, tasktoken=_TEXT)), "TaskListTotalAnswer"),
         "/v1/Task/Kill": _operation("Stop a running task", _body(_fields(**task_ids)), "TaskListAnswer"),
@@ -197,7 +198,7 @@ def openapi_document(settings: Any) -> dict[str, Any]:
         "/v1/Task/InputOutputDelete": _operation(
             "Delete a finished task's files", _body(_fields(**task_ids)), "EmptyAnswer"),
     }
-    keyed = bool(getattr(settings, "api_keys", None) or getattr(settings, "api_keys_file", None))
+    keyed = bool(options.auth.keys)
     try:
         version = metadata.version("particalize")
     except metadata.PackageNotFoundError:

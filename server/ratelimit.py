@@ -1,4 +1,4 @@
-"""Per-API-key request rate limit (settings.rate_limit_per_minute; 0: off), answered as Wiro's code 96.
+"""Per-API-key request rate limit (PARTICALIZE_RATE_LIMIT_PER_MINUTE; 0: off), answered as Wiro's code 96.
 
 A moving window (the `limits` library): a request is allowed when fewer than `per_minute` requests of the
 same caller were allowed in the last 60 seconds, so there is no burst at window edges. The caller is the API
@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any
 
 from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
@@ -42,10 +41,9 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> RateLimiter | None:
-        """The limiter for `settings.rate_limit_per_minute`; None when it is 0 (no limit)."""
-        per_minute = int(getattr(settings, "rate_limit_per_minute", 0) or 0)
-        return cls(per_minute) if per_minute > 0 else None
+    def per_minute(cls, requests: int) -> RateLimiter | None:
+        """The limiter allowing `requests` a minute; None when it is 0 (no limit)."""
+        return cls(requests) if requests > 0 else None
 
     def check(self, caller: str, *, by_address: bool = False) -> None:
         """Count one request of `caller` (an API key, or a client address when `by_address`); raise

@@ -1,7 +1,7 @@
 """Where output files live and the URLs they are served at.
 
-Outputs live in an fsspec filesystem (settings.storage_url: a local directory, a shared mount, s3://, gs://, ...;
-default the local data_dir/outputs) as <root>/<task uuid>/<name>. Each is stored atomically: copied to a hidden
+Outputs live in an fsspec filesystem (StorageOptions.url: a local directory, a shared mount, s3://, gs://, ...;
+by default the local data_dir/outputs) as <root>/<task uuid>/<name>. Each is stored atomically: copied to a hidden
 temporary name beside its final one, then moved into place, so a reader never sees a half-written file. They are
 served at <public base URL>/files/<task uuid>/<name> by any API replica configured with the same storage_url.
 Uploaded inputs live in the database and are served at <public base URL>/files/uploads/<upload id>/<name>.
@@ -15,15 +15,14 @@ import mimetypes
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from particalize.settings import parse_json_object
 from server.errors import public_text
 
 log = logging.getLogger("particalize.storage")
@@ -38,6 +37,18 @@ OUTPUT_TYPE = "video/mp4"
 CHUNK_BYTES = 1024 * 1024
 
 
+@dataclass(frozen=True)
+class StorageOptions:
+    """Where outputs are stored and the URL they are served under."""
+
+    url: str
+    """An fsspec URL or a local directory."""
+    base_url: str
+    """This server's public base; outputs are served at <base_url>/files/..."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """fsspec options for `url` (endpoint_url, key, secret, ...)."""
+
+
 class StorageError(Exception):
     """Storing an output failed; the message says what and why (a client reads it in debugerror)."""
 
@@ -49,18 +60,6 @@ class StoredFile:
     relpath: str
     size: int | None
     local_path: Path | None
-
-
-def base_url_of(settings: Any) -> str:
-    """settings.public_base_url, or http://host:port of this server."""
-    if settings.public_base_url:
-        return str(settings.public_base_url).rstrip("/")
-    host = settings.host
-    if host in ("", "0.0.0.0", "::"):
-        host = settings.node_name
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
 
 
 def safe_name(name: str, default: str) -> str:
@@ -104,11 +103,12 @@ def _human(size: float) -> str:
 
 
 class Storage:
-    """Outputs in one fsspec filesystem under `url`; output URLs under `base_url`."""
+    """Outputs in one fsspec filesystem under `options.url`; output URLs under `options.base_url`."""
 
-    def __init__(self, url: str, base_url: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, options: StorageOptions) -> None:
+        url = options.url
         try:
-            self.fs, root = url_to_fs(url, **(options or {}))
+            self.fs, root = url_to_fs(url, **options.options)
         except ImportError as exc:
             raise ValueError(f"PARTICALIZE_STORAGE_URL={url} needs a package that is not installed ({exc}); for "
                              "s3:// install the s3 extra: pip install 'particalize[s3]'.") from None
@@ -116,14 +116,8 @@ class Storage:
             raise ValueError(f"PARTICALIZE_STORAGE_URL={url} is not a usable fsspec URL: {exc}") from None
         self.url = url
         self.root = root.rstrip("/") or root
-        self.base_url = base_url.rstrip("/")
+        self.base_url = options.base_url.rstrip("/")
         self.local_root = Path(self.root).resolve() if isinstance(self.fs, LocalFileSystem) else None
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> Storage:
-        url = settings.storage_url or str(Path(settings.outputs_dir).resolve())
-        options = parse_json_object(settings.storage_options, "PARTICALIZE_STORAGE_OPTIONS")
-        return cls(url, base_url_of(settings), options)
 
     # --- names and URLs --------------------------------------------------------------------------
 
@@ -254,7 +248,3 @@ class Storage:
     @staticmethod
     def is_upload_id(value: str) -> bool:
         return bool(_HEX_ID.fullmatch(value))
-
-    @staticmethod
-    def is_file_name(value: str) -> bool:
-        return bool(_NAME.fullmatch(value))

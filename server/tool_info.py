@@ -1,17 +1,22 @@
 """The one tool this server runs, described as Wiro describes tools: names, defaults and limits.
 
-Input ids, labels, types and defaults are the published page's; the limits are this server's
-(from settings), so Tool/Detail always says what Run will accept.
+The inputs are the parameter model's (pipeline.inputs reads GenerationParams' fields: ids, labels, types,
+defaults, help), with this server's limits filled in, so Tool/Detail always says what Run will accept; the two
+start-image inputs, which only the HTTP API has, are described here.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.fast import NORMAL, FastMode
 from pipeline.images import MAX_IMAGE_PIXELS
-from pipeline.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_PROMPT_CHARS, MAX_SEED
+from pipeline.inputs import ADVANCED_IDS, INPUT_IDS, ToolInput, tool_inputs
+from pipeline.params import DEFAULT_PROMPT
 from server.inspire import INSPIRE
+from server.limits import RequestLimits
 from server.search import Document
 
 SLUG_OWNER = "codexq"
@@ -29,14 +34,24 @@ CATEGORIES = ["model", "persistent", "image-to-video", "h100", "lora-wan2.1", "c
 CATEGORIES_TEXT = json.dumps(CATEGORIES)
 """In a TASK, `categories` is a JSON text (as on the published page); in Tool/Detail it is an array."""
 
-TOOL_INPUTS = (
-    "inputImageUrl", "inputImage", "prompt", "negativePrompt", "fps", "width", "height", "numFrames", "steps",
-    "scale", "flowShift", "seed",
-)
+IMAGE_FIELD = "inputImage"
+"""The start image as a multipart file part (or its URL as the value)."""
+IMAGE_URL_FIELD = "inputImageUrl"
+TOOL_INPUTS = (IMAGE_URL_FIELD, IMAGE_FIELD, *INPUT_IDS)
 """The Run fields recorded as a task's parameters; anything else a client sends is ignored."""
-ADVANCED_INPUTS = ("mode",)
+ADVANCED_INPUTS = ADVANCED_IDS
 """Inputs the hosted tool does not have: Wiro clients may leave them out (Tool/Detail lists them as advanced)."""
-TOOL_INPUTS += ADVANCED_INPUTS
+
+
+@dataclass(frozen=True)
+class ToolOptions:
+    """What Tool/Detail says about this server beyond its request limits."""
+
+    model: str = "tiny"
+    fast: FastMode = field(default_factory=FastMode)
+    """Fast mode's sampling, offered when the request limits allow fast mode (a speed LoRA is configured)."""
+    default_mode: str = NORMAL
+    cost_per_second: float = 0.0
 
 
 def is_this_tool(owner: str, project: str) -> bool:
@@ -54,55 +69,50 @@ def _item(id_: str, type_: str, label: str, description: str, default: str, **ex
             "required": False, **extra}
 
 
-def input_items(settings: Any) -> list[dict[str, Any]]:
+def _image_items(limits: RequestLimits) -> list[dict[str, Any]]:
+    note = f"at most {limits.max_image_bytes} bytes and {MAX_IMAGE_PIXELS} pixels"
     return [
-        _item("inputImage", "fileinput", "input-image",
+        _item(IMAGE_FIELD, "fileinput", "input-image",
               "the start image (PNG, JPEG or WebP) as a multipart file part, or its http(s) URL as the value; "
-              "one of inputImage and inputImageUrl is needed", "",
-              note=f"at most {settings.max_image_bytes} bytes and {MAX_IMAGE_PIXELS} pixels"),
-        _item("inputImageUrl", "text", "input-image-url",
+              f"one of {IMAGE_FIELD} and {IMAGE_URL_FIELD} is needed", "", note=note),
+        _item(IMAGE_URL_FIELD, "text", "input-image-url",
               "http(s) URL of the start image (PNG, JPEG or WebP), e.g. one File/Upload answered; one of "
-              "inputImage and inputImageUrl is needed", "",
-              note=f"at most {settings.max_image_bytes} bytes and {MAX_IMAGE_PIXELS} pixels"),
-        _item("prompt", "textarea", "prompt", "What happens in the video.", DEFAULT_PROMPT,
-              max=MAX_PROMPT_CHARS),
-        _item("negativePrompt", "textarea", "negativePrompt", "negative prompt", DEFAULT_NEGATIVE_PROMPT,
-              max=MAX_PROMPT_CHARS),
-        _item("fps", "number", "fps", "frame rate of the output video", "16", min=1, max=60, step=1),
-        _item("width", "number", "width", "0: from the input image's aspect ratio; else a multiple of 16",
-              "0", min=0, max=settings.max_side, step=16),
-        _item("height", "number", "height", "0: from the input image's aspect ratio; else a multiple of 16",
-              "0", min=0, max=settings.max_side, step=16,
-              note=f"width x height at most {settings.max_pixels} pixels"),
-        _item("numFrames", "number", "num-frames", "4*n + 1", "81", min=1, max=settings.max_num_frames, step=4),
-        _item("steps", "number", "inferencesteps", "denoising steps", "30", min=1, max=settings.max_steps,
-              step=1),
-        _item("scale", "float", "guidancescale", "classifier-free guidance scale", "5.0", min=0, max=30,
-              step=0.1),
-        _item("flowShift", "float", "flowShift", "flow shift (greater than 0)", "5.0", min=0, max=50, step=0.1),
-        _item("seed", "number", "seed", "empty or -1: random; the seed used is recorded in the task", "",
-              min=-1, max=MAX_SEED, step=1),
+              f"{IMAGE_FIELD} and {IMAGE_URL_FIELD} is needed", "", note=note),
     ]
 
 
-def advanced_groups(settings: Any) -> list[dict[str, Any]]:
-    """`mode`, on a server with a speed LoRA (without one, a request for fast mode is refused, naming the setting)."""
-    if not getattr(settings, "speed_lora", None):
-        return []
-    steps = settings.fast_steps
-    mode = _item(
-        "mode", "select", "mode",
-        f"fast: the step-distilled speed LoRA with {steps} steps, guidance scale {settings.fast_scale:g} and flow "
-        f"shift {settings.fast_flow_shift:g} (steps, scale and flowShift sent are not used; "
-        f"{steps if settings.fast_scale <= 1 else 2 * steps} transformer forwards instead of 2 x steps). "
-        "normal: steps, scale and flowShift as sent. Empty: this server's default.",
-        settings.mode, options=[{"label": "normal", "value": "normal"}, {"label": "fast", "value": "fast"}],
-        advanced=True,
-    )
-    return [{"title": "Advanced", "items": [mode]}]
+def _input_item(spec: ToolInput) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if spec.kind == "textarea":
+        extra["max"] = spec.max_length
+    elif spec.kind == "select":
+        extra["options"] = [{"label": choice, "value": choice} for choice in spec.choices]
+    else:
+        extra.update(min=spec.low, max=spec.high, step=spec.step)
+    if spec.note:
+        extra["note"] = spec.note
+    if spec.advanced:
+        extra["advanced"] = True
+    return _item(spec.id, spec.kind, spec.label, spec.help, spec.default, **extra)
 
 
-def tool_detail(settings: Any) -> dict[str, Any]:
+def _inputs(tool: ToolOptions, limits: RequestLimits) -> list[ToolInput]:
+    return tool_inputs(limits.params, tool.fast, tool.default_mode)
+
+
+def input_items(tool: ToolOptions, limits: RequestLimits) -> list[dict[str, Any]]:
+    """Tool/Detail's "Input" group: the start image, then every input of the hosted tool."""
+    return [*_image_items(limits), *(_input_item(spec) for spec in _inputs(tool, limits) if not spec.advanced)]
+
+
+def advanced_groups(tool: ToolOptions, limits: RequestLimits) -> list[dict[str, Any]]:
+    """The inputs the hosted tool does not have, when this server offers them (`mode`: with a speed LoRA; without
+    one, a request for fast mode is refused, naming the setting)."""
+    items = [_input_item(spec) for spec in _inputs(tool, limits) if spec.advanced]
+    return [{"title": "Advanced", "items": items}] if items else []
+
+
+def tool_detail(tool: ToolOptions, limits: RequestLimits) -> dict[str, Any]:
     """One element of Tool/Detail's `tool` list."""
     return {
         "id": "1",
@@ -118,14 +128,14 @@ def tool_detail(settings: Any) -> dict[str, Any]:
         "readme": README,
         "categories": list(CATEGORIES),
         "tags": list(TAGS),
-        "parameters": [{"title": "Input", "items": input_items(settings)}, *advanced_groups(settings)],
+        "parameters": [{"title": "Input", "items": input_items(tool, limits)}, *advanced_groups(tool, limits)],
         "inspire": [dict(example) for example in INSPIRE],
         "samples": [],
         "marketplace": 0,
         "onlymembers": "0",
-        "cps": f"{settings.cost_per_second:.12f}",
-        "dynamicprice": json.dumps([{"inputs": {}, "price": settings.cost_per_second, "priceMethod": "cps"}]),
-        "model": settings.model,
+        "cps": f"{tool.cost_per_second:.12f}",
+        "dynamicprice": json.dumps([{"inputs": {}, "price": tool.cost_per_second, "priceMethod": "cps"}]),
+        "model": tool.model,
     }
 
 

@@ -17,17 +17,15 @@ from PIL import Image
 
 from pipeline.errors import InvalidParameter
 from pipeline.images import decode_image, image_size
-from pipeline.params import GenerationParams, Limits, limits_from_settings, parse_params, size_for_image
+from pipeline.params import GenerationParams, Limits, parse_params, size_for_image
 from server.bodies import RequestFields, UploadedFile
 from server.errors import ApiError
 from server.netguard import PrivateAddress, UnresolvableHost, UnsafeUrl, check_url
 from server.storage import Storage, safe_name
 from server.store import NewUpload, TaskStore, new_id
-from server.tool_info import TOOL_INPUTS
+from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD, TOOL_INPUTS
 
 MAX_URL_CHARS = 2048
-IMAGE_FIELD = "inputImage"
-IMAGE_URL_FIELD = "inputImageUrl"
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ def _as_text(name: str, value: Any) -> str:
 def parse_run(fields: RequestFields, settings: Any, storage: Storage, store: TaskStore) -> RunRequest:
     values = {k: v for k, v in fields.values.items() if k in TOOL_INPUTS or k == "callbackUrl"}
     parameters = {k: _as_text(k, v) for k, v in values.items() if k in TOOL_INPUTS}
-    limits = limits_from_settings(settings)
+    limits = settings.params
     try:
         params = parse_params(values, limits).with_seed()
     except InvalidParameter as exc:

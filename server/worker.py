@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.errors import Interrupted, InvalidParameter
 from pipeline.images import decode_image
-from pipeline.params import GenerationParams, limits_from_settings, parse_params, size_for_image
+from pipeline.params import GenerationParams, parse_params, size_for_image
 from pipeline.video import write_mp4
 from server.errors import public_text
 from server.netguard import FetchError, UnsafeUrl, fetch_url
@@ -129,7 +129,9 @@ class Worker:
         self.settings = settings
         self.worker_id = worker_id
         self.fetch = fetch
-        self.limits = limits_from_settings(settings)
+        from particalize.compose import limits  # until the worker takes typed options (issue 16, part A)
+
+        self.limits = limits(settings)
         self.stop_event = threading.Event()
         self._finished = threading.Event()
         self.current_task: int | None = None
@@ -517,7 +519,7 @@ def _set_cpu_threads(settings: Any) -> None:
     """On CPU, leave one core to the API process (unless told otherwise)."""
     import torch
 
-    from pipeline.loader import pick_device
+    from pipeline.devices import pick_device
 
     if pick_device(settings.device).type != "cpu":
         return
@@ -539,7 +541,8 @@ def run_worker(
     running task its grace period; a plain Event stops it at once). `report`: the pipe to the serve process that
     started this worker, if one did. Returns the process exit code."""
     from particalize import __version__
-    from pipeline.generator import generator_from_settings
+    from particalize.compose import make_generator
+    from particalize.compose_server import open_storage
 
     health = StoreHealth(log)  # a worker started during a store outage waits for the store, it does not crash
 
@@ -553,7 +556,7 @@ def run_worker(
     if generator is None:
         try:
             _set_cpu_threads(settings)
-            generator = generator_from_settings(settings)
+            generator = make_generator(settings)
         except Exception as exc:
             log.error("worker %s cannot load model %s: %s", worker_id, settings.model, exc)
             store.worker_state(worker_id, "failed", detail=str(exc))
@@ -571,7 +574,7 @@ def run_worker(
                                           device=str(generator.device), state="stopping" if stop_event.is_set()
                                           else "ready", detail=loaded, version=__version__))
     log.info("worker %s ready: model %s on %s", worker_id, settings.model, generator.device)
-    worker = Worker(store, Storage.from_settings(settings), generator, settings, worker_id=worker_id, report=report)
+    worker = Worker(store, open_storage(settings), generator, settings, worker_id=worker_id, report=report)
     try:
         worker.run(stop_event, parent_pid=parent_pid)
     finally:

@@ -124,7 +124,7 @@ def store(settings: Settings) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def tiny_generator(tmp_path_factory: pytest.TempPathFactory):
     """One warm tiny model for the whole session (as a worker keeps it)."""
-    from pipeline.generator import VideoGenerator
+    from pipeline.generator import GeneratorOptions, VideoGenerator
     from pipeline.presets import get_preset
 
-    return VideoGenerator(get_preset("tiny"), weights_dir=tmp_path_factory.mktemp("weights"))
+    return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path_factory.mktemp("weights")))

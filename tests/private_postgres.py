@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from server.harness import free_port
+from benchmarks.harness import free_port
 
 
 def postgres_bin() -> Path | None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from pipeline import fa4
 from pipeline.acceleration import Applied, SpeedOptions, choose_attention, float8_filter, resolve_compile
-from pipeline.generator import VideoGenerator
+from pipeline.generator import GeneratorOptions, VideoGenerator
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from tests.images import noise_image
@@ -28,7 +28,7 @@ CUDA = torch.device("cuda")
 
 
 def make(tmp: Path, **speed) -> VideoGenerator:
-    return VideoGenerator(get_preset("tiny"), weights_dir=tmp, speed=SpeedOptions(**speed))
+    return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, speed=SpeedOptions(**speed)))
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,8 @@ def test_a_random_weights_generator_makes_a_video_with_the_real_pipeline_parts(t
                                                            num_layers=1, num_heads=2))
     monkeypatch.setattr(rw, "CLIP_VIT_H_14", rw.CLIP_VIT_H_14 | dict(hidden_size=16, intermediate_size=32,
                                                                      num_hidden_layers=2, num_attention_heads=2))
-    gen = VideoGenerator(get_preset("wan2.1-i2v-14b-480p"), weights_dir=tmp_path / "nothing-here",
-                         random_weights=True, device="cpu")
+    gen = VideoGenerator(GeneratorOptions(get_preset("wan2.1-i2v-14b-480p"), tmp_path / "nothing-here",
+                                          random_weights=True, device="cpu"))
     assert gen.random_weights
     video = gen.generate(PARAMS.model_copy(update={"steps": 2}), IMAGE)
     assert video.frames.shape == (9, 32, 48, 3) and np.isfinite(video.frames).all()

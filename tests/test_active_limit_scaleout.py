@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.harness import ServeProcess
 from server.auth import sign
-from server.harness import ServeProcess
 from server.store import Database, TaskStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from particalize.compose_server import build_app
 from pipeline.video import read_mp4
-from server.app import create_app
 from server.auth import sign
 from server.worker import Worker
 from tests.conftest import make_settings
@@ -84,7 +84,7 @@ def settings(tmp_path: Path, db_url: str):
 
 @pytest.fixture
 def client(settings) -> TestClient:
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         yield client
 
 
@@ -93,9 +93,9 @@ def api(client: TestClient) -> Api:
     return Api(client)
 
 
-def run_worker_once(client: TestClient, generator) -> bool:
+def run_worker_once(client: TestClient, settings, generator) -> bool:
     services = client.app.state.services
-    worker = Worker(services.store, services.storage, generator, services.settings, worker_id="testnode/gpu0")
+    worker = Worker(services.store, services.storage, generator, settings, worker_id="testnode/gpu0")
     return worker.run_once()
 
 
@@ -174,9 +174,9 @@ def test_run_with_json_urlencoded_and_real_multipart(api: Api):
     assert served.headers["content-type"] == "image/png"
 
 
-def test_a_whole_task_through_the_api_and_its_output(api: Api, tiny_generator):
+def test_a_whole_task_through_the_api_and_its_output(api: Api, settings, tiny_generator):
     run = api.multipart(RUN, SMALL, {"inputImage": ("in.png", png_bytes(40, 40), "image/png")}).json()
-    assert run_worker_once(api.client, tiny_generator)
+    assert run_worker_once(api.client, settings, tiny_generator)
     task = api.detail(tasktoken=run["socketaccesstoken"])["tasklist"][0]
     assert_task_shape(task)
     assert task["status"] == "task_postprocess_end" and task["pexit"] == "0" and task["debugerror"] == ""
@@ -188,7 +188,7 @@ def test_a_whole_task_through_the_api_and_its_output(api: Api, tiny_generator):
     video = api.client.get(out["url"])
     assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
     assert len(video.content) == int(out["size"])
-    path = Path(api.client.app.state.services.settings.outputs_dir) / task["uuid"] / "0.mp4"
+    path = Path(settings.outputs_dir) / task["uuid"] / "0.mp4"
     _meta, frames = read_mp4(path)
     assert frames.shape == (9, 32, 32, 3)
 
@@ -217,7 +217,7 @@ def test_bad_signature_and_missing_headers_get_401_and_any_integer_nonce_passes(
 def test_the_opt_in_freshness_window_refuses_a_stale_nonce(tmp_path: Path, db_url: str):
     settings = make_settings(tmp_path, db_url, api_keys=f"{KEY}:{SECRET}", allow_private_urls=True,
                              nonce_unit="auto")
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         api = Api(client)
         body = {"inputImageUrl": IMAGE_URL, **SMALL}
         assert_error(api.seed(RUN, body, headers=signed(nonce="1000")), 0, status=401, contains="freshness window")
@@ -276,7 +276,7 @@ def test_malformed_bodies_get_the_error_shape(api: Api):
 
 def test_private_addresses_are_refused_for_images_and_callbacks(tmp_path: Path, db_url: str):
     settings = make_settings(tmp_path, db_url)  # defaults: no keys (loopback), private URLs refused
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         api = Api(client)
         for url in ("http://127.0.0.1:8000/x.png", "http://169.254.169.254/latest/meta-data",
                     "http://10.0.0.1/x.png", "http://[::1]/x.png", "http://localhost/x.png"):
@@ -307,7 +307,7 @@ def test_unknown_routes_answer_404_error_parsing_url(client: TestClient):
 
 def test_unexpected_errors_answer_the_error_shape_not_a_traceback(tmp_path: Path, db_url: str, monkeypatch):
     settings = make_settings(tmp_path, db_url)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(build_app(settings), raise_server_exceptions=False) as client:
         def broken(*args, **kwargs):
             raise RuntimeError("database on fire")
 
@@ -400,11 +400,11 @@ def test_file_upload_answers_a_url_usable_as_input_image_url(api: Api):
     assert_error(api.json("/v1/File/Upload", {}), 0, contains="[file]")
 
 
-def test_input_output_delete_removes_a_finished_tasks_files_idempotently(api: Api, tiny_generator):
+def test_input_output_delete_removes_a_finished_tasks_files_idempotently(api: Api, settings, tiny_generator):
     run = api.multipart(RUN, SMALL, {"inputImage": ("in.png", png_bytes(), "image/png")}).json()
     token = run["socketaccesstoken"]
     assert_error(api.json("/v1/Task/InputOutputDelete", {"tasktoken": token}), 0, contains="completed or cancelled")
-    assert run_worker_once(api.client, tiny_generator)
+    assert run_worker_once(api.client, settings, tiny_generator)
     task = api.detail(taskid=run["taskid"])["tasklist"][0]
     output_url, input_url = task["outputs"][0]["url"], task["parameters"]["inputImage"]
     assert api.client.get(output_url).status_code == 200
@@ -430,7 +430,7 @@ def test_files_route_serves_nothing_outside_the_outputs(api: Api, settings):
 
 
 def test_without_keys_unsigned_requests_are_served(tmp_path: Path, db_url: str):
-    with TestClient(create_app(make_settings(tmp_path, db_url, allow_private_urls=True))) as client:
+    with TestClient(build_app(make_settings(tmp_path, db_url, allow_private_urls=True))) as client:
         run = client.post(RUN, json={"inputImageUrl": IMAGE_URL, **SMALL}).json()
         assert run["result"] is True
         assert client.post("/v1/Task/Detail", data={"taskid": run["taskid"]}).json()["total"] == "1"

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import pytest
 from starlette.datastructures import Headers
@@ -17,6 +16,7 @@ from server.auth import (
     MAX_NONCE_DIGITS,
     ApiKey,
     Authenticator,
+    AuthOptions,
     MemoryNonceStore,
     load_api_keys,
     new_key_pair,
@@ -38,8 +38,8 @@ OTHER_SIGNED = "other-key"
 def make_auth(replay_protection: bool = False, window: float = 300, unit: str = "any") -> Authenticator:
     """As the server runs by default (unit "any": no freshness window); unit seconds/milliseconds/auto: opt-in."""
     keys = {KEY: ApiKey(KEY, SECRET), KEY_ONLY: ApiKey(KEY_ONLY, None), OTHER_SIGNED: ApiKey(OTHER_SIGNED, "s2")}
-    return Authenticator(keys, MemoryNonceStore(), window, replay_protection=replay_protection, nonce_unit=unit,
-                         clock=lambda: NOW)
+    options = AuthOptions(keys, window, nonce_unit=unit, replay_protection=replay_protection)
+    return Authenticator(options, MemoryNonceStore(), clock=lambda: NOW)
 
 
 def seconds_nonce(offset: float = 0) -> str:
@@ -259,7 +259,7 @@ def test_signed_key_refuses_unsigned_requests() -> None:
 
 
 def test_open_mode_accepts_unsigned_requests() -> None:
-    auth = Authenticator({}, MemoryNonceStore(), 300)
+    auth = Authenticator(AuthOptions({}, 300), MemoryNonceStore())
     assert auth.open
     assert auth.authenticate(Headers({})) is None
     assert auth.authenticate(Headers({"x-api-key": "anything"})) is None
@@ -287,19 +287,19 @@ def test_nonce_store_memory_is_bounded() -> None:
 def test_new_key_pair_is_fresh_and_loadable() -> None:
     (key, secret), (key2, _) = new_key_pair(), new_key_pair()
     assert key != key2 and len(key) >= 20 and len(secret) >= 32
-    loaded = load_api_keys(SimpleNamespace(api_keys=f"{key}:{secret}", api_keys_file=None))
+    loaded = load_api_keys(f"{key}:{secret}", None)
     assert loaded == {key: ApiKey(key, secret)}
 
 
 def test_load_api_keys_from_settings_string() -> None:
-    keys = load_api_keys(SimpleNamespace(api_keys=" a:one, b:two ,c:,", api_keys_file=None))
+    keys = load_api_keys(" a:one, b:two ,c:,", None)
     assert keys == {"a": ApiKey("a", "one"), "b": ApiKey("b", "two"), "c": ApiKey("c", None)}
 
 
 def test_load_api_keys_from_file(tmp_path) -> None:
     path = tmp_path / "keys.txt"
     path.write_text("# operators\n\nfile-key:file-secret\n  spaced : secret2  \nplain:\n")
-    keys = load_api_keys(SimpleNamespace(api_keys="env:s", api_keys_file=path))
+    keys = load_api_keys("env:s", path)
     assert keys == {
         "env": ApiKey("env", "s"),
         "file-key": ApiKey("file-key", "file-secret"),
@@ -309,13 +309,13 @@ def test_load_api_keys_from_file(tmp_path) -> None:
 
 
 def test_load_api_keys_with_nothing_configured_is_open() -> None:
-    assert load_api_keys(SimpleNamespace(api_keys=None, api_keys_file=None)) == {}
+    assert load_api_keys(None, None) == {}
 
 
 @pytest.mark.parametrize("entry", ["nocolon", ":secret", "a b:secret", "k:sec ret"])
 def test_malformed_key_entry_is_an_error_naming_it(entry: str) -> None:
     with pytest.raises(ValueError, match="Malformed API key entry") as caught:
-        load_api_keys(SimpleNamespace(api_keys=f"good:x,{entry}", api_keys_file=None))
+        load_api_keys(f"good:x,{entry}", None)
     assert "#2" in str(caught.value)
 
 
@@ -323,26 +323,27 @@ def test_malformed_file_line_is_an_error_naming_the_line(tmp_path) -> None:
     path = tmp_path / "keys.txt"
     path.write_text("# comment\nok:secret\nbroken-line\n")
     with pytest.raises(ValueError, match=r"keys\.txt:3"):
-        load_api_keys(SimpleNamespace(api_keys=None, api_keys_file=path))
+        load_api_keys(None, path)
 
 
 def test_conflicting_duplicate_key_is_an_error() -> None:
     with pytest.raises(ValueError, match="twice"):
-        load_api_keys(SimpleNamespace(api_keys="k:one,k:two", api_keys_file=None))
+        load_api_keys("k:one,k:two", None)
 
 
 def test_missing_keys_file_is_an_error(tmp_path) -> None:
     with pytest.raises(ValueError, match="api_keys_file"):
-        load_api_keys(SimpleNamespace(api_keys=None, api_keys_file=tmp_path / "absent"))
+        load_api_keys(None, tmp_path / "absent")
 
 
 def test_settings_default_to_any_nonce_a_generous_opt_in_window_and_strict_mode_off() -> None:
+    from particalize.compose_server import auth_options
     from particalize.settings import Settings
 
     settings = Settings(api_keys="a:b,c:", api_keys_file=None)
     assert settings.replay_protection is False and settings.nonce_window_seconds == 3600
     assert settings.nonce_unit == "any", "the seed: 'unix time or any random integer value'"
-    assert Authenticator.from_settings(settings, MemoryNonceStore()).authenticate(
+    assert Authenticator(auth_options(settings), MemoryNonceStore()).authenticate(
         Headers({"x-api-key": "a", "x-nonce": "12345", "x-signature": sign("a", "b", "12345")})) == "a"
     assert Settings(replay_protection=True).replay_protection is True
-    assert load_api_keys(settings) == {"a": ApiKey("a", "b"), "c": ApiKey("c", None)}
+    assert load_api_keys(settings.api_keys, settings.api_keys_file) == {"a": ApiKey("a", "b"), "c": ApiKey("c", None)}

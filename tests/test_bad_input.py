@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from particalize.compose_server import build_app
 from pipeline.errors import InvalidParameter
 from pipeline.images import MAX_IMAGE_PIXELS, decode_image
-from server.app import create_app
 from tests.conftest import make_settings
 
 RUN = "/v1/Run/codexq/Particalize"
@@ -32,7 +32,7 @@ def blank_png(width: int, height: int) -> bytes:
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}")
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         yield client
 
 

@@ -15,8 +15,9 @@ from PIL import Image
 from particalize.batch import run_batch
 from particalize.batch_manifest import Manifest
 from particalize.batch_plan import load_jobs
+from particalize.compose import make_generator
 from particalize.settings import Settings
-from pipeline.generator import VideoGenerator, generator_from_settings
+from pipeline.generator import VideoGenerator
 from pipeline.params import Limits
 from pipeline.video import read_mp4
 from tests.images import noise_image
@@ -26,7 +27,7 @@ SMALL = {"width": 32, "height": 32, "numFrames": 5, "steps": 1}
 
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory: pytest.TempPathFactory) -> VideoGenerator:
-    return generator_from_settings(Settings(model="tiny", weights_dir=tmp_path_factory.mktemp("weights")))
+    return make_generator(Settings(model="tiny", weights_dir=tmp_path_factory.mktemp("weights")))
 
 
 def write_batch(folder: Path, rows: list[dict[str, Any] | str]) -> Path:
@@ -87,10 +88,10 @@ def test_tool_flags_are_defaults_and_rows_win(tmp_path):
 
 
 def test_every_invalid_row_is_reported_with_its_line_before_anything_runs(tmp_path, monkeypatch, capsys):
-    import pipeline.generator as generator_module
+    import particalize.compose as compose
     from particalize.cli import main
 
-    monkeypatch.setattr(generator_module, "generator_from_settings",
+    monkeypatch.setattr(compose, "make_generator",
                         lambda *a, **k: pytest.fail("the model was loaded for an invalid batch"))
     path = write_batch(tmp_path, [
         {"image": "in.png", **SMALL},                           # 1 fine

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
-from server.bodies import read_fields
+from server.bodies import parse_fields, read_body
 from server.errors import ApiError, error_body
 
 MAX_BYTES = 4096
@@ -32,7 +32,7 @@ def make_app() -> FastAPI:
 
     @app.post("/echo")
     async def echo(request: Request) -> dict:
-        fields = await read_fields(request, MAX_BYTES)
+        fields = await parse_fields(request, await read_body(request, MAX_BYTES), MAX_BYTES)  # as the routes read
         files = {
             name: {
                 "filename": f.filename,

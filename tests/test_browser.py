@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from benchmarks.harness import ROOT, ServeProcess
 from server.auth import sign
-from server.harness import ROOT, ServeProcess
 from tests.images import png_bytes
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
+from particalize.compose_server import build_app
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
@@ -50,18 +50,22 @@ class Receiver(LoopbackServer):
 
 
 @pytest.fixture
-def client(tmp_path: Path):
-    settings = make_settings(tmp_path, None, allow_private_urls=True, callback_attempts=3,
-                             callback_backoff_seconds=0.2, callback_timeout_seconds=0.5)
-    with TestClient(create_app(settings)) as client:
+def settings(tmp_path: Path):
+    return make_settings(tmp_path, None, allow_private_urls=True, callback_attempts=3,
+                         callback_backoff_seconds=0.2, callback_timeout_seconds=0.5)
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(build_app(settings)) as client:
         yield client
 
 
-def run_task(client: TestClient, callback_url: str, generator) -> str:
+def run_task(client: TestClient, settings, callback_url: str, generator) -> str:
     files = {"inputImage": ("in.png", png_bytes(32, 32), "image/png")}
     run = client.post(RUN, data={**SMALL, "callbackUrl": callback_url}, files=files).json()
     services = client.app.state.services
-    Worker(services.store, services.storage, generator, services.settings, worker_id="t/gpu0").run_once()
+    Worker(services.store, services.storage, generator, settings, worker_id="t/gpu0").run_once()
     return run["taskid"]
 
 
@@ -76,11 +80,11 @@ def callback_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "particalize.callbacks"]
 
 
-def test_the_detail_json_is_posted_and_a_failure_retried_with_back_off(client, tiny_generator, caplog):
+def test_the_detail_json_is_posted_and_a_failure_retried_with_back_off(client, settings, tiny_generator, caplog):
     caplog.set_level(logging.INFO, logger="particalize.callbacks")
     receiver = Receiver([500, 200])
     try:
-        taskid = run_task(client, receiver.url, tiny_generator)
+        taskid = run_task(client, settings, receiver.url, tiny_generator)
         store = client.app.state.services.store
         wait_for(lambda: store.get(int(taskid)).callback_state == "delivered")
         assert len(receiver.bodies) == 2
@@ -97,13 +101,13 @@ def test_the_detail_json_is_posted_and_a_failure_retried_with_back_off(client, t
         receiver.close()
 
 
-def test_a_dead_callback_gives_up_and_never_holds_the_queue(client, tiny_generator, caplog):
+def test_a_dead_callback_gives_up_and_never_holds_the_queue(client, settings, tiny_generator, caplog):
     caplog.set_level(logging.INFO, logger="particalize.callbacks")
     slow = Receiver([200], delay=3.0)  # answers after the 0.5 s timeout: every attempt fails
     try:
         started = time.monotonic()
-        first = run_task(client, slow.url, tiny_generator)
-        second = run_task(client, "", tiny_generator)
+        first = run_task(client, settings, slow.url, tiny_generator)
+        second = run_task(client, settings, "", tiny_generator)
         assert time.monotonic() - started < 5, "the worker did not wait for the callback"
         store = client.app.state.services.store
         assert store.get(int(second)).status == "task_postprocess_end"

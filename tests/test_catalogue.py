@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from particalize.compose_server import build_app
 from pipeline.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
-from server.app import create_app
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
@@ -22,9 +22,13 @@ SMALL = {"inputImageUrl": "http://127.0.0.1:9/dog.png", "numFrames": "9", "steps
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[TestClient]:
-    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", allow_private_urls=True)
-    with TestClient(create_app(settings)) as client:
+def settings(tmp_path: Path):
+    return make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", allow_private_urls=True)
+
+
+@pytest.fixture
+def client(settings) -> Iterator[TestClient]:
+    with TestClient(build_app(settings)) as client:
         yield client
 
 
@@ -157,7 +161,7 @@ def test_tool_detail_lists_the_image_file_and_url_inputs_neither_required_alone(
     assert "one of inputImage and inputImageUrl is needed" in items["inputImageUrl"]["description"]
 
 
-def test_a_run_records_the_prompt_seed_and_size_it_runs_with(client: TestClient, tiny_generator):
+def test_a_run_records_the_prompt_seed_and_size_it_runs_with(client: TestClient, settings, tiny_generator):
     run = client.post(RUN, json={"inputImageUrl": "http://127.0.0.1:9/dog.png", "numFrames": "9", "steps": "2",
                                  "width": "0", "height": "32"}).json()
     recorded = list_tasks(client)["tasklist"][0]["parameters"]
@@ -166,7 +170,7 @@ def test_a_run_records_the_prompt_seed_and_size_it_runs_with(client: TestClient,
     assert recorded["numFrames"] == "9" and recorded["width"] == "0", "the inputs as sent"
 
     services = client.app.state.services
-    worker = Worker(services.store, services.storage, tiny_generator, services.settings, worker_id="testnode/gpu0",
+    worker = Worker(services.store, services.storage, tiny_generator, settings, worker_id="testnode/gpu0",
                     fetch=lambda url, **kw: (png_bytes(64, 32), "image/png"))
     assert worker.run_once()
     done = client.post("/v1/Task/Detail", json={"taskid": run["taskid"]}).json()["tasklist"][0]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
+from particalize.compose_server import build_app
 from server.auth import INVALID_CREDENTIALS, sign
 from tests.conftest import make_settings
 
@@ -33,7 +33,7 @@ def headers(nonce: str, secret: str = SECRET) -> dict[str, str]:
 def client_for(tmp_path: Path, **overrides: Any) -> Iterator[TestClient]:
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", api_keys=f"{KEY}:{SECRET}",
                              allow_private_urls=True, **overrides)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         yield client
 
 

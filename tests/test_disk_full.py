@@ -21,9 +21,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
-from server.app import create_app
-from server.harness import ServeProcess
-from server.storage import Storage
+from benchmarks.harness import ServeProcess
+from particalize.compose_server import build_app, open_storage
 from server.store import Database, TaskStore, upgrade
 from server.store.models import RUNNING
 from server.store.tasks import WAITING_NOTE, parameters_of
@@ -82,7 +81,7 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
             assert freed.wait(30)
             return video
 
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(build_app(settings), raise_server_exceptions=False) as client:
         store = client.app.state.services.store
         image = {"inputImage": ("in.png", png_bytes(40, 40), "image/png")}
         body = client.post(RUN, data=SMALL, files=image).json()
@@ -91,7 +90,7 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
 
         store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
         spy = FillsTheDisk(tiny_generator)
-        worker = Worker(store, Storage.from_settings(settings), spy, settings, worker_id=WORKER,
+        worker = Worker(store, open_storage(settings), spy, settings, worker_id=WORKER,
                         fetch=FakeFetch(png_bytes(40, 40)))
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -119,7 +118,7 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
         assert spy.calls == 1 and len(store.outputs([task_id])[task_id]) == 1
         assert sum(store.count(status) for status in RUNNING) == 0, "nothing left running that no worker owns"
 
-        restarted = Worker(store, Storage.from_settings(settings), tiny_generator, settings, worker_id=WORKER)
+        restarted = Worker(store, open_storage(settings), tiny_generator, settings, worker_id=WORKER)
         assert store.recover_orphans(worker_id=WORKER, now=time.time() + 3600) == []
         restarted.recover(own=True)
         events = store.events(task_id)
@@ -147,7 +146,7 @@ def test_a_paused_worker_logs_once_each_way_and_reports_itself_when_the_store_ca
     store = TaskStore.from_settings(db, settings)
     store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
     reports: list[tuple[str, str]] = []
-    worker = Worker(store, Storage.from_settings(settings), tiny_generator, settings, worker_id=WORKER,
+    worker = Worker(store, open_storage(settings), tiny_generator, settings, worker_id=WORKER,
                     report=lambda state, detail: reports.append((state, detail)))
     real_state = store.worker_state
 
@@ -189,7 +188,7 @@ def test_a_task_waiting_because_every_worker_is_paused_says_why(tmp_path: Path, 
                                       "steps": "1", "width": "16", "height": "16"},
                           image_url="https://images.example/a.png")
     assert store.get(before.id).debugoutput == "", "a worker is ready: nothing to explain"
-    worker = Worker(store, Storage.from_settings(settings), tiny_generator, settings, worker_id=WORKER,
+    worker = Worker(store, open_storage(settings), tiny_generator, settings, worker_id=WORKER,
                     fetch=FakeFetch(png_bytes(16, 16)))
     try:
         assert worker.run_once() is False  # paused: the disk is below the floor

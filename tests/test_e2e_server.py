@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.harness import ServeProcess
 from pipeline.video import read_mp4
 from server.auth import sign
-from server.harness import ServeProcess
 from server.store import Database, TaskStore
 from server.store.models import LIFECYCLE, TERMINAL
 from tests.images import ImageServer

@@ -5,13 +5,15 @@ the compiled fast mode must give the eager fast mode's frames."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.acceleration import SpeedOptions
-from pipeline.generator import VideoGenerator
+from pipeline.generator import GeneratorOptions, VideoGenerator
+from pipeline.lora import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from tests.images import noise_image
@@ -24,22 +26,23 @@ SMALL = GenerationParams(width=32, height=32, numFrames=5, steps=2, seed=3)
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("loras")
-    transformer = VideoGenerator(get_preset("tiny"), weights_dir=tmp).pipe.transformer
+    transformer = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp)).pipe.transformer
     style = write_lora(tmp / "style.safetensors", make_weights(transformer, seed=1), "kohya")
     speed = write_lora(tmp / "speed.safetensors", make_weights(transformer, rank=8, alpha=8.0, seed=4, magnitude=0.2),
                        "original_lora_ab", make_diffs(transformer, seed=5))
-    return tmp, {"loras": [(style, 0.8)], "speed_lora": (speed, 1.0)}
+    return tmp, LoraStackOptions(loras=((style, 0.8),), speed_lora=(speed, 1.0))
 
 
 def test_switching_modes_under_compile_compiles_nothing_after_the_warm_up(loras):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    tmp, kw = loras
+    tmp, stack = loras
     torch._dynamo.reset()
     counters.clear()
     try:
-        compiled = VideoGenerator(get_preset("tiny"), weights_dir=tmp, speed=SpeedOptions(compile=True), **kw)
+        compiled = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, speed=SpeedOptions(compile=True),
+                                                   loras=stack))
         assert compiled.applied.compiled and compiled.loras[0].fused and not compiled.loras[-1].fused
         warmed = counters["stats"]["unique_graphs"]
         assert 1 <= warmed <= 2  # one graph per mode: adapters off (normal) and on (fast)
@@ -51,7 +54,8 @@ def test_switching_modes_under_compile_compiles_nothing_after_the_warm_up(loras)
     finally:
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
-    eager = VideoGenerator(get_preset("tiny"), weights_dir=tmp, speed=SpeedOptions(compile=False), fuse_lora=True, **kw)
+    eager = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, speed=SpeedOptions(compile=False),
+                                            loras=replace(stack, fuse=True)))
     for mode in ("normal", "fast"):
         expected = eager.generate(SMALL.model_copy(update={"mode": mode}), IMAGE).frames
         np.testing.assert_allclose(frames[mode], expected, atol=1e-4)
@@ -62,8 +66,8 @@ def test_float8_with_a_speed_lora_quantizes_the_base_layers_only_and_keeps_switc
     """torchao float8 needs CUDA: here the layer choice, made with what the LoRA stack switches per request."""
     from pipeline.acceleration import Applied, apply_float8, float8_filter
 
-    tmp, kw = loras
-    gen = VideoGenerator(get_preset("tiny"), weights_dir=tmp, fuse_lora=True, **kw)
+    tmp, stack = loras
+    gen = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, loras=replace(stack, fuse=True)))
     keep = gen.lora_stack.switched_parameters()
     switched_linear = "condition_embedder.image_embedder.ff.net.0.proj"  # lightx2v's img_emb.proj.1.diff
     assert f"{switched_linear}.weight" in keep and "blocks.0.attn1.norm_q.weight" in keep
@@ -89,7 +93,7 @@ def test_a_restart_with_a_speed_lora_takes_both_modes_from_the_compile_cache(lor
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    tmp, kw = loras
+    tmp, stack = loras
     cache_dir = tmp_path / "compile-cache"
     speed = SpeedOptions(compile=True, compile_cache_dir=cache_dir)
     try:
@@ -97,7 +101,7 @@ def test_a_restart_with_a_speed_lora_takes_both_modes_from_the_compile_cache(lor
             monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / f"inductor-{run}"))
             torch._dynamo.reset()
             counters.clear()
-            gen = VideoGenerator(get_preset("tiny"), weights_dir=tmp, speed=speed, **kw)
+            gen = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, speed=speed, loras=stack))
             if run == 1:
                 assert counters["inductor"]["fxgraph_cache_miss"] > 0
                 assert json.loads(next(cache_dir.glob("*.json")).read_text())["lora_adapter_ranks"] == [8]

@@ -41,7 +41,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from server.app import create_app
+from particalize.compose_server import build_app
 from server.auth import sign
 from server.openapi import RUN_PATH
 from tests.conftest import make_settings
@@ -93,7 +93,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket, "getaddrinfo", _public_dns)
         patch.setattr(socket.socket, "connect", _no_connections)
-        with TestClient(create_app(app_settings), raise_server_exceptions=False) as test_client:
+        with TestClient(build_app(app_settings), raise_server_exceptions=False) as test_client:
             yield test_client
 
 

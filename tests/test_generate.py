@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import Interrupted
-from pipeline.generator import StepProgress, VideoGenerator
+from pipeline.generator import GeneratorOptions, StepProgress, VideoGenerator
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from pipeline.video import read_mp4
@@ -17,7 +17,7 @@ from tests.images import noise_image
 
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory: pytest.TempPathFactory) -> VideoGenerator:
-    return VideoGenerator(get_preset("tiny"), weights_dir=tmp_path_factory.mktemp("weights"))
+    return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path_factory.mktemp("weights")))
 
 
 def small(**kw) -> GenerationParams:
@@ -138,13 +138,13 @@ def test_cli_generate_writes_the_video(tmp_path: Path):
      ("--scale", "nan", "scale"), ("--flow-shift", "-1", "flowShift")],
 )
 def test_cli_refuses_bad_input_before_loading_the_model(tmp_path, monkeypatch, capsys, flag, value, message):
-    import pipeline.generator as generator_module
+    import particalize.compose as compose
     from particalize.cli import main
 
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded for an invalid request")
 
-    monkeypatch.setattr(generator_module, "generator_from_settings", must_not_load)
+    monkeypatch.setattr(compose, "make_generator", must_not_load)
     noise_image(40, 60).save(tmp_path / "in.png")
     code = main(["generate", "--model", "tiny", "--image", str(tmp_path / "in.png"), "--out",
                  str(tmp_path / "o.mp4"), flag, value])

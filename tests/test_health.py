@@ -12,10 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 import particalize
-from server.app import create_app
-from server.auth import Authenticator
+from particalize.compose_server import build_app, open_storage, server_options
+from server.auth import Authenticator, AuthOptions
 from server.services import Services
-from server.storage import Storage
 from server.store import Database, DbNonceStore, TaskStore, upgrade
 from server.store.migrate import current_revision
 from server.worker import run_worker
@@ -31,7 +30,7 @@ def settings(tmp_path: Path, db_url: str):
 
 @pytest.fixture
 def client(settings):
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         yield client
 
 
@@ -95,9 +94,10 @@ def test_ready_with_one_live_loaded_worker(client: TestClient, state: str):
 def test_health_and_ready_say_when_the_database_is_down(tmp_path: Path):
     settings = make_settings(tmp_path, UNREACHABLE_DB)
     db = Database(UNREACHABLE_DB)
-    services = Services(settings, TaskStore.from_settings(db, settings), Storage.from_settings(settings),
-                        Authenticator({}, DbNonceStore(db), settings.nonce_window_seconds))
-    with TestClient(create_app(settings, services=services)) as client:
+    services = Services(server_options(settings), TaskStore.from_settings(db, settings), open_storage(settings),
+                        Authenticator(AuthOptions(nonce_window_seconds=settings.nonce_window_seconds),
+                                      DbNonceStore(db)))
+    with TestClient(build_app(settings, services=services)) as client:
         assert_unavailable(client.get("/health"), "The database does not answer", "PARTICALIZE_DATABASE_URL")
         assert_unavailable(client.get("/ready"), "The database does not answer")
     db.dispose()
@@ -161,9 +161,10 @@ def test_health_and_ready_name_no_database_url_host_port_or_path(tmp_path: Path)
     for url in (UNREACHABLE_DB, f"sqlite:///{unreadable}"):
         settings = make_settings(tmp_path, url)
         db = Database(url)
-        services = Services(settings, TaskStore.from_settings(db, settings), Storage.from_settings(settings),
-                            Authenticator({}, DbNonceStore(db), settings.nonce_window_seconds))
-        with TestClient(create_app(settings, services=services)) as client:
+        services = Services(server_options(settings), TaskStore.from_settings(db, settings), open_storage(settings),
+                            Authenticator(AuthOptions(nonce_window_seconds=settings.nonce_window_seconds),
+                                          DbNonceStore(db)))
+        with TestClient(build_app(settings, services=services)) as client:
             for probe in ("/health", "/ready"):
                 answer = client.get(probe)
                 assert_unavailable(answer, "The database does not answer", "the server log has the details")

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import server.worker as worker_module
-from server.app import create_app
+from particalize.compose_server import build_app
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
@@ -61,7 +61,7 @@ def slow_blocks(tiny_generator) -> Iterator[SlowModules]:
 @pytest.fixture
 def app(settings, tiny_generator) -> Iterator[tuple[TestClient, Worker]]:
     """The API (no worker processes) and one worker thread on the warm tiny model, sharing the store."""
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         services = client.app.state.services
         worker = Worker(services.store, services.storage, tiny_generator, settings, worker_id=WORKER,
                         fetch=lambda url, **kw: (png_bytes(40, 40), "image/png"))

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from server.app import create_app
+from particalize.compose_server import build_app
 from server.store import NewOutput
 from server.store.models import (
     ACCEPT,
@@ -40,8 +40,13 @@ WORKER_ID = "testnode/gpu0"
 
 
 @pytest.fixture
-def client(tmp_path: Path, db_url: str):
-    with TestClient(create_app(make_settings(tmp_path, db_url))) as client:
+def settings(tmp_path: Path, db_url: str):
+    return make_settings(tmp_path, db_url)
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(build_app(settings)) as client:
         yield client
 
 
@@ -54,9 +59,9 @@ def run(client: TestClient, **params: str) -> dict[str, Any]:
     return body
 
 
-def worker_thread(client: TestClient, generator) -> threading.Thread:
+def worker_thread(client: TestClient, settings, generator) -> threading.Thread:
     services = client.app.state.services
-    worker = Worker(services.store, services.storage, generator, services.settings, worker_id=WORKER_ID)
+    worker = Worker(services.store, services.storage, generator, settings, worker_id=WORKER_ID)
     thread = threading.Thread(target=worker.run_once)
     thread.start()
     return thread
@@ -98,13 +103,13 @@ def assert_wiro_shape(messages: list[dict[str, Any]], taskid: str, token: str, s
     assert progress[-1]["percentage"] == "100" and progress[-1]["remainingTime"] == "0.0s"
 
 
-def test_the_socket_sends_every_status_live_with_progress_and_the_outputs(client, tiny_generator):
+def test_the_socket_sends_every_status_live_with_progress_and_the_outputs(client, settings, tiny_generator):
     task = run(client)
     with client.websocket_connect("/ws") as ws:
         ws.send_json({"type": "task_info", "tasktoken": task["socketaccesstoken"]})
         first = ws.receive_json()
         assert first["type"] == "task_queue", "a client that connects first gets the current state"
-        worker = worker_thread(client, tiny_generator)
+        worker = worker_thread(client, settings, tiny_generator)
         rest, code = receive_all(ws)
         worker.join(30)
     messages = [first, *rest]
@@ -208,9 +213,10 @@ def sse_events(text: str) -> list[tuple[int, dict[str, Any]]]:
     return found
 
 
-def test_server_sent_events_carry_the_same_messages_and_resume_after_last_event_id(client, tiny_generator):
+def test_server_sent_events_carry_the_same_messages_and_resume_after_last_event_id(client, settings,
+                                                                                  tiny_generator):
     task = run(client)
-    worker = worker_thread(client, tiny_generator)  # the stream below follows it to the end
+    worker = worker_thread(client, settings, tiny_generator)  # the stream below follows it to the end
     url = f"/v1/Task/Events?tasktoken={task['socketaccesstoken']}"
     answer = client.get(url)
     worker.join(30)

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.errors import LoraMismatch
-from pipeline.generator import VideoGenerator
+from pipeline.generator import GeneratorOptions, VideoGenerator
+from pipeline.lora import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from tests.images import noise_image
@@ -23,9 +24,9 @@ IMAGE = noise_image(32, 32)
 
 
 def tiny(tmp_path: Path, lora: Path | None = None, strength: float = 1.0, fuse: bool = False,
-         **kw: object) -> VideoGenerator:
-    return VideoGenerator(get_preset("tiny"), weights_dir=tmp_path, lora_path=lora, lora_strength=strength,
-                          fuse_lora=fuse, **kw)
+         lora_strict: bool = True) -> VideoGenerator:
+    stack = LoraStackOptions(loras=((lora, strength),) if lora is not None else (), fuse=fuse, strict=lora_strict)
+    return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path, loras=stack))
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,26 @@ import pytest
 from fastapi.testclient import TestClient
 
 from particalize.cli import _settings, build_parser, main
+from particalize.compose import lora_sources
+from particalize.compose_server import build_app
 from particalize.settings import Settings
 from pipeline.errors import WeightsMissing
-from pipeline.generator import VideoGenerator
+from pipeline.generator import GeneratorOptions, VideoGenerator
+from pipeline.lora import LoraStackOptions
 from pipeline.presets import get_preset
 from pipeline.video import read_mp4
-from server.app import create_app
 from tests.conftest import make_settings
 from tests.images import noise_image, png_bytes
 from tests.lora_files import make_diffs, make_weights, write_lora
 from tests.test_api import RUN, SMALL, Api, assert_error, run_worker_once
-from weights.locate import lora_files_from_settings, lora_sources_from_settings, speed_lora_source
+from weights.locate import stack_files, stack_sources
 from weights.lora_sources import parse_lora_list, parse_lora_source
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     tmp = tmp_path_factory.mktemp("loras")
-    transformer = VideoGenerator(get_preset("tiny"), weights_dir=tmp).pipe.transformer
+    transformer = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp)).pipe.transformer
     (tmp / "a").mkdir()
     return (write_lora(tmp / "a" / "style.safetensors", make_weights(transformer, seed=1), "kohya"),
             write_lora(tmp / "second.safetensors", make_weights(transformer, rank=2, seed=2), "diffusers"),
@@ -53,14 +55,14 @@ def test_sources_are_paths_or_hub_files_each_with_an_optional_strength():
 def test_settings_stack_lora_path_first_then_loras_and_check_fast_mode(tmp_path):
     settings = Settings(weights_dir=tmp_path, lora_path=tmp_path / "p.safetensors", lora_strength=0.9,
                         loras="/m/b.safetensors:0.4,hf://o/r/c.safetensors")
-    assert [(s.text, s.strength) for s in lora_sources_from_settings(settings)] == [
+    assert [(s.text, s.strength) for s in stack_sources(lora_sources(settings))] == [
         (str(tmp_path / "p.safetensors"), 0.9), ("/m/b.safetensors", 0.4), ("hf://o/r/c.safetensors", 0.9)]
     with pytest.raises(ValueError, match="PARTICALIZE_LORAS: LoRA entry '/m/b:x'"):
         Settings(loras="/m/b:x")
     with pytest.raises(ValueError, match="PARTICALIZE_MODE=fast needs .* PARTICALIZE_SPEED_LORA"):
         Settings(mode="fast")
     with pytest.raises(WeightsMissing, match="PARTICALIZE_LORAS.*particalize weights fetch"):  # not fetched yet
-        lora_files_from_settings(Settings(weights_dir=tmp_path, loras="hf://o/r/c.safetensors"))
+        stack_files(lora_sources(Settings(weights_dir=tmp_path, loras="hf://o/r/c.safetensors")))
 
 
 def test_cli_lora_is_repeatable_and_replaces_the_configured_stack(monkeypatch, tmp_path):
@@ -71,7 +73,7 @@ def test_cli_lora_is_repeatable_and_replaces_the_configured_stack(monkeypatch, t
                                           "fast", "--no-lora-strict"])
         settings = _settings(args)
         assert settings.lora_path is None and settings.speed_lora == "/m/s.safetensors" and settings.mode == "fast"
-        assert [(s.text, s.strength) for s in lora_sources_from_settings(settings)] == [
+        assert [(s.text, s.strength) for s in stack_sources(lora_sources(settings))] == [
             ("/m/a.safetensors", 0.5), ("hf://o/r/b.safetensors", 0.7)]
         assert settings.lora_strict is False
 
@@ -151,12 +153,12 @@ def test_the_banner_lists_the_stack_and_the_speed_lora(tmp_path, files):
 
 @pytest.fixture(scope="module")
 def fast_generator(tmp_path_factory: pytest.TempPathFactory, files) -> VideoGenerator:
-    return VideoGenerator(get_preset("tiny"), weights_dir=tmp_path_factory.mktemp("w"), loras=[(files[0], 1.0)],
-                          speed_lora=(files[2], 1.0))
+    stack = LoraStackOptions(loras=((files[0], 1.0),), speed_lora=(files[2], 1.0))
+    return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path_factory.mktemp("w"), loras=stack))
 
 
 def test_fast_mode_on_a_server_without_a_speed_lora_is_refused_in_the_error_shape(tmp_path):
-    with TestClient(create_app(make_settings(tmp_path))) as client:
+    with TestClient(build_app(make_settings(tmp_path))) as client:
         api = Api(client)
         answer = client.post(RUN, json={"inputImageUrl": "http://127.0.0.1:9/dog.png", **SMALL, "mode": "fast"})
         assert_error(answer, 0, contains="Request parameter [mode] must be 'normal' on this server (fast mode needs a "
@@ -170,7 +172,7 @@ def test_fast_mode_on_a_server_without_a_speed_lora_is_refused_in_the_error_shap
 
 def test_fast_mode_through_the_api_documented_in_tool_detail(tmp_path, files, fast_generator):
     settings = make_settings(tmp_path, speed_lora=str(files[2]))
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         api = Api(client)
         tool = client.post("/v1/Tool/Detail", json={"slugowner": "codexq", "slugproject": "particalize"}).json()
         advanced = tool["tool"][0]["parameters"][-1]
@@ -181,7 +183,7 @@ def test_fast_mode_through_the_api_documented_in_tool_detail(tmp_path, files, fa
         run = client.post(RUN, data={**SMALL, "mode": "fast"},
                           files={"inputImage": ("in.png", png_bytes(32, 32), "image/png")}).json()
         assert run["result"] is True
-        assert run_worker_once(client, fast_generator)
+        assert run_worker_once(client, settings, fast_generator)
         task = api.detail(taskid=run["taskid"])["tasklist"][0]
         assert task["pexit"] == "0", task["debugerror"]
         assert {k: task["parameters"][k] for k in ("mode", "steps", "scale", "flowShift")} == {
@@ -197,8 +199,8 @@ def test_ready_lists_what_each_worker_loaded(tmp_path, fast_generator):
     stop = threading.Event()
     stop.set()  # register, then stop at once
     assert run_worker(settings, stop, generator=fast_generator) == 0
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         (worker,) = client.app.state.services.store.workers()
     assert "style.safetensors as 'style', strength 1" in worker.detail
     assert "distill.safetensors as 'speed_distill'" in worker.detail and "fast mode only" in worker.detail
-    assert speed_lora_source(Settings(speed_lora="/x.safetensors:0.5")).strength == 0.5
+    assert lora_sources(Settings(speed_lora="/x.safetensors:0.5")).speed_lora.strength == 0.5

@@ -53,7 +53,8 @@ def test_a_peft_lora_b_bias_is_a_bias_difference_scaled_like_its_pair(parts):
                       "blocks.0.attn1.to_q.lora_B.bias": bias, "blocks.0.attn1.to_q.alpha": torch.tensor(2.0)}, parts)
     assert plan.problems == [] and plan.pairs["blocks.0.attn1.to_q"].scale == 0.5
     torch.testing.assert_close(plan.deltas["blocks.0.attn1.to_q.bias"], 0.5 * bias)
-    assert plan.applied_keys == plan.keys == 4
+    applied_keys = sum(len(p.keys) for p in plan.pairs.values()) + sum(len(k) for k in plan.delta_keys.values())
+    assert applied_keys == plan.keys == 4
 
 
 def test_a_pair_on_the_patch_embedding_is_multiplied_out_and_applied(pipe, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.errors import InvalidParameter
-from pipeline.generator import VideoGenerator
+from pipeline.generator import GeneratorOptions, VideoGenerator
+from pipeline.lora import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from pipeline.video import read_mp4
@@ -24,7 +25,7 @@ IMAGE = noise_image(32, 32)
 def files(tmp_path_factory: pytest.TempPathFactory):
     """Two style LoRAs (one with differences, in another layout) and a step-distill style speed LoRA."""
     tmp = tmp_path_factory.mktemp("loras")
-    transformer = VideoGenerator(get_preset("tiny"), weights_dir=tmp).pipe.transformer
+    transformer = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp)).pipe.transformer
     originals = {name: p.detach().clone() for name, p in transformer.named_parameters()}
     one = (make_weights(transformer, seed=1), [])
     two = (make_weights(transformer, rank=2, alpha=1.0, seed=2), make_diffs(transformer, seed=3))
@@ -35,8 +36,9 @@ def files(tmp_path_factory: pytest.TempPathFactory):
     return originals, (one, two, speed), paths
 
 
-def stacked(tmp: Path, paths, a: float, b: float, **kw) -> VideoGenerator:
-    return VideoGenerator(get_preset("tiny"), weights_dir=tmp, loras=[(paths[0], a), (paths[1], b)], **kw)
+def stacked(tmp: Path, paths, a: float, b: float, fuse_lora: bool = False) -> VideoGenerator:
+    stack = LoraStackOptions(loras=((paths[0], a), (paths[1], b)), fuse=fuse_lora)
+    return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, loras=stack))
 
 
 @pytest.mark.parametrize("a, b", [(1.0, 1.0), (0.7, 0.3)])
@@ -86,8 +88,8 @@ class ForwardCounter:
 @pytest.fixture(scope="module")
 def fast_gen(tmp_path_factory: pytest.TempPathFactory, files) -> VideoGenerator:
     paths = files[2]
-    return VideoGenerator(get_preset("tiny"), weights_dir=tmp_path_factory.mktemp("w"),
-                          loras=[(paths[0], 0.8)], speed_lora=(paths[2], 1.0))
+    stack = LoraStackOptions(loras=((paths[0], 0.8),), speed_lora=(paths[2], 1.0))
+    return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path_factory.mktemp("w"), loras=stack))
 
 
 def test_fast_mode_takes_four_forwards_on_the_distilled_schedule_and_writes_an_mp4(fast_gen, tmp_path):
@@ -124,8 +126,8 @@ def test_the_speed_lora_changes_the_video(fast_gen):
 
 def test_a_fast_server_uses_fast_mode_unless_a_request_says_normal(tmp_path, files):
     paths = files[2]
-    gen = VideoGenerator(get_preset("tiny"), weights_dir=tmp_path, speed_lora=(paths[2], 1.0), mode="fast",
-                         fuse_lora=True)
+    gen = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path, mode="fast",
+                                          loras=LoraStackOptions(speed_lora=(paths[2], 1.0), fuse=True)))
     counter = ForwardCounter(gen.pipe.transformer)
     gen.generate(GenerationParams(width=32, height=32, numFrames=5, seed=1), IMAGE)
     assert len(counter.take()) == 4
@@ -134,9 +136,10 @@ def test_a_fast_server_uses_fast_mode_unless_a_request_says_normal(tmp_path, fil
 
 
 def test_fast_mode_without_a_speed_lora_is_a_clear_error(tmp_path, files):
-    gen = VideoGenerator(get_preset("tiny"), weights_dir=tmp_path, loras=[(files[2][0], 1.0)])
+    gen = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path,
+                                          loras=LoraStackOptions(loras=((files[2][0], 1.0),))))
     refused = r"\[mode\] must be 'normal' on this server \(fast mode needs a speed LoRA: PARTICALIZE_SPEED_LORA\)"
     with pytest.raises(InvalidParameter, match=refused + r", got 'fast'\."):
         gen.generate(GenerationParams(width=32, height=32, numFrames=5, mode="fast"), IMAGE)
     with pytest.raises(ValueError, match="PARTICALIZE_SPEED_LORA"):
-        VideoGenerator(get_preset("tiny"), weights_dir=tmp_path, mode="fast")
+        VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path, mode="fast"))

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_app
+from particalize.compose_server import build_app
 from server.metrics import EventTimings
 from server.store.models import OUTPUT, START
 from server.worker import Worker
@@ -30,8 +30,13 @@ def fetch(url: str, **_: object) -> tuple[bytes, str]:
 
 
 @pytest.fixture
-def client(tmp_path: Path, db_url: str):
-    with TestClient(create_app(make_settings(tmp_path, db_url, allow_private_urls=True))) as client:
+def settings(tmp_path: Path, db_url: str):
+    return make_settings(tmp_path, db_url, allow_private_urls=True)
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(build_app(settings)) as client:
         yield client
 
 
@@ -51,7 +56,7 @@ def moved(after: dict[str, float], before: dict[str, float], name: str) -> float
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-def test_metrics_move_by_exactly_what_happened(client, tiny_generator):
+def test_metrics_move_by_exactly_what_happened(client, settings, tiny_generator):
     services = client.app.state.services
     store = services.store
     before = scrape(client)
@@ -71,7 +76,7 @@ def test_metrics_move_by_exactly_what_happened(client, tiny_generator):
     store.clock = lambda: time.time() - 10 * store.lease_seconds
     store.register_worker("gone/gpu0", pid=2, model="tiny", device="cpu", state="ready")  # no heartbeat since
     store.clock = time.time
-    worker = Worker(store, services.storage, tiny_generator, services.settings, worker_id="testnode/gpu0",
+    worker = Worker(store, services.storage, tiny_generator, settings, worker_id="testnode/gpu0",
                     fetch=fetch)
     assert [worker.run_once() for _ in range(4)] == [True, True, True, False]
     after = scrape(client)

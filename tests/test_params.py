@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from particalize import compose
 from particalize.settings import Settings
 from pipeline.errors import InvalidParameter
 from pipeline.params import (
@@ -13,7 +14,6 @@ from pipeline.params import (
     GenerationParams,
     Limits,
     check_work,
-    limits_from_settings,
     parse_params,
     resolve_size,
     size_for_image,
@@ -130,15 +130,15 @@ def test_a_size_from_the_image_is_checked_once_known(size):
 
 def test_limits_from_settings_carry_every_operator_limit():
     settings = Settings(max_num_frames=49, max_steps=40, max_side=1024, max_pixels=512 * 512, max_work=12345)
-    assert limits_from_settings(settings) == Limits(
+    assert compose.limits(settings) == Limits(
         max_num_frames=49, max_steps=40, max_side=1024, max_pixels=512 * 512, max_work=12345
     )
 
 
 def test_limits_carry_the_models_pixel_budget():
-    assert limits_from_settings(Settings(model="tiny")).max_area == 48 * 80
-    assert limits_from_settings(Settings(model="wan2.1-i2v-14b-720p")).max_area == 720 * 1280
-    assert limits_from_settings(Settings(model="tiny", model_max_area=4096)).max_area == 4096
+    assert compose.limits(Settings(model="tiny")).max_area == 48 * 80
+    assert compose.limits(Settings(model="wan2.1-i2v-14b-720p")).max_area == 720 * 1280
+    assert compose.limits(Settings(model="tiny", model_max_area=4096)).max_area == 4096
 
 
 def sized(image_size: tuple[int, int], limits: Limits | None = None, **inputs) -> GenerationParams:

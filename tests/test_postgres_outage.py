@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.harness import ServeProcess, WorkerProcess
+from benchmarks.harness import ServeProcess, WorkerProcess
 from server.store import Database, TaskStore
 from server.store.models import ACCEPT, POSTPROCESS_END, RUNNING, TERMINAL
 from tests.images import png_bytes

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
+from particalize.compose_server import build_app
 from server.errors import ApiError
 from server.ratelimit import RateLimiter
 from server.worker import Worker
@@ -39,17 +39,21 @@ ROUTES = ["/v1/Task/Detail", "/v1/Task/Kill", "/v1/Task/Cancel", "/v1/Task/List"
           "/v1/File/Upload", "/v1/Task/InputOutputDelete", "/v1/Tool/List", "/v1/Tool/Explore", RUN]
 
 
-def limited_client(tmp_path: Path, **overrides) -> Iterator[TestClient]:
+def limited_settings(tmp_path: Path, **overrides):
     keys = f"{KEY}:{SECRET},{OTHER_KEY}:{OTHER_SECRET}"
-    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", api_keys=keys, allow_private_urls=True,
-                             **overrides)
-    with TestClient(create_app(settings)) as client:
-        yield client
+    return make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", api_keys=keys, allow_private_urls=True,
+                         **overrides)
 
 
 @pytest.fixture
-def client(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TestClient]:
-    yield from limited_client(tmp_path, **getattr(request, "param", {}))
+def settings(tmp_path: Path, request: pytest.FixtureRequest):
+    return limited_settings(tmp_path, **getattr(request, "param", {}))
+
+
+@pytest.fixture
+def client(settings) -> Iterator[TestClient]:
+    with TestClient(build_app(settings)) as client:
+        yield client
 
 
 def task_count(client: TestClient) -> int:
@@ -63,7 +67,7 @@ def retry_seconds(message: str) -> int:
 # --- rate limit ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("client", [{"rate_limit_per_minute": 3}], indirect=True)
+@pytest.mark.parametrize("settings", [{"rate_limit_per_minute": 3}], indirect=True)
 def test_over_the_rate_limit_a_key_gets_code_96_saying_the_limit_and_when_to_retry(client: TestClient):
     api = Api(client)
     for _ in range(3):
@@ -76,7 +80,7 @@ def test_over_the_rate_limit_a_key_gets_code_96_saying_the_limit_and_when_to_ret
     assert other.json()["result"] is True, "each key has its own limit"
 
 
-@pytest.mark.parametrize("client", [{"rate_limit_per_minute": 1}], indirect=True)
+@pytest.mark.parametrize("settings", [{"rate_limit_per_minute": 1}], indirect=True)
 def test_the_rate_limit_covers_every_api_route_and_comes_after_authentication(client: TestClient):
     api = Api(client)
     assert api.json("/v1/Task/List", {}).json()["result"] is True
@@ -93,7 +97,7 @@ def test_the_rate_limit_covers_every_api_route_and_comes_after_authentication(cl
 
 def test_without_keys_the_limit_is_per_client_address(tmp_path: Path):
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", rate_limit_per_minute=2)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         for _ in range(2):
             assert client.post("/v1/Task/List", json={}).json()["result"] is True
         assert_error(client.post("/v1/Task/List", json={}), 96, contains="this client address (testclient)")
@@ -142,15 +146,20 @@ def test_concurrent_requests_of_one_key_never_exceed_the_limit():
     assert allowed.count(True) == 5 and len(allowed) == 20
 
 
+def limiter_of(settings) -> RateLimiter | None:
+    """The limiter of the app built for these settings (made when the app is, before it starts)."""
+    return build_app(settings).state.rate_limiter
+
+
 def test_rate_limiter_from_settings_is_off_at_zero():
-    assert RateLimiter.from_settings(make_settings(Path("/nonexistent"), rate_limit_per_minute=0)) is None
-    assert RateLimiter.from_settings(make_settings(Path("/nonexistent"), rate_limit_per_minute=7)).per_window == 7
+    assert limiter_of(make_settings(Path("/nonexistent"), rate_limit_per_minute=0)) is None
+    assert limiter_of(make_settings(Path("/nonexistent"), rate_limit_per_minute=7)).per_window == 7
 
 
 # --- queue and body size -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("client", [{"max_queue_length": 1}], indirect=True)
+@pytest.mark.parametrize("settings", [{"max_queue_length": 1}], indirect=True)
 def test_a_full_queue_answers_code_96_and_creates_nothing(client: TestClient):
     api = Api(client)
     first = api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL}).json()
@@ -168,7 +177,7 @@ def other_key() -> dict[str, str]:
     return signed(OTHER_KEY, OTHER_SECRET)
 
 
-@pytest.mark.parametrize("client", [{"max_active_tasks_per_key": 2}], indirect=True)
+@pytest.mark.parametrize("settings", [{"max_active_tasks_per_key": 2}], indirect=True)
 def test_a_key_at_its_active_task_limit_gets_code_96_saying_how_many_and_the_limit(client: TestClient):
     api = Api(client)
     body = {"inputImageUrl": IMAGE_URL, **SMALL}
@@ -190,8 +199,8 @@ def test_a_key_at_its_active_task_limit_gets_code_96_saying_how_many_and_the_lim
     assert_error(api.json(RUN, body), 96, contains="2 are queued or running and the limit is 2")
 
 
-def test_no_active_task_limit_by_default(client: TestClient):
-    assert client.app.state.services.settings.max_active_tasks_per_key == 0
+def test_no_active_task_limit_by_default(client: TestClient, settings):
+    assert settings.max_active_tasks_per_key == 0
     api = Api(client)
     assert all(api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL}).json()["result"] for _ in range(6))
 
@@ -222,7 +231,7 @@ def test_concurrent_runs_of_one_key_never_exceed_its_active_limit(tmp_path: Path
         db.dispose()
 
 
-@pytest.mark.parametrize("client", [{"max_body_bytes": 1024}], indirect=True)
+@pytest.mark.parametrize("settings", [{"max_body_bytes": 1024}], indirect=True)
 def test_an_oversized_body_is_refused_with_or_without_content_length(client: TestClient):
     api = Api(client)
     big = {"inputImageUrl": IMAGE_URL, **SMALL, "prompt": "x" * 2000}
@@ -243,7 +252,7 @@ def test_an_oversized_body_is_refused_with_or_without_content_length(client: Tes
 # --- work cap ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("client", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
+@pytest.mark.parametrize("settings", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
 def test_explicit_size_over_the_work_cap_is_refused_at_run(client: TestClient):
     api = Api(client)
     message = assert_error(api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL, "steps": "3"}), 0,
@@ -261,15 +270,15 @@ def upload_url(api: Api, image: bytes) -> str:
     return api.multipart("/v1/File/Upload", {}, {"file": ("in.png", image, "image/png")}).json()["list"][0]["url"]
 
 
-def worker_runs_one(client: TestClient, generator, image: bytes) -> None:
+def worker_runs_one(client: TestClient, settings, generator, image: bytes) -> None:
     """One task done by a worker whose image URLs answer `image`."""
     services = client.app.state.services
-    worker = Worker(services.store, services.storage, generator, services.settings, worker_id="testnode/gpu0",
+    worker = Worker(services.store, services.storage, generator, settings, worker_id="testnode/gpu0",
                     fetch=FakeFetch(image))
     assert worker.run_once()
 
 
-@pytest.mark.parametrize("client", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
+@pytest.mark.parametrize("settings", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
 def test_a_size_from_an_uploaded_image_over_the_work_cap_is_refused_at_run(client: TestClient):
     api = Api(client)
     body = {**SMALL, "width": "0", "height": "0"}
@@ -283,12 +292,13 @@ def test_a_size_from_an_uploaded_image_over_the_work_cap_is_refused_at_run(clien
     assert explicit["result"] is True, "32x32 asked: at the cap"
 
 
-@pytest.mark.parametrize("client", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
-def test_a_size_from_an_image_url_over_the_work_cap_fails_the_task_in_the_worker(client: TestClient, tiny_generator):
+@pytest.mark.parametrize("settings", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
+def test_a_size_from_an_image_url_over_the_work_cap_fails_the_task_in_the_worker(client: TestClient, settings,
+                                                                                 tiny_generator):
     api = Api(client)
     run = api.json(RUN, {**SMALL, "width": "0", "height": "0", "inputImageUrl": IMAGE_URL}).json()
     assert run["result"] is True, "the size is not known before the worker has fetched the image"
-    worker_runs_one(client, tiny_generator, png_bytes(40, 40))
+    worker_runs_one(client, settings, tiny_generator, png_bytes(40, 40))
     task = api.detail(taskid=run["taskid"])["tasklist"][0]
     assert task["status"] == "task_postprocess_end" and task["pexit"] != "0" and task["outputs"] == []
     assert WORK_OVER_CAP.search(task["debugerror"]), task["debugerror"]
@@ -320,22 +330,22 @@ def test_a_size_the_uploaded_image_implies_obeys_the_side_and_pixel_limits_at_ru
 
 @pytest.mark.parametrize(("image_size", "size", "message"), DERIVED, ids=["too-tall", "too-thin", "too-many-pixels"])
 def test_a_size_an_image_url_implies_ends_the_task_with_the_same_message_in_the_worker(
-        client: TestClient, tiny_generator, image_size, size, message):
+        client: TestClient, settings, tiny_generator, image_size, size, message):
     api = Api(client)
     run = api.json(RUN, {**SMALL, "height": "0", **size, "inputImageUrl": IMAGE_URL}).json()
     assert run["result"] is True
-    worker_runs_one(client, tiny_generator, png_bytes(*image_size))
+    worker_runs_one(client, settings, tiny_generator, png_bytes(*image_size))
     task = api.detail(taskid=run["taskid"])["tasklist"][0]
     assert (task["status"], task["pexit"], task["outputs"]) == ("task_postprocess_end", "1", [])
     assert task["debugerror"] == message, "never an internal error"
 
 
-def test_width_and_height_zero_fit_a_thin_image_within_every_limit(client: TestClient, tiny_generator):
+def test_width_and_height_zero_fit_a_thin_image_within_every_limit(client: TestClient, settings, tiny_generator):
     api = Api(client)
     run = api.multipart(RUN, {**SMALL, "width": "0", "height": "0"},
                         {"inputImage": ("in.png", png_bytes(2, 2000), "image/png")}).json()
     assert run["result"] is True
-    assert run_worker_once(client, tiny_generator)
+    assert run_worker_once(client, settings, tiny_generator)
     task = api.detail(taskid=run["taskid"])["tasklist"][0]
     assert task["pexit"] == "0", task["debugerror"]
     width, height = int(task["parameters"]["width"]), int(task["parameters"]["height"])

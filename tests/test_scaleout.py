@@ -19,8 +19,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from benchmarks.harness import ServeProcess, WorkerProcess
 from pipeline.video import read_mp4
-from server.harness import ServeProcess, WorkerProcess
 from server.store import Database, TaskStore
 from server.store.models import ACCEPT, CANCEL, QUEUED, RUNNING, TERMINAL, Task
 from tests.images import png_bytes

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from particalize.cli_server import TINY_LIMITS, cmd_serve, tiny_limits
 from particalize.client import WiroClient
+from particalize.compose_server import build_app
 from particalize.settings import Settings
-from server.app import create_app
 from tests.conftest import make_settings
 
 
@@ -51,7 +51,7 @@ def test_a_limit_set_to_exactly_its_default_still_wins_over_the_tiny_presets(tmp
 
 def test_a_720p_request_to_the_tiny_preset_is_refused_naming_the_limit(tmp_path: Path):
     settings, _ = tiny_limits(make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", allow_private_urls=True))
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         answer = client.post("/v1/Run/codexq/Particalize", json={
             "inputImageUrl": "http://127.0.0.1:9/dog.png", "width": 1280, "height": 720, "numFrames": 81,
             "steps": 50}).json()

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from particalize.cli_server import drain_seconds
+from particalize.compose_server import open_storage
 from server import supervisor
 from server.shutdown import StopRequest, stop_on_signals
-from server.storage import Storage
 from server.store import TaskStore
 from server.supervisor import WorkerProcesses
 from server.worker import Worker
@@ -64,7 +64,7 @@ class Paced(Spy):
 
 def run_until_stopped(store, settings, generator, stop: threading.Event) -> Worker:
     store.register_worker(WORKER, pid=os.getpid(), model="tiny", device="cpu", state="ready", version="t")
-    worker = Worker(store, Storage.from_settings(settings), generator, settings, worker_id=WORKER,
+    worker = Worker(store, open_storage(settings), generator, settings, worker_id=WORKER,
                     fetch=FakeFetch(png_bytes(40, 40)))
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.acceleration import SpeedOptions
-from pipeline.generator import VideoGenerator
+from pipeline.generator import GeneratorOptions, VideoGenerator
+from pipeline.lora import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from tests.images import noise_image
@@ -24,7 +25,8 @@ TILING_MAX_MEAN_ABS_ERROR = 0.05
 
 
 def make(tmp: Path, lora: Path | None = None, **speed) -> VideoGenerator:
-    return VideoGenerator(get_preset("tiny"), weights_dir=tmp, lora_path=lora, speed=SpeedOptions(**speed))
+    stack = LoraStackOptions(loras=((lora, 1.0),) if lora is not None else ())
+    return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, loras=stack, speed=SpeedOptions(**speed)))
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from fsspec.implementations.memory import MemoryFileSystem
 
+from particalize.compose_server import build_app, open_storage
 from particalize.settings import Settings
 from pipeline.video import read_mp4
-from server.app import create_app
 from server.storage import OUTPUT_NAME, Storage
 from server.store import Database, NewUpload, TaskStore, new_id, upgrade
 from server.worker import Worker
@@ -75,13 +75,13 @@ def decode(tmp_path: Path, data: bytes):
     return read_mp4(path)[1]
 
 
-def run_through_api(client: TestClient, generator, storage: Storage | None = None) -> dict:
+def run_through_api(client: TestClient, settings, generator, storage: Storage | None = None) -> dict:
     """Run one task: upload and Run on `client`, a worker (on the app's services unless `storage` is given) does it;
     answers the task's Detail."""
     services = client.app.state.services
     run = client.post(RUN, data=SMALL, files={"inputImage": ("in.png", png_bytes(40, 40), "image/png")}).json()
     assert run["result"] is True, run
-    run_one(services.store, storage or services.storage, services.settings, generator)
+    run_one(services.store, storage or services.storage, settings, generator)
     return client.post("/v1/Task/Detail", data={"taskid": run["taskid"]}).json()["tasklist"][0]
 
 
@@ -94,10 +94,10 @@ def test_without_storage_url_outputs_stay_in_the_local_outputs_directory(tmp_pat
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the worker encodes before storing
     settings = make_settings(tmp_path, sqlite_url(tmp_path))
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         storage = client.app.state.services.storage
         assert storage.local_root == Path(settings.outputs_dir).resolve()
-        task = run_through_api(client, tiny_generator)
+        task = run_through_api(client, settings, tiny_generator)
         assert task["pexit"] == "0", task["debugerror"]
         (out,) = task["outputs"]
         assert out["url"] == f"http://testserver/files/{task['uuid']}/0.mp4"
@@ -117,10 +117,10 @@ def test_without_storage_url_outputs_stay_in_the_local_outputs_directory(tmp_pat
 
 def test_a_memory_storage_round_trip_through_the_worker_and_get_files(tmp_path: Path, tiny_generator):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), storage_url=memory_url())
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         storage = client.app.state.services.storage
         assert storage.local_root is None and isinstance(storage.fs, MemoryFileSystem)
-        task = run_through_api(client, tiny_generator)
+        task = run_through_api(client, settings, tiny_generator)
         assert task["pexit"] == "0", task["debugerror"]
         (out,) = task["outputs"]
         assert out["url"] == f"http://testserver/files/{task['uuid']}/0.mp4"
@@ -145,7 +145,7 @@ def test_a_memory_storage_round_trip_through_the_worker_and_get_files(tmp_path: 
 def test_only_plain_output_names_are_served_from_a_remote_storage(tmp_path: Path):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), storage_url=memory_url())
     uuid = "00000000-0000-0000-0000-000000000000"
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         storage = client.app.state.services.storage
         storage.fs.pipe_file(f"{storage.root}/{uuid}/.0.mp4.abc.part", b"half a video")
         storage.fs.pipe_file(f"{storage.root.rsplit('/', 1)[0]}/secret.txt", b"not for you")
@@ -158,7 +158,7 @@ def test_only_plain_output_names_are_served_from_a_remote_storage(tmp_path: Path
 
 def test_an_unreachable_storage_answers_503_in_the_error_shape_not_500(tmp_path: Path, monkeypatch):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), storage_url=memory_url())
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(build_app(settings), raise_server_exceptions=False) as client:
         storage = client.app.state.services.storage
 
         def unreachable(path, **kwargs):
@@ -173,9 +173,9 @@ def test_an_unreachable_storage_answers_503_in_the_error_shape_not_500(tmp_path:
 def test_input_output_delete_says_so_when_the_storage_refuses_and_a_retry_cleans_up(tmp_path: Path, tiny_generator,
                                                                                       monkeypatch):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), storage_url=memory_url())
-    with TestClient(create_app(settings)) as client:
+    with TestClient(build_app(settings)) as client:
         storage = client.app.state.services.storage
-        task = run_through_api(client, tiny_generator)
+        task = run_through_api(client, settings, tiny_generator)
         body = {"tasktoken": task["socketaccesstoken"]}
         with monkeypatch.context() as patch:
             patch.setattr(storage.fs, "rm", lambda *a, **k: (_ for _ in ()).throw(PermissionError("access denied")))
@@ -199,10 +199,10 @@ def test_two_api_replicas_sharing_database_and_storage_both_serve_what_a_worker_
     replica_a = make_settings(tmp_path / "a", db_url, **common)
     replica_b = make_settings(tmp_path / "b", db_url, **common)
     worker_host = make_settings(tmp_path / "w", db_url, **common)
-    with TestClient(create_app(replica_a)) as a, TestClient(create_app(replica_b)) as b:
+    with TestClient(build_app(replica_a)) as a, TestClient(build_app(replica_b)) as b:
         run = a.post(RUN, data=SMALL, files={"inputImage": ("in.png", png_bytes(40, 40), "image/png")}).json()
         store = store_of(worker_host)
-        run_one(store, Storage.from_settings(worker_host), worker_host, tiny_generator)
+        run_one(store, open_storage(worker_host), worker_host, tiny_generator)
 
         seen = [c.post("/v1/Task/Detail", data={"taskid": run["taskid"]}).json()["tasklist"][0] for c in (a, b)]
         assert seen[0]["outputs"] == seen[1]["outputs"] and seen[0]["pexit"] == "0", seen[0]["debugerror"]
@@ -225,7 +225,7 @@ def test_a_put_that_fails_midway_leaves_nothing_and_the_task_fails_with_the_reas
     tmp_path: Path, tiny_generator, store_of, monkeypatch, kind: str
 ):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), storage_url=None if kind == "local" else memory_url())
-    store, storage = store_of(settings), Storage.from_settings(settings)
+    store, storage = store_of(settings), open_storage(settings)
     task, following = queue_upload_task(store), queue_upload_task(store)
     final = f"{storage.root}/{task.uuid}/{OUTPUT_NAME}"
     seen: dict[str, object] = {}
@@ -261,7 +261,7 @@ def test_under_the_disk_floor_a_worker_claims_nothing_says_why_and_resumes_once_
     tmp_path: Path, tiny_generator, store_of, monkeypatch
 ):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), min_free_disk_bytes=10**18)
-    store, storage = store_of(settings), Storage.from_settings(settings)
+    store, storage = store_of(settings), open_storage(settings)
     store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
     task = queue_upload_task(store)
     spy = Spy(tiny_generator)
@@ -286,7 +286,7 @@ def test_under_the_disk_floor_a_worker_claims_nothing_says_why_and_resumes_once_
 def test_the_local_storage_directory_is_checked_for_free_space_too(tmp_path: Path, tiny_generator, store_of,
                                                                     monkeypatch):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), min_free_disk_bytes=50 * 2**20)
-    store, storage = store_of(settings), Storage.from_settings(settings)
+    store, storage = store_of(settings), open_storage(settings)
     store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -311,7 +311,7 @@ def test_space_that_runs_out_while_generating_fails_the_task_before_writing_nami
     tmp_path: Path, tiny_generator, store_of, monkeypatch
 ):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), min_free_disk_bytes=0)
-    store, storage = store_of(settings), Storage.from_settings(settings)
+    store, storage = store_of(settings), open_storage(settings)
     task = queue_upload_task(store)
 
     class FillsTheDisk(Spy):
@@ -331,7 +331,7 @@ def test_space_that_runs_out_while_generating_fails_the_task_before_writing_nami
 def test_a_storage_error_reaches_the_client_without_server_paths(tmp_path: Path, tiny_generator, store_of,
                                                                   monkeypatch):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), min_free_disk_bytes=0)
-    store, storage = store_of(settings), Storage.from_settings(settings)
+    store, storage = store_of(settings), open_storage(settings)
     task = queue_upload_task(store)
 
     def full(lpath, rpath, **kwargs):
@@ -346,7 +346,7 @@ def test_a_storage_error_reaches_the_client_without_server_paths(tmp_path: Path,
 
 def test_storage_options_reach_the_fsspec_filesystem(tmp_path: Path):
     settings = make_settings(tmp_path, storage_url=memory_url(), storage_options='{"anon": true, "retries": 3}')
-    storage = Storage.from_settings(settings)
+    storage = open_storage(settings)
     assert storage.fs.storage_options == {"anon": True, "retries": 3}
 
 
@@ -359,7 +359,7 @@ def test_storage_options_that_are_not_a_json_object_are_a_settings_error(monkeyp
                                                                          expected: str):
     bypassed = make_settings(tmp_path).model_copy(update={"storage_options": text})
     with pytest.raises(ValueError, match=expected):
-        Storage.from_settings(bypassed)
+        open_storage(bypassed)
     monkeypatch.setenv("PARTICALIZE_STORAGE_OPTIONS", text)
     with pytest.raises(ValueError, match=expected):
         Settings()
@@ -372,7 +372,7 @@ def test_empty_storage_options_mean_none(monkeypatch):
 
 def test_an_unusable_storage_url_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ValueError, match="PARTICALIZE_STORAGE_URL=nosuchproto://x is not a usable fsspec URL"):
-        Storage.from_settings(make_settings(tmp_path, storage_url="nosuchproto://x"))
+        open_storage(make_settings(tmp_path, storage_url="nosuchproto://x"))
 
 
 def test_s3_without_the_s3_extra_says_how_to_install_it(tmp_path: Path):
@@ -383,4 +383,4 @@ def test_s3_without_the_s3_extra_says_how_to_install_it(tmp_path: Path):
     else:
         pytest.skip("s3fs is installed here")
     with pytest.raises(ValueError, match=r"pip install 'particalize\[s3\]'"):
-        Storage.from_settings(make_settings(tmp_path, storage_url="s3://bucket/outputs"))
+        open_storage(make_settings(tmp_path, storage_url="s3://bucket/outputs"))

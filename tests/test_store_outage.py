@@ -15,10 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from server.app import create_app
-from server.auth import Authenticator
+from particalize.compose_server import build_app, open_storage, server_options
+from server.auth import Authenticator, AuthOptions
 from server.services import Services
-from server.storage import Storage
 from server.store import Database, DbNonceStore, TaskLost, TaskStore
 from server.store.outage import RETRY_AFTER_SECONDS, StoreHealth, is_outage
 from server.worker import Worker
@@ -53,10 +52,11 @@ def test_outages_are_told_from_bugs():
 def test_every_route_answers_503_with_retry_after_when_the_database_is_down(tmp_path: Path):
     settings = make_settings(tmp_path, UNREACHABLE_DB)
     db = Database(UNREACHABLE_DB)
-    services = Services(settings, TaskStore.from_settings(db, settings), Storage.from_settings(settings),
-                        Authenticator({}, DbNonceStore(db), settings.nonce_window_seconds))
+    services = Services(server_options(settings), TaskStore.from_settings(db, settings), open_storage(settings),
+                        Authenticator(AuthOptions(nonce_window_seconds=settings.nonce_window_seconds),
+                                      DbNonceStore(db)))
     image = ("in.png", png_bytes(40, 40), "image/png")
-    with TestClient(create_app(settings, services=services), raise_server_exceptions=False) as client:
+    with TestClient(build_app(settings, services=services), raise_server_exceptions=False) as client:
         assert_outage_answer(client.post(RUN, data={"prompt": "x", **SMALL}, files={"inputImage": image}))
         for path in ("/v1/Task/Detail", "/v1/Task/Kill", "/v1/Task/Cancel"):
             assert_outage_answer(client.post(path, json={"taskid": "1"}))
@@ -132,7 +132,7 @@ def settings(tmp_path: Path, db_url: str):
 def run_worker(store: TaskStore, flaky: FlakyStore, settings, generator, until) -> Worker:
     """A worker loop on the flaky store, in a thread, until `until()` (or 60 s)."""
     store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
-    worker = Worker(flaky, Storage.from_settings(settings), generator, settings, worker_id=WORKER,  # type: ignore[arg-type]
+    worker = Worker(flaky, open_storage(settings), generator, settings, worker_id=WORKER,  # type: ignore[arg-type]
                     fetch=FakeFetch(png_bytes(40, 40)))
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -244,7 +244,7 @@ def test_right_after_an_outage_a_worker_gives_others_one_lease_before_requeueing
     store = TaskStore.from_settings(db, settings)
     task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
     store.claim_next("other/gpu0")
-    worker = Worker(store, Storage.from_settings(settings), object(), settings, worker_id=WORKER)  # type: ignore[arg-type]
+    worker = Worker(store, open_storage(settings), object(), settings, worker_id=WORKER)  # type: ignore[arg-type]
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
@@ -282,7 +282,7 @@ def test_a_video_made_when_the_grace_period_ends_during_an_outage_is_still_recor
 
     spy.generate = generate_then_stop  # type: ignore[method-assign]
     store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
-    worker = Worker(flaky, Storage.from_settings(settings), spy, settings, worker_id=WORKER,  # type: ignore[arg-type]
+    worker = Worker(flaky, open_storage(settings), spy, settings, worker_id=WORKER,  # type: ignore[arg-type]
                     fetch=FakeFetch(png_bytes(40, 40)))
     started = time.monotonic()
     worker.run(stop)
@@ -313,7 +313,7 @@ def test_the_api_logs_an_outage_at_most_once_every_few_seconds_not_once_per_requ
 
 def test_a_bug_answers_500_and_says_the_connection_closes(tmp_path: Path, monkeypatch):
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}")
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(build_app(settings), raise_server_exceptions=False) as client:
         store = client.app.state.services.store
 
         def broken(*args, **kwargs):
@@ -329,12 +329,12 @@ def test_a_bug_answers_500_and_says_the_connection_closes(tmp_path: Path, monkey
 
 
 def test_a_live_follower_pauses_through_an_outage_and_misses_no_event(tmp_path: Path):
+    from particalize.compose_server import open_services
     from server.live import TaskFollower
-    from server.services import Services
     from server.store import NewOutput
 
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}")
-    services = Services.open(settings)
+    services = open_services(settings)
     try:
         store = services.store
         task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)

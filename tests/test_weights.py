@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from particalize.compose import lora_sources
 from particalize.settings import Settings
 from pipeline.errors import WeightsMissing
-from pipeline.generator import VideoGenerator
+from pipeline.generator import GeneratorOptions, VideoGenerator
 from pipeline.params import GenerationParams
 from pipeline.presets import ModelPreset, get_preset
 from pipeline.tiny import build_tiny_pipeline
 from tests.images import noise_image
-from weights.locate import lora_file_from_settings
+from weights.locate import first_lora_file
 from weights.manifest import FileRecord, read_manifest, sha256_of, write_manifest
 from weights.verify import verify_directory
 
@@ -36,8 +37,9 @@ def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_local_directory_loads_through_from_pretrained_and_matches_the_in_code_model(snapshot, tmp_path):
     preset = get_preset(str(snapshot))
     assert preset.local_dir == snapshot.resolve()
-    from_disk = VideoGenerator(preset, weights_dir=tmp_path).generate(PARAMS, noise_image(32, 32)).frames
-    in_code = VideoGenerator(get_preset("tiny"), weights_dir=tmp_path).generate(PARAMS, noise_image(32, 32)).frames
+    from_disk = VideoGenerator(GeneratorOptions(preset, tmp_path)).generate(PARAMS, noise_image(32, 32)).frames
+    in_code = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path)).generate(PARAMS, noise_image(32, 32))
+    in_code = in_code.frames
     np.testing.assert_allclose(from_disk, in_code, atol=1e-5)
 
 
@@ -49,12 +51,12 @@ def test_loading_never_reaches_a_hub(snapshot, tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    VideoGenerator(get_preset(str(snapshot)), weights_dir=tmp_path).generate(PARAMS, noise_image(32, 32))
+    VideoGenerator(GeneratorOptions(get_preset(str(snapshot)), tmp_path)).generate(PARAMS, noise_image(32, 32))
 
 
 def test_a_missing_preset_names_the_file_and_the_fetch_command(tmp_path):
     with pytest.raises(WeightsMissing) as info:
-        VideoGenerator(get_preset("wan2.1-i2v-14b-480p"), weights_dir=tmp_path)
+        VideoGenerator(GeneratorOptions(get_preset("wan2.1-i2v-14b-480p"), tmp_path))
     message = str(info.value)
     assert str(tmp_path / "wan2.1-i2v-14b-480p" / "model_index.json") in message
     assert "particalize weights fetch --model wan2.1-i2v-14b-480p" in message
@@ -69,7 +71,7 @@ def test_a_missing_shard_is_named(snapshot, tmp_path):
     index.write_text(json.dumps({"weight_map": {"x": "diffusion_pytorch_model-00002-of-00002.safetensors"}}))
     preset = ModelPreset("partial", None, 3840, local_dir=copy)
     with pytest.raises(WeightsMissing, match="00002-of-00002"):
-        VideoGenerator(preset, weights_dir=tmp_path)
+        VideoGenerator(GeneratorOptions(preset, tmp_path))
 
 
 def test_verify_passes_a_complete_snapshot_and_catches_a_changed_file(snapshot, tmp_path):
@@ -103,20 +105,21 @@ def test_verify_catches_a_truncated_file(snapshot, tmp_path):
 
 
 def test_lora_location_is_an_operator_setting(tmp_path):
-    assert lora_file_from_settings(Settings(weights_dir=tmp_path)) is None
+    def lora_file(**settings):
+        return first_lora_file(lora_sources(Settings(weights_dir=tmp_path, **settings)))
+
+    assert lora_file() is None
     with pytest.raises(WeightsMissing, match="PARTICALIZE_LORA_PATH"):
-        lora_file_from_settings(Settings(weights_dir=tmp_path, require_lora=True))
+        lora_file(require_lora=True)
     with pytest.raises(WeightsMissing, match="particalize weights fetch"):
-        lora_file_from_settings(
-            Settings(weights_dir=tmp_path, lora_repo="someone/particalize", lora_file="p.safetensors"))
+        lora_file(lora_repo="someone/particalize", lora_file="p.safetensors")
     fetched = tmp_path / "lora" / "someone--particalize" / "p.safetensors"
     fetched.parent.mkdir(parents=True)
     fetched.write_bytes(b"x")
-    assert lora_file_from_settings(
-        Settings(weights_dir=tmp_path, lora_repo="someone/particalize", lora_file="p.safetensors")) == fetched
+    assert lora_file(lora_repo="someone/particalize", lora_file="p.safetensors") == fetched
     local = tmp_path / "mine.safetensors"
     local.write_bytes(b"x")
-    assert lora_file_from_settings(Settings(weights_dir=tmp_path, lora_path=local)) == local
+    assert lora_file(lora_path=local) == local
 
 
 def test_cli_verify_reports_ok_for_a_snapshot(snapshot, capsys):

@@ -12,7 +12,7 @@ import pytest
 
 from particalize.settings import Settings
 from pipeline.errors import WeightsMissing
-from pipeline.generator import VideoGenerator
+from pipeline.generator import GeneratorOptions, VideoGenerator
 from pipeline.presets import PRESETS, get_preset
 from pipeline.tiny import build_tiny_pipeline
 from weights.manifest import MANIFEST_NAME, FileRecord, sha256_of, write_manifest
@@ -89,7 +89,7 @@ def test_loading_an_incomplete_snapshot_names_the_missing_file_before_any_weight
     snapshot = copy_of(saved, tmp_path / "s", manifest=False)
     (snapshot / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(WeightsMissing, match="vae/diffusion_pytorch_model.safetensors"):
-        VideoGenerator(get_preset(str(snapshot)), weights_dir=tmp_path)
+        VideoGenerator(GeneratorOptions(get_preset(str(snapshot)), tmp_path))
 
 
 def hub_cache_snapshot(saved: Path, cache: Path, repo_id: str) -> Path:

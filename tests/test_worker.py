@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from particalize.compose_server import open_storage
 from pipeline.video import read_mp4
 from server.netguard import FetchError, UnsafeUrl
-from server.storage import Storage
 from server.store import NewUpload, TaskStore, new_id
 from server.store.models import LIFECYCLE, OUTPUT, STAMPS
 from server.worker import Worker, failure_reason
@@ -72,7 +72,7 @@ class Spy:
 
 
 def make_worker(store, settings, generator, fetch=None) -> Worker:
-    return Worker(store, Storage.from_settings(settings), generator, settings, worker_id=WORKER,
+    return Worker(store, open_storage(settings), generator, settings, worker_id=WORKER,
                   fetch=fetch or FakeFetch(png_bytes(40, 40)))
 
 

@@ -2,38 +2,54 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline.errors import WeightsMissing
-from weights.lora_sources import LoraSource, parse_lora_list, parse_lora_source
+from weights.lora_sources import LoraSource
 
-if TYPE_CHECKING:
-    from particalize.settings import Settings
+
+@dataclass(frozen=True)
+class LoraSources:
+    """The LoRAs the operator configured, as configured (the entry points compose this from their settings)."""
+
+    weights_dir: Path
+    lora_path: Path | None = None
+    """The Particalize LoRA as a local file (PARTICALIZE_LORA_PATH) ..."""
+    lora_repo: str | None = None
+    """... or as a hub file (PARTICALIZE_LORA_REPO + PARTICALIZE_LORA_FILE), fetched into weights_dir."""
+    lora_file: str | None = None
+    lora_revision: str | None = None
+    lora_strength: float = 1.0
+    loras: tuple[LoraSource, ...] = ()
+    """More LoRAs stacked after it (PARTICALIZE_LORAS)."""
+    speed_lora: LoraSource | None = None
+    """Fast mode's step-distilled LoRA (PARTICALIZE_SPEED_LORA)."""
+    require_lora: bool = False
 
 
 def lora_dir(weights_dir: Path, repo_id: str) -> Path:
     return weights_dir / "lora" / repo_id.replace("/", "--")
 
 
-def lora_file_from_settings(settings: Settings) -> Path | None:
+def first_lora_file(sources: LoraSources) -> Path | None:
     """The LoRA file the operator configured: a local path, or a fetched hub file; None when none is set."""
-    if settings.lora_path is not None:
-        path = Path(settings.lora_path).expanduser()
+    if sources.lora_path is not None:
+        path = Path(sources.lora_path).expanduser()
         if not path.is_file():
             raise WeightsMissing(f"PARTICALIZE_LORA_PATH points at {path}, which is not a file")
         return path
-    if settings.lora_repo:
-        if not settings.lora_file:
+    if sources.lora_repo:
+        if not sources.lora_file:
             raise WeightsMissing("PARTICALIZE_LORA_REPO is set but PARTICALIZE_LORA_FILE (the file name) is not")
-        path = lora_dir(settings.weights_dir, settings.lora_repo) / settings.lora_file
+        path = lora_dir(sources.weights_dir, sources.lora_repo) / sources.lora_file
         if not path.is_file():
             raise WeightsMissing(
-                f"LoRA {settings.lora_repo}/{settings.lora_file} is not on disk at {path}: "
+                f"LoRA {sources.lora_repo}/{sources.lora_file} is not on disk at {path}: "
                 "run `particalize weights fetch`"
             )
         return path
-    if settings.require_lora and not settings.loras:
+    if sources.require_lora and not sources.loras:
         raise WeightsMissing(
             "no Particalize LoRA configured: set PARTICALIZE_LORA_PATH, or PARTICALIZE_LORA_REPO and "
             "PARTICALIZE_LORA_FILE, or PARTICALIZE_LORAS (see weights/README.md)"
@@ -41,20 +57,16 @@ def lora_file_from_settings(settings: Settings) -> Path | None:
     return None
 
 
-def lora_sources_from_settings(settings: Settings) -> list[LoraSource]:
+def stack_sources(sources: LoraSources) -> list[LoraSource]:
     """The LoRA stack, in order: the single LORA_PATH (or LORA_REPO + LORA_FILE) first, then PARTICALIZE_LORAS."""
-    sources: list[LoraSource] = []
-    if settings.lora_path is not None:
-        sources.append(LoraSource(str(settings.lora_path), settings.lora_strength,
-                                  path=Path(settings.lora_path).expanduser()))
-    elif settings.lora_repo and settings.lora_file:
-        sources.append(LoraSource(f"hf://{settings.lora_repo}/{settings.lora_file}", settings.lora_strength,
-                                  repo=settings.lora_repo, file=settings.lora_file, revision=settings.lora_revision))
-    return sources + parse_lora_list(settings.loras, settings.lora_strength)
-
-
-def speed_lora_source(settings: Settings) -> LoraSource | None:
-    return parse_lora_source(settings.speed_lora) if settings.speed_lora else None
+    first: list[LoraSource] = []
+    if sources.lora_path is not None:
+        first.append(LoraSource(str(sources.lora_path), sources.lora_strength,
+                                path=Path(sources.lora_path).expanduser()))
+    elif sources.lora_repo and sources.lora_file:
+        first.append(LoraSource(f"hf://{sources.lora_repo}/{sources.lora_file}", sources.lora_strength,
+                                repo=sources.lora_repo, file=sources.lora_file, revision=sources.lora_revision))
+    return first + list(sources.loras)
 
 
 def lora_source_file(source: LoraSource, weights_dir: Path, setting: str = "PARTICALIZE_LORAS") -> Path:
@@ -71,18 +83,17 @@ def lora_source_file(source: LoraSource, weights_dir: Path, setting: str = "PART
     return path
 
 
-def speed_lora_file(settings: Settings) -> tuple[LoraSource, Path] | None:
+def speed_lora_file(sources: LoraSources) -> tuple[LoraSource, Path] | None:
     """The speed LoRA (fast mode) with its file on disk, or None when none is configured."""
-    source = speed_lora_source(settings)
-    if source is None:
+    if sources.speed_lora is None:
         return None
-    return source, lora_source_file(source, settings.weights_dir, "PARTICALIZE_SPEED_LORA")
+    return sources.speed_lora, lora_source_file(sources.speed_lora, sources.weights_dir, "PARTICALIZE_SPEED_LORA")
 
 
-def lora_files_from_settings(settings: Settings) -> list[tuple[LoraSource, Path]]:
-    """Every LoRA of the stack with its file on disk (the speed LoRA is apart: `speed_lora_source`)."""
-    sources = lora_sources_from_settings(settings)
-    first = lora_file_from_settings(settings)  # LORA_PATH or LORA_REPO + LORA_FILE, with their own messages
-    pairs = [(sources.pop(0), first)] if first is not None else []
-    pairs += [(s, lora_source_file(s, settings.weights_dir)) for s in sources]
+def stack_files(sources: LoraSources) -> list[tuple[LoraSource, Path]]:
+    """Every LoRA of the stack with its file on disk (the speed LoRA is apart: `speed_lora_file`)."""
+    stack = stack_sources(sources)
+    first = first_lora_file(sources)  # LORA_PATH or LORA_REPO + LORA_FILE, with their own messages
+    pairs = [(stack.pop(0), first)] if first is not None else []
+    pairs += [(s, lora_source_file(s, sources.weights_dir)) for s in stack]
     return pairs

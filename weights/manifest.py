@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-MANIFEST_NAME = ".particalize-manifest.json"
+from pipeline.presets import MANIFEST_NAME
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ async def authorized(request: Request, handler: Handler) -> Any:
     services = services_of(request)
     owner = services.auth.authenticate(request.headers)
     rate_limit(request, owner)
-    max_bytes = services.settings.max_body_bytes
+    max_bytes = services.options.limits.max_body_bytes
     body = await read_body(request, max_bytes)
     fields = await parse_fields(request, body, max_bytes)
 

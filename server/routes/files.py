@@ -31,7 +31,7 @@ async def upload(request: Request) -> JSONResponse:
         if part is None:
             raise ApiError("Request parameter [file] is required: send the image as a multipart/form-data "
                            "file part named file.")
-        checked = check_upload(part, services.settings, "file")
+        checked = check_upload(part, services.options.limits, "file")
         row = services.store.add_upload(checked, owner)
         return {"result": True, "errors": [], "list": [{
             "id": row.id,

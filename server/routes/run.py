@@ -27,7 +27,7 @@ async def run(request: Request, slug_owner: str, slug_project: str) -> JSONRespo
                 f"There is no tool {slug_owner}/{slug_project} on this server; it runs {SLUG_OWNER}/{SLUG_PROJECT}.",
                 code=NOT_FOUND,
             )
-        req = parse_run(fields, services.settings, services.storage, services.store)
+        req = parse_run(fields, services.options.limits, services.storage, services.store)
         try:
             task = services.store.create(
                 parameters=req.parameters, image_url=req.image_url, upload_id=req.upload_id,

@@ -38,7 +38,7 @@ async def detail(request: Request) -> JSONResponse:
         if not is_this_tool(*asked):
             raise ApiError(f"slug-owner-project-not-exist: this server runs {SLUG_OWNER}/{SLUG_PROJECT} only.",
                            code=NOT_FOUND)
-        return {"result": True, "errors": [], "tool": [tool_detail(services.settings)]}
+        return {"result": True, "errors": [], "tool": [tool_detail(services.options.tool, services.options.limits)]}
 
     return await answer(request, handler)
 
@@ -81,7 +81,7 @@ async def tool_list(request: Request) -> JSONResponse:
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         start = int_field(fields, "start", 0, 0, 10**9)
         limit = int_field(fields, "limit", 20, 1, 100)
-        tools = _found(fields, lambda: tool_detail(services.settings))
+        tools = _found(fields, lambda: tool_detail(services.options.tool, services.options.limits))
         return {"result": True, "errors": [], "total": str(len(tools)), "tool": tools[start:start + limit]}
 
     return await answer(request, handler)

@@ -1,0 +1,116 @@
+"""The composition root of the model side: the pipeline's and the weights' options, built once from the settings.
+
+Each layer below owns its options as typed objects and never sees the settings; this module is the one place
+that knows which setting feeds which option. Nothing here imports torch at module level: the API side composes
+its limits from here too (particalize.compose_server), and an API-only replica never loads the model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from particalize.settings import Settings
+from pipeline.fast import FastMode
+from pipeline.params import Limits, model_max_area
+from weights.locate import LoraSources
+from weights.lora_sources import parse_lora_list, parse_lora_source
+
+if TYPE_CHECKING:
+    from pipeline.acceleration import SpeedOptions
+    from pipeline.generator import GeneratorOptions, VideoGenerator
+    from pipeline.lora import LoraStackOptions
+
+
+def limits(settings: Settings) -> Limits:
+    """The operator limits of a request (Run, the CLI's flags, a batch row)."""
+    return Limits(
+        max_num_frames=settings.max_num_frames,
+        max_steps=settings.max_steps,
+        max_side=settings.max_side,
+        max_pixels=settings.max_pixels,
+        max_work=settings.max_work,
+        max_area=model_max_area(settings.model, settings.model_max_area),
+        fast_mode=bool(settings.speed_lora),
+    )
+
+
+def fast_mode(settings: Settings) -> FastMode:
+    return FastMode(settings.fast_steps, settings.fast_scale, settings.fast_flow_shift)
+
+
+def lora_sources(settings: Settings) -> LoraSources:
+    return LoraSources(
+        weights_dir=settings.weights_dir,
+        lora_path=settings.lora_path,
+        lora_repo=settings.lora_repo,
+        lora_file=settings.lora_file,
+        lora_revision=settings.lora_revision,
+        lora_strength=settings.lora_strength,
+        loras=tuple(parse_lora_list(settings.loras, settings.lora_strength)),
+        speed_lora=parse_lora_source(settings.speed_lora) if settings.speed_lora else None,
+        require_lora=settings.require_lora,
+    )
+
+
+def speed_options(settings: Settings) -> SpeedOptions:
+    from pipeline.acceleration import SpeedOptions
+
+    return SpeedOptions(
+        attention_backend=settings.attention_backend,
+        compile=settings.compile,
+        compile_dynamic=settings.compile_dynamic,
+        compile_mode=settings.compile_mode,
+        cfg_batch=settings.cfg_batch,
+        step_cache=settings.step_cache,
+        step_cache_threshold=settings.step_cache_threshold,
+        step_cache_interval=settings.step_cache_interval,
+        memory_mode=settings.memory_mode,
+        vae_tiling=settings.vae_tiling,
+        float8=settings.float8,
+        encode_cache_size=settings.encode_cache_size,
+        context_parallel=settings.context_parallel,
+        compile_cache_dir=(settings.compile_cache_dir or settings.data_dir / "compile-cache")
+        if settings.compile_cache else None,
+        fuse_qkv=settings.fuse_qkv,
+        text_encoder_on_cpu=settings.text_encoder_on_cpu,
+    )
+
+
+def lora_stack(settings: Settings) -> LoraStackOptions:
+    """The configured LoRAs as files on disk; WeightsMissing naming the setting of one that is not there."""
+    from pipeline.lora import LoraStackOptions
+    from weights.locate import speed_lora_file, stack_files
+
+    sources = lora_sources(settings)
+    speed = speed_lora_file(sources)
+    stack = stack_files(sources)
+    return LoraStackOptions(
+        loras=tuple((path, source.strength) for source, path in stack),
+        speed_lora=(speed[1], speed[0].strength) if speed is not None else None,
+        fuse=settings.fuse_lora,
+        strict=settings.lora_strict,
+    )
+
+
+def generator_options(settings: Settings) -> GeneratorOptions:
+    """What the warm generator the settings describe is built from (model preset, LoRAs, fast mode, device)."""
+    from pipeline.generator import GeneratorOptions
+    from pipeline.presets import get_preset
+
+    return GeneratorOptions(
+        preset=get_preset(settings.model, max_area=settings.model_max_area),
+        weights_dir=settings.weights_dir,
+        device=settings.device,
+        random_weights=settings.random_weights,
+        loras=lora_stack(settings),
+        speed=speed_options(settings),
+        fast=fast_mode(settings),
+        mode=settings.mode,
+    )
+
+
+def make_generator(settings: Settings) -> VideoGenerator:
+    """Load the model the settings describe (seconds to minutes)."""
+    from pipeline.generator import VideoGenerator
+
+    return VideoGenerator(generator_options(settings))

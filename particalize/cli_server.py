@@ -171,6 +171,7 @@ def tiny_limits(settings: Any) -> tuple[Any, str | None]:
 def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     import uvicorn
 
+    from particalize.core_options import worker_process_options
     from server.app import create_app
     from server.auth import load_api_keys
 
@@ -200,7 +201,8 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     # SIGTERM/Ctrl-C: uvicorn stops accepting, lets in-flight requests finish for up to the grace period,
     # then the app's shutdown stops the workers (each with the grace period again for its running task).
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+    app = create_app(settings, worker_processes=worker_process_options(settings))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
                 access_log=settings.access_log, timeout_graceful_shutdown=drain_seconds(settings),
                 log_config=log_config)
     return 0
@@ -225,19 +227,20 @@ def _redacted(url: str) -> str:
 def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
     """One worker until SIGTERM/SIGINT: then it claims nothing more, finishes its running task within
     shutdown_grace_seconds (else puts it back in the queue) and exits 0; a second signal ends the wait."""
-    from particalize.settings import Settings
+    from particalize.core_options import GeneratorFactory, settings_given_by_serve, worker_options
     from server.shutdown import StopRequest, stop_on_signals
-    from server.supervisor import PARENT_ENV, SETTINGS_ENV, die_with_parent
+    from server.storage import Storage
+    from server.supervisor import PARENT_ENV, die_with_parent
     from server.worker import run_worker
 
     parent = os.environ.pop(PARENT_ENV, None)
     if parent:
         die_with_parent(int(parent))
-    given = os.environ.pop(SETTINGS_ENV, None)
-    settings = Settings.model_validate_json(given) if given else settings_of(args)
+    settings = settings_given_by_serve() or settings_of(args)
     stop = StopRequest(settings.shutdown_grace_seconds)
     stop_on_signals(stop)
-    code = run_worker(settings, stop, slot=args.slot, parent_pid=int(parent) if parent else None)
+    code = run_worker(worker_options(settings), Storage.from_settings(settings), GeneratorFactory(settings), stop,
+                      slot=args.slot, parent_pid=int(parent) if parent else None)
     exit_now(code)
 
 

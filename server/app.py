@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -29,12 +29,16 @@ from server.routes import files, health, live, metrics, playground, run, tasks, 
 from server.services import Services
 from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER, ThrottledLog, describe, is_outage
 
+if TYPE_CHECKING:
+    from server.supervisor import WorkerProcessOptions
+
 log = logging.getLogger("particalize.server")
 
 
-def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
-    """The app for `settings`. Its lifespan opens the store (migrating it), starts the callback sender and
-    `settings.workers` worker processes, and stops them on shutdown."""
+def create_app(settings: Any, *, services: Services | None = None,
+               worker_processes: WorkerProcessOptions | None = None) -> FastAPI:
+    """The app for `settings`. Its lifespan opens the store (migrating it), starts the callback sender and the
+    `worker_processes` (none when not given), and stops them on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -43,7 +47,9 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
         opened = services or await run_in_threadpool(Services.open, settings)
         app.state.services = opened
         callbacks = CallbackDispatcher(opened.store, opened.detail_body, settings).start()
-        workers = WorkerProcesses(settings, settings.workers).start() if settings.workers > 0 else None
+        workers = None
+        if worker_processes is not None and worker_processes.count > 0:
+            workers = WorkerProcesses(worker_processes).start()
         try:
             yield
         finally:
@@ -70,9 +76,9 @@ def create_app(settings: Any, *, services: Services | None = None) -> FastAPI:
                 {"id": w.id, "state": w.state, "pid": str(w.pid), "model": w.model, "device": w.device,
                  "version": w.version, "taskid": "" if w.task_id is None else str(w.task_id),
                  "detail": w.detail, "heartbeat": f"{w.heartbeat_at:.3f}"}
-                for w in store.workers()
+                for w in store.workers.all()
             ]
-            return {"result": True, "errors": [], "queued": str(store.count("task_queue")), "workers": workers}
+            return {"result": True, "errors": [], "queued": str(store.reads.count("task_queue")), "workers": workers}
 
         return JSONResponse(await run_in_threadpool(read))
 

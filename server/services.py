@@ -5,18 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.params import limits_from_settings
 from server.auth import Authenticator
 from server.storage import Storage
-from server.store import Database, DbNonceStore, TaskStore, upgrade
+from server.store import Database, DbNonceStore, Store, StoreOptions, upgrade
 from server.task_view import OutputLike, TaskLike, task_dict
+from server.validation import RunOptions
 
 
 @dataclass
 class Services:
     settings: Any
-    store: TaskStore
+    store: Store
     storage: Storage
     auth: Authenticator
+    run: RunOptions
 
     @classmethod
     def open(cls, settings: Any) -> Services:
@@ -24,13 +27,18 @@ class Services:
         db = Database(settings.sqlalchemy_url)
         upgrade(db)
         auth = Authenticator.from_settings(settings, DbNonceStore(db))
-        return cls(settings, TaskStore.from_settings(db, settings), Storage.from_settings(settings), auth)
+        store = Store(db, StoreOptions(
+            url=settings.sqlalchemy_url, lease_seconds=settings.lease_seconds, requeue_limit=settings.requeue_limit,
+            max_queue_length=settings.max_queue_length, callback_attempts=settings.callback_attempts,
+            callback_backoff_seconds=settings.callback_backoff_seconds))
+        run = RunOptions(limits_from_settings(settings), settings.max_image_bytes, settings.allow_private_urls)
+        return cls(settings, store, Storage.from_settings(settings), auth, run)
 
     def close(self) -> None:
         self.store.db.dispose()
 
     def views(self, tasks: list[TaskLike], outputs: dict[int, list[OutputLike]] | None = None) -> list[dict[str, Any]]:
-        outputs = outputs if outputs is not None else self.store.outputs(t.id for t in tasks)
+        outputs = outputs if outputs is not None else self.store.reads.outputs(t.id for t in tasks)
         return [task_dict(t, outputs[t.id], self.storage, self.settings.cost_per_second) for t in tasks]
 
     def detail_body(self, task: TaskLike, outputs: list[OutputLike] | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from particalize.core_options import worker_options
 from pipeline.video import read_mp4
 from server.app import create_app
 from server.auth import sign
@@ -95,7 +96,8 @@ def api(client: TestClient) -> Api:
 
 def run_worker_once(client: TestClient, generator) -> bool:
     services = client.app.state.services
-    worker = Worker(services.store, services.storage, generator, services.settings, worker_id="testnode/gpu0")
+    worker = Worker(services.store, services.storage, generator, worker_options(services.settings),
+                    worker_id="testnode/gpu0")
     return worker.run_once()
 
 
@@ -296,7 +298,7 @@ def test_unexpected_errors_answer_the_error_shape_not_a_traceback(tmp_path: Path
         def broken(*args, **kwargs):
             raise RuntimeError("database on fire")
 
-        monkeypatch.setattr(client.app.state.services.store, "find_with_outputs", broken)
+        monkeypatch.setattr(client.app.state.services.store.reads, "find_with_outputs", broken)
         answer = client.post("/v1/Task/Detail", json={"taskid": "1"})
         message = assert_error(answer, 0, status=500, contains="Internal server error")
         assert "fire" not in message and "Traceback" not in answer.text
@@ -323,8 +325,8 @@ def test_kill_refuses_a_queued_task_and_cancel_refuses_a_running_one(api: Api):
     assert_error(api.seed("/v1/Task/Kill", {"socketaccesstoken": run["socketaccesstoken"]}), 1,
                  contains="Task/Cancel")
     store = api.client.app.state.services.store
-    store.claim_next("testnode/gpu0")
-    store.advance(int(run["taskid"]), "testnode/gpu0", "task_start")
+    store.tasks.claim_next("testnode/gpu0")
+    store.tasks.advance(int(run["taskid"]), "testnode/gpu0", "task_start")
     assert_error(api.seed("/v1/Task/Cancel", {"taskid": run["taskid"]}), 1, contains="Task/Kill")
     started = time.monotonic()
     answer = api.seed("/v1/Task/Kill", {"socketaccesstoken": run["socketaccesstoken"]}).json()
@@ -332,7 +334,7 @@ def test_kill_refuses_a_queued_task_and_cancel_refuses_a_running_one(api: Api):
     killed = answer["tasklist"][0]
     assert answer["result"] is True and killed["status"] == "task_cancel", "as the seed's Kill answer shows"
     assert killed["endtime"] != "0" and killed["endtime"] == killed["canceltime"] and killed["totalcost"] == "0"
-    assert store.kill_requested(int(run["taskid"]))
+    assert store.tasks.kill_requested(int(run["taskid"]))
     assert api.detail(taskid=run["taskid"])["tasklist"][0]["status"] == "task_cancel"
 
 

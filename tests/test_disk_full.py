@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from particalize.core_options import worker_options
 from server.app import create_app
 from server.storage import Storage
 from server.store.models import RUNNING
@@ -77,9 +78,9 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
         assert body["result"] is True, body
         task_id = int(body["taskid"])
 
-        store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+        store.workers.register(WORKER, pid=1, model="tiny", device="cpu", state="ready")
         spy = FillsTheDisk(tiny_generator)
-        worker = Worker(store, Storage.from_settings(settings), spy, settings, worker_id=WORKER,
+        worker = Worker(store, Storage.from_settings(settings), spy, worker_options(settings), worker_id=WORKER,
                         fetch=FakeFetch(png_bytes(40, 40)))
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -92,25 +93,26 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
                        client.post("/v1/Task/Kill", json={"taskid": str(task_id)})):
             assert answer.status_code == 503 and answer.headers["retry-after"], answer.text
             assert answer.json()["result"] is False and "task store is unavailable" in answer.text
-        assert store.get(task_id).status in RUNNING, "the worker has not been able to record the end yet"
+        assert store.reads.get(task_id).status in RUNNING, "the worker has not been able to record the end yet"
         assert worker.health.down
 
         (small_disk / "filler").unlink()  # room again
         deadline = time.monotonic() + 30
-        while store.get(task_id).status in RUNNING and time.monotonic() < deadline:
+        while store.reads.get(task_id).status in RUNNING and time.monotonic() < deadline:
             time.sleep(0.1)
         stop.set()
         thread.join(30)
 
-        done = store.get(task_id)
+        done = store.reads.get(task_id)
         assert done.status == "task_postprocess_end" and done.pexit == "0", (done.status, done.debugerror)
-        assert spy.calls == 1 and len(store.outputs([task_id])[task_id]) == 1
-        assert sum(store.count(status) for status in RUNNING) == 0, "nothing left running that no worker owns"
+        assert spy.calls == 1 and len(store.reads.outputs([task_id])[task_id]) == 1
+        assert sum(store.reads.count(status) for status in RUNNING) == 0, "nothing left running that no worker owns"
 
-        restarted = Worker(store, Storage.from_settings(settings), tiny_generator, settings, worker_id=WORKER)
-        assert store.recover_orphans(worker_id=WORKER, now=time.time() + 3600) == []
+        restarted = Worker(store, Storage.from_settings(settings), tiny_generator, worker_options(settings),
+                           worker_id=WORKER)
+        assert store.tasks.recover_orphans(worker_id=WORKER, now=time.time() + 3600) == []
         restarted.recover(own=True)
-        events = store.events(task_id)
+        events = store.reads.events(task_id)
         assert not any("lost" in e.message for e in events), [e.message for e in events]
         assert [e.status for e in events].count("task_postprocess_end") == 1
         assert client.post(RUN, data=SMALL, files=image).json()["result"] is True, "the API writes again"

@@ -50,7 +50,7 @@ def client(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TestClien
 
 
 def task_count(client: TestClient) -> int:
-    return client.app.state.services.store.count()
+    return client.app.state.services.store.reads.count()
 
 
 def retry_seconds(message: str) -> int:

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 
 from server.errors import error_body
 from server.routes.common import services_of
-from server.store import TaskStore
+from server.store import Store
 from server.store.outage import RETRY_AFTER
 
 router = APIRouter()
@@ -29,15 +29,13 @@ router = APIRouter()
 PROBE_TIMEOUT_SECONDS = 5.0
 """A database that has not answered in this long counts as down (a probe must answer quickly)."""
 SERVING_STATES = ("ready", "busy")
-RANDOM_WEIGHTS_MARK = "RANDOM WEIGHTS"
-"""In a worker's detail when it serves a model built with random values (pipeline.random_weights)."""
 
 
 class Unhealthy(Exception):
     """Why this process cannot serve; the message is what the probe answers."""
 
 
-def check_database(store: TaskStore) -> None:
+def check_database(store: Store) -> None:
     try:
         with store.db.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -49,20 +47,20 @@ def check_database(store: TaskStore) -> None:
         ) from None
 
 
-def is_serving(store: TaskStore, worker: Any, now: float) -> bool:
+def is_serving(store: Store, worker: Any, now: float) -> bool:
     """Alive (its heartbeat within one lease) with its model loaded."""
-    return worker.state in SERVING_STATES and store.heartbeat_fresh(worker, now)
+    return worker.state in SERVING_STATES and store.workers.heartbeat_fresh(worker, now)
 
 
-def not_ready_reason(store: TaskStore, workers: Iterable[Any], now: float) -> str | None:
+def not_ready_reason(store: Store, workers: Iterable[Any], now: float) -> str | None:
     """None when at least one worker is serving; else why no task would run now."""
     seen = []
     for w in workers:
         if is_serving(store, w, now):
             return None
         if w.state in SERVING_STATES:
-            seen.append(f"{w.id} last seen {now - w.heartbeat_at:.0f}s ago (more than the {store.lease_seconds:g}s "
-                        "lease)")
+            lease = store.workers.lease_seconds
+            seen.append(f"{w.id} last seen {now - w.heartbeat_at:.0f}s ago (more than the {lease:g}s lease)")
         elif w.state == "paused" and w.detail:
             seen.append(f"{w.id} is paused: {w.detail}")  # e.g. its disk is below the floor
         else:
@@ -91,16 +89,16 @@ def _live(services: Any) -> dict[str, Any]:
 
 
 def _ready(services: Any) -> dict[str, Any]:
-    store: TaskStore = services.store
+    store: Store = services.store
     check_database(store)
-    workers, now = store.workers(), time.time()
+    workers, now = store.workers.all(), time.time()
     reason = not_ready_reason(store, workers, now)
     if reason is not None:
         raise Unhealthy(reason)
     serving = [w for w in workers if is_serving(store, w, now)]
     answer: dict[str, Any] = {"database": "ok", "workers": str(len(serving)),
                               "loaded": [{"worker": w.id, "model": w.model, "detail": w.detail} for w in serving]}
-    noise = [w.id for w in serving if RANDOM_WEIGHTS_MARK in (w.detail or "")]
+    noise = [w.id for w in serving if w.random_weights]
     if noise:
         answer["warning"] = (f"worker(s) {', '.join(noise)} run RANDOM WEIGHTS (--random-weights): every video they "
                              "make is noise; for measuring speed and memory only")

@@ -45,13 +45,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(directory: Path) -> Path:
-    """Write a file until the disk is full; the file."""
+    """Write a file until the disk is full; the file. Unbuffered: a write cut short leaves nothing behind for close()
+    to flush (that would raise ENOSPC again, depending on how much space there was)."""
     filler = directory / "filler"
-    with filler.open("wb") as fh:
+    with filler.open("wb", buffering=0) as fh:
         try:
             while True:
                 fh.write(b"\0" * 65536)
-                fh.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler

@@ -7,6 +7,7 @@ import secrets
 import shutil
 import tempfile
 from collections import namedtuple
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -279,7 +280,7 @@ def test_under_the_disk_floor_a_worker_claims_nothing_says_why_and_resumes_once_
     reported = int(row.detail.split(" bytes) free")[0].rsplit("(", 1)[1])
     assert abs(reported - free) < 2**30, "the free space reported is the real one"
 
-    monkeypatch.setattr(settings, "min_free_disk_bytes", 0)
+    monkeypatch.setattr(worker, "options", replace(worker.options, min_free_disk_bytes=0))
     assert worker.run_once(), "once there is room the worker takes the task"
     assert store.reads.get(task.id).pexit == "0" and spy.calls == 1
     assert store.workers.all()[0].state == "ready"
@@ -318,11 +319,12 @@ def test_space_that_runs_out_while_generating_fails_the_task_before_writing_nami
 
     class FillsTheDisk(Spy):
         def generate(self, *args, **kwargs):
-            video = super().generate(*args, **kwargs)
-            monkeypatch.setattr(settings, "min_free_disk_bytes", 10**18)  # another process filled the disk
+            video = super().generate(*args, **kwargs)  # another process filled the disk:
+            monkeypatch.setattr(worker, "options", replace(worker.options, min_free_disk_bytes=10**18))
             return video
 
-    assert Worker(store, storage, FillsTheDisk(tiny_generator), worker_options(settings), worker_id=WORKER).run_once()
+    worker = Worker(store, storage, FillsTheDisk(tiny_generator), worker_options(settings), worker_id=WORKER)
+    assert worker.run_once()
     failed = store.reads.get(task.id)
     assert failed.status == "task_postprocess_end" and failed.pexit == "1"
     assert "Not enough free disk space" in failed.debugerror

@@ -23,6 +23,7 @@ from pipeline.video import read_mp4
 from server.harness import ServeProcess, WorkerProcess
 from server.store import Database, Store
 from server.store.models import ACCEPT, CANCEL, QUEUED, RUNNING, TERMINAL, Task
+from server.task_view import debug_output
 from tests.images import png_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -73,8 +74,8 @@ class Cluster:
         while time.monotonic() < deadline:
             with self.db.session() as s:
                 task = s.scalars(select(Task).where(Task.worker_id == f"{node}/gpu0", Task.status.in_(RUNNING))).first()
-            if task is not None and task.debugoutput.startswith("step "):
-                done = int(task.debugoutput.split()[1].split("/")[0])
+            if task is not None and debug_output(task).startswith("step "):
+                done = int(debug_output(task).split()[1].split("/")[0])
                 if done <= STEPS // 2:
                     return task
             time.sleep(0.005)

@@ -152,13 +152,12 @@ by accident (a 1280x720, 81-frame, 50-step request runs ~165 s per step on a CPU
 
 
 def tiny_limits(settings: Any) -> tuple[Any, str | None]:
-    """For the tiny preset: TINY_LIMITS in place of the limits left at their defaults (a limit set in the
-    environment or by a flag is kept), and the line `serve` prints about it."""
+    """For the tiny preset: TINY_LIMITS in place of the limits the operator did not set (one set in the environment
+    or by a flag is kept, whatever its value, even the default), and the line `serve` prints about it."""
     if settings.model != "tiny":
         return settings, None
-    fields = type(settings).model_fields
     tighter = {name: value for name, value in TINY_LIMITS.items()
-               if getattr(settings, name) == fields[name].default and value < getattr(settings, name)}
+               if name not in settings.model_fields_set and value < getattr(settings, name)}
     if not tighter:
         return settings, None
     settings = settings.with_overrides(**tighter)
@@ -231,16 +230,19 @@ def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
     from server.shutdown import StopRequest, stop_on_signals
     from server.storage import Storage
     from server.supervisor import PARENT_ENV, die_with_parent
-    from server.worker import run_worker
+    from server.worker import run_worker, worker_id_for
+    from server.worker_reports import reporter_from_env
 
     parent = os.environ.pop(PARENT_ENV, None)
     if parent:
         die_with_parent(int(parent))
     settings = settings_given_by_serve() or settings_of(args)
+    options = worker_options(settings)
+    report = reporter_from_env(worker_id_for(options.node_name, args.slot))
     stop = StopRequest(settings.shutdown_grace_seconds)
     stop_on_signals(stop)
-    code = run_worker(worker_options(settings), Storage.from_settings(settings), GeneratorFactory(settings), stop,
-                      slot=args.slot, parent_pid=int(parent) if parent else None)
+    code = run_worker(options, Storage.from_settings(settings), GeneratorFactory(settings), stop, slot=args.slot,
+                      parent_pid=int(parent) if parent else None, report=report)
     exit_now(code)
 
 

@@ -47,7 +47,8 @@ class WiroError(Exception):
 
 
 class AuthError(WiroError):
-    """HTTP 401: wrong key, secret or signature, or a nonce outside the server's freshness window (check the clock)."""
+    """HTTP 401: wrong key, secret or signature (or, where the operator turned the freshness window on, a nonce
+    outside it: check the clock)."""
 
 
 class TaskFailed(WiroError):

@@ -30,6 +30,7 @@ def store_options(settings: Settings) -> StoreOptions:
         lease_seconds=settings.lease_seconds,
         requeue_limit=settings.requeue_limit,
         max_queue_length=settings.max_queue_length,
+        max_active_per_key=settings.max_active_tasks_per_key,
         callback_attempts=settings.callback_attempts,
         callback_backoff_seconds=settings.callback_backoff_seconds,
     )

@@ -135,13 +135,15 @@ class Settings(BaseSettings):
         False, description="Allow binding a non-loopback host with no API keys configured."
     )
     nonce_window_seconds: int = Field(
-        3600, ge=1, description="A timestamp x-nonce further than this from the server's clock is refused. Generous, "
-        "as the seed's sample signs once and reuses its NONCE while a video runs; a captured signed request can "
-        "be replayed within it (see replay_protection)."
+        3600, ge=1, description="With nonce_unit seconds, milliseconds or auto: a timestamp x-nonce further than "
+        "this from the server's clock is refused (generous, as the seed's sample signs once and reuses its NONCE "
+        "while a video runs). Also how long strict replay protection remembers a request."
     )
     nonce_unit: Literal["auto", "seconds", "milliseconds", "any"] = Field(
-        "auto", description="How x-nonce is read as a time: auto (seconds, or ms from 10**11 on), seconds, "
-        "milliseconds, or any (any integer, no freshness check)."
+        "any", description="any (default): any decimal integer x-nonce with a right signature is accepted, as Wiro "
+        "documents ('unix time or any random integer value'). Opt-in hardening: seconds, milliseconds or auto "
+        "(seconds, or ms from 10**11 on) read it as unix time and refuse one outside nonce_window_seconds; this "
+        "refuses clients that send random integers or reuse a nonce for longer than the window."
     )
     replay_protection: bool = Field(
         False,
@@ -154,6 +156,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     fetch_timeout_seconds: float = Field(20.0, gt=0)
     max_queue_length: int = Field(1000, ge=1)
+    max_active_tasks_per_key: int = Field(
+        0, ge=0, description="Most tasks one API key may have between task_queue and a terminal status (0: no "
+        "limit); a Run over it gets error code 96, as on Wiro. Counted in the task store: it holds across API "
+        "replicas. Without API keys there is no key to count by."
+    )
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Requests one API key (with no keys: one client address) may make per minute to one "
         "API process (0: no limit); over it: error code 96. Counted per replica: N replicas allow N x this."
@@ -246,6 +253,10 @@ class Settings(BaseSettings):
         return self.data_dir / "outputs"
 
     def with_overrides(self, **overrides: object) -> Settings:
-        """CLI flags win over the environment; None means 'flag not given'."""
+        """CLI flags win over the environment; None means 'flag not given'. What was set (in the environment, by
+        a flag) stays marked as set in `model_fields_set`, so a setting equal to its default still counts as the
+        operator's choice (see cli_server.tiny_limits)."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        return self.model_validate({**self.model_dump(), **given})
+        updated = self.model_validate({**self.model_dump(), **given})
+        updated.__pydantic_fields_set__ = self.model_fields_set | set(given)
+        return updated

@@ -29,6 +29,20 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the image's header declares it (what `decode_image` will give), without decoding the
+    pixels; None when the header cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                return probe.size
+    except Image.DecompressionBombError:
+        return _header_size(data)
+    except Exception:  # not an image, or a malformed header
+        return None
+
+
 def decode_image(data: bytes, field: str = "inputImage", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Bytes to an RGB image; a decompression bomb, a truncated file or a non-image is a clear error."""
     return decode_image_with_format(data, field, max_pixels)[0]

@@ -10,6 +10,7 @@ import json
 import math
 import secrets
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +24,11 @@ DEFAULT_PROMPT = (
 DEFAULT_NEGATIVE_PROMPT = "bad quality video"
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
+PIPELINE_MAX_SIDE = 1024 * 16
+"""The longest side Wan2.1 can take: its rotary position table covers 1024 patches of 16 pixels per axis; a longer
+side fails inside the transformer ("shape '[1, 1025, 1, -1]' is invalid"), whatever the operator's max_side."""
+DEFAULT_MAX_AREA = 480 * 832
+"""The 480P checkpoint's pixel budget: what width/height 0 aim for when the model's own is not known."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,8 @@ class Limits:
     max_work: int = 81 * 1280 * 720 * 50
     """Most numFrames x width x height x steps (a 720P, 81-frame, 50-step video): bounds one task's GPU time."""
     size_multiple: int = 16
+    max_area: int = DEFAULT_MAX_AREA
+    """The model's pixel budget (the resolution it was trained at), aimed for when width and height are 0."""
     fast_mode: bool = False
     """A speed LoRA is configured: requests may ask for mode "fast"."""
 
@@ -211,8 +219,22 @@ def limits_from_settings(settings: Any) -> Limits:
         max_side=settings.max_side,
         max_pixels=settings.max_pixels,
         max_work=settings.max_work,
+        max_area=model_max_area(settings.model, getattr(settings, "model_max_area", None)),
         fast_mode=bool(getattr(settings, "speed_lora", None)),
     )
+
+
+@lru_cache(maxsize=16)
+def model_max_area(model: str, max_area: int | None = None) -> int:
+    """The pixel budget of `model` (a preset's, or a local snapshot's from its metadata; cached: limits are built
+    per request). A model this process cannot see (an API replica without the weights) gets `max_area` or 480P's:
+    the worker, which has the model, checks the size again."""
+    from pipeline.presets import get_preset
+
+    try:
+        return get_preset(model, max_area=max_area).max_area
+    except ValueError:
+        return max_area or DEFAULT_MAX_AREA
 
 
 def no_speed_lora() -> InvalidParameter:
@@ -238,14 +260,80 @@ def check_limits(params: GenerationParams, limits: Limits) -> None:
             raise InvalidParameter(
                 name, f"must be 0 (from the image) or a multiple of {limits.size_multiple}, got {value}."
             )
-        if value > limits.max_side:
-            raise InvalidParameter(name, f"must be at most {limits.max_side}, got {value}.")
+        if value > longest_side(limits):
+            raise InvalidParameter(name, f"must be at most {longest_side(limits)}, got {value}.")
     if params.width and params.height and params.width * params.height > limits.max_pixels:
         raise InvalidParameter(
             "width",
             f"x height must be at most {limits.max_pixels} pixels, got {params.width}x{params.height}.",
         )
     check_work(params, limits)
+
+
+def longest_side(limits: Limits) -> int:
+    """The operator's max_side, never beyond what the model can take."""
+    return min(limits.max_side, PIPELINE_MAX_SIDE)
+
+
+def size_for_image(params: GenerationParams, image_size: tuple[int, int], limits: Limits) -> GenerationParams:
+    """`params` with width and height as they will run for an image of `image_size`, checked against every limit
+    (side, pixels, work), so that a size the image implies is refused as plainly as one sent. Called as soon as the
+    image is known: at Run for an uploaded image, in the worker for an image URL.
+
+    Both 0: the image's aspect ratio within the model's pixel budget, also kept within max_pixels and the longest
+    side. One side given: the other follows the image's aspect ratio, and is refused (not shrunk) when too long."""
+    if params.width and params.height:
+        return params
+    budget = min(limits.max_area, limits.max_pixels)
+    width, height = resolve_size(image_size, params.width, params.height, budget, limits.size_multiple)
+    if not (params.width or params.height):
+        width, height = _within_side(width, height, longest_side(limits), limits.size_multiple)
+    sized = params.model_copy(update={"width": width, "height": height})
+    _check_derived(sized, params, image_size, limits)
+    check_work(sized, limits, derived=True)
+    return sized
+
+
+def _within_side(width: int, height: int, side: int, multiple: int) -> tuple[int, int]:
+    """Both sides scaled down together until the longer is at most `side` (floored to `multiple`, never below one)."""
+    longer = max(width, height)
+    if longer <= side:
+        return width, height
+    scale = side / longer
+
+    def floor(x: float) -> int:
+        return max(multiple, int(x) // multiple * multiple)
+
+    return floor(width * scale), floor(height * scale)
+
+
+def _check_derived(sized: GenerationParams, sent: GenerationParams, image_size: tuple[int, int],
+                   limits: Limits) -> None:
+    """A derived size within the side and pixel limits; the message says where the size came from and what to
+    change."""
+    img_w, img_h = image_size
+    given = [f"{name} {value}" for name, value in (("width", sent.width), ("height", sent.height)) if value]
+    origin = f"derived from the {img_w}x{img_h} input image" + (f" and {given[0]}" if given else "")
+    side = longest_side(limits)
+    model_note = " (the longest side the model can take)" if side < limits.max_side else ""
+    for name in ("width", "height"):
+        value = getattr(sized, name)
+        if getattr(sent, name) or value <= side:
+            continue
+        fix = (f"send a smaller {given[0].split()[0]}, or both width and height" if given
+               else "send width and height")
+        raise InvalidParameter(
+            name, f"must be at most {side}{model_note}, got {value} ({origin}); {fix}, or use an image closer to the "
+            "video's shape.",
+        )
+    pixels = sized.width * sized.height
+    if pixels > limits.max_pixels:
+        hint = ("the image is too thin for this server: crop it, or send width and height" if not given
+                else f"send a smaller {given[0].split()[0]}, or both width and height")
+        raise InvalidParameter(
+            "width", f"x height must be at most {limits.max_pixels} pixels, got {sized.width}x{sized.height} "
+            f"({origin}); {hint} (multiples of {limits.size_multiple}).",
+        )
 
 
 def check_work(params: GenerationParams, limits: Limits, *, derived: bool = False) -> None:

@@ -22,12 +22,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from server.callbacks import CallbackDispatcher
-from server.errors import ApiError, error_body
+from server.errors import ApiError, error_body, redact_paths
 from server.openapi import openapi_document
 from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
 from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER, ThrottledLog, describe, is_outage
+from server.worker_reports import WorkerReports
 
 if TYPE_CHECKING:
     from server.supervisor import WorkerProcessOptions
@@ -49,7 +50,7 @@ def create_app(settings: Any, *, services: Services | None = None,
         callbacks = CallbackDispatcher(opened.store, opened.detail_body, settings).start()
         workers = None
         if worker_processes is not None and worker_processes.count > 0:
-            workers = WorkerProcesses(worker_processes).start()
+            workers = WorkerProcesses(worker_processes, reports=app.state.worker_reports).start()
         try:
             yield
         finally:
@@ -62,6 +63,7 @@ def create_app(settings: Any, *, services: Services | None = None,
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: openapi_document(settings)  # type: ignore[method-assign]  # the routes read raw bodies
     app.state.rate_limiter = RateLimiter.from_settings(settings)
+    app.state.worker_reports = WorkerReports()  # what this process's workers say of themselves (/ready)
     outages = ThrottledLog(log)
     for module in (run, tasks, tool, files, live, metrics, playground, health):
         app.include_router(module.router)
@@ -75,7 +77,7 @@ def create_app(settings: Any, *, services: Services | None = None,
             workers = [
                 {"id": w.id, "state": w.state, "pid": str(w.pid), "model": w.model, "device": w.device,
                  "version": w.version, "taskid": "" if w.task_id is None else str(w.task_id),
-                 "detail": w.detail, "heartbeat": f"{w.heartbeat_at:.3f}"}
+                 "detail": redact_paths(w.detail), "heartbeat": f"{w.heartbeat_at:.3f}"}
                 for w in store.workers.all()
             ]
             return {"result": True, "errors": [], "queued": str(store.reads.count("task_queue")), "workers": workers}

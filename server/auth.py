@@ -21,7 +21,9 @@ from typing import Any, Literal, Protocol
 
 from server.errors import ApiError
 
-_NONCE = re.compile(r"[0-9]{1,32}")
+MAX_NONCE_DIGITS = 64
+"""Room for any timestamp (nanoseconds are 19 digits) or random integer, with a bound on what is hashed."""
+_NONCE = re.compile(rf"[0-9]{{1,{MAX_NONCE_DIGITS}}}")
 _KEY = re.compile(r"[^\s:,#]+")
 
 
@@ -127,6 +129,8 @@ def _signature_token(value: str) -> str:
 
 
 NonceUnit = Literal["auto", "seconds", "milliseconds", "any"]
+"""How x-nonce is read: "any" (the default) takes any decimal integer, as the seed says ("unix time or any random
+integer value"); the others read it as unix time and turn the freshness window on (an operator's opt-in)."""
 _MS_FROM = 10**11
 """auto: a nonce at or above this is milliseconds (10**11 s is the year 5138; 10**11 ms is 1973)."""
 
@@ -169,10 +173,12 @@ def request_fingerprint(nonce: str, method: str, path: str, body: bytes) -> str:
 class Authenticator:
     """Checks the auth headers of one request against the configured keys.
 
-    A nonce may repeat (the seed's sample signs once and reuses its NONCE; the official client's millisecond
-    nonce is shared by parallel calls): what is checked is the signature and that the nonce, read as a unix
-    time, is within `nonce_window_seconds` of this server's clock. `replay_protection` (opt-in) also refuses a
-    request identical to one seen within the window: same key, nonce, method, path and body.
+    By default what is checked is the signature over a decimal-integer nonce, as Wiro documents ("unix time or any
+    random integer value"): a nonce may repeat (the seed's sample signs once and reuses its NONCE; the official
+    client's millisecond nonce is shared by parallel calls) and need not be a time. Opt-in hardening:
+    `nonce_unit` seconds, milliseconds or auto reads it as a unix time that must be within `nonce_window_seconds`
+    of this server's clock; `replay_protection` refuses a request identical to one seen within that window
+    (same key, nonce, method, path and body).
     """
 
     def __init__(
@@ -181,7 +187,7 @@ class Authenticator:
         nonce_store: NonceStore,
         nonce_window_seconds: float,
         replay_protection: bool = False,
-        nonce_unit: NonceUnit = "auto",
+        nonce_unit: NonceUnit = "any",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._keys = dict(keys)
@@ -223,17 +229,22 @@ class Authenticator:
         signature = _signature_token(headers.get("x-signature") or "")
         if not nonce or not signature:
             raise _unauthorized(
-                "Signed requests need x-nonce (the current unix time) and "
+                "Signed requests need x-nonce (unix time or any random integer) and "
                 "x-signature = hex(HMAC-SHA256(key=API_KEY, message=API_SECRET + NONCE))."
             )
         if not _NONCE.fullmatch(nonce):
-            raise _unauthorized(f"x-nonce must be a decimal integer (unix time in seconds or ms), got {nonce[:40]!r}.")
+            raise _unauthorized(self._nonce_format_message(nonce))
         secret = api_key.secret if api_key is not None else ""
         expected = sign(given_key, secret or "", nonce)
         if api_key is None or not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
             raise _unauthorized(INVALID_CREDENTIALS)
         self._check_fresh(nonce)
         return api_key.key
+
+    def _nonce_format_message(self, nonce: str) -> str:
+        kind = "unix time in seconds or milliseconds" if self._unit != "any" else "unix time or any random integer"
+        sent = f"{nonce[:40]!r}" if len(nonce) <= 40 else f"{len(nonce)} characters"
+        return f"x-nonce must be a decimal integer of at most {MAX_NONCE_DIGITS} digits ({kind}), got {sent}."
 
     def _check_fresh(self, nonce: str) -> None:
         sent = nonce_seconds(nonce, self._unit)

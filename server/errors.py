@@ -8,6 +8,8 @@ from typing import Any
 GENERAL = 0
 NOT_FOUND = 1
 QUEUE_FULL = 96
+CONCURRENCY_LIMIT = 96
+"""Wiro's code for a concurrency limit (error-reference.md); a full queue shares it."""
 
 
 class ApiError(Exception):

@@ -175,12 +175,15 @@ def openapi_document(settings: Any) -> dict[str, Any]:
                 order={"enum": ["DESC", "ASC", "desc", "asc"]}, modelName=_TEXT)),
             "TaskListTotalAnswer"),
         "/v1/Tool/List": _operation(
-            "This server's tool, when it matches search (every word), categories (any) and slugowner",
+            "This server's tool, when it answers search (plain words: at least half of them found in its title, "
+            "categories, tags, description or example prompts), categories (any) and slugowner",
             _body(_fields(start=_INT_OR_TEXT, limit=_INT_OR_TEXT, search=_TEXT, slugowner=_TEXT, sort=_TEXT,
                           categories={"anyOf": [{"type": "array", "items": _TEXT}, _TEXT]})),
             "ToolListAnswer"),
-        "/v1/Tool/Explore": _operation("The catalogue: one category holding this server's tool", _body(_fields()),
-                                       "ExploreAnswer"),
+        "/v1/Tool/Explore": _operation(
+            "The catalogue: one category holding this server's tool (narrowed by search or categories, as Tool/List)",
+            _body(_fields(search=_TEXT, categories={"anyOf": [{"type": "array", "items": _TEXT}, _TEXT]})),
+            "ExploreAnswer"),
         "/v1/Tool/Detail": _operation(
             "The tool's inputs, defaults and limits", _body(_fields(slugowner=_TEXT, slugproject=_TEXT)),
             "ToolDetailAnswer"),

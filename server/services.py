@@ -29,7 +29,8 @@ class Services:
         auth = Authenticator.from_settings(settings, DbNonceStore(db))
         store = Store(db, StoreOptions(
             url=settings.sqlalchemy_url, lease_seconds=settings.lease_seconds, requeue_limit=settings.requeue_limit,
-            max_queue_length=settings.max_queue_length, callback_attempts=settings.callback_attempts,
+            max_queue_length=settings.max_queue_length, max_active_per_key=settings.max_active_tasks_per_key,
+            callback_attempts=settings.callback_attempts,
             callback_backoff_seconds=settings.callback_backoff_seconds))
         run = RunOptions(limits_from_settings(settings), settings.max_image_bytes, settings.allow_private_urls)
         return cls(settings, store, Storage.from_settings(settings), auth, run)

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from server.worker import EXIT_LOAD_FAILED
+from server.worker_reports import REPORT_FD_ENV, WorkerReports
 
 log = logging.getLogger("particalize.supervisor")
 
@@ -63,8 +64,10 @@ class WorkerProcessOptions:
 
 
 class WorkerProcesses:
-    def __init__(self, options: WorkerProcessOptions) -> None:
+    def __init__(self, options: WorkerProcessOptions, *, reports: WorkerReports | None = None) -> None:
         self.options = options
+        self.reports = reports or WorkerReports()
+        """What each child says about itself over its report pipe (/ready reads it)."""
         self.count = options.count
         self.restart_delay = options.restart_delay
         self.max_restarts = options.max_restarts
@@ -91,10 +94,20 @@ class WorkerProcesses:
 
     def _spawn(self, slot: int) -> None:
         # Spawned from the supervisor thread, which lives as long as the children (PDEATHSIG is per thread).
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "particalize.cli", "worker", "--slot", str(slot)],
-            env=self._env(slot), stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+        read_fd, write_fd = os.pipe()  # the child's reports (server/worker_reports.py)
+        env = {**self._env(slot), REPORT_FD_ENV: str(write_fd)}
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "particalize.cli", "worker", "--slot", str(slot)],
+                env=env, stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(write_fd,),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        threading.Thread(target=self.reports.read_pipe, args=(read_fd,), name=f"worker-{slot}-reports",
+                         daemon=True).start()
         self.processes[slot] = proc
         log.info("worker slot %d started (pid %d)", slot, proc.pid)
 

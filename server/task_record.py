@@ -2,7 +2,7 @@
 `request` column), read by the worker as it was stored. The Wiro `parameters` a task answers with (every value a
 string) are rendered from it, and from the parameters the worker resolved once it had read the image.
 
-Tasks stored before this record existed (revision 0003) have only their `parameters` text, which Run validated
+Tasks stored before this record existed (revision 0004) have only their `parameters` text, which Run validated
 when it stored them: `record_of` reads it into a record once, and they render from that text as they always did.
 """
 
@@ -71,7 +71,7 @@ def with_used(shown: dict[str, str], used: GenerationParams | None) -> dict[str,
 
 
 def record_of(task: Any) -> TaskRecord:
-    """The record of a stored task (a tasks row or ORM object), as stored; for one stored before revision 0003,
+    """The record of a stored task (a tasks row or ORM object), as stored; for one stored before revision 0004,
     read from its `parameters` text (which Run validated when it stored it)."""
     if task.request is not None:
         return TaskRecord.model_validate(task.request)
@@ -90,6 +90,6 @@ def used_of(task: Any) -> GenerationParams | None:
 def parameters_of(task: Any) -> dict[str, str]:
     """The `parameters` Task/Detail answers for a stored task."""
     used = used_of(task)
-    if task.request is None:  # stored before revision 0003: its inputs are the recorded text
+    if task.request is None:  # stored before revision 0004: its inputs are the recorded text
         return with_used(json.loads(task.parameters or "{}"), used)
     return TaskRecord.model_validate(task.request).wiro_parameters(used)

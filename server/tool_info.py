@@ -12,11 +12,19 @@ from typing import Any
 from pipeline.images import MAX_IMAGE_PIXELS
 from pipeline.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_PROMPT_CHARS, MAX_SEED
 from server.inspire import INSPIRE
+from server.search import Document
 
 SLUG_OWNER = "codexq"
 SLUG_PROJECT = "Particalize"
 TITLE = "Particalize"
 DESCRIPTION = "It is a lora that can Particalize anything."
+README = (
+    "An image-to-video LoRA for Wan2.1 (image-to-video, 14B): from one start image (a photo, a picture, a render) "
+    "and a prompt, a short video in which the subject crystallizes, shatters or disintegrates into particles, shards "
+    "or dust, a particle effect."
+)
+"""Tool/Detail's `readme`: what the tool does in plain words (the published description is one line)."""
+TAGS = ["style"]
 CATEGORIES = ["model", "persistent", "image-to-video", "h100", "lora-wan2.1", "checkpoint-file"]
 CATEGORIES_TEXT = json.dumps(CATEGORIES)
 """In a TASK, `categories` is a JSON text (as on the published page); in Tool/Detail it is an array."""
@@ -107,9 +115,9 @@ def tool_detail(settings: Any) -> dict[str, Any]:
         "seodescription": DESCRIPTION,
         "image": "",
         "computingtime": "",
-        "readme": "",
+        "readme": README,
         "categories": list(CATEGORIES),
-        "tags": ["style"],
+        "tags": list(TAGS),
         "parameters": [{"title": "Input", "items": input_items(settings)}, *advanced_groups(settings)],
         "inspire": [dict(example) for example in INSPIRE],
         "samples": [],
@@ -121,17 +129,20 @@ def tool_detail(settings: Any) -> dict[str, Any]:
     }
 
 
-def _search_text() -> str:
-    return " ".join([TITLE, SLUG_OWNER, SLUG_PROJECT, f"{SLUG_OWNER}/{SLUG_PROJECT}", DESCRIPTION, *CATEGORIES,
-                     "style", "wan2.1", "video", "lora"]).lower()
+SEARCH_DOCUMENT = Document.of([
+    ([TITLE, SLUG_OWNER, SLUG_PROJECT], 5.0),
+    (CATEGORIES, 3.0),
+    (TAGS, 3.0),
+    ([DESCRIPTION, README, "wan2.1 lora"], 2.0),
+    ([DEFAULT_PROMPT, *(example["prompt"] for example in INSPIRE if "prompt" in example)], 1.0),
+])
+"""What Tool/List's and Tool/Explore's `search` is matched against: title, categories, tags, description and the
+example prompts."""
 
 
-def matches(search: str = "", categories: list[str] | None = None, slugowner: str = "") -> bool:
-    """Whether this tool answers a Tool/List query: every word of `search` appears in its title, slugs,
-    description or categories; it has any of `categories`; its owner is `slugowner` (case-insensitive)."""
-    text = _search_text()
-    if any(word not in text for word in search.lower().split()):
-        return False
+def in_catalogue(categories: list[str] | None = None, slugowner: str = "") -> bool:
+    """Whether this tool passes a catalogue query's filters: any of `categories`, its owner `slugowner`
+    (case-insensitive); `search` is ranked separately (SEARCH_DOCUMENT)."""
     if categories and not {c.strip().lower() for c in categories} & {c.lower() for c in CATEGORIES}:
         return False
     return not slugowner or slugowner.strip().lower() == SLUG_OWNER.lower()

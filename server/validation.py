@@ -1,9 +1,11 @@
 """A Run request's fields checked before anything is stored, into the task's typed record (server.task_record):
 tool inputs, start image, callbackUrl.
 
-A bad request is refused here with the field it is about (code 0) and creates nothing. An uploaded image is
-decoded now, once (fail fast; its format named from that decode); an image URL is checked now (scheme, public
-address) and fetched by the worker at task_preprocess_start.
+A bad request is refused here with the field it is about (code 0) and creates nothing. An image sent with the Run
+is decoded now, once (fail fast; its format and size taken from that decode), one uploaded earlier to File/Upload
+has its header read; either way a width/height left to the image (0) is resolved now and held to every size limit.
+An image URL is checked now (scheme, public address) and fetched by the worker at task_preprocess_start, which then
+does the same for its size.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import InvalidParameter
-from pipeline.images import decode_image_with_format
-from pipeline.params import Limits, parse_params
+from pipeline.images import decode_image_with_format, image_size
+from pipeline.params import GenerationParams, Limits, parse_params, size_for_image
 from server.bodies import RequestFields, UploadedFile
 from server.errors import ApiError
 from server.netguard import PrivateAddress, UnresolvableHost, UnsafeUrl, check_url
@@ -62,9 +64,10 @@ def parse_run(fields: RequestFields, options: RunOptions, storage: Storage, uplo
         raise ApiError(str(exc)) from None
 
     new_upload: NewUpload | None = None
+    size: tuple[int, int] | None = None  # the image's, when it is here already (else the worker fetches it)
     upload = fields.files.get(IMAGE_FIELD) or fields.files.get(IMAGE_URL_FIELD)
     if upload is not None:
-        new_upload = check_upload(upload, options.max_image_bytes, IMAGE_FIELD)
+        new_upload, size = _checked_upload(upload, options.max_image_bytes, IMAGE_FIELD)
         image = ImageSource(url=storage.upload_url(new_upload.id, new_upload.name), upload_id=new_upload.id,
                             attached=True)
     else:
@@ -77,17 +80,30 @@ def parse_run(fields: RequestFields, options: RunOptions, storage: Storage, uplo
             )
         upload_id = storage.upload_id_from_url(image_url)
         if upload_id is not None:
-            if uploads.get(upload_id) is None:
+            stored = uploads.get(upload_id)
+            if stored is None:
                 raise ApiError(f"Request parameter [{field}] names an upload that does not exist: {image_url}")
+            size = image_size(stored.data)  # None: unreadable here; the worker decodes it and says why
         else:
             check_public_url(field, image_url, options.allow_private_urls)
         image = ImageSource(url=image_url, upload_id=upload_id)
+    if size is not None:
+        check_size_for_image(params, size, options.limits)
 
     callback_url = _as_text("callbackUrl", values.get("callbackUrl")).strip()
     if callback_url:
         check_public_url("callbackUrl", callback_url, options.allow_private_urls)
     record = TaskRecord(params=params, inputs=inputs, image=image, callback_url=callback_url, owner=owner)
     return RunRequest(record, new_upload)
+
+
+def check_size_for_image(params: GenerationParams, size: tuple[int, int], limits: Limits) -> None:
+    """A width/height left to the image (0) resolved now that the image's size is known, and refused (code 0) when
+    the size it implies breaks a limit. What is recorded stays as sent: the worker resolves it again, the same way."""
+    try:
+        size_for_image(params, size, limits)
+    except InvalidParameter as exc:
+        raise ApiError(str(exc)) from None
 
 
 def check_public_url(field: str, url: str, allow_private: bool) -> None:
@@ -116,14 +132,19 @@ def check_public_url(field: str, url: str, allow_private: bool) -> None:
 
 def check_upload(upload: UploadedFile, max_bytes: int, field: str) -> NewUpload:
     """An uploaded image within the size limit that decodes; else ApiError naming the field."""
+    return _checked_upload(upload, max_bytes, field)[0]
+
+
+def _checked_upload(upload: UploadedFile, max_bytes: int, field: str) -> tuple[NewUpload, tuple[int, int]]:
+    """`check_upload`, and the image's (width, height) from the same decode."""
     if len(upload.data) > max_bytes:
         raise ApiError(
             f"Request parameter [{field}] must be at most {max_bytes} bytes, got {len(upload.data)} bytes."
         )
     try:
-        _image, fmt = decode_image_with_format(upload.data, field=field)
+        image, fmt = decode_image_with_format(upload.data, field=field)
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
     fmt = fmt.lower()
     name = safe_name(upload.filename, f"{field}.{fmt}")
-    return NewUpload(new_id(), name, f"image/{fmt}", upload.data)
+    return NewUpload(new_id(), name, f"image/{fmt}", upload.data), image.size

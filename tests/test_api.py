@@ -198,19 +198,34 @@ def test_a_whole_task_through_the_api_and_its_output(api: Api, tiny_generator):
 # --- errors: shapes and statuses, nothing created -------------------------------------------------------
 
 
-def test_bad_signature_stale_nonce_and_missing_headers_get_401(api: Api):
+def test_bad_signature_and_missing_headers_get_401_and_any_integer_nonce_passes(api: Api):
     before = api.task_count()
     body = {"inputImageUrl": IMAGE_URL, **SMALL}
     assert_error(api.seed(RUN, body, headers=signed(secret="wrong")), 0, status=401, contains="x-signature")
     headers = signed()
     assert api.seed("/v1/Task/List", {}, headers=headers).status_code == 200
     assert api.seed("/v1/Task/List", {}, headers=headers).status_code == 200, "a nonce may repeat"
-    assert_error(api.seed(RUN, body, headers=signed(nonce="1000")), 0, status=401, contains="freshness window")
+    for nonce in ("1000", "12345", str(time.time_ns())):  # "unix time or any random integer value"
+        assert api.seed("/v1/Task/List", {}, headers=signed(nonce=nonce)).json()["result"] is True, nonce
+    assert_error(api.seed(RUN, body, headers=signed(secret="wrong", nonce="12345")), 0, status=401,
+                 contains="x-signature")
     assert_error(api.seed(RUN, body, headers={}), 0, status=401, contains="x-api-key")
     assert_error(api.seed(RUN, body, headers={"x-api-key": KEY}), 0, status=401, contains="Signed requests")
     assert_error(api.seed(RUN, body, headers={"x-api-key": "unknown"}), 0, status=401)
     assert api.task_count() == before
     assert api.seed(RUN, body, headers={"x-api-key": PLAIN_KEY}).json()["result"] is True, "key-only mode"
+
+
+def test_the_opt_in_freshness_window_refuses_a_stale_nonce(tmp_path: Path, db_url: str):
+    settings = make_settings(tmp_path, db_url, api_keys=f"{KEY}:{SECRET}", allow_private_urls=True,
+                             nonce_unit="auto")
+    with TestClient(create_app(settings)) as client:
+        api = Api(client)
+        body = {"inputImageUrl": IMAGE_URL, **SMALL}
+        assert_error(api.seed(RUN, body, headers=signed(nonce="1000")), 0, status=401, contains="freshness window")
+        assert_error(api.seed(RUN, body, headers=signed(nonce="12345")), 0, status=401, contains="freshness window")
+        assert api.seed(RUN, body, headers=signed()).json()["result"] is True, "a fresh millisecond nonce"
+        assert api.task_count() == 1
 
 
 def test_seed_signature_as_openssl_prints_it_is_accepted(api: Api):

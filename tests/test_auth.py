@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import time
@@ -13,6 +14,7 @@ from starlette.datastructures import Headers
 
 from server.auth import (
     INVALID_CREDENTIALS,
+    MAX_NONCE_DIGITS,
     ApiKey,
     Authenticator,
     MemoryNonceStore,
@@ -33,7 +35,8 @@ NOW = 1_790_000_000.0
 OTHER_SIGNED = "other-key"
 
 
-def make_auth(replay_protection: bool = False, window: float = 300, unit: str = "auto") -> Authenticator:
+def make_auth(replay_protection: bool = False, window: float = 300, unit: str = "any") -> Authenticator:
+    """As the server runs by default (unit "any": no freshness window); unit seconds/milliseconds/auto: opt-in."""
     keys = {KEY: ApiKey(KEY, SECRET), KEY_ONLY: ApiKey(KEY_ONLY, None), OTHER_SIGNED: ApiKey(OTHER_SIGNED, "s2")}
     return Authenticator(keys, MemoryNonceStore(), window, replay_protection=replay_protection, nonce_unit=unit,
                          clock=lambda: NOW)
@@ -143,8 +146,8 @@ def test_parallel_calls_sharing_one_millisecond_nonce_are_all_accepted() -> None
     (ms_nonce(+400), "milliseconds", "2026-09-21T14:20:00Z"),
     (str(9 * 10**15), "milliseconds", "a time out of range"),
 ])
-def test_a_timestamp_nonce_outside_the_window_is_refused_saying_so(nonce: str, unit: str, reads_as: str) -> None:
-    error = refused(make_auth(), signed_headers(nonce))
+def test_the_opt_in_window_refuses_a_stale_timestamp_saying_so(nonce: str, unit: str, reads_as: str) -> None:
+    error = refused(make_auth(unit="auto"), signed_headers(nonce))
     assert error.message == (
         f"x-nonce {nonce} is outside the freshness window: read as unix time in {unit} it is {reads_as}, more than "
         "300 seconds from this server's clock (2026-09-21T14:13:20Z). Send the current unix time (seconds or "
@@ -152,8 +155,8 @@ def test_a_timestamp_nonce_outside_the_window_is_refused_saying_so(nonce: str, u
     )
 
 
-def test_nonces_within_the_window_in_seconds_and_milliseconds_pass() -> None:
-    auth = make_auth()
+def test_nonces_within_the_opt_in_window_in_seconds_and_milliseconds_pass() -> None:
+    auth = make_auth(unit="auto")
     for nonce in (seconds_nonce(-299), seconds_nonce(299), ms_nonce(-299), ms_nonce(299)):
         assert auth.authenticate(signed_headers(nonce)) == KEY
 
@@ -163,6 +166,41 @@ def test_the_nonce_unit_is_configurable() -> None:
     refused(make_auth(unit="milliseconds"), signed_headers(seconds_nonce()))
     refused(make_auth(unit="seconds"), signed_headers(ms_nonce()))
     assert make_auth(unit="any").authenticate(signed_headers("42")) == KEY, "any integer, no freshness check"
+
+
+SEED_NONCES = {
+    "a small integer": "12345",
+    "a random 9-digit integer": str(secrets.randbelow(9 * 10**8) + 10**8),
+    "the time in nanoseconds": str(time.time_ns()),
+    "a timestamp two hours old": seconds_nonce(-7200),
+    "a millisecond timestamp a day ahead": ms_nonce(86400),
+    "zero": "0",
+    "the longest allowed": "9" * MAX_NONCE_DIGITS,
+}
+"""Nonces the seed's "unix time or any random integer value" allows."""
+
+
+@pytest.mark.parametrize("nonce", SEED_NONCES.values(), ids=SEED_NONCES.keys())
+def test_any_decimal_integer_nonce_is_accepted_by_default_when_the_signature_is_right(nonce: str) -> None:
+    auth = make_auth()
+    assert auth.authenticate(signed_headers(nonce)) == KEY
+    assert auth.authenticate(signed_headers(nonce)) == KEY, "and again: the seed reuses its NONCE"
+
+
+@pytest.mark.parametrize("nonce", SEED_NONCES.values(), ids=SEED_NONCES.keys())
+def test_a_wrong_signature_is_refused_whatever_the_nonce(nonce: str) -> None:
+    error = refused(make_auth(), signed_headers(nonce, sign(KEY, "not-the-secret", nonce)))
+    assert error.message == INVALID_CREDENTIALS
+    refused(make_auth(), signed_headers(nonce, sign(KEY, SECRET, nonce + "0")))
+
+
+@pytest.mark.parametrize("unit", ["seconds", "milliseconds", "auto"])
+def test_each_opt_in_unit_refuses_a_random_integer_and_an_hour_old_timestamp(unit: str) -> None:
+    auth = make_auth(window=3600, unit=unit)
+    old = seconds_nonce(-3601) if unit == "seconds" else ms_nonce(-3601)
+    for nonce in ("12345", old):
+        assert "outside the freshness window" in refused(auth, signed_headers(nonce)).message
+    assert auth.authenticate(signed_headers(seconds_nonce() if unit == "seconds" else ms_nonce())) == KEY
 
 
 def test_unknown_key_and_wrong_signature_get_the_same_answer() -> None:
@@ -195,9 +233,15 @@ def test_strict_mode_off_by_default_never_refuses_a_repeat() -> None:
 
 def test_non_integer_nonce_is_refused() -> None:
     auth = make_auth()
-    for nonce in ["abc", "12.5", "-1", "1e9", "1" * 33]:
+    for nonce in ["abc", "12.5", "-1", "1e9", " 1 2", "0x1f"]:
         error = refused(auth, signed_headers(nonce))
-        assert "x-nonce" in error.message
+        assert "x-nonce must be a decimal integer" in error.message
+
+
+def test_a_nonce_longer_than_the_bound_is_refused_naming_it() -> None:
+    error = refused(make_auth(), signed_headers("7" * (MAX_NONCE_DIGITS + 1)))
+    assert error.message == (f"x-nonce must be a decimal integer of at most {MAX_NONCE_DIGITS} digits (unix time or "
+                             f"any random integer), got {MAX_NONCE_DIGITS + 1} characters.")
 
 
 def test_key_only_mode_accepts_just_the_key() -> None:
@@ -292,11 +336,13 @@ def test_missing_keys_file_is_an_error(tmp_path) -> None:
         load_api_keys(SimpleNamespace(api_keys=None, api_keys_file=tmp_path / "absent"))
 
 
-def test_settings_default_to_a_generous_window_and_strict_mode_off() -> None:
+def test_settings_default_to_any_nonce_a_generous_opt_in_window_and_strict_mode_off() -> None:
     from particalize.settings import Settings
 
     settings = Settings(api_keys="a:b,c:", api_keys_file=None)
     assert settings.replay_protection is False and settings.nonce_window_seconds == 3600
-    assert settings.nonce_unit == "auto"
+    assert settings.nonce_unit == "any", "the seed: 'unix time or any random integer value'"
+    assert Authenticator.from_settings(settings, MemoryNonceStore()).authenticate(
+        Headers({"x-api-key": "a", "x-nonce": "12345", "x-signature": sign("a", "b", "12345")})) == "a"
     assert Settings(replay_protection=True).replay_protection is True
     assert load_api_keys(settings) == {"a": ApiKey("a", "b"), "c": ApiKey("c", None)}

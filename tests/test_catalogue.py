@@ -69,6 +69,49 @@ def test_tool_list_honours_search_categories_owner_and_paging(client: TestClient
     assert body["total"] == ("0" if not found and "start" not in query else "1")
 
 
+@pytest.mark.parametrize(("search", "found"), [
+    ("turn an image into a disintegration video", True),  # Wiro's MCP server: recommend_model(...)
+    ("particle effect", True),
+    ("image-to-video", True),
+    ("Make my photo SHATTER into shards", True),
+    ("crystallizing dog", True),
+    ("disintegrates", True),
+    ("text to speech", False),
+    ("transcribe audio to text", False),
+    ("upscale an image to 4K", False),
+])
+def test_tool_list_searches_in_plain_words(client: TestClient, search: str, found: bool):
+    body = search_models(client, search=search, limit=10)
+    assert body["result"] is True and body["errors"] == []
+    assert [t["cleanslugproject"] for t in body["tool"]] == (["particalize"] if found else [])
+    assert body["total"] == ("1" if found else "0")
+
+
+def test_tool_explore_narrows_to_a_search_in_plain_words(client: TestClient):
+    (category,) = client.post("/v1/Tool/Explore", json={"search": "disintegration video"}).json()["explore"]
+    assert [tool["cleanslugproject"] for tool in category["tools"]] == ["particalize"] and category["total"] == 1
+    nothing = client.post("/v1/Tool/Explore", json={"search": "text to speech"}).json()
+    assert nothing == {"result": True, "errors": [], "explore": []}
+
+
+def test_search_terms_drop_stop_words_and_meet_across_word_forms():
+    from server.search import terms
+
+    assert terms("Turn an image into a disintegration video") == terms("images disintegrating videos")
+    assert terms("particle effects") == terms("Particles, effect!")
+    assert terms("the of to a") == []
+
+
+def test_search_ranks_the_title_above_the_categories_above_the_example_prompts():
+    from server.search import Document, rank
+
+    in_title, in_categories, in_prompts = (
+        Document.of([([text], weight)]) for text, weight in (("dust", 5.0), ("dust", 3.0), ("dust", 1.0)))
+    assert rank("dust storm", [("prompts", in_prompts), ("title", in_title), ("categories", in_categories)]) == [
+        "title", "categories", "prompts"]
+    assert rank("snow storm", [("title", in_title)]) == [], "no word of the query found"
+
+
 def test_tool_list_refuses_malformed_filters_saying_what_to_send(client: TestClient):
     answer = client.post("/v1/Tool/List", json={"categories": 5}).json()
     assert answer == {"result": False, "errors": [{

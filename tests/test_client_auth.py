@@ -142,14 +142,18 @@ def upload_headers(auth: dict[str, str], chunks: int) -> dict[str, str]:
     return {**auth, "content-type": "multipart/form-data; boundary=xyz", "content-length": str(chunks * 65536)}
 
 
-def test_an_unauthenticated_upload_is_refused_before_any_of_its_body_is_read(client: TestClient):
+def test_an_unauthenticated_upload_is_refused_before_any_of_its_body_is_read(client: TestClient, tmp_path: Path):
     nonce = str(int(time.time()))
-    for auth in ({}, headers(nonce, secret="wrong"), {**headers(nonce), "x-api-key": "nope"}, headers("1000")):
+    refused = ({}, headers(nonce, secret="wrong"), {**headers(nonce), "x-api-key": "nope"}, headers("9" * 65))
+    for auth in refused:
         request = Upload("/v1/File/Upload", upload_headers(auth, 160), chunks=160).run(client.app)
         assert request.status == 401, request.body
         assert request.pulled == 0, f"read {request.pulled} body chunks of an unauthenticated request"
     signed = Upload("/v1/File/Upload", upload_headers(headers(nonce), 4), chunks=4).run(client.app)
     assert signed.status == 200 and signed.pulled == 4, "an authenticated body is read (and refused as malformed)"
+    for windowed in client_for(tmp_path / "windowed", nonce_unit="auto"):  # the opt-in freshness window
+        stale = Upload("/v1/File/Upload", upload_headers(headers("1000"), 160), chunks=160).run(windowed.app)
+        assert stale.status == 401 and stale.pulled == 0, stale.body
 
 
 def test_a_rate_limited_request_is_refused_before_its_body_is_read(tmp_path: Path):

@@ -88,6 +88,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     app_settings = make_settings(
         tmp, f"sqlite:///{tmp / 'tasks.db'}", api_keys=f"{KEY}:{SECRET},{PLAIN_KEY}:",
         max_body_bytes=64 * 1024, max_image_bytes=32 * 1024, callback_attempts=1,
+        nonce_unit="auto",  # the opt-in freshness window, so that a stale nonce is among the refused headers
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket, "getaddrinfo", _public_dns)

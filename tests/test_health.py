@@ -136,7 +136,7 @@ def test_the_version_migration_keeps_the_workers_registered_before_it(db_url: st
             "VALUES ('old/gpu0', 'ready', 1, 'tiny', 'cpu', '', 1.0, 1.0)"
         )
     upgrade(db)
-    assert current_revision(db) == "0003"
+    assert current_revision(db) == "0004"
     (row,) = Store(db).workers.all()
     assert (row.id, row.version) == ("old/gpu0", "")
     db.dispose()
@@ -156,3 +156,56 @@ def test_ready_says_loudly_when_a_worker_serves_random_weights(client: TestClien
     body = client.get("/ready").json()
     assert body["workers"] == "1"
     assert "n1/gpu0" in body["warning"] and "RANDOM WEIGHTS" in body["warning"] and "noise" in body["warning"]
+
+
+def test_health_and_ready_name_no_database_url_host_port_or_path(tmp_path: Path):
+    unreadable = tmp_path / "tasks.db"
+    unreadable.mkdir()  # a directory where the SQLite file should be: it cannot be opened
+    for url in (UNREACHABLE_DB, f"sqlite:///{unreadable}"):
+        settings = make_settings(tmp_path, url)
+        db = Database(url)
+        services = Services(settings, Store(db, store_options(settings)), Storage.from_settings(settings),
+                            Authenticator({}, DbNonceStore(db), settings.nonce_window_seconds), run_options(settings))
+        with TestClient(create_app(settings, services=services)) as client:
+            for probe in ("/health", "/ready"):
+                answer = client.get(probe)
+                assert_unavailable(answer, "The database does not answer", "the server log has the details")
+                for secret in ("127.0.0.1", "port", "nowhere", "postgres@", str(tmp_path), "tasks.db", "sqlite",
+                               "http"):
+                    assert secret not in answer.text.lower(), (probe, secret, answer.text)
+        db.dispose()
+
+
+def test_ready_shows_no_server_path_from_a_workers_detail(client: TestClient):
+    store_of(client).workers.register("n1/gpu0", pid=1, model="tiny", device="cpu", state="ready",
+                                      detail="loaded in 1.0s; LoRAs: /srv/models/particalize.safetensors, strength 1")
+    body = client.get("/ready").json()
+    assert "/srv/models" not in str(body) and "<path>" in body["loaded"][0]["detail"]
+    assert "/srv/models" not in client.get("/healthz").text
+
+
+def test_ready_takes_a_paused_workers_own_word_over_the_store(client: TestClient):
+    register(store_of(client), "n1/gpu0", "ready")  # what the store says: it could not be written since
+    reports = client.app.state.worker_reports
+    reports.report("n1/gpu0", "paused", "Not enough free disk space to write the output: 0.0 B free")
+    assert_unavailable(client.get("/ready"), "n1/gpu0 is paused: Not enough free disk space")
+    reports.report("n1/gpu0", "ready")
+    assert client.get("/ready").status_code == 200
+
+
+def test_worker_reports_travel_over_a_pipe_and_end_with_the_worker():
+    from server.worker_reports import WorkerReports, pipe_reporter
+
+    reports = WorkerReports()
+    read_fd, write_fd = os.pipe()
+    reader = threading.Thread(target=reports.read_pipe, args=(read_fd,), daemon=True)
+    reader.start()
+    report = pipe_reporter(write_fd, "n1/gpu0")
+    report("paused", "Not enough free disk space")
+    deadline = time.monotonic() + 5
+    while not reports.paused() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reports.paused() == {"n1/gpu0": "Not enough free disk space"}
+    os.close(write_fd)  # the worker process ends
+    reader.join(5)
+    assert reports.paused() == {}, "a worker that is gone is not taken at its word"

@@ -9,12 +9,14 @@ from particalize.settings import Settings
 from pipeline.errors import InvalidParameter
 from pipeline.params import (
     DEFAULT_PROMPT,
+    PIPELINE_MAX_SIDE,
     GenerationParams,
     Limits,
     check_work,
     limits_from_settings,
     parse_params,
     resolve_size,
+    size_for_image,
 )
 
 
@@ -131,3 +133,72 @@ def test_limits_from_settings_carry_every_operator_limit():
     assert limits_from_settings(settings) == Limits(
         max_num_frames=49, max_steps=40, max_side=1024, max_pixels=512 * 512, max_work=12345
     )
+
+
+def test_limits_carry_the_models_pixel_budget():
+    assert limits_from_settings(Settings(model="tiny")).max_area == 48 * 80
+    assert limits_from_settings(Settings(model="wan2.1-i2v-14b-720p")).max_area == 720 * 1280
+    assert limits_from_settings(Settings(model="tiny", model_max_area=4096)).max_area == 4096
+
+
+def sized(image_size: tuple[int, int], limits: Limits | None = None, **inputs) -> GenerationParams:
+    limits = limits or Limits()
+    return size_for_image(parse_params(inputs, limits), image_size, limits)
+
+
+def refusal(image_size: tuple[int, int], limits: Limits | None = None, **inputs) -> InvalidParameter:
+    with pytest.raises(InvalidParameter) as info:
+        sized(image_size, limits, **inputs)
+    return info.value
+
+
+def test_a_size_sent_whole_is_kept_and_zero_takes_the_images_shape_within_the_models_budget():
+    assert (sized((100, 2000), width=32, height=48).width, sized((100, 2000), width=32, height=48).height) == (32, 48)
+    auto = sized((1920, 1080), Limits(max_area=480 * 832))
+    assert auto.width * auto.height <= 480 * 832 and abs(auto.width / auto.height - 16 / 9) < 0.05
+
+
+@pytest.mark.parametrize("image_size", [(100, 2000), (2, 2000), (2000, 2), (5000, 40)])
+def test_width_and_height_zero_fit_any_image_within_the_side_and_pixel_limits(image_size):
+    limits = Limits(max_side=1024, max_pixels=200_000, max_area=480 * 832)
+    params = sized(image_size, limits)
+    assert params.width % 16 == 0 and params.height % 16 == 0
+    assert max(params.width, params.height) <= 1024 and params.width * params.height <= 200_000
+
+
+def test_one_side_given_the_other_is_refused_not_shrunk_when_over_the_side_limit():
+    error = refusal((100, 2000), width=1920)
+    assert error.name == "height"
+    assert str(error) == ("Request parameter [height] must be at most 1920, got 38400 (derived from the 100x2000 input "
+                          "image and width 1920); send a smaller width, or both width and height, or use an image "
+                          "closer to the video's shape.")
+    assert refusal((2000, 100), height=1920).name == "width"
+
+
+def test_a_derived_size_over_the_pixel_limit_is_refused_naming_it():
+    error = refusal((1000, 1000), Limits(max_pixels=1024 * 1024), width=1920)
+    assert str(error) == ("Request parameter [width] x height must be at most 1048576 pixels, got 1920x1920 (derived "
+                          "from the 1000x1000 input image and width 1920); send a smaller width, or both width and "
+                          "height (multiples of 16).")
+
+
+def test_an_image_too_thin_for_the_pixel_limit_says_to_crop_it_or_send_the_size():
+    error = refusal((2, 2000), Limits(max_side=1920, max_pixels=4096, max_area=4096))
+    assert str(error).startswith("Request parameter [width] x height must be at most 4096 pixels, got 16x")
+    assert "(derived from the 2x2000 input image); the image is too thin for this server: crop it, or send " \
+           "width and height (multiples of 16)." in str(error)
+
+
+def test_no_side_beyond_what_the_model_takes_even_when_the_operator_allows_more():
+    roomy = Limits(max_side=100_000, max_pixels=10**9, max_work=10**15)
+    error = refusal((2, 2000), roomy, width=32)
+    assert str(error).startswith(f"Request parameter [height] must be at most {PIPELINE_MAX_SIDE} (the longest side "
+                                 "the model can take), got 32000")
+    with pytest.raises(InvalidParameter, match=rf"\[height\] must be at most {PIPELINE_MAX_SIDE}, got 16400"):
+        parse_params({"width": 16, "height": 16400}, roomy)
+    assert sized((1, 1000), Limits(max_side=100_000, max_pixels=10**9, max_area=10**9)).height <= PIPELINE_MAX_SIDE
+
+
+def test_a_derived_size_over_the_work_cap_is_refused_saying_it_came_from_the_image():
+    error = refusal((40, 40), Limits(max_work=9 * 32 * 32 * 2), numFrames=9, steps=2, width=48)
+    assert error.name == "numFrames" and "derived from the input image" in str(error)

@@ -1,6 +1,7 @@
 """Request limits through the API: the per-key rate limit (code 96), a full queue (code 96), the body size
-cap, and the work cap (numFrames x width x height x steps) at Run and, for a size taken from the image, in
-the worker. A refused request creates no task."""
+cap, and the side, pixel and work caps (numFrames x width x height x steps) for a size sent and for one the image
+implies: at Run when the image is sent or uploaded, in the worker when it is a URL. A refused request creates no
+task."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from particalize.core_options import worker_options
 from server.app import create_app
 from server.errors import ApiError
 from server.ratelimit import RateLimiter
+from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
+from tests.tasks import create_task
 from tests.test_api import (
     IMAGE_URL,
     KEY,
@@ -31,6 +35,7 @@ from tests.test_api import (
     run_worker_once,
     signed,
 )
+from tests.test_worker import FakeFetch
 
 ROUTES = ["/v1/Task/Detail", "/v1/Task/Kill", "/v1/Task/Cancel", "/v1/Task/List", "/v1/Tool/Detail",
           "/v1/File/Upload", "/v1/Task/InputOutputDelete", "/v1/Tool/List", "/v1/Tool/Explore", RUN]
@@ -158,6 +163,67 @@ def test_a_full_queue_answers_code_96_and_creates_nothing(client: TestClient):
     assert api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL}).json()["result"] is True, "room again"
 
 
+# --- active tasks per key (Wiro's concurrency limit) --------------------------------------------------------
+
+
+def other_key() -> dict[str, str]:
+    return signed(OTHER_KEY, OTHER_SECRET)
+
+
+@pytest.mark.parametrize("client", [{"max_active_tasks_per_key": 2}], indirect=True)
+def test_a_key_at_its_active_task_limit_gets_code_96_saying_how_many_and_the_limit(client: TestClient):
+    api = Api(client)
+    body = {"inputImageUrl": IMAGE_URL, **SMALL}
+    first, second = (api.json(RUN, body).json() for _ in range(2))
+    assert first["result"] is True and second["result"] is True
+    refused = api.json(RUN, body)
+    assert refused.status_code == 200
+    assert refused.json() == {"result": False, "errors": [{"code": 96, "message": (
+        "Too many active tasks for this API key: 2 are queued or running and the limit is 2 per key on this "
+        "server. Wait for one to finish (or cancel or kill one), then try again.")}]}
+    assert task_count(client) == 2, "a refused Run creates nothing"
+    assert api.json(RUN, body, headers=other_key()).json()["result"] is True, "each key has its own limit"
+
+    assert api.json("/v1/Task/Cancel", {"taskid": first["taskid"]}).json()["result"] is True
+    third = api.json(RUN, body).json()
+    assert third["result"] is True, "a cancelled task is no longer active"
+    client.app.state.services.store.tasks.fail(int(second["taskid"]), "ended")
+    assert api.json(RUN, body).json()["result"] is True, "nor is one that ended"
+    assert_error(api.json(RUN, body), 96, contains="2 are queued or running and the limit is 2")
+
+
+def test_no_active_task_limit_by_default(client: TestClient):
+    assert client.app.state.services.settings.max_active_tasks_per_key == 0
+    api = Api(client)
+    assert all(api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL}).json()["result"] for _ in range(6))
+
+
+def test_concurrent_runs_of_one_key_never_exceed_its_active_limit(tmp_path: Path, db_url: str):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.store import Database, Store, StoreOptions, TooManyActive, upgrade
+
+    db = Database(db_url)
+    upgrade(db)
+    store = Store(db, StoreOptions(max_active_per_key=3))
+    start = threading.Barrier(12)
+
+    def create(_: int) -> bool:
+        start.wait()
+        try:
+            create_task(store, parameters={}, image_url=IMAGE_URL, owner="k1")
+        except TooManyActive:
+            return False
+        return True
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            assert sum(pool.map(create, range(12))) == 3
+        assert store.reads.active_count("k1") == 3
+    finally:
+        db.dispose()
+
+
 @pytest.mark.parametrize("client", [{"max_body_bytes": 1024}], indirect=True)
 def test_an_oversized_body_is_refused_with_or_without_content_length(client: TestClient):
     api = Api(client)
@@ -189,18 +255,91 @@ def test_explicit_size_over_the_work_cap_is_refused_at_run(client: TestClient):
     assert api.json(RUN, {"inputImageUrl": IMAGE_URL, **SMALL}).json()["result"] is True, "at the cap"
 
 
+WORK_OVER_CAP = re.compile(r"x width x height x steps is 9 x (\d+) x (\d+) x 2 = \d+, more than the limit of 18432")
+
+
+def upload_url(api: Api, image: bytes) -> str:
+    """The URL File/Upload answers for `image`."""
+    return api.multipart("/v1/File/Upload", {}, {"file": ("in.png", image, "image/png")}).json()["list"][0]["url"]
+
+
+def worker_runs_one(client: TestClient, generator, image: bytes) -> None:
+    """One task done by a worker whose image URLs answer `image`."""
+    services = client.app.state.services
+    worker = Worker(services.store, services.storage, generator, worker_options(services.settings),
+                    worker_id="testnode/gpu0",
+                    fetch=FakeFetch(image))
+    assert worker.run_once()
+
+
 @pytest.mark.parametrize("client", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
-def test_a_size_from_the_image_over_the_work_cap_fails_the_task_in_the_worker(client: TestClient, tiny_generator):
+def test_a_size_from_an_uploaded_image_over_the_work_cap_is_refused_at_run(client: TestClient):
     api = Api(client)
     body = {**SMALL, "width": "0", "height": "0"}
-    run = api.multipart(RUN, body, {"inputImage": ("in.png", png_bytes(40, 40), "image/png")}).json()
-    assert run["result"] is True, "the size is not known before the image is read"
-    assert run_worker_once(client, tiny_generator)
+    sent = api.multipart(RUN, body, {"inputImage": ("in.png", png_bytes(40, 40), "image/png")})
+    message = assert_error(sent, 0, contains="derived from the input image")
+    assert WORK_OVER_CAP.search(message), message
+    via_upload = api.json(RUN, {**body, "inputImageUrl": upload_url(api, png_bytes(40, 40))})
+    assert WORK_OVER_CAP.search(assert_error(via_upload, 0, contains="derived from the input image"))
+    assert task_count(client) == 0
+    explicit = api.multipart(RUN, SMALL, {"inputImage": ("in.png", png_bytes(40, 40), "image/png")}).json()
+    assert explicit["result"] is True, "32x32 asked: at the cap"
+
+
+@pytest.mark.parametrize("client", [{"max_work": 9 * 32 * 32 * 2}], indirect=True)
+def test_a_size_from_an_image_url_over_the_work_cap_fails_the_task_in_the_worker(client: TestClient, tiny_generator):
+    api = Api(client)
+    run = api.json(RUN, {**SMALL, "width": "0", "height": "0", "inputImageUrl": IMAGE_URL}).json()
+    assert run["result"] is True, "the size is not known before the worker has fetched the image"
+    worker_runs_one(client, tiny_generator, png_bytes(40, 40))
     task = api.detail(taskid=run["taskid"])["tasklist"][0]
     assert task["status"] == "task_postprocess_end" and task["pexit"] != "0" and task["outputs"] == []
-    assert re.search(r"x width x height x steps is 9 x (\d+) x (\d+) x 2 = \d+, more than the limit of "
-                     r"18432", task["debugerror"]), task["debugerror"]
+    assert WORK_OVER_CAP.search(task["debugerror"]), task["debugerror"]
     assert "derived from the input image" in task["debugerror"]
-    explicit = api.multipart(RUN, SMALL, {"inputImage": ("in.png", png_bytes(40, 40), "image/png")}).json()
+
+
+TOO_TALL = ("Request parameter [height] must be at most 1920, got 38400 (derived from the 100x2000 input image and "
+            "width 1920); send a smaller width, or both width and height, or use an image closer to the video's "
+            "shape.")
+TOO_THIN = ("Request parameter [height] must be at most 1920, got 32000 (derived from the 2x2000 input image and "
+            "width 32); send a smaller width, or both width and height, or use an image closer to the video's shape.")
+TOO_MANY_PIXELS = ("Request parameter [width] x height must be at most 921600 pixels, got 1920x1920 (derived from "
+                   "the 1000x1000 input image and width 1920); send a smaller width, or both width and height "
+                   "(multiples of 16).")
+DERIVED = [((100, 2000), {"width": "1920"}, TOO_TALL), ((2, 2000), {"width": "32"}, TOO_THIN),
+           ((1000, 1000), {"width": "1920"}, TOO_MANY_PIXELS)]
+
+
+@pytest.mark.parametrize(("image_size", "size", "message"), DERIVED, ids=["too-tall", "too-thin", "too-many-pixels"])
+def test_a_size_the_uploaded_image_implies_obeys_the_side_and_pixel_limits_at_run(client: TestClient, image_size,
+                                                                                 size, message):
+    api = Api(client)
+    image = png_bytes(*image_size)
+    body = {**SMALL, "height": "0", **size}
+    assert assert_error(api.multipart(RUN, body, {"inputImage": ("in.png", image, "image/png")}), 0) == message
+    assert assert_error(api.json(RUN, {**body, "inputImageUrl": upload_url(api, image)}), 0) == message
+    assert task_count(client) == 0
+
+
+@pytest.mark.parametrize(("image_size", "size", "message"), DERIVED, ids=["too-tall", "too-thin", "too-many-pixels"])
+def test_a_size_an_image_url_implies_ends_the_task_with_the_same_message_in_the_worker(
+        client: TestClient, tiny_generator, image_size, size, message):
+    api = Api(client)
+    run = api.json(RUN, {**SMALL, "height": "0", **size, "inputImageUrl": IMAGE_URL}).json()
+    assert run["result"] is True
+    worker_runs_one(client, tiny_generator, png_bytes(*image_size))
+    task = api.detail(taskid=run["taskid"])["tasklist"][0]
+    assert (task["status"], task["pexit"], task["outputs"]) == ("task_postprocess_end", "1", [])
+    assert task["debugerror"] == message, "never an internal error"
+
+
+def test_width_and_height_zero_fit_a_thin_image_within_every_limit(client: TestClient, tiny_generator):
+    api = Api(client)
+    run = api.multipart(RUN, {**SMALL, "width": "0", "height": "0"},
+                        {"inputImage": ("in.png", png_bytes(2, 2000), "image/png")}).json()
+    assert run["result"] is True
     assert run_worker_once(client, tiny_generator)
-    assert api.detail(taskid=explicit["taskid"])["tasklist"][0]["pexit"] == "0", "32x32 asked: at the cap"
+    task = api.detail(taskid=run["taskid"])["tasklist"][0]
+    assert task["pexit"] == "0", task["debugerror"]
+    width, height = int(task["parameters"]["width"]), int(task["parameters"]["height"])
+    assert width % 16 == 0 and height % 16 == 0 and max(width, height) <= 1920 and width * height <= 921600

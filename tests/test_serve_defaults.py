@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from particalize.cli_server import TINY_LIMITS, cmd_serve, tiny_limits
 from particalize.client import WiroClient
+from particalize.settings import Settings
 from server.app import create_app
 from tests.conftest import make_settings
 
@@ -36,6 +37,16 @@ def test_tiny_limits_replace_only_the_defaults(tmp_path: Path):
     assert kept.max_pixels == 1280 * 720 - 16, "a limit the operator set is kept"
     real, line = tiny_limits(make_settings(tmp_path, model="wan2.1-i2v-14b-480p"))
     assert real.max_pixels == 1280 * 720 and line is None
+
+
+def test_a_limit_set_to_exactly_its_default_still_wins_over_the_tiny_presets(tmp_path: Path, monkeypatch):
+    default = Settings.model_fields["max_pixels"].default
+    kept, _ = tiny_limits(make_settings(tmp_path, max_pixels=default))
+    assert kept.max_pixels == default, "set by the operator (here as a flag would), whatever its value"
+    assert kept.max_work == TINY_LIMITS["max_work"], "the one left unset is still tightened"
+    monkeypatch.setenv("PARTICALIZE_MAX_PIXELS", str(default))
+    from_env, _ = tiny_limits(Settings().with_overrides(model="tiny", data_dir=tmp_path))
+    assert from_env.max_pixels == default, "set in the environment"
 
 
 def test_a_720p_request_to_the_tiny_preset_is_refused_naming_the_limit(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""The typed task record, progress as numbers and the outcome table: rows stored before revision 0003 still read
+"""The typed task record, progress as numbers and the outcome table: rows stored before revision 0004 still read
 and run; Detail's debugoutput is rendered from the progress numbers until other news replaces them; the recorded
 parameters are the inputs as sent plus defaults and what the worker resolved; every way a run ends has one row."""
 
@@ -36,14 +36,15 @@ def settings(tmp_path: Path, db_url: str):
 
 def test_rows_stored_before_the_typed_record_still_read_and_run(settings, tiny_generator):
     db = Database(settings.sqlalchemy_url)
-    upgrade(db, "0002")
+    upgrade(db, "0003")
     with db.connect(write=True) as conn:
         conn.execute(text(
             "INSERT INTO tasks (id, uuid, socketaccesstoken, owner, status, parameters, image_url, upload_id, "
             "callbackurl, debugoutput, debugerror, pexit, totalcost, kill_requested, createtime, accepttime, "
             "preprocessstarttime, preprocessendtime, assigntime, starttime, endtime, postprocessstarttime, "
             "postprocessendtime, canceltime, attempts, callback_state, callback_attempts) VALUES "
-            "(1, '6f1c9a52-8d0e-4b7a-9c3e-2a5b7d9e0f11', 'tokentokentokentokentokentoke', NULL, 'task_queue', :parameters, :image_url, NULL, '', "
+            "(1, '6f1c9a52-8d0e-4b7a-9c3e-2a5b7d9e0f11', 'tokentokentokentokentokentoke', NULL, 'task_queue', "
+            ":parameters, :image_url, NULL, '', "
             ":debugoutput, '', '0', 0, :no, 1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0)"),
             {"parameters": json.dumps(LEGACY_PARAMETERS), "image_url": IMAGE_URL, "no": False,
              "debugoutput": "step 2/4 (50%), 1.00 it/s, elapsed 2.0s, remaining 2.0s"})

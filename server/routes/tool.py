@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -13,8 +14,17 @@ from starlette.responses import JSONResponse
 from server.bodies import RequestFields
 from server.errors import NOT_FOUND, ApiError
 from server.routes.common import answer, int_field, text_field
+from server.search import rank
 from server.services import Services
-from server.tool_info import SLUG_OWNER, SLUG_PROJECT, explore_item, is_this_tool, matches, tool_detail
+from server.tool_info import (
+    SEARCH_DOCUMENT,
+    SLUG_OWNER,
+    SLUG_PROJECT,
+    explore_item,
+    in_catalogue,
+    is_this_tool,
+    tool_detail,
+)
 
 router = APIRouter()
 
@@ -53,18 +63,25 @@ def _categories(fields: RequestFields) -> list[str]:
     return [c for c in value if c.strip()]
 
 
+def _found(fields: RequestFields, entry: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The catalogue entries (`entry` builds this server's one) that pass the body's `categories` and `slugowner`
+    and answer its `search` in plain words, best first."""
+    search = text_field(fields, "search")
+    slugowner = text_field(fields, "slugowner")
+    if not in_catalogue(_categories(fields), slugowner[1] if slugowner else ""):
+        return []
+    return [build() for build in rank(search[1] if search else "", [(entry, SEARCH_DOCUMENT)])]
+
+
 @router.post("/v1/Tool/List")
 async def tool_list(request: Request) -> JSONResponse:
-    """This server's tool when it matches `search` (every word), `categories` (any) and `slugowner`;
-    `start`/`limit` page as on Wiro."""
+    """This server's tool when it answers `search` (plain words: see server/search.py), `categories` (any) and
+    `slugowner`, ranked by relevance; `start`/`limit` page as on Wiro."""
 
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         start = int_field(fields, "start", 0, 0, 10**9)
         limit = int_field(fields, "limit", 20, 1, 100)
-        search = text_field(fields, "search")
-        slugowner = text_field(fields, "slugowner")
-        found = matches(search[1] if search else "", _categories(fields), slugowner[1] if slugowner else "")
-        tools = [tool_detail(services.settings)] if found else []
+        tools = _found(fields, lambda: tool_detail(services.settings))
         return {"result": True, "errors": [], "total": str(len(tools)), "tool": tools[start:start + limit]}
 
     return await answer(request, handler)
@@ -72,11 +89,15 @@ async def tool_list(request: Request) -> JSONResponse:
 
 @router.post("/v1/Tool/Explore")
 async def explore(request: Request) -> JSONResponse:
-    """The catalogue's front page: one category (image-to-video) holding this server's tool."""
+    """The catalogue's front page: one category (image-to-video) holding this server's tool; a `search` (or
+    `categories`) sent narrows it as in Tool/List (no category is answered when nothing fits)."""
 
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
-        category = {"id": "1", "title": "Image to Video", "url": "image-to-video", "total": 1,
-                    "tools": [explore_item()]}
+        tools = _found(fields, explore_item)
+        if not tools:
+            return {"result": True, "errors": [], "explore": []}
+        category = {"id": "1", "title": "Image to Video", "url": "image-to-video", "total": len(tools),
+                    "tools": tools}
         return {"result": True, "errors": [], "explore": [category]}
 
     return await answer(request, handler)

@@ -13,3 +13,14 @@ class TaskKilled(TaskLost):
 
 class QueueFull(Exception):
     pass
+
+
+class TooManyActive(Exception):
+    """The API key already has its most tasks between task_queue and a terminal status."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(
+            f"Too many active tasks for this API key: {active} are queued or running and the limit is {limit} per "
+            "key on this server. Wait for one to finish (or cancel or kill one), then try again."
+        )
+        self.active, self.limit = active, limit

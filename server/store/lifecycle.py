@@ -8,18 +8,19 @@ reason. The API's controls end a task from outside: Cancel while it is queued, K
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import false, func, or_, select, update
+from sqlalchemy import false, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from pipeline.params import GenerationParams
 from server.store.db import Database
-from server.store.errors import QueueFull, TaskKilled, TaskLost
+from server.store.errors import QueueFull, TaskKilled, TaskLost, TooManyActive
 from server.store.ids import new_id, new_token
 from server.store.models import (
     ACCEPT,
@@ -33,9 +34,20 @@ from server.store.models import (
     Task,
     Worker,
 )
+from server.store.reads import ACTIVE_OF_OWNER
 from server.store.transitions import add_event, requeue, say, set_status, show_progress
 from server.store.uploads import NewUpload, upload_row
+from server.store.waiting import WAITING_NOTE, waiting_note
 from server.task_record import TaskRecord
+
+_ACTIVE_LOCK_NAMESPACE = 7_301_244_191
+"""With a hash of the API key, the PostgreSQL advisory lock that makes one key's Runs count and insert in turn."""
+
+
+def _key_lock(owner: str) -> int:
+    """A 63-bit lock id for one API key (two keys sharing one only wait for each other)."""
+    digest = hashlib.sha256(f"{_ACTIVE_LOCK_NAMESPACE}:{owner}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -68,21 +80,26 @@ class TaskLifecycle:
         lease_seconds: float = 60.0,
         requeue_limit: int = 1,
         max_queue_length: int = 1000,
+        max_active_per_key: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
         self.lease_seconds = lease_seconds
         self.requeue_limit = requeue_limit
         self.max_queue_length = max_queue_length
+        self.max_active_per_key = max_active_per_key
         self.clock = clock
 
     # --- into the queue and out of it ------------------------------------------------------------
 
     def create(self, record: TaskRecord, new_upload: NewUpload | None = None) -> Task:
         """A queued task. Its image is fetched from the record's URL by the worker, or read from the store when
-        the record names an upload (`new_upload`: one sent with this request, stored with the task)."""
+        the record names an upload (`new_upload`: one sent with this request, stored with the task).
+        QueueFull when the queue is full; TooManyActive when its owner has `max_active_per_key` active tasks."""
         now = self.clock()
         with self.db.session(write=True) as s:
+            if record.owner is not None and self.max_active_per_key:
+                self._check_active(s, record.owner)
             queued = s.scalar(select(func.count()).select_from(Task).where(Task.status == QUEUED)) or 0
             if queued >= self.max_queue_length:
                 raise QueueFull(
@@ -98,7 +115,7 @@ class TaskLifecycle:
                 image_url=record.image.url,
                 upload_id=record.image.upload_id,
                 callbackurl=record.callback_url,
-                debugoutput="",
+                debugoutput=waiting_note(s, now, self.lease_seconds),
                 debugerror="",
                 pexit="0",
                 totalcost=0.0,
@@ -114,6 +131,29 @@ class TaskLifecycle:
                 s.add(upload_row(new_upload, record.owner, now, task_id=task.id))
             add_event(s, task.id, QUEUED, now)
         return task
+
+    def _check_active(self, s: Session, owner: str) -> None:
+        """TooManyActive when `owner` is at its limit. Counted in this write transaction, which creates the task
+        too, and taken in turn per key (SQLite: the database's write lock; PostgreSQL: an advisory lock held to
+        commit, so the count sees the task the previous Run of this key made, whichever API process made it)."""
+        if self.db.is_postgres:
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _key_lock(owner)})
+        active = s.scalar(ACTIVE_OF_OWNER, {"owner": owner}) or 0
+        if active >= self.max_active_per_key:
+            raise TooManyActive(active, self.max_active_per_key)
+
+    def note_waiting(self) -> int:
+        """Bring queued tasks' debugoutput in line with the workers (a worker calls it when it pauses or goes on):
+        the waiting note on those that have nothing else to say, or the note taken off. Answers how many changed."""
+        now = self.clock()
+        with self.db.session(write=True) as s:
+            note = waiting_note(s, now, self.lease_seconds)
+            queued = Task.status == QUEUED
+            noted = Task.debugoutput.startswith(WAITING_NOTE)
+            stmt = update(Task).where(queued, or_(Task.debugoutput == "", noted)) if note \
+                else update(Task).where(queued, noted)
+            done = s.execute(stmt.values(debugoutput=note).execution_options(synchronize_session=False))
+            return done.rowcount or 0
 
     def claim_next(self, worker_id: str) -> Task | None:
         """The oldest queued task, now owned by `worker_id` (status task_accept), or None.

@@ -45,6 +45,8 @@ LIFECYCLE = (
 RUNNING = LIFECYCLE[1:-1]
 """Owned by a worker: from accept up to (not including) the end of post-processing."""
 TERMINAL = (POSTPROCESS_END, CANCEL)
+ACTIVE = (QUEUED, *RUNNING)
+"""Between task_queue and a terminal status: what PARTICALIZE_MAX_ACTIVE_TASKS_PER_KEY counts."""
 
 STAMPS = {
     ACCEPT: "accepttime",
@@ -74,6 +76,7 @@ class Task(Base):
     __table_args__ = (
         Index("ix_tasks_status_id", "status", "id"),
         Index("ix_tasks_owner_id", "owner", "id"),
+        Index("ix_tasks_owner_status", "owner", "status"),
         {"sqlite_autoincrement": True},
     )
 
@@ -84,11 +87,11 @@ class Task(Base):
     """The API key that created the task (None when the server runs without keys)."""
     status: Mapped[str] = mapped_column(String(32), nullable=False, default=QUEUED)
     parameters: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
-    """JSON text of the recorded Wiro parameters. Before revision 0003 the only record of a task's inputs; since then
+    """JSON text of the recorded Wiro parameters. Before revision 0004 the only record of a task's inputs; since then
     written once at creation, for workers of older versions during a rolling upgrade (nothing here reads it back
     for a task that has `request`)."""
     request: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    """The typed record Run validated (server.task_record.TaskRecord as JSON); None on tasks made before 0003."""
+    """The typed record Run validated (server.task_record.TaskRecord as JSON); None on tasks made before 0004."""
     resolved: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     """The GenerationParams the worker ran with (seed, size and mode resolved), once it has read the image."""
     image_url: Mapped[str | None] = mapped_column(Text)

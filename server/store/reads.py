@@ -9,11 +9,14 @@ from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.engine import Row
 
 from server.store.db import Database
-from server.store.models import Output, Task, TaskEvent
+from server.store.models import ACTIVE, Output, Task, TaskEvent
 
 _TASKS, _OUTPUTS = Task.__table__, Output.__table__
 _TASK_BY_ID = select(_TASKS).where(_TASKS.c.id == bindparam("id"))
 _TASK_BY_TOKEN = select(_TASKS).where(_TASKS.c.socketaccesstoken == bindparam("token"))
+ACTIVE_OF_OWNER = select(func.count()).select_from(_TASKS).where(
+    _TASKS.c.owner == bindparam("owner"), _TASKS.c.status.in_(ACTIVE))
+"""How many of one API key's tasks are between task_queue and a terminal status (the per-key limit counts them)."""
 _OUTPUTS_OF_TASK = select(_OUTPUTS).where(_OUTPUTS.c.task_id == bindparam("task_id")).order_by(_OUTPUTS.c.name)
 
 
@@ -84,6 +87,11 @@ class TaskReads:
             if status is not None:
                 stmt = stmt.where(Task.status == status)
             return s.scalar(stmt) or 0
+
+    def active_count(self, owner: str) -> int:
+        """How many of `owner`'s tasks are between task_queue and a terminal status."""
+        with self.db.session() as s:
+            return s.scalar(ACTIVE_OF_OWNER, {"owner": owner}) or 0
 
     def status_counts(self) -> dict[tuple[str, str], int]:
         """How many tasks are in each (status, pexit) now: one grouped count, for metrics at scrape time."""

@@ -23,6 +23,8 @@ class StoreOptions:
     lease_seconds: float = 60.0
     requeue_limit: int = 1
     max_queue_length: int = 1000
+    max_active_per_key: int = 0
+    """Most tasks one API key may have between task_queue and a terminal status (0: no limit)."""
     callback_attempts: int = 5
     callback_backoff_seconds: float = 1.0
 
@@ -33,7 +35,8 @@ class Store:
         self.db = db
         self.options = options = options or StoreOptions(url=db.url)
         self.tasks = TaskLifecycle(db, lease_seconds=options.lease_seconds, requeue_limit=options.requeue_limit,
-                                   max_queue_length=options.max_queue_length)
+                                   max_queue_length=options.max_queue_length,
+                                   max_active_per_key=options.max_active_per_key)
         self.reads = TaskReads(db)
         self.uploads = Uploads(db)
         self.workers = WorkerRegistry(db, options.lease_seconds)

@@ -16,6 +16,7 @@ from server.store.outage import StoreHealth
 from server.worker.loop import Worker
 from server.worker.options import WorkerOptions, worker_id_for
 from server.worker.task_run import Generator
+from server.worker_reports import Report
 
 log = logging.getLogger("particalize.worker")
 
@@ -46,9 +47,11 @@ def run_worker(
     *,
     slot: int = 0,
     parent_pid: int | None = None,
+    report: Report | None = None,
 ) -> int:
     """Load the model once (`make_generator`), then serve tasks until `stop_event` (a server.shutdown.StopRequest
-    gives the running task its grace period; a plain Event stops it at once). Returns the process exit code."""
+    gives the running task its grace period; a plain Event stops it at once). `report`: the pipe to the serve
+    process that started this worker, if one did. Returns the process exit code."""
     health = StoreHealth(log)  # a worker started during a store outage waits for the store, it does not crash
 
     def when_up(action: Callable[[], Any]) -> Any:
@@ -74,7 +77,7 @@ def run_worker(
                                            state="stopping" if stop_event.is_set() else "ready", detail=detail,
                                            version=options.version, random_weights=random_weights))
     log.info("worker %s ready: model %s on %s", worker_id, options.model, generator.device)
-    worker = Worker(store, storage, generator, options, worker_id=worker_id)
+    worker = Worker(store, storage, generator, options, worker_id=worker_id, report=report)
     try:
         worker.run(stop_event, parent_pid=parent_pid)
     finally:

@@ -6,7 +6,8 @@ within its grace period (past it the run is interrupted and requeued); then the 
 server/store/outage.py) fails nothing: the loop claims nothing while it lasts, and the running task keeps what it
 has made and records it when the store answers again; one log line when the outage starts, one when it ends. The
 loop also claims nothing while its disks are below min_free_disk_bytes (state "paused", saying why), so no GPU
-time is spent on a video that could not be written.
+time is spent on a video that could not be written; it tells the serve process that started it too (`report`,
+server/worker_reports.py), which /ready believes also when the store cannot be written.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from server.store.models import Task
 from server.store.outage import StoreHealth, is_outage
 from server.worker.options import WorkerOptions
 from server.worker.task_run import Fetch, Generator, TaskRun
+from server.worker_reports import Report
 
 log = logging.getLogger("particalize.worker")
 
@@ -41,6 +43,7 @@ class Worker:
         *,
         worker_id: str,
         fetch: Fetch = fetch_url,
+        report: Report | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -55,6 +58,11 @@ class Worker:
         self.health = StoreHealth(log)
         self._state_lock = threading.Lock()  # the heartbeat's "stopping" mark never lands after the task's end
         self.paused_for: str | None = None
+        self.report: Report = report or (lambda state, detail: None)
+        """Tells the serve process that started this worker when it pauses and goes on."""
+        self._state_unwritten = False
+        """The store has not taken the last pause or resume yet (it could not be written): retried, quietly."""
+        self._next_state_try = 0.0
 
     @property
     def lease_seconds(self) -> float:
@@ -80,7 +88,9 @@ class Worker:
                 if time.monotonic() >= max(next_sweep, self.health.back_at + self.lease_seconds):
                     self.health.call(lambda: self.recover(own=False))
                     next_sweep = time.monotonic() + sweep_every
-                worked = self.health.call(self.run_once)
+                # Paused, the worker touches the store only to record that (which may fail quietly): that is no
+                # news of the store's health, so it is not counted as such.
+                worked = False if self._paused() else self.health.call(self._claim_and_process)
             except SQLAlchemyError as exc:
                 if not is_outage(exc):
                     log.exception("database error in the worker loop; retrying in 1 s")
@@ -101,6 +111,9 @@ class Worker:
         """Claim and do one task; False when the queue is empty or the disks are below their floor."""
         if self._paused():
             return False
+        return self._claim_and_process()
+
+    def _claim_and_process(self) -> bool:
         task = self.store.tasks.claim_next(self.worker_id)
         if task is None:
             return False
@@ -133,19 +146,40 @@ class Worker:
         return problem or self.storage.space_problem(needed)
 
     def _paused(self) -> bool:
-        """Under the disk floor the worker claims nothing (state "paused", the reason in its detail, which
-        /ready shows), and resumes by itself once there is room; one log line each way."""
+        """Under the disk floor the worker claims nothing (state "paused", the reason in its detail, which /ready
+        shows), and resumes by itself once there is room: one log line each way, and one report to the serve
+        process, whether or not the store can take the new state now (SQLite on that very disk may not)."""
         problem = self.resources_problem()
-        if problem != self.paused_for:
+        if (problem is None) != (self.paused_for is None):  # a change of state, not of the free bytes it names
+            self.paused_for = problem
             if problem:
                 log.warning("worker %s claims no task: %s", self.worker_id, problem)
-                self.store.workers.set_state(self.worker_id, "paused", detail=problem)
             else:
                 log.warning("worker %s has room to write outputs again; claiming tasks", self.worker_id)
-                self.store.workers.set_state(self.worker_id, "stopping" if self.stop_event.is_set() else "ready",
-                                             detail="")
-            self.paused_for = problem
+            self.report(*self._pause_state())
+            self._state_unwritten, self._next_state_try = True, 0.0
+        if self._state_unwritten and time.monotonic() >= self._next_state_try:
+            self._write_pause_state()
         return problem is not None
+
+    def _pause_state(self) -> tuple[str, str]:
+        if self.paused_for:
+            return "paused", self.paused_for
+        return ("stopping" if self.stop_event.is_set() else "ready"), ""
+
+    def _write_pause_state(self) -> None:
+        """Record the pause (or its end) and what it means for the queued tasks' debugoutput; while the store cannot
+        be written, try again once a second (its outage is logged once, by self.health)."""
+        state, detail = self._pause_state()
+        try:
+            self.health.call(lambda: self.store.workers.set_state(self.worker_id, state, detail=detail))
+            self.health.call(self.store.tasks.note_waiting)
+        except SQLAlchemyError as exc:
+            if not is_outage(exc):
+                raise
+            self._next_state_try = time.monotonic() + 1.0
+            return
+        self._state_unwritten = False
 
     def _heartbeat_loop(self) -> None:
         """Until the loop has ended (not just been asked to stop: a task finishing in its grace period keeps

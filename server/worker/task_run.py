@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.errors import Interrupted, InvalidParameter
 from pipeline.images import decode_image
-from pipeline.params import GenerationParams, check_limits, check_work
+from pipeline.params import GenerationParams, check_limits, size_for_image
 from pipeline.video import write_mp4
 from server.netguard import FetchError, UnsafeUrl
 from server.shutdown import finish_overdue, stop_due
@@ -119,9 +119,8 @@ class TaskRun:
         image = self._load_image(record.image)
         try:
             check_limits(record.params, limits)
-            sized = bool(record.params.width and record.params.height)
-            params = self.generator.resolve(record.params, image)
-            check_work(params, limits, derived=not sized)  # a size of 0 is only known now
+            params = size_for_image(record.params, image.size, limits)  # a size of 0 is only known now
+            params = self.generator.resolve(params, image)
         except InvalidParameter as exc:
             raise TaskEnd(Outcome.BAD_INPUT, str(exc)) from None
         self._step(PREPROCESS_END, resolved=params,

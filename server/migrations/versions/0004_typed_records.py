@@ -5,8 +5,8 @@ Existing rows still read: a task without `request` is rendered from its `paramet
 recorded task_output events ("step k/N") and the random-weights mark of registered workers are copied into the
 new columns here, once.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-01
 """
 
@@ -17,8 +17,8 @@ import re
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from benchmarks.harness import ServeProcess
 from server.auth import sign
-from server.store import Database, TaskStore
+from server.store import Database, Store
 from tests.images import ImageServer
 
 KEY, SECRET = "bench-key", "bench-secret"
@@ -159,7 +159,7 @@ async def wait_status(conn: Connection, taskid: str, statuses: tuple[str, ...], 
     raise TimeoutError(f"task {taskid} not in {statuses}")
 
 
-async def run_to_start(port: int, store: TaskStore, image_url: str, repeats: int) -> dict[str, Any]:
+async def run_to_start(port: int, store: Store, image_url: str, repeats: int) -> dict[str, Any]:
     conn = Connection(port)
     to_start, run_answer = [], []
     body = {"inputImageUrl": image_url, "width": 32, "height": 32, "numFrames": 5, "steps": 1, "seed": 1}
@@ -169,7 +169,7 @@ async def run_to_start(port: int, store: TaskStore, image_url: str, repeats: int
         _, run = await conn.post(RUN, body)
         run_answer.append(time.time() - sent)
         await wait_status(conn, run["taskid"], ("task_postprocess_end", "task_cancel"))
-        task = store.get(int(run["taskid"]))
+        task = store.reads.get(int(run["taskid"]))
         assert task is not None and task.pexit == "0", task and task.debugerror
         to_start.append(task.starttime - sent)
     conn.close()
@@ -183,7 +183,7 @@ async def run_to_start(port: int, store: TaskStore, image_url: str, repeats: int
     }
 
 
-async def scenario(server: ServeProcess, store: TaskStore, args: argparse.Namespace) -> dict[str, Any]:
+async def scenario(server: ServeProcess, store: Store, args: argparse.Namespace) -> dict[str, Any]:
     port = server.port
     images = ImageServer(80, 48, "dog.png")
     conn = Connection(port)
@@ -201,9 +201,9 @@ async def scenario(server: ServeProcess, store: TaskStore, args: argparse.Namesp
     _, long = await conn.post(RUN, long_body)
     await wait_status(conn, long["taskid"], ("task_output",))
     for name, interval in (("detail_generating", 0.0), ("detail_generating_paced_100ms", 0.1)):
-        steps_before = len([e for e in store.events(int(long["taskid"])) if e.status == "task_output"])
+        steps_before = len([e for e in store.reads.events(int(long["taskid"])) if e.status == "task_output"])
         results[name] = await detail_load(port, long["taskid"], args.pollers, args.seconds, interval)
-        steps_after = len([e for e in store.events(int(long["taskid"])) if e.status == "task_output"])
+        steps_after = len([e for e in store.reads.events(int(long["taskid"])) if e.status == "task_output"])
         _, body = await conn.post("/v1/Task/Detail", {"taskid": long["taskid"]})
         status = body["tasklist"][0]["status"]
         assert status == "task_output", f"the video must still be generating: {body}"
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         server = ServeProcess(Path(tmp) / "data", database_url=args.database_url, env=serve_env(args.access_log))
         try:
             server.wait_ready()
-            store = TaskStore(Database(server.database_url))
+            store = Store(Database(server.database_url))
             results = asyncio.run(scenario(server, store, args))
             store.db.dispose()
         finally:

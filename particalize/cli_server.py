@@ -228,20 +228,23 @@ def _redacted(url: str) -> str:
 def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
     """One worker until SIGTERM/SIGINT: then it claims nothing more, finishes its running task within
     shutdown_grace_seconds (else puts it back in the queue) and exits 0; a second signal ends the wait."""
+    from particalize.compose_server import open_storage
+    from particalize.core_options import GeneratorFactory, settings_given_by_serve, worker_options
     from server.shutdown import StopRequest, stop_on_signals
-    from server.supervisor import PARENT_ENV, SETTINGS_ENV, die_with_parent
+    from server.supervisor import PARENT_ENV, die_with_parent
     from server.worker import run_worker, worker_id_for
     from server.worker_reports import reporter_from_env
 
     parent = os.environ.pop(PARENT_ENV, None)
     if parent:
         die_with_parent(int(parent))
-    given = os.environ.pop(SETTINGS_ENV, None)
-    settings = Settings.model_validate_json(given) if given else settings_of(args)
-    report = reporter_from_env(worker_id_for(settings, args.slot))
+    settings = settings_given_by_serve() or settings_of(args)
+    options = worker_options(settings)
+    report = reporter_from_env(worker_id_for(options.node_name, args.slot))
     stop = StopRequest(settings.shutdown_grace_seconds)
     stop_on_signals(stop)
-    code = run_worker(settings, stop, slot=args.slot, parent_pid=int(parent) if parent else None, report=report)
+    code = run_worker(options, open_storage(settings), GeneratorFactory(settings), stop, slot=args.slot,
+                      parent_pid=int(parent) if parent else None, report=report)
     exit_now(code)
 
 

@@ -85,12 +85,13 @@ def server_options(settings: Settings) -> ServerOptions:
 
 def open_services(settings: Settings, options: ServerOptions | None = None) -> Services:
     """Connect to the database, bring its schema up to date (Alembic), and open what the routes share."""
-    from server.store import Database, DbNonceStore, TaskStore, upgrade
+    from particalize.core_options import store_options
+    from server.store import Database, DbNonceStore, Store, upgrade
 
     options = options or server_options(settings)
     db = Database(settings.sqlalchemy_url)
     upgrade(db)
-    return Services(options, TaskStore.from_settings(db, settings), Storage(options.storage),
+    return Services(options, Store(db, store_options(settings)), Storage(options.storage),
                     Authenticator(options.auth, DbNonceStore(db)))
 
 
@@ -100,9 +101,10 @@ def build_app(settings: Settings, *, services: Services | None = None) -> FastAP
     options = server_options(settings)
 
     def start_workers(reports: WorkerReports) -> WorkerProcesses:
+        from particalize.core_options import worker_process_options
         from server.supervisor import WorkerProcesses
 
-        return WorkerProcesses(settings, settings.workers, reports=reports).start()
+        return WorkerProcesses(worker_process_options(settings), reports=reports).start()
 
     return create_app(
         options,

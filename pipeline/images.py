@@ -45,6 +45,12 @@ def image_size(data: bytes) -> tuple[int, int] | None:
 
 def decode_image(data: bytes, field: str = "inputImage", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Bytes to an RGB image; a decompression bomb, a truncated file or a non-image is a clear error."""
+    return decode_image_with_format(data, field, max_pixels)[0]
+
+
+def decode_image_with_format(data: bytes, field: str = "inputImage",
+                             max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, str]:
+    """`decode_image`, and the file's format as Pillow names it (PNG, JPEG, ...), read in the same pass."""
     if not data:
         raise InvalidParameter(field, "must be a PNG, JPEG or WebP image, got an empty file.")
 
@@ -79,4 +85,4 @@ def decode_image(data: bytes, field: str = "inputImage", max_pixels: int = MAX_I
             from None
     if image.width < 2 or image.height < 2:
         raise InvalidParameter(field, f"must be at least 2x2 pixels, got {image.width}x{image.height}.")
-    return image
+    return image, fmt

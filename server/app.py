@@ -82,9 +82,9 @@ def create_app(
                 {"id": w.id, "state": w.state, "pid": str(w.pid), "model": w.model, "device": w.device,
                  "version": w.version, "taskid": "" if w.task_id is None else str(w.task_id),
                  "detail": redact_paths(w.detail), "heartbeat": f"{w.heartbeat_at:.3f}"}
-                for w in store.workers()
+                for w in store.workers.all()
             ]
-            return {"result": True, "errors": [], "queued": str(store.count("task_queue")), "workers": workers}
+            return {"result": True, "errors": [], "queued": str(store.reads.count("task_queue")), "workers": workers}
 
         return JSONResponse(await run_in_threadpool(read))
 

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from server.netguard import FetchError, UnsafeUrl, post_json
-from server.store import TaskStore
+from server.store import Store
 from server.store.models import Task
 from server.store.outage import StoreHealth, is_outage
 
@@ -37,7 +37,7 @@ class CallbackOptions:
 class CallbackDispatcher:
     def __init__(
         self,
-        store: TaskStore,
+        store: Store,
         render: Callable[[Task], dict[str, Any]],
         options: CallbackOptions,
         *,
@@ -73,7 +73,7 @@ class CallbackDispatcher:
             while self._slots.acquire(blocking=False):
                 free += 1
             try:
-                due = self.health.call(partial(self.store.claim_due_callbacks, limit=free, hold_seconds=hold)) \
+                due = self.health.call(partial(self.store.callbacks.claim_due, limit=free, hold_seconds=hold)) \
                     if free else []
             except SQLAlchemyError as exc:
                 if not is_outage(exc):  # an outage is logged once when it starts and once when it ends
@@ -95,7 +95,7 @@ class CallbackDispatcher:
 
     def deliver(self, task_id: int) -> bool:
         """One attempt: POST, log, record the outcome. True if the receiver answered 2xx."""
-        task = self.store.get(task_id)
+        task = self.store.reads.get(task_id)
         if task is None or not task.callbackurl:
             return False
         try:
@@ -107,7 +107,7 @@ class CallbackDispatcher:
             outcome = f"HTTP {status}"
         except (FetchError, UnsafeUrl) as exc:
             delivered, outcome = False, str(exc)
-        state, attempts, next_at = self.store.record_callback(task_id, delivered)
+        state, attempts, next_at = self.store.callbacks.record(task_id, delivered)
         if delivered:
             log.info("callback task %s attempt %d to %s: delivered (%s)", task_id, attempts, task.callbackurl,
                      outcome, extra={"task_id": task_id})

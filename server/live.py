@@ -73,7 +73,7 @@ def find_by_token(services: Services, token: str) -> Task | None:
     Wiro's socket): no API key is asked for."""
     if not token or len(token) > 64:
         return None
-    return services.store.find(token=token)
+    return services.store.reads.find(token=token)
 
 
 class TaskFollower:
@@ -88,7 +88,7 @@ class TaskFollower:
         self.finished = False
 
     def _outputs(self) -> tuple[str, list[dict[str, Any]]]:
-        task = self.services.store.get(self.task.id) or self.task
+        task = self.services.store.reads.get(self.task.id) or self.task
         (view,) = self.services.views([task])
         return task.pexit, view["outputs"]
 
@@ -97,7 +97,7 @@ class TaskFollower:
         the translation state (an SSE client resuming with Last-Event-ID gets nothing twice)."""
         found: list[LiveEvent] = []
         try:  # a store outage is a pause in the stream (keep-alives go on), not its end
-            events = self.services.store.task_events_after(self.task.id, self._seen)
+            events = self.services.store.reads.events(self.task.id, self._seen)
         except SQLAlchemyError as exc:
             if not is_outage(exc):
                 raise

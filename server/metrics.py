@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.progress import parse_step
-from server.store import TaskStore
+from server.store import Store
 from server.store.models import ACCEPT, CANCEL, OUTPUT, POSTPROCESS_END, QUEUED, RUNNING, START, TaskEvent
+from server.store.reads import TaskReads
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 VIDEO_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 2400, 3600)
@@ -72,7 +72,7 @@ class EventTimings:
         self.queue_wait = WeightedHistogram(WAIT_BUCKETS)
         self.lock = threading.Lock()
 
-    def update(self, store: TaskStore, now: float) -> None:
+    def update(self, store: TaskReads, now: float) -> None:
         """Take the events recorded since the last update (at most MAX_EVENTS_PER_SCRAPE; the rest next time)."""
         with self.lock:
             self.gaps = {i: seen for i, seen in self.gaps.items() if now - seen < GAP_PATIENCE_SECONDS}
@@ -111,12 +111,11 @@ class EventTimings:
             self.started_at[task] = event.at
             self.last_step[task] = (event.at, 0)
         elif event.status == OUTPUT:
-            step = parse_step(event.message)
-            previous = self.last_step.get(task)
-            if step is not None and previous is not None and step[0] > previous[1]:
-                done = step[0] - previous[1]
+            step, previous = event.step, self.last_step.get(task)
+            if step is not None and event.total and previous is not None and step > previous[1]:
+                done = step - previous[1]
                 self.step.observe(max(0.0, event.at - previous[0]) / done, done)
-                self.last_step[task] = (event.at, step[0])
+                self.last_step[task] = (event.at, step)
         elif event.status in (POSTPROCESS_END, CANCEL):
             started = self.started_at.pop(task, None)
             if event.status == POSTPROCESS_END and started is not None and _succeeded(event.message):
@@ -142,14 +141,14 @@ def outcome_counts(counts: dict[tuple[str, str], int]) -> dict[str, int]:
 
 
 class StoreCollector(Collector):
-    def __init__(self, store: TaskStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
         self.timings = EventTimings()
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
-        counts = self.store.status_counts()
+        counts = self.store.reads.status_counts()
         by_status: dict[str, int] = {}
         for (status, _pexit), count in counts.items():
             by_status[status] = by_status.get(status, 0) + count
@@ -171,7 +170,7 @@ class StoreCollector(Collector):
         yield finished
         yield self._workers(now)
 
-        self.timings.update(self.store, now)
+        self.timings.update(self.store.reads, now)
         yield self.timings.step.family("particalize_step_seconds", "Seconds per denoising step.")
         yield self.timings.video.family(
             "particalize_video_seconds", "Seconds from task_start to a successful task_postprocess_end: making "
@@ -182,8 +181,9 @@ class StoreCollector(Collector):
     def _workers(self, now: float) -> GaugeMetricFamily:
         """Workers alive: in a working state with a heartbeat within one lease (they beat 4 times a lease)."""
         alive: dict[str, int] = dict.fromkeys(ALIVE_STATES, 0)
-        for worker in self.store.workers():
-            if worker.state in alive and self.store.heartbeat_fresh(worker, now):
+        registry = self.store.workers
+        for worker in registry.all():
+            if worker.state in alive and registry.heartbeat_fresh(worker, now):
                 alive[worker.state] += 1
         family = GaugeMetricFamily("particalize_workers", "Alive workers by state.", labels=["state"])
         for state, count in alive.items():

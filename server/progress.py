@@ -1,31 +1,31 @@
-"""A task's recorded events as the messages Wiro's socket sends: one translation, shared by the WebSocket
-and Server-Sent Events, for the replay a late client gets and for live events alike.
+"""Progress as people and Wiro clients read it, rendered from the numbers the store records: Task/Detail's
+debugoutput while a task denoises, and the messages Wiro's socket sends (one translation of a task's recorded
+events, shared by the WebSocket and Server-Sent Events, for the replay a late client gets and live events alike).
 
-The worker records each progress write as a task_output event "step k/N" with its time; speed, elapsed
-and remaining time follow from those times and the task_start event before them, so a replay says what
+The worker records each progress write as a task_output event with its step, total and time; the socket's speed,
+elapsed and remaining time follow from those times and the task_start event before them, so a replay says what
 the live stream said.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from server.store.models import OUTPUT, POSTPROCESS_END, START, TaskEvent
 
-STEP = re.compile(r"step (\d+)/(\d+)")
-
 OutputsOf = Callable[[], tuple[str, list[dict[str, Any]]]]
 """(pexit, output dicts) of the task, read when its task_postprocess_end is sent."""
 
 
-def parse_step(message: str) -> tuple[int, int] | None:
-    """(step, total) from a task_output event's message, or None."""
-    found = STEP.match(message or "")
-    if found is None or int(found.group(2)) <= 0:
-        return None
-    return int(found.group(1)), int(found.group(2))
+def progress_text(step: int, total: int, elapsed: float) -> str:
+    """debugoutput while a task denoises: 'step 3/30 (10%), 1.52 it/s, elapsed 2.0s, remaining 17.8s'."""
+    rate = step / elapsed if elapsed > 0 else 0.0
+    speed = f"{rate:.2f} it/s" if rate >= 1 else f"{(1 / rate if rate else 0.0):.2f} s/it"
+    remaining = (total - step) / rate if rate else 0.0
+    percentage = 100.0 * step / total if total else 100.0
+    return (f"step {step}/{total} ({percentage:.0f}%), {speed}, elapsed {elapsed:.1f}s, "
+            f"remaining {remaining:.1f}s")
 
 
 def duration_text(seconds: float) -> str:
@@ -79,10 +79,9 @@ class SocketMessages:
         if event.status == START:
             self.started_at = event.at
         elif event.status == OUTPUT:
-            step = parse_step(event.message)
-            if step is not None:
+            if event.step is not None and event.total:
                 elapsed = event.at - self.started_at if self.started_at is not None else 0.0
-                body["message"] = progress_object(step[0], step[1], elapsed)
+                body["message"] = progress_object(event.step, event.total, elapsed)
             elif event.message:
                 body["message"] = event.message
         elif event.status == POSTPROCESS_END:

@@ -10,14 +10,14 @@ from typing import Any
 from server.auth import Authenticator
 from server.options import ServerOptions
 from server.storage import Storage
-from server.store import TaskStore
+from server.store import Store
 from server.task_view import OutputLike, TaskLike, task_dict
 
 
 @dataclass
 class Services:
     options: ServerOptions
-    store: TaskStore
+    store: Store
     storage: Storage
     auth: Authenticator
 
@@ -25,7 +25,7 @@ class Services:
         self.store.db.dispose()
 
     def views(self, tasks: list[TaskLike], outputs: dict[int, list[OutputLike]] | None = None) -> list[dict[str, Any]]:
-        outputs = outputs if outputs is not None else self.store.outputs(t.id for t in tasks)
+        outputs = outputs if outputs is not None else self.store.reads.outputs(t.id for t in tasks)
         cost_per_second = self.options.tool.cost_per_second
         return [task_dict(t, outputs[t.id], self.storage, cost_per_second) for t in tasks]
 

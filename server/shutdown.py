@@ -1,6 +1,6 @@
 """Graceful stop of a worker: stop claiming at once, let the running task finish within a grace period,
 then interrupt it (it goes back to the queue) and exit. A task past its last denoising step is not
-interrupted: it is decoded, stored and recorded within settings.shutdown_finish_seconds more.
+interrupted: it is decoded, stored and recorded within its finishing time (shutdown_finish_seconds) more.
 
 `StopRequest` is the event the worker loop watches; `stop_on_signals` wires SIGTERM and SIGINT to it. The
 first signal starts the grace period, a second one ends it (an operator who insists).

@@ -3,9 +3,10 @@
 A child process keeps the model (and the GIL it holds while generating) away from the API's event
 loop; the database is the only channel between them. A child dies with the serve process (Linux
 PDEATHSIG, set by the child itself; it also checks its parent), is stopped gracefully on shutdown
-(SIGTERM: it claims nothing more and finishes its running task within settings.shutdown_grace_seconds,
+(SIGTERM: it claims nothing more and finishes its running task within its grace period,
 else puts it back in the queue; SIGKILL only after that, its finishing time and STOP_MARGIN_SECONDS), and is
-restarted if it crashes, unless it could not load the model.
+restarted if it crashes, unless it could not load the model. What a child needs to configure itself (the
+settings the serve process runs with) is put in its environment by the entry point (`child_env`).
 
 Children run in a session of their own, so a terminal's Ctrl-C reaches only the serve process, which
 drains its HTTP requests and then signals them once (a second signal would cut their grace short).
@@ -14,7 +15,6 @@ drains its HTTP requests and then signals them once (a second signal would cut t
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -22,16 +22,15 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from server.worker import EXIT_LOAD_FAILED
 from server.worker_reports import REPORT_FD_ENV, WorkerReports
 
 log = logging.getLogger("particalize.supervisor")
 
-SETTINGS_ENV = "_PARTICALIZE_WORKER_SETTINGS"
 PARENT_ENV = "_PARTICALIZE_PARENT_PID"
-_SECRETS = {"api_keys", "api_keys_file", "hf_token"}
 _PR_SET_PDEATHSIG = 1
 STOP_MARGIN_SECONDS = 10.0
 """Beyond the grace period, what a stopping worker may take to requeue its task and exit before SIGKILL."""
@@ -49,15 +48,29 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+@dataclass(frozen=True)
+class WorkerProcessOptions:
+    count: int
+    """Worker processes to run, one per GPU."""
+    grace_seconds: float = 1200.0
+    """A stopping worker's grace period for its running task (see server/shutdown.py)."""
+    finish_seconds: float = 120.0
+    """The time past it that a finished video still gets to be stored and recorded."""
+    child_env: Mapping[str, str] = field(default_factory=dict)
+    """Added to each child's environment: what it needs to configure itself as the serve process is."""
+    restart_delay: float = 2.0
+    max_restarts: int = 5
+    """Crashes of one slot within 5 minutes after which it is not restarted."""
+
+
 class WorkerProcesses:
-    def __init__(self, settings: Any, count: int, *, restart_delay: float = 2.0, max_restarts: int = 5,
-                 reports: WorkerReports | None = None) -> None:
-        self.settings = settings
+    def __init__(self, options: WorkerProcessOptions, *, reports: WorkerReports | None = None) -> None:
+        self.options = options
         self.reports = reports or WorkerReports()
         """What each child says about itself over its report pipe (/ready reads it)."""
-        self.count = count
-        self.restart_delay = restart_delay
-        self.max_restarts = max_restarts
+        self.count = options.count
+        self.restart_delay = options.restart_delay
+        self.max_restarts = options.max_restarts
         self.processes: dict[int, subprocess.Popen] = {}
         self._restarts: dict[int, list[float]] = {}
         self._stopping = threading.Event()
@@ -70,11 +83,7 @@ class WorkerProcesses:
         return self
 
     def _env(self, slot: int) -> dict[str, str]:
-        env = dict(os.environ)
-        data = self.settings.model_dump(mode="json", exclude=_SECRETS)
-        data["data_dir"] = str(self.settings.data_dir.resolve())
-        data["database_url"] = self.settings.sqlalchemy_url
-        env[SETTINGS_ENV] = json.dumps(data)
+        env = {**os.environ, **self.options.child_env}
         env[PARENT_ENV] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
         if self.count > 1:
@@ -130,7 +139,7 @@ class WorkerProcesses:
     def stop_timeout(self) -> float:
         """How long a stopping worker gets before SIGKILL: its grace period, the time a finished video may take to
         be stored past it, and a margin."""
-        return self.settings.shutdown_grace_seconds + self.settings.shutdown_finish_seconds + STOP_MARGIN_SECONDS
+        return self.options.grace_seconds + self.options.finish_seconds + STOP_MARGIN_SECONDS
 
     def _terminate(self) -> None:
         timeout = self.stop_timeout

@@ -9,9 +9,10 @@ from typing import Any
 
 from sqlalchemy.engine import Row
 
+from server.progress import progress_text
 from server.storage import Storage
 from server.store.models import CANCEL, POSTPROCESS_END, QUEUED, Output, Task
-from server.store.tasks import parameters_of
+from server.task_record import parameters_of
 from server.tool_info import CATEGORIES_TEXT, DESCRIPTION, SLUG_OWNER, SLUG_PROJECT
 
 
@@ -33,6 +34,13 @@ def elapsed_seconds(task: TaskLike, now: float | None = None) -> float:
     if not end:
         end = time.time() if now is None else now
     return max(0.0, end - task.accepttime)
+
+
+def debug_output(task: TaskLike) -> str:
+    """The progress while it is the latest news (rendered from its numbers), else the text last recorded."""
+    if task.progress_step is not None and task.progress_total is not None:
+        return progress_text(task.progress_step, task.progress_total, task.progress_elapsed or 0.0)
+    return task.debugoutput
 
 
 TaskLike = Task | Row
@@ -66,7 +74,7 @@ def task_dict(task: TaskLike, outputs: list[OutputLike], storage: Storage, cps: 
         "name": "",
         "socketaccesstoken": task.socketaccesstoken,
         "parameters": parameters_of(task),
-        "debugoutput": task.debugoutput,
+        "debugoutput": debug_output(task),
         "debugerror": task.debugerror,
         "starttime": _time(task.starttime),
         "endtime": _time(task.endtime),

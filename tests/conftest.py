@@ -113,11 +113,12 @@ def make_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -
 @pytest.fixture
 def store(settings: Settings) -> Iterator[Any]:
     """The (migrated) task store of the module's `settings` fixture."""
-    from server.store import Database, TaskStore, upgrade
+    from particalize.core_options import store_options
+    from server.store import Database, Store, upgrade
 
     db = Database(settings.sqlalchemy_url)
     upgrade(db)
-    yield TaskStore.from_settings(db, settings)
+    yield Store(db, store_options(settings))
     db.dispose()
 
 

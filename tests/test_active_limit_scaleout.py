@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks.harness import ServeProcess
 from server.auth import sign
-from server.store import Database, TaskStore
+from server.store import Database, Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -76,7 +76,7 @@ def test_one_keys_active_tasks_stay_within_the_limit_across_two_api_processes(ap
 
     db = Database(postgres_url)
     try:
-        assert TaskStore(db).active_count("k1") == LIMIT
+        assert Store(db).reads.active_count("k1") == LIMIT
         assert sum(a["result"] for a in run_at_once(apis, "k2", 6)) == LIMIT, "another key has its own limit"
 
         cancel = httpx.post(f"{apis[0].base}/v1/Task/Cancel", json={"taskid": accepted[0]["taskid"]},
@@ -86,6 +86,6 @@ def test_one_keys_active_tasks_stay_within_the_limit_across_two_api_processes(ap
         assert again["result"] is True, "the cancelled task's place, taken through the other process"
         full = httpx.post(f"{apis[0].base}{RUN}", json=BODY, headers=headers("k1"), timeout=30).json()
         assert full["errors"][0]["code"] == 96
-        assert TaskStore(db).active_count("k1") == LIMIT
+        assert Store(db).reads.active_count("k1") == LIMIT
     finally:
         db.dispose()

@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from particalize.compose_server import build_app
+from particalize.core_options import worker_options
 from pipeline.video import read_mp4
 from server.auth import sign
 from server.worker import Worker
@@ -95,7 +96,8 @@ def api(client: TestClient) -> Api:
 
 def run_worker_once(client: TestClient, settings, generator) -> bool:
     services = client.app.state.services
-    worker = Worker(services.store, services.storage, generator, settings, worker_id="testnode/gpu0")
+    worker = Worker(services.store, services.storage, generator, worker_options(settings),
+                    worker_id="testnode/gpu0")
     return worker.run_once()
 
 
@@ -311,7 +313,7 @@ def test_unexpected_errors_answer_the_error_shape_not_a_traceback(tmp_path: Path
         def broken(*args, **kwargs):
             raise RuntimeError("database on fire")
 
-        monkeypatch.setattr(client.app.state.services.store, "find_with_outputs", broken)
+        monkeypatch.setattr(client.app.state.services.store.reads, "find_with_outputs", broken)
         answer = client.post("/v1/Task/Detail", json={"taskid": "1"})
         message = assert_error(answer, 0, status=500, contains="Internal server error")
         assert "fire" not in message and "Traceback" not in answer.text
@@ -338,8 +340,8 @@ def test_kill_refuses_a_queued_task_and_cancel_refuses_a_running_one(api: Api):
     assert_error(api.seed("/v1/Task/Kill", {"socketaccesstoken": run["socketaccesstoken"]}), 1,
                  contains="Task/Cancel")
     store = api.client.app.state.services.store
-    store.claim_next("testnode/gpu0")
-    store.advance(int(run["taskid"]), "testnode/gpu0", "task_start")
+    store.tasks.claim_next("testnode/gpu0")
+    store.tasks.advance(int(run["taskid"]), "testnode/gpu0", "task_start")
     assert_error(api.seed("/v1/Task/Cancel", {"taskid": run["taskid"]}), 1, contains="Task/Kill")
     started = time.monotonic()
     answer = api.seed("/v1/Task/Kill", {"socketaccesstoken": run["socketaccesstoken"]}).json()
@@ -347,7 +349,7 @@ def test_kill_refuses_a_queued_task_and_cancel_refuses_a_running_one(api: Api):
     killed = answer["tasklist"][0]
     assert answer["result"] is True and killed["status"] == "task_cancel", "as the seed's Kill answer shows"
     assert killed["endtime"] != "0" and killed["endtime"] == killed["canceltime"] and killed["totalcost"] == "0"
-    assert store.kill_requested(int(run["taskid"]))
+    assert store.tasks.kill_requested(int(run["taskid"]))
     assert api.detail(taskid=run["taskid"])["tasklist"][0]["status"] == "task_cancel"
 
 

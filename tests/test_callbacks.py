@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from particalize.compose_server import build_app
+from particalize.core_options import worker_options
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
@@ -65,7 +66,8 @@ def run_task(client: TestClient, settings, callback_url: str, generator) -> str:
     files = {"inputImage": ("in.png", png_bytes(32, 32), "image/png")}
     run = client.post(RUN, data={**SMALL, "callbackUrl": callback_url}, files=files).json()
     services = client.app.state.services
-    Worker(services.store, services.storage, generator, settings, worker_id="t/gpu0").run_once()
+    Worker(services.store, services.storage, generator, worker_options(settings),
+           worker_id="t/gpu0").run_once()
     return run["taskid"]
 
 
@@ -86,7 +88,7 @@ def test_the_detail_json_is_posted_and_a_failure_retried_with_back_off(client, s
     try:
         taskid = run_task(client, settings, receiver.url, tiny_generator)
         store = client.app.state.services.store
-        wait_for(lambda: store.get(int(taskid)).callback_state == "delivered")
+        wait_for(lambda: store.reads.get(int(taskid)).callback_state == "delivered")
         assert len(receiver.bodies) == 2
         assert receiver.times[1] - receiver.times[0] >= 0.15, "waited before retrying"
         detail = client.post("/v1/Task/Detail", json={"taskid": taskid}).json()
@@ -110,9 +112,9 @@ def test_a_dead_callback_gives_up_and_never_holds_the_queue(client, settings, ti
         second = run_task(client, settings, "", tiny_generator)
         assert time.monotonic() - started < 5, "the worker did not wait for the callback"
         store = client.app.state.services.store
-        assert store.get(int(second)).status == "task_postprocess_end"
-        wait_for(lambda: store.get(int(first)).callback_state == "failed", timeout=20)
-        task = store.get(int(first))
+        assert store.reads.get(int(second)).status == "task_postprocess_end"
+        wait_for(lambda: store.reads.get(int(first)).callback_state == "failed", timeout=20)
+        task = store.reads.get(int(first))
         assert task.callback_attempts == 3 and task.status == "task_postprocess_end" and task.pexit == "0"
         wait_for(lambda: any("giving up after 3 attempts" in m for m in callback_lines(caplog)),
                  timeout=5)  # logged just after the outcome is recorded

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from particalize.compose_server import build_app
+from particalize.core_options import worker_options
 from pipeline.params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
 from server.worker import Worker
 from tests.conftest import make_settings
@@ -170,8 +171,8 @@ def test_a_run_records_the_prompt_seed_and_size_it_runs_with(client: TestClient,
     assert recorded["numFrames"] == "9" and recorded["width"] == "0", "the inputs as sent"
 
     services = client.app.state.services
-    worker = Worker(services.store, services.storage, tiny_generator, settings, worker_id="testnode/gpu0",
-                    fetch=lambda url, **kw: (png_bytes(64, 32), "image/png"))
+    worker = Worker(services.store, services.storage, tiny_generator, worker_options(settings),
+                    worker_id="testnode/gpu0", fetch=lambda url, **kw: (png_bytes(64, 32), "image/png"))
     assert worker.run_once()
     done = client.post("/v1/Task/Detail", json={"taskid": run["taskid"]}).json()["tasklist"][0]
     assert done["pexit"] == "0", done["debugerror"]

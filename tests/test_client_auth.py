@@ -49,8 +49,8 @@ def strict(tmp_path: Path) -> Iterator[TestClient]:
 
 def start_running(client: TestClient, taskid: str) -> None:
     store = client.app.state.services.store
-    store.claim_next("testnode/gpu0")
-    store.advance(int(taskid), "testnode/gpu0", "task_start")
+    store.tasks.claim_next("testnode/gpu0")
+    store.tasks.advance(int(taskid), "testnode/gpu0", "task_start")
 
 
 def test_ten_parallel_detail_calls_sharing_one_millisecond_nonce_all_succeed(client: TestClient):

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -23,12 +24,15 @@ from sqlalchemy.exc import OperationalError
 
 from benchmarks.harness import ServeProcess
 from particalize.compose_server import build_app, open_storage
-from server.store import Database, TaskStore, upgrade
+from particalize.core_options import store_options, worker_options
+from server.store import Database, Store, upgrade
 from server.store.models import RUNNING
-from server.store.tasks import WAITING_NOTE, parameters_of
+from server.store.waiting import WAITING_NOTE
+from server.task_record import parameters_of
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
+from tests.tasks import create_task
 from tests.test_worker import WORKER, FakeFetch, Spy
 
 PAUSE_LINE = "claims no task: Not enough free disk space"
@@ -55,13 +59,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(directory: Path) -> Path:
-    """Write a file until the disk is full; the file."""
+    """Write a file until the disk is full; the file. Unbuffered: a write cut short leaves nothing behind for close()
+    to flush (that would raise ENOSPC again, depending on how much space there was)."""
     filler = directory / "filler"
-    with filler.open("wb") as fh:
+    with filler.open("wb", buffering=0) as fh:
         try:
             while True:
                 fh.write(b"\0" * 65536)
-                fh.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler
@@ -88,9 +92,9 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
         assert body["result"] is True, body
         task_id = int(body["taskid"])
 
-        store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+        store.workers.register(WORKER, pid=1, model="tiny", device="cpu", state="ready")
         spy = FillsTheDisk(tiny_generator)
-        worker = Worker(store, open_storage(settings), spy, settings, worker_id=WORKER,
+        worker = Worker(store, open_storage(settings), spy, worker_options(settings), worker_id=WORKER,
                         fetch=FakeFetch(png_bytes(40, 40)))
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -103,25 +107,26 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
                        client.post("/v1/Task/Kill", json={"taskid": str(task_id)})):
             assert answer.status_code == 503 and answer.headers["retry-after"], answer.text
             assert answer.json()["result"] is False and "task store is unavailable" in answer.text
-        assert store.get(task_id).status in RUNNING, "the worker has not been able to record the end yet"
+        assert store.reads.get(task_id).status in RUNNING, "the worker has not been able to record the end yet"
         assert worker.health.down
 
         (small_disk / "filler").unlink()  # room again
         deadline = time.monotonic() + 30
-        while store.get(task_id).status in RUNNING and time.monotonic() < deadline:
+        while store.reads.get(task_id).status in RUNNING and time.monotonic() < deadline:
             time.sleep(0.1)
         stop.set()
         thread.join(30)
 
-        done = store.get(task_id)
+        done = store.reads.get(task_id)
         assert done.status == "task_postprocess_end" and done.pexit == "0", (done.status, done.debugerror)
-        assert spy.calls == 1 and len(store.outputs([task_id])[task_id]) == 1
-        assert sum(store.count(status) for status in RUNNING) == 0, "nothing left running that no worker owns"
+        assert spy.calls == 1 and len(store.reads.outputs([task_id])[task_id]) == 1
+        assert sum(store.reads.count(status) for status in RUNNING) == 0, "nothing left running that no worker owns"
 
-        restarted = Worker(store, open_storage(settings), tiny_generator, settings, worker_id=WORKER)
-        assert store.recover_orphans(worker_id=WORKER, now=time.time() + 3600) == []
+        restarted = Worker(store, open_storage(settings), tiny_generator, worker_options(settings),
+                           worker_id=WORKER)
+        assert store.tasks.recover_orphans(worker_id=WORKER, now=time.time() + 3600) == []
         restarted.recover(own=True)
-        events = store.events(task_id)
+        events = store.reads.events(task_id)
         assert not any("lost" in e.message for e in events), [e.message for e in events]
         assert [e.status for e in events].count("task_postprocess_end") == 1
         assert client.post(RUN, data=SMALL, files=image).json()["result"] is True, "the API writes again"
@@ -143,17 +148,17 @@ def test_a_paused_worker_logs_once_each_way_and_reports_itself_when_the_store_ca
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", min_free_disk_bytes=10**18)
     db = Database(settings.sqlalchemy_url)
     upgrade(db)
-    store = TaskStore.from_settings(db, settings)
-    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    store = Store(db, store_options(settings))
+    store.workers.register(WORKER, pid=1, model="tiny", device="cpu", state="ready")
     reports: list[tuple[str, str]] = []
-    worker = Worker(store, open_storage(settings), tiny_generator, settings, worker_id=WORKER,
-                    report=lambda state, detail: reports.append((state, detail)))
-    real_state = store.worker_state
+    worker = Worker(store, open_storage(settings), tiny_generator, worker_options(settings),
+                    worker_id=WORKER, report=lambda state, detail: reports.append((state, detail)))
+    real_state = store.workers.set_state
 
     def cannot_write(*args, **kwargs):
         raise full_disk_error()
 
-    monkeypatch.setattr(store, "worker_state", cannot_write)
+    monkeypatch.setattr(store.workers, "set_state", cannot_write)
     caplog.set_level(logging.WARNING, logger="particalize.worker")
     stop = threading.Event()
     loop = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -162,12 +167,12 @@ def test_a_paused_worker_logs_once_each_way_and_reports_itself_when_the_store_ca
         time.sleep(2.5)  # the worker loop polls every 20 ms and retries the state write every second
         assert sum(PAUSE_LINE in r.getMessage() for r in caplog.records) == 1, "one line, not one a second"
         assert [state for state, _ in reports] == ["paused"] and "Not enough free disk space" in reports[0][1]
-        assert store.workers()[0].state == "ready", "the store could not take the pause"
+        assert store.workers.all()[0].state == "ready", "the store could not take the pause"
 
-        monkeypatch.setattr(store, "worker_state", real_state)  # the store can be written again
-        wait_for(lambda: store.workers()[0].state == "paused", what="the pause recorded once the store takes it")
-        monkeypatch.setattr(settings, "min_free_disk_bytes", 0)  # and there is room again
-        wait_for(lambda: store.workers()[0].state == "ready", what="the worker going on")
+        monkeypatch.setattr(store.workers, "set_state", real_state)  # the store can be written again
+        wait_for(lambda: store.workers.all()[0].state == "paused", what="the pause recorded once the store takes it")
+        monkeypatch.setattr(worker, "options", replace(worker.options, min_free_disk_bytes=0))  # room again
+        wait_for(lambda: store.workers.all()[0].state == "ready", what="the worker going on")
         time.sleep(1.0)
         assert sum(PAUSE_LINE in r.getMessage() for r in caplog.records) == 1
         assert sum(RESUME_LINE in r.getMessage() for r in caplog.records) == 1
@@ -182,31 +187,32 @@ def test_a_task_waiting_because_every_worker_is_paused_says_why(tmp_path: Path, 
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", min_free_disk_bytes=10**18)
     db = Database(settings.sqlalchemy_url)
     upgrade(db)
-    store = TaskStore.from_settings(db, settings)
-    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
-    before = store.create(parameters={"inputImageUrl": "https://images.example/a.png", "numFrames": "5",
-                                      "steps": "1", "width": "16", "height": "16"},
-                          image_url="https://images.example/a.png")
-    assert store.get(before.id).debugoutput == "", "a worker is ready: nothing to explain"
-    worker = Worker(store, open_storage(settings), tiny_generator, settings, worker_id=WORKER,
-                    fetch=FakeFetch(png_bytes(16, 16)))
+    store = Store(db, store_options(settings))
+    store.workers.register(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    before = create_task(store, parameters={"inputImageUrl": "https://images.example/a.png", "numFrames": "5",
+                                            "steps": "1", "width": "16", "height": "16"},
+                         image_url="https://images.example/a.png")
+    assert store.reads.get(before.id).debugoutput == "", "a worker is ready: nothing to explain"
+    worker = Worker(store, open_storage(settings), tiny_generator, worker_options(settings),
+                    worker_id=WORKER, fetch=FakeFetch(png_bytes(16, 16)))
     try:
         assert worker.run_once() is False  # paused: the disk is below the floor
-        during = store.create(parameters=dict(parameters_of(before)), image_url="https://images.example/a.png")
+        during = create_task(store, parameters=dict(parameters_of(before)),
+                             image_url="https://images.example/a.png")
         for task_id in (before.id, during.id):
-            note = store.get(task_id).debugoutput
+            note = store.reads.get(task_id).debugoutput
             assert note.startswith(f"{WAITING_NOTE} every worker is paused"), note
             assert f"{WORKER}: Not enough free disk space" in note, note
 
-        store.register_worker("other/gpu0", pid=2, model="tiny", device="cpu", state="ready")
-        assert store.create(parameters={}, image_url="https://images.example/a.png").debugoutput == "", \
+        store.workers.register("other/gpu0", pid=2, model="tiny", device="cpu", state="ready")
+        assert create_task(store, parameters={}, image_url="https://images.example/a.png").debugoutput == "", \
             "one worker can still take it"
-        store.worker_state("other/gpu0", "stopped")
+        store.workers.set_state("other/gpu0", "stopped")
 
-        monkeypatch.setattr(settings, "min_free_disk_bytes", 0)
+        monkeypatch.setattr(worker, "options", replace(worker.options, min_free_disk_bytes=0))
         assert worker.run_once() is True, "room again: the oldest task runs"
-        assert store.get(before.id).pexit == "0"
-        assert store.get(during.id).debugoutput == "", "the note is taken off once a worker goes on"
+        assert store.reads.get(before.id).pexit == "0"
+        assert store.reads.get(during.id).debugoutput == "", "the note is taken off once a worker goes on"
     finally:
         db.dispose()
 

@@ -22,7 +22,7 @@ import pytest
 from benchmarks.harness import ServeProcess
 from pipeline.video import read_mp4
 from server.auth import sign
-from server.store import Database, TaskStore
+from server.store import Database, Store
 from server.store.models import LIFECYCLE, TERMINAL
 from tests.images import ImageServer
 
@@ -147,8 +147,8 @@ def test_run_poll_every_status_and_download_the_mp4(server: Server, images: Imag
                                     "postprocessendtime")]
     assert all(times) and times == sorted(times)
 
-    store = TaskStore(Database(server.database_url))
-    events = [e.status for e in store.events(int(run["taskid"]))]
+    store = Store(Database(server.database_url))
+    events = [e.status for e in store.reads.events(int(run["taskid"]))]
     assert [s for s in LIFECYCLE if s in events] == list(LIFECYCLE), "the worker went through every status"
     store.db.dispose()
 
@@ -240,8 +240,8 @@ def test_a_task_survives_sigkill_of_the_server_and_completes_after_restart(
         assert process_gone(int(worker["pid"])), "the worker died with the serve process"
     finally:
         first.stop()
-    mid = TaskStore(Database(first.database_url))
-    assert mid.get(int(run["taskid"])).status == "task_output", "left running by the dead process"
+    mid = Store(Database(first.database_url))
+    assert mid.reads.get(int(run["taskid"])).status == "task_output", "left running by the dead process"
 
     second = Server(tmp_path / "data", database_url, port=first.port)
     try:
@@ -253,9 +253,9 @@ def test_a_task_survives_sigkill_of_the_server_and_completes_after_restart(
         path = tmp_path / "after-restart.mp4"
         path.write_bytes(video.content)
         assert read_mp4(path)[1].shape[0] == 9
-        task = mid.get(int(run["taskid"]))
+        task = mid.reads.get(int(run["taskid"]))
         assert task.attempts == 2, "requeued once"
-        requeued = [e for e in mid.events(task.id) if e.status == "task_queue"]
+        requeued = [e for e in mid.reads.events(task.id) if e.status == "task_queue"]
         assert len(requeued) == 2 and "requeued" in requeued[1].message
     finally:
         second.stop()

@@ -103,7 +103,7 @@ def signed() -> dict[str, str]:
 
 
 def task_count(client: TestClient) -> int:
-    return client.app.state.services.store.count()
+    return client.app.state.services.store.reads.count()
 
 
 def check_answer(client: TestClient, route: str, response: httpx.Response, tasks_before: int) -> None:
@@ -365,7 +365,7 @@ def _multipart_raw(draw: st.DrawFn, boundary: str) -> bytes:
 
 def _with_real_token(client: TestClient, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The request with TOKEN and TASKID replaced by the newest task's (if there is a task yet)."""
-    _, newest = client.app.state.services.store.list(KEY, 0, 1)
+    _, newest = client.app.state.services.store.reads.list(KEY, 0, 1)
     token, taskid = (newest[0].socketaccesstoken, str(newest[0].id)) if newest else ("no-task-yet", "0")
 
     def swap(value: Any) -> Any:

@@ -13,12 +13,14 @@ from fastapi.testclient import TestClient
 
 import particalize
 from particalize.compose_server import build_app, open_storage, server_options
+from particalize.core_options import store_options, worker_options
 from server.auth import Authenticator, AuthOptions
 from server.services import Services
-from server.store import Database, DbNonceStore, TaskStore, upgrade
+from server.store import Database, DbNonceStore, Store, upgrade
 from server.store.migrate import current_revision
 from server.worker import run_worker
 from tests.conftest import make_settings
+from tests.tasks import create_task
 
 UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2"
 
@@ -34,13 +36,13 @@ def client(settings):
         yield client
 
 
-def store_of(client: TestClient) -> TaskStore:
+def store_of(client: TestClient) -> Store:
     return client.app.state.services.store
 
 
-def register(store: TaskStore, worker_id: str, state: str, seconds_ago: float = 0.0, version: str = "1.2.3") -> None:
-    stamped = TaskStore(store.db, lease_seconds=store.lease_seconds, clock=lambda: time.time() - seconds_ago)
-    stamped.register_worker(worker_id, pid=4242, model="tiny", device="cpu", state=state, version=version)
+def register(store: Store, worker_id: str, state: str, seconds_ago: float = 0.0, version: str = "1.2.3") -> None:
+    stamped = Store(store.db, store.options, clock=lambda: time.time() - seconds_ago)
+    stamped.workers.register(worker_id, pid=4242, model="tiny", device="cpu", state=state, version=version)
 
 
 def assert_unavailable(answer, *fragments: str) -> None:
@@ -75,7 +77,7 @@ def test_ready_ignores_a_worker_whose_heartbeat_is_older_than_a_lease(client: Te
 def test_ready_says_why_a_worker_is_paused(client: TestClient):
     store = store_of(client)
     register(store, "n1/gpu0", "ready")
-    store.worker_state("n1/gpu0", "paused", detail="Not enough free disk space to write the output: ...")
+    store.workers.set_state("n1/gpu0", "paused", detail="Not enough free disk space to write the output: ...")
     assert_unavailable(client.get("/ready"), "n1/gpu0 is paused: Not enough free disk space")
 
 
@@ -94,7 +96,7 @@ def test_ready_with_one_live_loaded_worker(client: TestClient, state: str):
 def test_health_and_ready_say_when_the_database_is_down(tmp_path: Path):
     settings = make_settings(tmp_path, UNREACHABLE_DB)
     db = Database(UNREACHABLE_DB)
-    services = Services(server_options(settings), TaskStore.from_settings(db, settings), open_storage(settings),
+    services = Services(server_options(settings), Store(db, store_options(settings)), open_storage(settings),
                         Authenticator(AuthOptions(nonce_window_seconds=settings.nonce_window_seconds),
                                       DbNonceStore(db)))
     with TestClient(build_app(settings, services=services)) as client:
@@ -108,8 +110,8 @@ def test_healthz_lists_each_workers_version_and_current_task(client: TestClient)
     register(store, "n1/gpu0", "ready", version="9.9.9")
     idle = client.get("/healthz").json()["workers"][0]
     assert (idle["id"], idle["version"], idle["taskid"], idle["state"]) == ("n1/gpu0", "9.9.9", "", "ready")
-    task = store.create(parameters={}, image_url="https://example.com/a.png")
-    store.claim_next("n1/gpu0")
+    task = create_task(store, parameters={}, image_url="https://example.com/a.png")
+    store.tasks.claim_next("n1/gpu0")
     busy = client.get("/healthz").json()["workers"][0]
     assert (busy["state"], busy["taskid"]) == ("busy", str(task.id))
 
@@ -117,9 +119,9 @@ def test_healthz_lists_each_workers_version_and_current_task(client: TestClient)
 def test_a_worker_registers_the_particalize_version_it_runs(settings, tiny_generator):
     stop = threading.Event()
     stop.set()  # loads, registers, finds the stop asked, and ends
-    assert run_worker(settings, stop, generator=tiny_generator) == 0
+    assert run_worker(worker_options(settings), open_storage(settings), lambda: tiny_generator, stop) == 0
     db = Database(settings.sqlalchemy_url)
-    (row,) = TaskStore(db).workers()
+    (row,) = Store(db).workers.all()
     db.dispose()
     assert (row.id, row.version, row.state, row.pid) == ("testnode/gpu0", particalize.__version__, "stopped",
                                                         os.getpid())
@@ -134,8 +136,8 @@ def test_the_version_migration_keeps_the_workers_registered_before_it(db_url: st
             "VALUES ('old/gpu0', 'ready', 1, 'tiny', 'cpu', '', 1.0, 1.0)"
         )
     upgrade(db)
-    assert current_revision(db) == "0003"
-    (row,) = TaskStore(db).workers()
+    assert current_revision(db) == "0004"
+    (row,) = Store(db).workers.all()
     assert (row.id, row.version) == ("old/gpu0", "")
     db.dispose()
 
@@ -145,11 +147,12 @@ def test_ready_says_loudly_when_a_worker_serves_random_weights(client: TestClien
     monkeypatch.setattr(tiny_generator, "random_weights", True)
     stop = threading.Event()
     stop.set()
-    assert run_worker(settings, stop, generator=tiny_generator) == 0
-    (row,) = store_of(client).workers()
+    assert run_worker(worker_options(settings), open_storage(settings), lambda: tiny_generator, stop) == 0
+    (row,) = store_of(client).workers.all()
     assert "RANDOM WEIGHTS" in row.detail and "noise" in row.detail
-    store_of(client).register_worker("n1/gpu0", pid=1, model="wan2.1-i2v-14b-480p", device="cuda:0", state="ready",
-                                     detail=row.detail)
+    assert row.random_weights
+    store_of(client).workers.register("n1/gpu0", pid=1, model="wan2.1-i2v-14b-480p", device="cuda:0", state="ready",
+                                      detail=row.detail, random_weights=row.random_weights)
     body = client.get("/ready").json()
     assert body["workers"] == "1"
     assert "n1/gpu0" in body["warning"] and "RANDOM WEIGHTS" in body["warning"] and "noise" in body["warning"]
@@ -161,7 +164,7 @@ def test_health_and_ready_name_no_database_url_host_port_or_path(tmp_path: Path)
     for url in (UNREACHABLE_DB, f"sqlite:///{unreadable}"):
         settings = make_settings(tmp_path, url)
         db = Database(url)
-        services = Services(server_options(settings), TaskStore.from_settings(db, settings), open_storage(settings),
+        services = Services(server_options(settings), Store(db, store_options(settings)), open_storage(settings),
                             Authenticator(AuthOptions(nonce_window_seconds=settings.nonce_window_seconds),
                                           DbNonceStore(db)))
         with TestClient(build_app(settings, services=services)) as client:
@@ -175,8 +178,8 @@ def test_health_and_ready_name_no_database_url_host_port_or_path(tmp_path: Path)
 
 
 def test_ready_shows_no_server_path_from_a_workers_detail(client: TestClient):
-    store_of(client).register_worker("n1/gpu0", pid=1, model="tiny", device="cpu", state="ready",
-                                     detail="loaded in 1.0s; LoRAs: /srv/models/particalize.safetensors, strength 1")
+    store_of(client).workers.register("n1/gpu0", pid=1, model="tiny", device="cpu", state="ready",
+                                      detail="loaded in 1.0s; LoRAs: /srv/models/particalize.safetensors, strength 1")
     body = client.get("/ready").json()
     assert "/srv/models" not in str(body) and "<path>" in body["loaded"][0]["detail"]
     assert "/srv/models" not in client.get("/healthz").text

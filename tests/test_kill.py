@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-import server.worker as worker_module
+import server.worker.task_run as task_run_module
 from particalize.compose_server import build_app
+from particalize.core_options import worker_options
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
@@ -63,7 +64,7 @@ def app(settings, tiny_generator) -> Iterator[tuple[TestClient, Worker]]:
     """The API (no worker processes) and one worker thread on the warm tiny model, sharing the store."""
     with TestClient(build_app(settings)) as client:
         services = client.app.state.services
-        worker = Worker(services.store, services.storage, tiny_generator, settings, worker_id=WORKER,
+        worker = Worker(services.store, services.storage, tiny_generator, worker_options(settings), worker_id=WORKER,
                         fetch=lambda url, **kw: (png_bytes(40, 40), "image/png"))
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -146,7 +147,7 @@ def test_kill_during_the_vae_decode_ends_in_task_cancel_with_no_output(app, sett
 
 def test_kill_during_the_mp4_write_ends_in_task_cancel_with_no_output(app, settings, monkeypatch):
     client, worker = app
-    real_write = worker_module.write_mp4
+    real_write = task_run_module.write_mp4
     taskid_box: list[str] = []
 
     def write_then_killed(frames, path, fps):
@@ -155,7 +156,7 @@ def test_kill_during_the_mp4_write_ends_in_task_cancel_with_no_output(app, setti
         assert answer["tasklist"][0]["status"] == "task_cancel"
         return written
 
-    monkeypatch.setattr(worker_module, "write_mp4", write_then_killed)
+    monkeypatch.setattr(task_run_module, "write_mp4", write_then_killed)
     taskid_box.append(run(client, steps="2"))
     wait_until(lambda: detail(client, taskid_box[0])["status"] == "task_cancel", what="the kill")
     wait_until(lambda: worker.current_task is None, timeout=10, what="the worker to drop the task")

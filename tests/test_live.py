@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from particalize.compose_server import build_app
+from particalize.core_options import worker_options
 from server.store import NewOutput
 from server.store.models import (
     ACCEPT,
@@ -61,7 +62,8 @@ def run(client: TestClient, **params: str) -> dict[str, Any]:
 
 def worker_thread(client: TestClient, settings, generator) -> threading.Thread:
     services = client.app.state.services
-    worker = Worker(services.store, services.storage, generator, settings, worker_id=WORKER_ID)
+    worker = Worker(services.store, services.storage, generator, worker_options(settings),
+                    worker_id=WORKER_ID)
     thread = threading.Thread(target=worker.run_once)
     thread.start()
     return thread
@@ -137,13 +139,13 @@ def test_a_late_client_gets_the_current_state_first_then_follows(client):
     now = [1000.0]
     store.clock = lambda: now[0]
     taskid = int(task["taskid"])
-    assert store.claim_next(WORKER_ID).id == taskid
+    assert store.tasks.claim_next(WORKER_ID).id == taskid
     for status in (PREPROCESS_START, PREPROCESS_END, ASSIGN, START):
-        store.advance(taskid, WORKER_ID, status)
+        store.tasks.advance(taskid, WORKER_ID, status)
 
     def step(k: int) -> None:
         now[0] = 1000.0 + 2.5 * k
-        store.advance(taskid, WORKER_ID, OUTPUT, message=f"step {k}/4")
+        store.tasks.progress(taskid, WORKER_ID, k, 4, 2.5 * k)
 
     step(1)
     step(2)
@@ -160,9 +162,9 @@ def test_a_late_client_gets_the_current_state_first_then_follows(client):
         assert ws.receive_json()["message"]["stepCurrent"] == "3", "then new events as they are recorded"
         step(4)
         for status in (OUTPUT_FULL, END, POSTPROCESS_START):
-            store.advance(taskid, WORKER_ID, status)
-        store.complete(taskid, WORKER_ID, [NewOutput("0.mp4", "video/mp4", 123, f"{taskid}/0.mp4")], totalcost=0.0,
-                       debugoutput="done")
+            store.tasks.advance(taskid, WORKER_ID, status)
+        store.tasks.complete(taskid, WORKER_ID, [NewOutput("0.mp4", "video/mp4", 123, f"{taskid}/0.mp4")],
+                             totalcost=0.0, debugoutput="done")
         rest, code = receive_all(ws)
     assert [m["type"] for m in rest] == [OUTPUT, OUTPUT_FULL, END, POSTPROCESS_START, "task_postprocess_end"]
     assert rest[0]["message"]["percentage"] == "100" and rest[0]["message"]["elapsedTime"] == "10s"
@@ -173,10 +175,10 @@ def test_a_killed_task_ends_with_task_cancel(client):
     task = run(client)
     store = client.app.state.services.store
     taskid = int(task["taskid"])
-    store.claim_next(WORKER_ID)
-    store.advance(taskid, WORKER_ID, START)
-    store.request_kill(taskid)
-    store.finish_killed(taskid, WORKER_ID, "Task killed by request after step 0 of 3.")
+    store.tasks.claim_next(WORKER_ID)
+    store.tasks.advance(taskid, WORKER_ID, START)
+    store.tasks.request_kill(taskid)
+    store.tasks.finish_killed(taskid, WORKER_ID, "Task killed by request after step 0 of 3.")
     with client.websocket_connect("/ws") as ws:
         ws.send_json({"type": "task_info", "tasktoken": task["socketaccesstoken"]})
         messages, code = receive_all(ws)

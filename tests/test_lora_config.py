@@ -193,14 +193,16 @@ def test_fast_mode_through_the_api_documented_in_tool_detail(tmp_path, files, fa
 
 
 def test_ready_lists_what_each_worker_loaded(tmp_path, fast_generator):
+    from particalize.compose_server import open_storage
+    from particalize.core_options import worker_options
     from server.worker import run_worker
 
     settings = make_settings(tmp_path)
     stop = threading.Event()
     stop.set()  # register, then stop at once
-    assert run_worker(settings, stop, generator=fast_generator) == 0
+    assert run_worker(worker_options(settings), open_storage(settings), lambda: fast_generator, stop) == 0
     with TestClient(build_app(settings)) as client:
-        (worker,) = client.app.state.services.store.workers()
+        (worker,) = client.app.state.services.store.workers.all()
     assert "style.safetensors as 'style', strength 1" in worker.detail
     assert "distill.safetensors as 'speed_distill'" in worker.detail and "fast mode only" in worker.detail
     assert lora_sources(Settings(speed_lora="/x.safetensors:0.5")).speed_lora.strength == 0.5

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from particalize.compose_server import build_app
+from particalize.core_options import worker_options
 from server.metrics import EventTimings
 from server.store.models import OUTPUT, START
 from server.worker import Worker
@@ -72,12 +73,12 @@ def test_metrics_move_by_exactly_what_happened(client, settings, tiny_generator)
     queued = scrape(client)
     assert queued["particalize_queue_depth"] == 3 and queued['particalize_tasks{status="task_queue"}'] == 3
 
-    store.register_worker("testnode/gpu0", pid=1, model="tiny", device="cpu", state="ready")
-    store.clock = lambda: time.time() - 10 * store.lease_seconds
-    store.register_worker("gone/gpu0", pid=2, model="tiny", device="cpu", state="ready")  # no heartbeat since
+    store.workers.register("testnode/gpu0", pid=1, model="tiny", device="cpu", state="ready")
+    store.clock = lambda: time.time() - 10 * store.options.lease_seconds
+    store.workers.register("gone/gpu0", pid=2, model="tiny", device="cpu", state="ready")  # no heartbeat since
     store.clock = time.time
-    worker = Worker(store, services.storage, tiny_generator, settings, worker_id="testnode/gpu0",
-                    fetch=fetch)
+    worker = Worker(store, services.storage, tiny_generator, worker_options(settings),
+                    worker_id="testnode/gpu0", fetch=fetch)
     assert [worker.run_once() for _ in range(4)] == [True, True, True, False]
     after = scrape(client)
 
@@ -96,7 +97,7 @@ def test_metrics_move_by_exactly_what_happened(client, settings, tiny_generator)
 
     denoising = 0.0
     for taskid in ids[:2]:
-        events = store.events(int(taskid))
+        events = store.reads.events(int(taskid))
         start = next(e.at for e in events if e.status == START)
         denoising += [e.at for e in events if e.status == OUTPUT][-1] - start
     assert after["particalize_step_seconds_sum"] == pytest.approx(denoising, abs=1e-6), "steps add up"
@@ -113,8 +114,11 @@ class FakeStore:
     def __init__(self) -> None:
         self.committed: list[SimpleNamespace] = []
 
-    def add(self, id_: int, task: int, status: str, at: float, message: str = "") -> None:
-        self.committed.append(SimpleNamespace(id=id_, task_id=task, status=status, at=at, message=message))
+    def add(self, id_: int, task: int, status: str, at: float, step: int | None = None,
+            total: int | None = None) -> None:
+        message = f"step {step}/{total}" if step is not None else ""
+        self.committed.append(SimpleNamespace(id=id_, task_id=task, status=status, at=at, message=message,
+                                              step=step, total=total))
 
     def events_after(self, after_id: int, limit: int, also_ids=()) -> list[SimpleNamespace]:
         extra = set(also_ids)
@@ -130,8 +134,8 @@ def test_an_event_committed_after_a_later_one_is_still_counted():
     store.add(3, 8, START, 100.0)  # event 2 (task 7's first step) is not committed yet
     timings.update(store, now=101.0)
     assert timings.step.count == 0 and set(timings.gaps) == {2}
-    store.add(2, 7, OUTPUT, 102.0, "step 2/2")
-    store.add(4, 8, OUTPUT, 101.0, "step 1/2")
+    store.add(2, 7, OUTPUT, 102.0, step=2, total=2)
+    store.add(4, 8, OUTPUT, 101.0, step=1, total=2)
     timings.update(store, now=102.0)
     assert timings.step.count == 3 and timings.step.sum == pytest.approx(1.0 + 1.0 + 1.0)
     assert timings.gaps == {}

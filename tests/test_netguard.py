@@ -12,7 +12,6 @@ import socket
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
-from types import SimpleNamespace
 from urllib.parse import parse_qs, urlencode
 
 import pytest
@@ -441,7 +440,7 @@ def test_every_private_target_is_refused_for_image_fetches_and_callback_posts(ur
 @pytest.mark.parametrize("url", PRIVATE_TARGETS)
 def test_run_refuses_every_private_target_as_image_url_and_as_callback_url(field: str, url: str) -> None:
     with pytest.raises(ApiError) as refused:
-        check_public_url(field, url, SimpleNamespace(allow_private_urls=False))
+        check_public_url(field, url, allow_private=False)
     assert refused.value.code == 0 and f"[{field}] must be a " in refused.value.message
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from benchmarks.harness import ServeProcess, WorkerProcess
-from server.store import Database, TaskStore
+from server.store import Database, Store
 from server.store.models import ACCEPT, POSTPROCESS_END, RUNNING, TERMINAL
 from tests.images import png_bytes
 from tests.private_postgres import PrivateCluster, unavailable_reason
@@ -66,7 +66,7 @@ def test_a_database_outage_mid_run_is_answered_503_and_costs_no_task(cluster: Pr
     workers = [WorkerProcess(data, database_url=cluster.url, env={**ENV, "PARTICALIZE_NODE_NAME": node})
                for node in ("w1", "w2")]
     db = Database(cluster.url)
-    store = TaskStore(db)
+    store = Store(db)
     try:
         api.wait_up()
         deadline = time.monotonic() + 120
@@ -86,7 +86,7 @@ def test_a_database_outage_mid_run_is_answered_503_and_costs_no_task(cluster: Pr
             ids.append(int(body["taskid"]))
 
         deadline = time.monotonic() + 120
-        while sum(store.count(status) for status in RUNNING) < 2:
+        while sum(store.reads.count(status) for status in RUNNING) < 2:
             for worker in workers:
                 assert worker.proc.poll() is None, worker.log_text()
             assert time.monotonic() < deadline, "both workers never ran a task at once"
@@ -114,16 +114,16 @@ def test_a_database_outage_mid_run_is_answered_503_and_costs_no_task(cluster: Pr
         conn.close()
 
         deadline = time.monotonic() + 240
-        while sum(store.count(status) for status in TERMINAL) < TASKS:
+        while sum(store.reads.count(status) for status in TERMINAL) < TASKS:
             assert time.monotonic() < deadline, "not every task ended"
             time.sleep(0.2)
         for task_id in ids:
-            task = store.get(task_id)
+            task = store.reads.get(task_id)
             assert task.status == POSTPROCESS_END and task.pexit == "0", (task_id, task.status, task.debugerror)
-            events = [e.status for e in store.events(task_id)]
+            events = [e.status for e in store.reads.events(task_id)]
             assert events.count(ACCEPT) == 1, f"task {task_id} was claimed (made) {events.count(ACCEPT)} times"
             assert events.count(POSTPROCESS_END) == 1
-            assert len(store.outputs([task_id])[task_id]) == 1
+            assert len(store.reads.outputs([task_id])[task_id]) == 1
         for worker in workers:
             log = worker.log_text()
             assert log.count("task store is unavailable") == 1, log

@@ -15,11 +15,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from particalize.compose_server import build_app
+from particalize.core_options import worker_options
 from server.errors import ApiError
 from server.ratelimit import RateLimiter
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
+from tests.tasks import create_task
 from tests.test_api import (
     IMAGE_URL,
     KEY,
@@ -57,7 +59,7 @@ def client(settings) -> Iterator[TestClient]:
 
 
 def task_count(client: TestClient) -> int:
-    return client.app.state.services.store.count()
+    return client.app.state.services.store.reads.count()
 
 
 def retry_seconds(message: str) -> int:
@@ -194,7 +196,7 @@ def test_a_key_at_its_active_task_limit_gets_code_96_saying_how_many_and_the_lim
     assert api.json("/v1/Task/Cancel", {"taskid": first["taskid"]}).json()["result"] is True
     third = api.json(RUN, body).json()
     assert third["result"] is True, "a cancelled task is no longer active"
-    client.app.state.services.store.fail(int(second["taskid"]), "ended")
+    client.app.state.services.store.tasks.fail(int(second["taskid"]), "ended")
     assert api.json(RUN, body).json()["result"] is True, "nor is one that ended"
     assert_error(api.json(RUN, body), 96, contains="2 are queued or running and the limit is 2")
 
@@ -208,17 +210,17 @@ def test_no_active_task_limit_by_default(client: TestClient, settings):
 def test_concurrent_runs_of_one_key_never_exceed_its_active_limit(tmp_path: Path, db_url: str):
     from concurrent.futures import ThreadPoolExecutor
 
-    from server.store import Database, TaskStore, TooManyActive, upgrade
+    from server.store import Database, Store, StoreOptions, TooManyActive, upgrade
 
     db = Database(db_url)
     upgrade(db)
-    store = TaskStore(db, max_active_per_key=3)
+    store = Store(db, StoreOptions(max_active_per_key=3))
     start = threading.Barrier(12)
 
     def create(_: int) -> bool:
         start.wait()
         try:
-            store.create(parameters={}, image_url=IMAGE_URL, owner="k1")
+            create_task(store, parameters={}, image_url=IMAGE_URL, owner="k1")
         except TooManyActive:
             return False
         return True
@@ -226,7 +228,7 @@ def test_concurrent_runs_of_one_key_never_exceed_its_active_limit(tmp_path: Path
     try:
         with ThreadPoolExecutor(12) as pool:
             assert sum(pool.map(create, range(12))) == 3
-        assert store.active_count("k1") == 3
+        assert store.reads.active_count("k1") == 3
     finally:
         db.dispose()
 
@@ -273,7 +275,8 @@ def upload_url(api: Api, image: bytes) -> str:
 def worker_runs_one(client: TestClient, settings, generator, image: bytes) -> None:
     """One task done by a worker whose image URLs answer `image`."""
     services = client.app.state.services
-    worker = Worker(services.store, services.storage, generator, settings, worker_id="testnode/gpu0",
+    worker = Worker(services.store, services.storage, generator, worker_options(settings),
+                    worker_id="testnode/gpu0",
                     fetch=FakeFetch(image))
     assert worker.run_once()
 

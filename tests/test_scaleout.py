@@ -21,8 +21,9 @@ from sqlalchemy import select
 
 from benchmarks.harness import ServeProcess, WorkerProcess
 from pipeline.video import read_mp4
-from server.store import Database, TaskStore
+from server.store import Database, Store
 from server.store.models import ACCEPT, CANCEL, QUEUED, RUNNING, TERMINAL, Task
+from server.task_view import debug_output
 from tests.images import png_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -54,7 +55,7 @@ class Cluster:
             for node in NODES
         }
         self.db = Database(database_url)
-        self.store = TaskStore(self.db)
+        self.store = Store(self.db)
 
     def wait_workers_ready(self, timeout: float = 120) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -73,15 +74,15 @@ class Cluster:
         while time.monotonic() < deadline:
             with self.db.session() as s:
                 task = s.scalars(select(Task).where(Task.worker_id == f"{node}/gpu0", Task.status.in_(RUNNING))).first()
-            if task is not None and task.debugoutput.startswith("step "):
-                done = int(task.debugoutput.split()[1].split("/")[0])
+            if task is not None and debug_output(task).startswith("step "):
+                done = int(debug_output(task).split()[1].split("/")[0])
                 if done <= STEPS // 2:
                     return task
             time.sleep(0.005)
         raise TimeoutError(f"{node} never held a task mid-run")
 
     def terminal_count(self) -> int:
-        return sum(self.store.count(status) for status in TERMINAL)
+        return sum(self.store.reads.count(status) for status in TERMINAL)
 
     def stop(self) -> None:
         for worker in self.workers.values():
@@ -171,14 +172,14 @@ def test_three_workers_survive_a_sigkill_and_a_sigterm_with_every_task_done_exac
     deadline = time.monotonic() + 120
     while cluster.terminal_count() < TASKS and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert cluster.terminal_count() == TASKS == cluster.store.count(), "no task lost"
+    assert cluster.terminal_count() == TASKS == cluster.store.reads.count(), "no task lost"
     done_at = time.monotonic()
 
     tally: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     ended_more_than_once, outputs_count = [], {}
     for taskid, _ in submitted:
-        task = cluster.store.get(int(taskid))
-        events = cluster.store.events(task.id)
+        task = cluster.store.reads.get(int(taskid))
+        events = cluster.store.reads.events(task.id)
         if sum(e.status in TERMINAL for e in events) != 1:
             ended_more_than_once.append((taskid, [e.status for e in events]))
         holder, requeued_by = attribute(events)
@@ -187,7 +188,7 @@ def test_three_workers_survive_a_sigkill_and_a_sigterm_with_every_task_done_exac
         tally[holder or "-"][outcome] += 1
         for worker_id in requeued_by:
             tally[worker_id]["requeued"] += 1
-        outputs_count[taskid] = len(cluster.store.outputs([task.id])[task.id])
+        outputs_count[taskid] = len(cluster.store.reads.outputs([task.id])[task.id])
     print(f"\n{TASKS} tasks on 3 workers: ready after {ready_at - started:.1f}s, all ended {done_at - ready_at:.1f}s "
           f"later; SIGKILL n1 holding task {killed_task.id}, SIGTERM n2 holding task {termed_task.id} (it exited 0 "
           f"after {exit_seconds:.2f}s)")
@@ -202,14 +203,14 @@ def test_three_workers_survive_a_sigkill_and_a_sigterm_with_every_task_done_exac
         shapes = dict(pool.map(lambda sent: download(cluster.api, sent[0]), submitted))
     assert shapes == {taskid: (frames, 32, 32, 3) for taskid, frames in submitted}, "complete MP4s, asked lengths"
 
-    lost = cluster.store.get(killed_task.id)
-    lost_holder, lost_requeued_by = attribute(cluster.store.events(lost.id))
+    lost = cluster.store.reads.get(killed_task.id)
+    lost_holder, lost_requeued_by = attribute(cluster.store.reads.events(lost.id))
     assert lost_requeued_by[0] == "n1/gpu0", "the SIGKILLed worker's task went back to the queue"
     assert lost.attempts >= 2 and lost_holder not in (None, "n1/gpu0") and lost.pexit == "0"
 
-    finished = cluster.store.get(termed_task.id)
+    finished = cluster.store.reads.get(termed_task.id)
     assert (finished.worker_id, finished.attempts) == ("n2/gpu0", 1), "finished within the grace period"
-    late_claims = [e for t, _ in submitted for e in cluster.store.events(int(t))
+    late_claims = [e for t, _ in submitted for e in cluster.store.reads.events(int(t))
                    if e.status == ACCEPT and e.message == "worker n2/gpu0" and e.at > termed_at + 0.05]
     assert late_claims == [], "no claim after SIGTERM"
 

@@ -17,13 +17,15 @@ import pytest
 
 from particalize.cli_server import drain_seconds
 from particalize.compose_server import open_storage
+from particalize.core_options import worker_options, worker_process_options
 from server import supervisor
 from server.shutdown import StopRequest, stop_on_signals
-from server.store import TaskStore
+from server.store import Store
 from server.supervisor import WorkerProcesses
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
+from tests.tasks import create_task
 from tests.test_worker import IMAGE_URL, SMALL, WORKER, FakeFetch, Spy, task_dir
 
 
@@ -63,8 +65,8 @@ class Paced(Spy):
 
 
 def run_until_stopped(store, settings, generator, stop: threading.Event) -> Worker:
-    store.register_worker(WORKER, pid=os.getpid(), model="tiny", device="cpu", state="ready", version="t")
-    worker = Worker(store, open_storage(settings), generator, settings, worker_id=WORKER,
+    store.workers.register(WORKER, pid=os.getpid(), model="tiny", device="cpu", state="ready", version="t")
+    worker = Worker(store, open_storage(settings), generator, worker_options(settings), worker_id=WORKER,
                     fetch=FakeFetch(png_bytes(40, 40)))
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
@@ -73,8 +75,8 @@ def run_until_stopped(store, settings, generator, stop: threading.Event) -> Work
     return worker
 
 
-def queue(store: TaskStore, **params):
-    return store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL, **params}, image_url=IMAGE_URL)
+def queue(store: Store, **params):
+    return create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL, **params}, image_url=IMAGE_URL)
 
 
 def test_stop_request_grace_starts_at_the_first_request_and_a_second_one_ends_it():
@@ -94,13 +96,13 @@ def test_a_task_that_finishes_within_the_grace_period_completes_and_nothing_more
     running, waiting = queue(store, steps="12"), queue(store)
     spy = Paced(tiny_generator, at={3: stop.request})
     run_until_stopped(store, settings, spy, stop)
-    done = store.get(running.id)
+    done = store.reads.get(running.id)
     assert done.status == "task_postprocess_end" and done.pexit == "0", done.debugerror
     assert spy.steps == list(range(1, 13)), "every step ran: the stop came well within the grace period"
-    assert len(store.outputs([running.id])[running.id]) == 1
-    assert store.get(waiting.id).status == "task_queue", "no task claimed after the stop"
+    assert len(store.reads.outputs([running.id])[running.id]) == 1
+    assert store.reads.get(waiting.id).status == "task_queue", "no task claimed after the stop"
     assert spy.calls == 1
-    (row,) = store.workers()
+    (row,) = store.workers.all()
     assert row.state == "stopping" and row.task_id is None
 
 
@@ -113,10 +115,10 @@ def test_past_the_grace_period_the_task_is_interrupted_at_its_next_step_and_requ
     task = queue(store, steps="60")
     spy = Paced(tiny_generator, pace=0.03, at={2: lambda: (asked.append(time.monotonic()), stop.request())})
     run_until_stopped(store, settings, spy, stop)
-    back = store.get(task.id)
+    back = store.reads.get(task.id)
     assert back.status == "task_queue" and back.attempts == 0 and back.worker_id is None
     assert "the worker stopped" in back.debugoutput
-    assert store.outputs([task.id])[task.id] == [] and not task_dir(settings, task).exists()
+    assert store.reads.outputs([task.id])[task.id] == [] and not task_dir(settings, task).exists()
     last = spy.steps[-1]
     assert 2 < last < 60, f"ran on into the grace period, then stopped (last step {last})"
     assert spy.stopped_at - asked[0] >= grace, "not interrupted before the grace period was over"
@@ -137,11 +139,11 @@ class SlowDecode(Paced):
 
 
 def assert_completed_once(store, settings, task) -> None:
-    done = store.get(task.id)
+    done = store.reads.get(task.id)
     assert done.status == "task_postprocess_end" and done.pexit == "0", (done.status, done.debugerror)
-    (output,) = store.outputs([task.id])[task.id]
+    (output,) = store.reads.outputs([task.id])[task.id]
     assert (Path(settings.outputs_dir) / output.path).is_file(), "the video is stored"
-    statuses = [e.status for e in store.events(task.id)]
+    statuses = [e.status for e in store.reads.events(task.id)]
     assert statuses.count("task_postprocess_end") == 1 and "task_queue" not in statuses[1:], statuses
 
 
@@ -172,7 +174,7 @@ def test_a_second_request_interrupts_the_task_at_once(store, settings, tiny_gene
     task = queue(store, steps="40")
     spy = Paced(tiny_generator, at={2: stop.request, 5: stop.request})
     run_until_stopped(store, settings, spy, stop)
-    assert store.get(task.id).status == "task_queue"
+    assert store.reads.get(task.id).status == "task_queue"
     assert spy.steps[-1] == 5, "stopped right after the step the second request came in"
 
 
@@ -209,9 +211,9 @@ def test_the_supervisor_waits_the_grace_period_and_the_finishing_time_plus_a_mar
 ):
     monkeypatch.setattr(supervisor, "STOP_MARGIN_SECONDS", 0.5)
     settings = make_settings(tmp_path, shutdown_grace_seconds=0.7, shutdown_finish_seconds=0.3)
-    procs = WorkerProcesses(settings, 0)
+    procs = WorkerProcesses(worker_process_options(settings))
     assert procs.stop_timeout == 1.5
-    assert WorkerProcesses(make_settings(tmp_path), 1).stop_timeout == 1200 + 120 + 0.5
+    assert WorkerProcesses(worker_process_options(make_settings(tmp_path))).stop_timeout == 1200 + 120 + 0.5
     for slot, mode in enumerate(("ignore", "obey")):
         child = subprocess.Popen([sys.executable, "-c", CHILD, mode], stdout=subprocess.PIPE)
         assert child.stdout.readline() == b"up\n"

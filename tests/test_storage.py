@@ -7,6 +7,7 @@ import secrets
 import shutil
 import tempfile
 from collections import namedtuple
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,15 @@ from fastapi.testclient import TestClient
 from fsspec.implementations.memory import MemoryFileSystem
 
 from particalize.compose_server import build_app, open_storage
+from particalize.core_options import store_options, worker_options
 from particalize.settings import Settings
 from pipeline.video import read_mp4
 from server.storage import OUTPUT_NAME, Storage
-from server.store import Database, NewUpload, TaskStore, new_id, upgrade
+from server.store import Database, NewUpload, Store, new_id, upgrade
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
+from tests.tasks import create_task
 from tests.test_worker import Spy
 
 RUN = "/v1/Run/codexq/Particalize"
@@ -41,12 +44,12 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 def store_of():
     """Open (and migrate) the task store of some settings; closed at the end of the test."""
-    opened: list[TaskStore] = []
+    opened: list[Store] = []
 
-    def open_store(settings) -> TaskStore:
+    def open_store(settings) -> Store:
         db = Database(settings.sqlalchemy_url)
         upgrade(db)
-        opened.append(TaskStore.from_settings(db, settings))
+        opened.append(Store(db, store_options(settings)))
         return opened[-1]
 
     yield open_store
@@ -54,13 +57,13 @@ def store_of():
         store.db.dispose()
 
 
-def queue_upload_task(store: TaskStore):
+def queue_upload_task(store: Store):
     upload = NewUpload(new_id(), "in.png", "image/png", png_bytes(40, 40))
-    return store.create(parameters=SMALL, image_url="http://testserver/files/uploads/x/in.png", new_upload=upload)
+    return create_task(store, parameters=SMALL, image_url="http://testserver/files/uploads/x/in.png", new_upload=upload)
 
 
-def run_one(store: TaskStore, storage: Storage, settings, generator) -> None:
-    assert Worker(store, storage, generator, settings, worker_id=WORKER).run_once()
+def run_one(store: Store, storage: Storage, settings, generator) -> None:
+    assert Worker(store, storage, generator, worker_options(settings), worker_id=WORKER).run_once()
 
 
 def leftovers(storage: Storage, task_uuid: str) -> list[str]:
@@ -239,18 +242,18 @@ def test_a_put_that_fails_midway_leaves_nothing_and_the_task_fails_with_the_reas
         raise ConnectionResetError("connection reset by peer")
 
     monkeypatch.setattr(storage.fs, "put_file", broken_put)
-    worker = Worker(store, storage, tiny_generator, settings, worker_id=WORKER)
+    worker = Worker(store, storage, tiny_generator, worker_options(settings), worker_id=WORKER)
     assert worker.run_once()
-    failed = store.get(task.id)
+    failed = store.reads.get(task.id)
     assert failed.status == "task_postprocess_end" and failed.pexit == "1"
     assert "Could not store the output" in failed.debugerror and "connection reset by peer" in failed.debugerror
     assert seen["target"] != final and seen["final_visible"] is False, "the partial bytes never had the final name"
     assert not storage.fs.exists(final) and leftovers(storage, task.uuid) == [], "no partial or temporary file left"
-    assert store.outputs([task.id])[task.id] == []
+    assert store.reads.outputs([task.id])[task.id] == []
 
     monkeypatch.setattr(storage.fs, "put_file", real_put)
     assert worker.run_once(), "the worker stays up and takes the next task"
-    assert store.get(following.id).pexit == "0"
+    assert store.reads.get(following.id).pexit == "0"
     assert leftovers(storage, following.uuid) == [f"{storage.root}/{following.uuid}/{OUTPUT_NAME}"]
 
 
@@ -262,14 +265,14 @@ def test_under_the_disk_floor_a_worker_claims_nothing_says_why_and_resumes_once_
 ):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), min_free_disk_bytes=10**18)
     store, storage = store_of(settings), open_storage(settings)
-    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    store.workers.register(WORKER, pid=1, model="tiny", device="cpu", state="ready")
     task = queue_upload_task(store)
     spy = Spy(tiny_generator)
-    worker = Worker(store, storage, spy, settings, worker_id=WORKER)
+    worker = Worker(store, storage, spy, worker_options(settings), worker_id=WORKER)
     assert worker.run_once() is False and worker.run_once() is False
     assert spy.calls == 0, "no GPU time spent on a video that could not be written"
-    assert store.get(task.id).status == "task_queue", "the task waits in the queue, not failed"
-    (row,) = store.workers()
+    assert store.reads.get(task.id).status == "task_queue", "the task waits in the queue, not failed"
+    (row,) = store.workers.all()
     free = shutil.disk_usage(tempfile.gettempdir()).free
     assert row.state == "paused" and "Not enough free disk space" in row.detail
     assert "free in the worker's temporary directory" in row.detail and tempfile.gettempdir() not in row.detail
@@ -277,17 +280,17 @@ def test_under_the_disk_floor_a_worker_claims_nothing_says_why_and_resumes_once_
     reported = int(row.detail.split(" bytes) free")[0].rsplit("(", 1)[1])
     assert abs(reported - free) < 2**30, "the free space reported is the real one"
 
-    monkeypatch.setattr(settings, "min_free_disk_bytes", 0)
+    monkeypatch.setattr(worker, "options", replace(worker.options, min_free_disk_bytes=0))
     assert worker.run_once(), "once there is room the worker takes the task"
-    assert store.get(task.id).pexit == "0" and spy.calls == 1
-    assert store.workers()[0].state == "ready"
+    assert store.reads.get(task.id).pexit == "0" and spy.calls == 1
+    assert store.workers.all()[0].state == "ready"
 
 
 def test_the_local_storage_directory_is_checked_for_free_space_too(tmp_path: Path, tiny_generator, store_of,
                                                                     monkeypatch):
     settings = make_settings(tmp_path, sqlite_url(tmp_path), min_free_disk_bytes=50 * 2**20)
     store, storage = store_of(settings), open_storage(settings)
-    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    store.workers.register(WORKER, pid=1, model="tiny", device="cpu", state="ready")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -300,9 +303,9 @@ def test_the_local_storage_directory_is_checked_for_free_space_too(tmp_path: Pat
 
     monkeypatch.setattr("server.storage.shutil.disk_usage", usage)
     task = queue_upload_task(store)
-    assert Worker(store, storage, tiny_generator, settings, worker_id=WORKER).run_once() is False
-    assert store.get(task.id).status == "task_queue"
-    detail = store.workers()[0].detail
+    assert Worker(store, storage, tiny_generator, worker_options(settings), worker_id=WORKER).run_once() is False
+    assert store.reads.get(task.id).status == "task_queue"
+    detail = store.workers.all()[0].detail
     assert f"10.0 MiB ({10 * 2**20} bytes) free in the output storage" in detail
     assert f"at least 50.0 MiB ({50 * 2**20} bytes) needed" in detail and str(storage.local_root) not in detail
 
@@ -316,12 +319,13 @@ def test_space_that_runs_out_while_generating_fails_the_task_before_writing_nami
 
     class FillsTheDisk(Spy):
         def generate(self, *args, **kwargs):
-            video = super().generate(*args, **kwargs)
-            monkeypatch.setattr(settings, "min_free_disk_bytes", 10**18)  # another process filled the disk
+            video = super().generate(*args, **kwargs)  # another process filled the disk:
+            monkeypatch.setattr(worker, "options", replace(worker.options, min_free_disk_bytes=10**18))
             return video
 
-    assert Worker(store, storage, FillsTheDisk(tiny_generator), settings, worker_id=WORKER).run_once()
-    failed = store.get(task.id)
+    worker = Worker(store, storage, FillsTheDisk(tiny_generator), worker_options(settings), worker_id=WORKER)
+    assert worker.run_once()
+    failed = store.reads.get(task.id)
     assert failed.status == "task_postprocess_end" and failed.pexit == "1"
     assert "Not enough free disk space" in failed.debugerror
     assert tempfile.gettempdir() not in failed.debugerror and str(tmp_path) not in failed.debugerror
@@ -338,8 +342,8 @@ def test_a_storage_error_reaches_the_client_without_server_paths(tmp_path: Path,
         raise OSError(28, "No space left on device", rpath)
 
     monkeypatch.setattr(storage.fs, "put_file", full)
-    Worker(store, storage, tiny_generator, settings, worker_id=WORKER).run_once()
-    failed = store.get(task.id)
+    Worker(store, storage, tiny_generator, worker_options(settings), worker_id=WORKER).run_once()
+    failed = store.reads.get(task.id)
     assert failed.pexit == "1" and "No space left on device" in failed.debugerror
     assert str(tmp_path) not in failed.debugerror and ".part" not in failed.debugerror, failed.debugerror
 

@@ -16,13 +16,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from particalize.compose_server import build_app, open_storage, server_options
+from particalize.core_options import store_options, worker_options
 from server.auth import Authenticator, AuthOptions
 from server.services import Services
-from server.store import Database, DbNonceStore, TaskLost, TaskStore
+from server.store import Database, DbNonceStore, Store, TaskLost
 from server.store.outage import RETRY_AFTER_SECONDS, StoreHealth, is_outage
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes
+from tests.tasks import create_task
 from tests.test_worker import IMAGE_URL, SMALL, WORKER, FakeFetch, Spy
 
 UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2"
@@ -52,7 +54,7 @@ def test_outages_are_told_from_bugs():
 def test_every_route_answers_503_with_retry_after_when_the_database_is_down(tmp_path: Path):
     settings = make_settings(tmp_path, UNREACHABLE_DB)
     db = Database(UNREACHABLE_DB)
-    services = Services(server_options(settings), TaskStore.from_settings(db, settings), open_storage(settings),
+    services = Services(server_options(settings), Store(db, store_options(settings)), open_storage(settings),
                         Authenticator(AuthOptions(nonce_window_seconds=settings.nonce_window_seconds),
                                       DbNonceStore(db)))
     image = ("in.png", png_bytes(40, 40), "image/png")
@@ -76,21 +78,28 @@ def test_every_route_answers_503_with_retry_after_when_the_database_is_down(tmp_
 
 
 class FlakyStore:
-    """The real store, except that every call fails as an unreachable database does while `down` is set."""
+    """The real store, except that every call (of any of its parts) fails as an unreachable database does while
+    `down` is set."""
 
-    def __init__(self, inner: TaskStore) -> None:
+    PARTS = ("tasks", "reads", "uploads", "workers", "callbacks")
+
+    def __init__(self, inner: Any, root: FlakyStore | None = None) -> None:
         self.inner = inner
-        self.down = threading.Event()
-        self.failed_calls = 0
+        self.root = root if root is not None else self
+        if root is None:
+            self.down = threading.Event()
+            self.failed_calls = 0
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self.inner, name)
+        if self.root is self and name in self.PARTS:
+            return FlakyStore(value, self)
         if not callable(value):
             return value
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if self.down.is_set():
-                self.failed_calls += 1
+            if self.root.down.is_set():
+                self.root.failed_calls += 1
                 raise outage_error()
             return value(*args, **kwargs)
 
@@ -129,10 +138,10 @@ def settings(tmp_path: Path, db_url: str):
     return make_settings(tmp_path, db_url, lease_seconds=1.0)
 
 
-def run_worker(store: TaskStore, flaky: FlakyStore, settings, generator, until) -> Worker:
+def run_worker(store: Store, flaky: FlakyStore, settings, generator, until) -> Worker:
     """A worker loop on the flaky store, in a thread, until `until()` (or 60 s)."""
-    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
-    worker = Worker(flaky, open_storage(settings), generator, settings, worker_id=WORKER,  # type: ignore[arg-type]
+    store.workers.register(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    worker = Worker(flaky, open_storage(settings), generator, worker_options(settings), worker_id=WORKER,  # type: ignore[arg-type]
                     fetch=FakeFetch(png_bytes(40, 40)))
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -155,55 +164,57 @@ def test_a_video_made_during_an_outage_is_recorded_once_the_store_is_back_and_lo
 ):
     caplog.set_level(logging.INFO)
     flaky = FlakyStore(store)
-    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL, "steps": "4"}, image_url=IMAGE_URL)
+    task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL, "steps": "4"}, image_url=IMAGE_URL)
     spy = Outage(tiny_generator, flaky, at=2, down_for=2.5)
-    worker = run_worker(store, flaky, settings, spy, until=lambda: store.get(task.id).status == "task_postprocess_end")
-    done = store.get(task.id)
+    worker = run_worker(store, flaky, settings, spy,
+                        until=lambda: store.reads.get(task.id).status == "task_postprocess_end")
+    done = store.reads.get(task.id)
     assert done.status == "task_postprocess_end" and done.pexit == "0", done.debugerror
     assert spy.calls == 1, "the video was made once"
-    assert len(store.outputs([task.id])[task.id]) == 1
+    assert len(store.reads.outputs([task.id])[task.id]) == 1
     assert flaky.failed_calls >= 3, "the worker did try the store during the outage"
     lines = outage_lines(caplog)
     assert len(lines) == 2, lines
     assert "unavailable" in lines[0] and "answers again" in lines[1]
     assert worker.health.outages == 1 and not worker.health.down
-    assert [e.status for e in store.events(task.id)].count("task_postprocess_end") == 1
+    assert [e.status for e in store.reads.events(task.id)].count("task_postprocess_end") == 1
 
 
 def test_a_video_finished_after_its_lease_ran_out_is_kept_not_made_again(store, settings, tiny_generator, caplog):
     flaky = FlakyStore(store)
-    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
     requeued: list[Any] = []
 
     def another_worker_sweeps() -> None:  # the lease (1 s) ran out during the outage; another worker saw it
-        requeued.extend(store.recover_orphans(now=time.time() + 10))
+        requeued.extend(store.tasks.recover_orphans(now=time.time() + 10))
 
     spy = Outage(tiny_generator, flaky, at=1, down_for=2.0, meanwhile=another_worker_sweeps)
-    run_worker(store, flaky, settings, spy, until=lambda: store.get(task.id).status == "task_postprocess_end")
+    run_worker(store, flaky, settings, spy, until=lambda: store.reads.get(task.id).status == "task_postprocess_end")
     assert [r.action for r in requeued] == ["requeued"], "the task had gone back to the queue"
-    done = store.get(task.id)
+    done = store.reads.get(task.id)
     assert done.status == "task_postprocess_end" and done.pexit == "0", done.debugerror
     assert spy.calls == 1, "the finished video was recorded, not made again"
-    assert done.worker_id == WORKER and len(store.outputs([task.id])[task.id]) == 1
+    assert done.worker_id == WORKER and len(store.reads.outputs([task.id])[task.id]) == 1
 
 
 def test_a_finished_result_wins_over_a_worker_that_took_the_requeued_task_up(store):
-    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
-    first = store.claim_next("a/gpu0")
-    store.recover_orphans(now=time.time() + 3600)
-    assert store.claim_next("b/gpu0").id == task.id
+    task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    first = store.tasks.claim_next("a/gpu0")
+    store.tasks.recover_orphans(now=time.time() + 3600)
+    assert store.tasks.claim_next("b/gpu0").id == task.id
     from server.store import NewOutput
 
     out = [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")]
-    done = store.complete(task.id, "a/gpu0", out, totalcost=0.0, debugoutput="done", claimed_attempt=first.attempts)
+    done = store.tasks.complete(task.id, "a/gpu0", out, totalcost=0.0, debugoutput="done",
+                                claimed_attempt=first.attempts)
     assert done.status == "task_postprocess_end" and done.pexit == "0"
     with pytest.raises(TaskLost):
-        store.advance(task.id, "b/gpu0", "task_output")
+        store.tasks.advance(task.id, "b/gpu0", "task_output")
     with pytest.raises(TaskLost):
-        store.complete(task.id, "b/gpu0", out, totalcost=0.0, debugoutput="again", claimed_attempt=2)
-    assert len(store.outputs([task.id])[task.id]) == 1, "the result landed exactly once"
+        store.tasks.complete(task.id, "b/gpu0", out, totalcost=0.0, debugoutput="again", claimed_attempt=2)
+    assert len(store.reads.outputs([task.id])[task.id]) == 1, "the result landed exactly once"
     with pytest.raises(TaskLost):  # without the attempt it claimed, a worker that lost its task cannot complete it
-        store.complete(task.id, "c/gpu0", out, totalcost=0.0, debugoutput="x")
+        store.tasks.complete(task.id, "c/gpu0", out, totalcost=0.0, debugoutput="x")
 
 
 def test_store_health_logs_once_per_state_change():
@@ -241,10 +252,10 @@ def test_right_after_an_outage_a_worker_gives_others_one_lease_before_requeueing
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", lease_seconds=2.0)
     db = Database(settings.sqlalchemy_url)
     upgrade(db)
-    store = TaskStore.from_settings(db, settings)
-    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
-    store.claim_next("other/gpu0")
-    worker = Worker(store, open_storage(settings), object(), settings, worker_id=WORKER)  # type: ignore[arg-type]
+    store = Store(db, store_options(settings))
+    task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    store.tasks.claim_next("other/gpu0")
+    worker = Worker(store, open_storage(settings), object(), worker_options(settings), worker_id=WORKER)  # type: ignore[arg-type]
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
@@ -254,11 +265,11 @@ def test_right_after_an_outage_a_worker_gives_others_one_lease_before_requeueing
         with db.session(write=True) as s:  # ... and the other worker's lease ran out during the outage
             s.execute(update(Task).where(Task.id == task.id).values(lease_expires_at=time.time() - 1))
         time.sleep(1.2)
-        assert store.get(task.id).status == "task_accept", "not taken from a worker that could not beat"
+        assert store.reads.get(task.id).status == "task_accept", "not taken from a worker that could not beat"
         deadline = time.monotonic() + 15
-        while store.get(task.id).status == "task_accept" and time.monotonic() < deadline:
+        while store.reads.get(task.id).status == "task_accept" and time.monotonic() < deadline:
             time.sleep(0.1)
-        messages = [e.message for e in store.events(task.id) if e.status == "task_queue"]
+        messages = [e.message for e in store.reads.events(task.id) if e.status == "task_queue"]
         assert any("other/gpu0 stopped" in m for m in messages), "requeued once its worker had had a lease to beat"
     finally:
         stop.set()
@@ -270,7 +281,7 @@ def test_a_video_made_when_the_grace_period_ends_during_an_outage_is_still_recor
     from server.shutdown import StopRequest
 
     flaky = FlakyStore(store)
-    task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
     stop = StopRequest(grace_seconds=0.2)
     spy = Outage(tiny_generator, flaky, at=2, down_for=1.5, meanwhile=None)
     real_generate = spy.generate
@@ -281,15 +292,15 @@ def test_a_video_made_when_the_grace_period_ends_during_an_outage_is_still_recor
         return video
 
     spy.generate = generate_then_stop  # type: ignore[method-assign]
-    store.register_worker(WORKER, pid=1, model="tiny", device="cpu", state="ready")
-    worker = Worker(flaky, open_storage(settings), spy, settings, worker_id=WORKER,  # type: ignore[arg-type]
+    store.workers.register(WORKER, pid=1, model="tiny", device="cpu", state="ready")
+    worker = Worker(flaky, open_storage(settings), spy, worker_options(settings), worker_id=WORKER,  # type: ignore[arg-type]
                     fetch=FakeFetch(png_bytes(40, 40)))
     started = time.monotonic()
     worker.run(stop)
     assert time.monotonic() - started < 30, "the worker stopped once the video was recorded"
-    done = store.get(task.id)
+    done = store.reads.get(task.id)
     assert done.status == "task_postprocess_end" and done.pexit == "0", (done.status, done.debugerror)
-    assert spy.calls == 1 and len(store.outputs([task.id])[task.id]) == 1
+    assert spy.calls == 1 and len(store.reads.outputs([task.id])[task.id]) == 1
 
 
 def test_the_api_logs_an_outage_at_most_once_every_few_seconds_not_once_per_request():
@@ -319,11 +330,11 @@ def test_a_bug_answers_500_and_says_the_connection_closes(tmp_path: Path, monkey
         def broken(*args, **kwargs):
             raise IntegrityError("SELECT", {}, Exception("not an outage"))
 
-        monkeypatch.setattr(store, "find_with_outputs", broken)
+        monkeypatch.setattr(store.reads, "find_with_outputs", broken)
         answer = client.post("/v1/Task/Detail", json={"taskid": "1"})
         assert answer.status_code == 500 and answer.json()["result"] is False
         assert answer.headers["connection"] == "close", "the client does not reuse a connection the server drops"
-        monkeypatch.setattr(store, "find_with_outputs", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+        monkeypatch.setattr(store.reads, "find_with_outputs", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
         answer = client.post("/v1/Task/Detail", json={"taskid": "1"})
         assert answer.status_code == 500 and answer.headers["connection"] == "close"
 
@@ -337,12 +348,12 @@ def test_a_live_follower_pauses_through_an_outage_and_misses_no_event(tmp_path: 
     services = open_services(settings)
     try:
         store = services.store
-        task = store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+        task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
         flaky = FlakyStore(store)
         follower = TaskFollower(services, task)
         assert [e.message["type"] for e in follower.poll()] == ["task_queue"]
-        claimed = store.claim_next(WORKER)
-        store.complete(task.id, WORKER, [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")],
+        claimed = store.tasks.claim_next(WORKER)
+        store.tasks.complete(task.id, WORKER, [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")],
                        totalcost=0.0, debugoutput="done", claimed_attempt=claimed.attempts)
         services.store = flaky  # type: ignore[misc]
         flaky.down.set()

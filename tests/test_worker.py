@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from particalize.compose_server import open_storage
+from particalize.core_options import worker_options
 from pipeline.video import read_mp4
 from server.netguard import FetchError, UnsafeUrl
-from server.store import NewUpload, TaskStore, new_id
+from server.store import NewUpload, Store, new_id
 from server.store.models import LIFECYCLE, OUTPUT, STAMPS
 from server.worker import Worker, failure_reason
 from tests.conftest import make_settings
 from tests.images import png_bytes
+from tests.tasks import create_task
 
 SMALL = {"numFrames": "9", "steps": "3", "width": "32", "height": "32", "seed": "3"}
 IMAGE_URL = "https://images.example/dog.png"
@@ -72,12 +74,12 @@ class Spy:
 
 
 def make_worker(store, settings, generator, fetch=None) -> Worker:
-    return Worker(store, open_storage(settings), generator, settings, worker_id=WORKER,
+    return Worker(store, open_storage(settings), generator, worker_options(settings), worker_id=WORKER,
                   fetch=fetch or FakeFetch(png_bytes(40, 40)))
 
 
-def queue_task(store: TaskStore, **params):
-    return store.create(parameters={"inputImageUrl": IMAGE_URL, **SMALL, **params}, image_url=IMAGE_URL)
+def queue_task(store: Store, **params):
+    return create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL, **params}, image_url=IMAGE_URL)
 
 
 def task_dir(settings, task) -> Path:
@@ -90,22 +92,22 @@ def test_a_task_walks_the_whole_lifecycle_and_leaves_an_mp4(store, settings, tin
     task = queue_task(store, numFrames="13", steps="4", seed="")
     assert worker.run_once() is True
     assert worker.run_once() is False, "queue empty"
-    done = store.get(task.id)
+    done = store.reads.get(task.id)
     assert done.status == "task_postprocess_end" and done.pexit == "0" and done.debugerror == ""
-    events = [e.status for e in store.events(task.id)]
+    events = [e.status for e in store.reads.events(task.id)]
     assert [s for s in LIFECYCLE if s in events] == list(LIFECYCLE), "every status was passed"
     assert events.count(OUTPUT) == 4, "one progress write per step (progress_interval_seconds=0)"
-    steps = [e.message for e in store.events(task.id) if e.status == OUTPUT]
+    steps = [e.message for e in store.reads.events(task.id) if e.status == OUTPUT]
     assert steps == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
     stamps = [getattr(done, STAMPS[s]) for s in LIFECYCLE if s in STAMPS]
     assert all(stamps) and stamps == sorted(stamps) and done.canceltime == 0
     assert fetch.calls[0]["url"] == IMAGE_URL and fetch.calls[0]["allow_private"] is False
     assert fetch.calls[0]["max_bytes"] == settings.max_image_bytes
-    import json
+    from server.task_record import parameters_of
 
-    used = json.loads(done.parameters)
+    used = parameters_of(done)
     assert used["seed"].isdigit() and (used["width"], used["height"]) == ("32", "32"), "seed and size used"
-    (out,) = store.outputs([task.id])[task.id]
+    (out,) = store.reads.outputs([task.id])[task.id]
     _meta, frames = read_mp4(Path(settings.outputs_dir) / out.path)
     assert frames.shape == (13, 32, 32, 3) and out.size == (Path(settings.outputs_dir) / out.path).stat().st_size
     assert sorted(p.name for p in task_dir(settings, task).iterdir()) == ["0.mp4"], "no temp files"
@@ -114,28 +116,28 @@ def test_a_task_walks_the_whole_lifecycle_and_leaves_an_mp4(store, settings, tin
 def test_an_uploaded_image_is_read_from_the_store_not_fetched(store, settings, tiny_generator):
     fetch = FakeFetch(error=AssertionError("must not fetch"))
     upload = NewUpload(new_id(), "in.png", "image/png", png_bytes(32, 32))
-    task = store.create(parameters=SMALL, image_url="http://testserver/files/uploads/x/in.png", new_upload=upload)
+    task = create_task(store, parameters=SMALL, image_url="http://testserver/files/uploads/x/in.png", new_upload=upload)
     make_worker(store, settings, tiny_generator, fetch).run_once()
-    assert store.get(task.id).pexit == "0" and fetch.calls == []
+    assert store.reads.get(task.id).pexit == "0" and fetch.calls == []
 
 
 def test_kill_stops_within_one_step_leaves_nothing_and_the_model_stays_warm(store, settings, tiny_generator):
     task = queue_task(store, steps="20")
-    spy = Spy(tiny_generator, at_step=3, action=lambda: store.request_kill(task.id))
+    spy = Spy(tiny_generator, at_step=3, action=lambda: store.tasks.request_kill(task.id))
     worker = make_worker(store, settings, spy)
     pipe = tiny_generator.pipe
     worker.run_once()
     assert spy.steps[-1] <= 4, f"stopped after step {spy.steps[-1]}, the kill came during step 3"
-    killed = store.get(task.id)
+    killed = store.reads.get(task.id)
     assert killed.status == "task_cancel" and killed.canceltime > 0 and killed.totalcost == 0
     assert "killed" in killed.debugoutput.lower()
-    assert store.outputs([task.id])[task.id] == []
+    assert store.reads.outputs([task.id])[task.id] == []
     assert not task_dir(settings, task).exists(), "no partial output"
 
     spy.at_step = None
     following = queue_task(store)
     worker.run_once()
-    assert store.get(following.id).pexit == "0" and spy.calls == 2
+    assert store.reads.get(following.id).pexit == "0" and spy.calls == 2
     assert tiny_generator.pipe is pipe, "same warm model"
 
 
@@ -147,21 +149,21 @@ def test_kill_while_the_worker_runs_in_its_own_thread(store, settings, tiny_gene
     try:
         task = queue_task(store, steps="100", width="48", height="48")
         deadline = time.monotonic() + 30
-        while store.get(task.id).status != OUTPUT and time.monotonic() < deadline:
+        while store.reads.get(task.id).status != OUTPUT and time.monotonic() < deadline:
             time.sleep(0.01)
-        step_at_kill = len([e for e in store.events(task.id) if e.status == OUTPUT])
-        assert store.request_kill(task.id).accepted
-        while store.get(task.id).status != "task_cancel" and time.monotonic() < deadline:
+        step_at_kill = len([e for e in store.reads.events(task.id) if e.status == OUTPUT])
+        assert store.tasks.request_kill(task.id).accepted
+        while store.reads.get(task.id).status != "task_cancel" and time.monotonic() < deadline:
             time.sleep(0.01)
-        killed = store.get(task.id)
+        killed = store.reads.get(task.id)
         assert killed.status == "task_cancel"
-        steps_done = len([e for e in store.events(task.id) if e.status == OUTPUT])
+        steps_done = len([e for e in store.reads.events(task.id) if e.status == OUTPUT])
         assert steps_done - step_at_kill <= 2, "stopped at the next step boundary"
         assert not task_dir(settings, task).exists()
         nxt = queue_task(store)
-        while store.get(nxt.id).status != "task_postprocess_end" and time.monotonic() < deadline:
+        while store.reads.get(nxt.id).status != "task_postprocess_end" and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert store.get(nxt.id).pexit == "0"
+        assert store.reads.get(nxt.id).pexit == "0"
     finally:
         stop.set()
         thread.join(10)
@@ -185,11 +187,11 @@ def test_image_problems_fail_the_task_with_the_reason(store, settings, tiny_gene
     task = queue_task(store)
     spy = Spy(tiny_generator)
     make_worker(store, settings, spy, fetch).run_once()
-    failed = store.get(task.id)
+    failed = store.reads.get(task.id)
     assert failed.status == "task_postprocess_end" and failed.pexit == "1" and failed.totalcost == 0
     assert expected in failed.debugerror
     assert spy.calls == 0, "no GPU time for a bad input"
-    assert store.outputs([task.id])[task.id] == [] and not task_dir(settings, task).exists()
+    assert store.reads.outputs([task.id])[task.id] == [] and not task_dir(settings, task).exists()
 
 
 @pytest.mark.parametrize(
@@ -206,12 +208,12 @@ def test_generation_errors_fail_the_task_and_the_worker_goes_on(store, settings,
     worker = make_worker(store, settings, spy)
     task, following = queue_task(store), queue_task(store)
     worker.run_once()
-    failed = store.get(task.id)
+    failed = store.reads.get(task.id)
     assert (failed.status, failed.pexit, failed.totalcost) == ("task_postprocess_end", "1", 0)
     assert expected in failed.debugerror
     spy.error = None
     worker.run_once()
-    assert store.get(following.id).pexit == "0"
+    assert store.reads.get(following.id).pexit == "0"
 
 
 def test_stopping_the_worker_puts_its_running_task_back_in_the_queue(store, settings, tiny_generator):
@@ -222,20 +224,20 @@ def test_stopping_the_worker_puts_its_running_task_back_in_the_queue(store, sett
     worker.generator = spy
     worker.stop_event = stop
     worker.run_once()
-    back = store.get(task.id)
+    back = store.reads.get(task.id)
     assert back.status == "task_queue" and back.attempts == 0 and back.accepttime == 0
     assert spy.steps[-1] <= 3 and not task_dir(settings, task).exists()
 
 
 def test_a_worker_restarting_under_its_id_requeues_what_it_held(store, settings, tiny_generator):
     task = queue_task(store)
-    store.claim_next(WORKER)
-    store.advance(task.id, WORKER, "task_start")  # ... and then the process died
+    store.tasks.claim_next(WORKER)
+    store.tasks.advance(task.id, WORKER, "task_start")  # ... and then the process died
     worker = make_worker(store, settings, tiny_generator)
     worker.recover(own=True)
-    assert store.get(task.id).status == "task_queue"
+    assert store.reads.get(task.id).status == "task_queue"
     worker.run_once()
-    done = store.get(task.id)
+    done = store.reads.get(task.id)
     assert done.pexit == "0" and done.attempts == 2
 
 

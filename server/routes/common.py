@@ -76,7 +76,7 @@ def find_task(
 ) -> Task:
     """The task named by `taskid` and/or a token field; ApiError code 1 if there is none."""
     taskid, token = identifiers(fields, token_names)
-    task = services.store.find(taskid, token, owner)
+    task = services.store.reads.find(taskid, token, owner)
     if task is None:
         raise ApiError("There is no task yet.", code=NOT_FOUND)
     return task

@@ -31,8 +31,8 @@ async def upload(request: Request) -> JSONResponse:
         if part is None:
             raise ApiError("Request parameter [file] is required: send the image as a multipart/form-data "
                            "file part named file.")
-        checked = check_upload(part, services.options.limits, "file")
-        row = services.store.add_upload(checked, owner)
+        checked = check_upload(part, services.options.limits.max_image_bytes, "file")
+        row = services.store.uploads.add(checked, owner)
         return {"result": True, "errors": [], "list": [{
             "id": row.id,
             "name": row.name,
@@ -56,7 +56,7 @@ async def uploaded_file(request: Request, upload_id: str, name: str) -> Response
     services = services_of(request)
     if not services.storage.is_upload_id(upload_id):
         return _not_found()
-    row = await run_in_threadpool(services.store.get_upload, upload_id)
+    row = await run_in_threadpool(services.store.uploads.get, upload_id)
     if row is None or row.name != name:
         return _not_found()
     return Response(row.data, media_type=row.contenttype)

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 
 from server.errors import error_body, redact_paths
 from server.routes.common import services_of
-from server.store import TaskStore
+from server.store import Store
 from server.store.outage import RETRY_AFTER, ThrottledLog, describe
 from server.worker_reports import WorkerReports
 
@@ -36,8 +36,6 @@ router = APIRouter()
 PROBE_TIMEOUT_SECONDS = 5.0
 """A database that has not answered in this long counts as down (a probe must answer quickly)."""
 SERVING_STATES = ("ready", "busy")
-RANDOM_WEIGHTS_MARK = "RANDOM WEIGHTS"
-"""In a worker's detail when it serves a model built with random values (pipeline.random_weights)."""
 
 
 class Unhealthy(Exception):
@@ -47,7 +45,7 @@ class Unhealthy(Exception):
 _down_log = ThrottledLog(log)
 
 
-def check_database(store: TaskStore) -> None:
+def check_database(store: Store) -> None:
     """Unhealthy when the database does not answer. The driver's message (it names the host, the port or the
     SQLite file) goes to the log only."""
     try:
@@ -61,17 +59,17 @@ def check_database(store: TaskStore) -> None:
         ) from None
 
 
-def is_serving(store: TaskStore, worker: Any, now: float) -> bool:
+def is_serving(store: Store, worker: Any, now: float) -> bool:
     """Alive (its heartbeat within one lease) with its model loaded."""
-    return worker.state in SERVING_STATES and store.heartbeat_fresh(worker, now)
+    return worker.state in SERVING_STATES and store.workers.heartbeat_fresh(worker, now)
 
 
-def serving_workers(store: TaskStore, workers: Iterable[Any], now: float, paused: Mapping[str, str]) -> list[Any]:
+def serving_workers(store: Store, workers: Iterable[Any], now: float, paused: Mapping[str, str]) -> list[Any]:
     """The workers a task sent now would go to: serving, and not paused by their own word."""
     return [w for w in workers if w.id not in paused and is_serving(store, w, now)]
 
 
-def not_ready_reason(store: TaskStore, workers: Iterable[Any], now: float,
+def not_ready_reason(store: Store, workers: Iterable[Any], now: float,
                      paused: Mapping[str, str] | None = None) -> str | None:
     """None when at least one worker is serving; else why no task would run now. `paused`: what this process's own
     workers say (worker id -> why), which wins over the store's record of them."""
@@ -84,8 +82,8 @@ def not_ready_reason(store: TaskStore, workers: Iterable[Any], now: float,
         if w.id in paused:
             seen.append(f"{w.id} is paused: {redact_paths(paused[w.id])}")
         elif w.state in SERVING_STATES:
-            seen.append(f"{w.id} last seen {now - w.heartbeat_at:.0f}s ago (more than the {store.lease_seconds:g}s "
-                        "lease)")
+            lease = store.workers.lease_seconds
+            seen.append(f"{w.id} last seen {now - w.heartbeat_at:.0f}s ago (more than the {lease:g}s lease)")
         elif w.state == "paused" and w.detail:
             seen.append(f"{w.id} is paused: {redact_paths(w.detail)}")  # e.g. its disk is below the floor
         else:
@@ -119,9 +117,9 @@ def _live(services: Any, reports: WorkerReports) -> dict[str, Any]:
 
 
 def _ready(services: Any, reports: WorkerReports) -> dict[str, Any]:
-    store: TaskStore = services.store
+    store: Store = services.store
     check_database(store)
-    workers, now, paused = store.workers(), time.time(), reports.paused()
+    workers, now, paused = store.workers.all(), time.time(), reports.paused()
     reason = not_ready_reason(store, workers, now, paused)
     if reason is not None:
         raise Unhealthy(reason)
@@ -129,7 +127,7 @@ def _ready(services: Any, reports: WorkerReports) -> dict[str, Any]:
     answer: dict[str, Any] = {"database": "ok", "workers": str(len(serving)),
                               "loaded": [{"worker": w.id, "model": w.model, "detail": redact_paths(w.detail)}
                                          for w in serving]}
-    noise = [w.id for w in serving if RANDOM_WEIGHTS_MARK in (w.detail or "")]
+    noise = [w.id for w in serving if w.random_weights]
     if noise:
         answer["warning"] = (f"worker(s) {', '.join(noise)} run RANDOM WEIGHTS (--random-weights): every video they "
                              "make is noise; for measuring speed and memory only")

@@ -1,4 +1,5 @@
-"""POST /v1/Run/{owner}/{project}: validate, store the task in the queue, answer its id and token."""
+"""POST /v1/Run/{owner}/{project}: validate into the task's record, store it in the queue, answer its id and
+token."""
 
 from __future__ import annotations
 
@@ -27,12 +28,9 @@ async def run(request: Request, slug_owner: str, slug_project: str) -> JSONRespo
                 f"There is no tool {slug_owner}/{slug_project} on this server; it runs {SLUG_OWNER}/{SLUG_PROJECT}.",
                 code=NOT_FOUND,
             )
-        req = parse_run(fields, services.options.limits, services.storage, services.store)
+        req = parse_run(fields, services.options.limits, services.storage, services.store.uploads, owner)
         try:
-            task = services.store.create(
-                parameters=req.parameters, image_url=req.image_url, upload_id=req.upload_id,
-                new_upload=req.new_upload, callback_url=req.callback_url, owner=owner,
-            )
+            task = services.store.tasks.create(req.record, req.new_upload)
         except QueueFull as exc:
             raise ApiError(str(exc), code=QUEUE_FULL) from None
         except TooManyActive as exc:

@@ -25,7 +25,7 @@ MAX_LIST_LIMIT = 100
 @router.post("/v1/Task/Detail")
 async def detail(request: Request) -> JSONResponse:
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
-        found = services.store.find_with_outputs(*identifiers(fields, DETAIL_TOKENS), owner)
+        found = services.store.reads.find_with_outputs(*identifiers(fields, DETAIL_TOKENS), owner)
         if found is None:
             raise ApiError("There is no task yet.", code=NOT_FOUND)
         return services.detail_body(*found)
@@ -43,7 +43,7 @@ async def cancel(request: Request) -> JSONResponse:
 
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         task = find_task(services, owner, fields, token_names=CONTROL_TOKENS)
-        current, cancelled = services.store.cancel_if_queued(task.id)
+        current, cancelled = services.store.tasks.cancel_if_queued(task.id)
         if current is None:
             raise ApiError("There is no task yet.", code=NOT_FOUND)
         if not cancelled:
@@ -65,7 +65,7 @@ async def kill(request: Request) -> JSONResponse:
 
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         task = find_task(services, owner, fields, token_names=CONTROL_TOKENS)
-        outcome = services.store.request_kill(task.id)
+        outcome = services.store.tasks.request_kill(task.id)
         if outcome.task is None:
             raise ApiError("There is no task yet.", code=NOT_FOUND)
         if not outcome.accepted:
@@ -91,7 +91,7 @@ async def task_list(request: Request) -> JSONResponse:
         model = text_field(fields, "modelName", "model")
         if kind not in ("model", "all") or (model is not None and not names_this_tool(model[1])):
             return {"total": "0", "errors": [], "tasklist": [], "result": True}
-        total, tasks = services.store.list(owner, start, limit, ascending=order == "asc")
+        total, tasks = services.store.reads.list(owner, start, limit, ascending=order == "asc")
         return {"total": str(total), "errors": [], "tasklist": services.views(tasks), "result": True}
 
     return await answer(request, handler)
@@ -113,7 +113,7 @@ async def input_output_delete(request: Request) -> JSONResponse:
             raise
         if task.status not in TERMINAL:
             raise ApiError(f"Task must be completed or cancelled before deleting files (it is {task.status}).")
-        removed = services.storage.remove(services.store.delete_files(task.id))
+        removed = services.storage.remove(services.store.uploads.delete_task_files(task.id))
         if not (services.storage.discard_task(task.uuid) and removed):
             raise ApiError("The task's output files could not be deleted from the output storage (the server log "
                            "says why); send the same request again.")

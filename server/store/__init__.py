@@ -1,38 +1,34 @@
-"""Durable state: tasks, outputs, uploads, nonces and workers in SQLite (default) or PostgreSQL."""
+"""Durable state: tasks, outputs, uploads, nonces and workers in SQLite (default) or PostgreSQL.
+
+`Store` bundles one database's parts, one per job: `tasks` (the lifecycle and the API's controls), `reads`,
+`uploads`, `workers` (the registry) and `callbacks` (the outbox).
+"""
 
 from server.store.db import Database
+from server.store.errors import QueueFull, TaskKilled, TaskLost, TooManyActive
+from server.store.ids import new_id, new_token
+from server.store.lifecycle import KillOutcome, NewOutput, Recovered, TaskLifecycle
 from server.store.migrate import upgrade
 from server.store.nonces import DbNonceStore
-from server.store.tasks import (
-    NewOutput,
-    NewUpload,
-    QueueFull,
-    TaskKilled,
-    TaskLost,
-    TaskStore,
-    TooManyActive,
-    new_id,
-    new_token,
-)
+from server.store.store import Store, StoreOptions, open_store
+from server.store.uploads import NewUpload
 
 __all__ = [
     "Database",
     "DbNonceStore",
+    "KillOutcome",
     "NewOutput",
     "NewUpload",
     "QueueFull",
+    "Recovered",
+    "Store",
+    "StoreOptions",
     "TaskKilled",
+    "TaskLifecycle",
     "TaskLost",
-    "TaskStore",
     "TooManyActive",
     "new_id",
     "new_token",
+    "open_store",
     "upgrade",
 ]
-
-
-def open_store(settings) -> TaskStore:  # type: ignore[no-untyped-def]
-    """The settings' database, migrated to the newest schema."""
-    db = Database(settings.sqlalchemy_url)
-    upgrade(db)
-    return TaskStore.from_settings(db, settings)

@@ -7,7 +7,10 @@ and be taken back when that worker dies.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Float,
@@ -17,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -83,7 +87,13 @@ class Task(Base):
     """The API key that created the task (None when the server runs without keys)."""
     status: Mapped[str] = mapped_column(String(32), nullable=False, default=QUEUED)
     parameters: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
-    """JSON: the tool inputs as sent; seed, width and height as used once the task starts."""
+    """JSON text of the recorded Wiro parameters. Before revision 0004 the only record of a task's inputs; since then
+    written once at creation, for workers of older versions during a rolling upgrade (nothing here reads it back
+    for a task that has `request`)."""
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The typed record Run validated (server.task_record.TaskRecord as JSON); None on tasks made before 0004."""
+    resolved: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The GenerationParams the worker ran with (seed, size and mode resolved), once it has read the image."""
     image_url: Mapped[str | None] = mapped_column(Text)
     upload_id: Mapped[str | None] = mapped_column(String(32))
     callbackurl: Mapped[str] = mapped_column(Text, nullable=False, default="")
@@ -92,6 +102,11 @@ class Task(Base):
     pexit: Mapped[str] = mapped_column(String(16), nullable=False, default="0")
     totalcost: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
     kill_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    progress_step: Mapped[int | None] = mapped_column(Integer)
+    """The last denoising step recorded, while it is the latest news (any other debugoutput clears it)."""
+    progress_total: Mapped[int | None] = mapped_column(Integer)
+    progress_elapsed: Mapped[float | None] = mapped_column(Float)
+    """Seconds of denoising up to `progress_step`, as the worker measured them."""
 
     createtime: Mapped[float] = _time()
     accepttime: Mapped[float] = _time()
@@ -125,6 +140,9 @@ class TaskEvent(Base):
     status: Mapped[str] = mapped_column(String(32), nullable=False)
     at: Mapped[float] = mapped_column(Float, nullable=False)
     message: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    step: Mapped[int | None] = mapped_column(Integer)
+    """A task_output event's denoising step (and `total`), as numbers; None on other events."""
+    total: Mapped[int | None] = mapped_column(Integer)
 
 
 class Output(Base):
@@ -188,3 +206,5 @@ class Worker(Base):
     task_id: Mapped[int | None] = mapped_column(Integer)
     version: Mapped[str] = mapped_column(String(64), nullable=False, default="", server_default="")
     """The particalize version the worker runs (a rolling upgrade shows both)."""
+    random_weights: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    """It serves a model built with random values (--random-weights): every video it makes is noise."""

@@ -1,0 +1,117 @@
+"""Reading tasks: by id or token (Task/Detail's hot path, on prebuilt Core statements), lists, outputs, and the
+recorded events that live progress and the metrics follow. Nothing here writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import bindparam, func, or_, select
+from sqlalchemy.engine import Row
+
+from server.store.db import Database
+from server.store.models import ACTIVE, Output, Task, TaskEvent
+
+_TASKS, _OUTPUTS = Task.__table__, Output.__table__
+_TASK_BY_ID = select(_TASKS).where(_TASKS.c.id == bindparam("id"))
+_TASK_BY_TOKEN = select(_TASKS).where(_TASKS.c.socketaccesstoken == bindparam("token"))
+ACTIVE_OF_OWNER = select(func.count()).select_from(_TASKS).where(
+    _TASKS.c.owner == bindparam("owner"), _TASKS.c.status.in_(ACTIVE))
+"""How many of one API key's tasks are between task_queue and a terminal status (the per-key limit counts them)."""
+_OUTPUTS_OF_TASK = select(_OUTPUTS).where(_OUTPUTS.c.task_id == bindparam("task_id")).order_by(_OUTPUTS.c.name)
+
+
+class TaskReads:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def get(self, task_id: int, owner: str | None = None) -> Task | None:
+        with self.db.session() as s:
+            task = s.get(Task, task_id)
+        if task is None or (owner is not None and task.owner != owner):
+            return None
+        return task
+
+    def find(self, taskid: str | None = None, token: str | None = None, owner: str | None = None) -> Row | None:
+        """By id, by token, or by both (then both must match). Tasks of other API keys are not found.
+        The answer is a row with the task's columns as attributes (read-only)."""
+        found = self.find_with_outputs(taskid, token, owner, outputs=False)
+        return found[0] if found else None
+
+    def find_with_outputs(
+        self, taskid: str | None = None, token: str | None = None, owner: str | None = None, outputs: bool = True
+    ) -> tuple[Row, list[Row]] | None:
+        """`find`, and the task's outputs read in the same transaction: Task/Detail's read, the hottest path
+        (prebuilt Core statements, no ORM objects)."""
+        if taskid is not None:
+            if not taskid.isdigit() or len(taskid) > 18:
+                return None
+            stmt, params = _TASK_BY_ID, {"id": int(taskid)}
+        elif token is not None:
+            stmt, params = _TASK_BY_TOKEN, {"token": token}
+        else:
+            return None
+        with self.db.connect() as conn:
+            task = conn.execute(stmt, params).first()
+            if task is None or (token is not None and task.socketaccesstoken != token):
+                return None
+            if owner is not None and task.owner != owner:
+                return None
+            if not outputs:
+                return task, []
+            return task, list(conn.execute(_OUTPUTS_OF_TASK, {"task_id": task.id}))
+
+    def list(
+        self, owner: str | None = None, start: int = 0, limit: int = 20, *, ascending: bool = False
+    ) -> tuple[int, list[Task]]:
+        """Newest first (oldest first when `ascending`)."""
+        with self.db.session() as s:
+            where = [] if owner is None else [Task.owner == owner]
+            total = s.scalar(select(func.count()).select_from(Task).where(*where)) or 0
+            order = Task.id.asc() if ascending else Task.id.desc()
+            rows = s.scalars(select(Task).where(*where).order_by(order).offset(start).limit(limit))
+            return total, list(rows)
+
+    def outputs(self, task_ids: Iterable[int]) -> dict[int, list[Output]]:
+        ids = list(task_ids)
+        found: dict[int, list[Output]] = {i: [] for i in ids}
+        if not ids:
+            return found
+        with self.db.session() as s:
+            for out in s.scalars(select(Output).where(Output.task_id.in_(ids)).order_by(Output.name)):
+                found[out.task_id].append(out)
+        return found
+
+    def count(self, status: str | None = None) -> int:
+        with self.db.session() as s:
+            stmt = select(func.count()).select_from(Task)
+            if status is not None:
+                stmt = stmt.where(Task.status == status)
+            return s.scalar(stmt) or 0
+
+    def active_count(self, owner: str) -> int:
+        """How many of `owner`'s tasks are between task_queue and a terminal status."""
+        with self.db.session() as s:
+            return s.scalar(ACTIVE_OF_OWNER, {"owner": owner}) or 0
+
+    def status_counts(self) -> dict[tuple[str, str], int]:
+        """How many tasks are in each (status, pexit) now: one grouped count, for metrics at scrape time."""
+        with self.db.session() as s:
+            rows = s.execute(select(Task.status, Task.pexit, func.count()).group_by(Task.status, Task.pexit))
+            return {(status, pexit): count for status, pexit, count in rows}
+
+    def events(self, task_id: int, after_id: int = 0) -> list[TaskEvent]:
+        """One task's events newer than `after_id`, in order (all of them by default): what a live follower has
+        not sent yet. One worker writes a task's events one committed transaction at a time, so ids never go back."""
+        with self.db.session() as s:
+            stmt = select(TaskEvent).where(TaskEvent.task_id == task_id, TaskEvent.id > after_id)
+            return list(s.scalars(stmt.order_by(TaskEvent.id)))
+
+    def events_after(self, after_id: int, limit: int, also_ids: Iterable[int] = ()) -> list[TaskEvent]:
+        """All tasks' events newer than `after_id` (at most `limit`), plus any of `also_ids` (ids a reader
+        saw skipped, which a slower transaction may have committed since), in id order."""
+        wanted = TaskEvent.id > after_id
+        extra = list(also_ids)
+        if extra:
+            wanted = or_(wanted, TaskEvent.id.in_(extra))
+        with self.db.session() as s:
+            return list(s.scalars(select(TaskEvent).where(wanted).order_by(TaskEvent.id).limit(limit)))

@@ -1,0 +1,93 @@
+"""One task's typed record, from Run to the worker: validated once at Run, stored as data (the tasks table's
+`request` column), read by the worker as it was stored. The Wiro `parameters` a task answers with (every value a
+string) are rendered from it, and from the parameters the worker resolved once it had read the image.
+
+Tasks stored before this record existed (revision 0004) have only their `parameters` text, which Run validated
+when it stored them: `record_of` reads it into a record once, and they render from that text as they always did.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.params import GenerationParams
+from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD
+
+
+class ImageSource(BaseModel):
+    """Where the start image is: an upload in the store (`upload_id`), or a public URL the worker fetches."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    upload_id: str | None = None
+    attached: bool = False
+    """Sent as a file part with the Run request (stored with the task): `inputImage` then shows its URL."""
+
+    @property
+    def field(self) -> str:
+        """The field the worker's messages about this image name."""
+        return IMAGE_FIELD if self.upload_id else IMAGE_URL_FIELD
+
+
+class TaskRecord(BaseModel):
+    """What Run accepted: the validated parameters (the seed fixed), the image, the callback and the caller."""
+
+    model_config = ConfigDict(frozen=True)
+
+    params: GenerationParams
+    inputs: dict[str, str]
+    """The tool inputs as sent, as text: what `parameters` echoes before the defaults are filled in."""
+    image: ImageSource
+    callback_url: str = ""
+    owner: str | None = None
+
+    def wiro_parameters(self, used: GenerationParams | None = None) -> dict[str, str]:
+        """The recorded parameters: the inputs as sent, the default (and the chosen seed) of each one left out,
+        and, once the worker has resolved them, the seed, size and fast-mode values it used."""
+        shown = dict(self.inputs)
+        for name, value in self.params.wiro_inputs().items():
+            if value is not None and not shown.get(name, "").strip():  # an unset mode: the worker records it
+                shown[name] = str(value)
+        if self.image.attached:
+            shown.pop(IMAGE_URL_FIELD, None)
+            shown[IMAGE_FIELD] = self.image.url
+        return with_used(shown, used)
+
+
+def with_used(shown: dict[str, str], used: GenerationParams | None) -> dict[str, str]:
+    """`shown` with what the worker resolved: seed and size, and in fast mode the distilled schedule's values."""
+    if used is None:
+        return shown
+    shown = {**shown, "seed": str(used.seed), "width": str(used.width), "height": str(used.height)}
+    if used.mode == "fast":
+        shown.update(mode="fast", steps=str(used.steps), scale=str(used.scale), flowShift=str(used.flow_shift))
+    return shown
+
+
+def record_of(task: Any) -> TaskRecord:
+    """The record of a stored task (a tasks row or ORM object), as stored; for one stored before revision 0004,
+    read from its `parameters` text (which Run validated when it stored it)."""
+    if task.request is not None:
+        return TaskRecord.model_validate(task.request)
+    inputs = json.loads(task.parameters or "{}")
+    return TaskRecord(
+        params=GenerationParams.model_validate(inputs), inputs=inputs,
+        image=ImageSource(url=task.image_url or "", upload_id=task.upload_id),
+        callback_url=task.callbackurl or "", owner=task.owner,
+    )
+
+
+def used_of(task: Any) -> GenerationParams | None:
+    return None if task.resolved is None else GenerationParams.model_validate(task.resolved)
+
+
+def parameters_of(task: Any) -> dict[str, str]:
+    """The `parameters` Task/Detail answers for a stored task."""
+    used = used_of(task)
+    if task.request is None:  # stored before revision 0004: its inputs are the recorded text
+        return with_used(json.loads(task.parameters or "{}"), used)
+    return TaskRecord.model_validate(task.request).wiro_parameters(used)

@@ -1,0 +1,89 @@
+"""The worker process: `particalize worker`, and each worker `particalize serve` starts. Its options, storage
+and a way to build the model are handed in by the entry point at the top (particalize/); it opens the store,
+registers, loads the model once and runs the claiming loop until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from server.storage import Storage
+from server.store import open_store
+from server.store.outage import StoreHealth
+from server.worker.loop import Worker
+from server.worker.options import WorkerOptions, worker_id_for
+from server.worker.task_run import Generator
+from server.worker_reports import Report
+
+log = logging.getLogger("particalize.worker")
+
+EXIT_LOAD_FAILED = 3
+"""`particalize worker` exits with this when the model cannot be loaded (restarting would not help)."""
+
+
+def loaded_detail(generator: Any) -> tuple[str, bool]:
+    """What the worker registers about its model (the detail /ready lists: load time, each LoRA, its strength and
+    whether fast mode is there), and whether it is random weights."""
+    loaded = f"loaded in {getattr(generator, 'load_seconds', 0.0):.1f}s"
+    loras = getattr(generator, "loras", [])
+    if loras:
+        loaded += "; LoRAs: " + "; ".join(info.describe() for info in loras)
+    random_weights = bool(getattr(generator, "random_weights", False))
+    if random_weights:
+        from pipeline.random_weights import NOISE_WARNING
+
+        loaded = f"{NOISE_WARNING}; {loaded}"
+    return loaded, random_weights
+
+
+def run_worker(
+    options: WorkerOptions,
+    storage: Storage,
+    make_generator: Callable[[], Generator],
+    stop_event: threading.Event,
+    *,
+    slot: int = 0,
+    parent_pid: int | None = None,
+    report: Report | None = None,
+) -> int:
+    """Load the model once (`make_generator`), then serve tasks until `stop_event` (a server.shutdown.StopRequest
+    gives the running task its grace period; a plain Event stops it at once). `report`: the pipe to the serve
+    process that started this worker, if one did. Returns the process exit code."""
+    health = StoreHealth(log)  # a worker started during a store outage waits for the store, it does not crash
+
+    def when_up(action: Callable[[], Any]) -> Any:
+        return health.retry(action, give_up=stop_event.is_set, sleep=stop_event.wait)
+
+    store = when_up(lambda: open_store(options.store))
+    worker_id = worker_id_for(options.node_name, slot)
+    when_up(lambda: store.workers.register(worker_id, pid=os.getpid(), model=options.model, device="",
+                                           state="loading", version=options.version))
+    try:
+        generator = make_generator()
+    except Exception as exc:
+        log.error("worker %s cannot load model %s: %s", worker_id, options.model, exc)
+        store.workers.set_state(worker_id, "failed", detail=str(exc))
+        return EXIT_LOAD_FAILED
+    detail, random_weights = loaded_detail(generator)
+    if random_weights:
+        from pipeline.random_weights import NOISE_WARNING
+
+        log.warning("worker %s: %s", worker_id, NOISE_WARNING)
+    when_up(lambda: store.workers.register(worker_id, pid=os.getpid(), model=options.model,
+                                           device=str(generator.device),
+                                           state="stopping" if stop_event.is_set() else "ready", detail=detail,
+                                           version=options.version, random_weights=random_weights))
+    log.info("worker %s ready: model %s on %s", worker_id, options.model, generator.device)
+    worker = Worker(store, storage, generator, options, worker_id=worker_id, report=report)
+    try:
+        worker.run(stop_event, parent_pid=parent_pid)
+    finally:
+        try:
+            store.workers.set_state(worker_id, "stopped")
+        finally:
+            store.db.dispose()
+    log.info("worker %s stopped after %d task(s)", worker_id, worker.tasks_done)
+    return 0

@@ -41,13 +41,18 @@ class Fit:
         if self.misshaped:
             shown = "; ".join(f"{named.get(k, k)} is {list(got)} in the file, the config wants {list(want)}"
                               for k, got, want in self.misshaped[:SHOWN])
-            parts.append(f"{len(self.misshaped)} tensors have other shapes ({shown})")
+            parts.append(f"{_count(self.misshaped, 'tensor has', 'tensors have')} other shapes ({shown})")
         if self.missing:
-            parts.append(f"{len(self.missing)} keys are missing ({', '.join(self.missing[:SHOWN])})")
+            missing = ", ".join(self.missing[:SHOWN])
+            parts.append(f"{_count(self.missing, 'key is', 'keys are')} missing ({missing})")
         if self.unexpected:
             shown = ", ".join(named.get(k, k) for k in self.unexpected[:SHOWN])
-            parts.append(f"{len(self.unexpected)} keys fit nothing ({shown})")
+            parts.append(f"{_count(self.unexpected, 'key fits', 'keys fit')} nothing ({shown})")
         return "; ".join(parts)
+
+
+def _count(items: list, one: str, many: str) -> str:
+    return f"{len(items)} {one if len(items) == 1 else many}"
 
 
 def compare(expected: dict[str, tuple[int, ...]], found: dict[str, torch.Tensor]) -> Fit:

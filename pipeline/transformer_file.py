@@ -168,9 +168,10 @@ def load_transformer_file(path: Path, config: Mapping[str, Any], compute_dtype: 
     empty = empty_transformer(config)
     fit = compare(expected_shapes(empty), tensors)
     if not fit.ok:
-        hint = f" ({_shape_hint(tensors, config)})" if fit.misshaped or fit.missing else ""
-        raise WeightFormatError(f"{path.name} does not fit the preset's transformer: {fit.describe(file_name)}"
-                                f"{hint}. Use a Wan2.1 I2V 14B transformer file of the preset's kind (480P or 720P)")
+        hint = f"{_shape_hint(tensors, config)}: " if fit.misshaped or fit.missing else ""
+        raise WeightFormatError(f"{path.name} does not fit the preset's transformer: {hint}{fit.describe(file_name)}. "
+                                "Use a transformer file of the preset's model (Wan2.1 I2V 14B for the 480P and 720P "
+                                "presets, which have the same shapes)")
 
     if container == "gguf":
         _dequantize_non_linear_gguf(tensors, empty, compute_dtype)

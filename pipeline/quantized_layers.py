@@ -85,12 +85,13 @@ def dequantized(module: nn.Linear) -> nn.Linear:
 
 
 def unquantize(model: nn.Module, parameter_names: Iterable[str]) -> list[str]:
-    """Make the layers owning these parameters plain Linears (also inside a LoRA wrapper's `base_layer`); the
-    names of the layers changed. Exact: the new weight is the one the quantized layer computed with."""
+    """Make the layers whose weights these are plain Linears (also inside a LoRA wrapper's `base_layer`); the
+    names of the layers changed. Exact: the new weight is the one the quantized layer computed with. Other
+    parameters (a quantized layer's bias is held in the compute dtype) change nothing."""
     changed = []
     for name in parameter_names:
-        owner = name.rpartition(".")[0]
-        if not owner:
+        owner, _, leaf = name.rpartition(".")
+        if not owner or leaf != "weight":
             continue
         module = model.get_submodule(owner)
         base = getattr(module, "base_layer", module)

@@ -168,3 +168,19 @@ def write_text_encoder(path: Path, text_encoder: torch.nn.Module, dtype: torch.d
         sd = {k: v.to(dtype) for k, v in state.items()}
     _save(path, sd)
     return path, sd
+
+
+def used_weight(model: torch.nn.Module, key: str) -> torch.Tensor:
+    """The value a parameter computes with: a float8 or GGUF layer's weight dequantized, else the parameter."""
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    from pipeline.quantized_layers import Float8Linear, is_gguf_linear
+
+    owner, _, leaf = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    module = getattr(module, "base_layer", module)
+    if leaf == "weight" and isinstance(module, Float8Linear):
+        return module.dequantized_weight().detach()
+    if leaf == "weight" and is_gguf_linear(module):
+        return dequantize_gguf_tensor(module.weight).to(module.compute_dtype)
+    return getattr(module, leaf).detach()

@@ -22,7 +22,7 @@ from pipeline.loaded_file import loaded_file_of
 from pipeline.loader import load_base_pipeline
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
-from pipeline.quantized_layers import Float8Linear, is_gguf_linear, module_bytes, quantized_layers
+from pipeline.quantized_layers import Float8Linear, module_bytes, quantized_layers
 from pipeline.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_components
 from pipeline.transformer_file import load_transformer_file
 from pipeline.weight_files import WeightFiles
@@ -34,6 +34,7 @@ from tests.checkpoint_files import (
     linear_weights,
     to_original_names,
     transformer_state,
+    used_weight,
     write_fp8_transformer,
     write_gguf,
     write_transformer,
@@ -94,19 +95,6 @@ def frames(tmp_path: Path, files: WeightFiles | None = None, state: dict[str, to
 @pytest.fixture(scope="module")
 def plain_frames(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     return frames(tmp_path_factory.mktemp("plain"))
-
-
-def used_weight(model: torch.nn.Module, key: str) -> torch.Tensor:
-    """The value a parameter computes with (a float8 or GGUF layer's weight dequantized)."""
-    owner, _, leaf = key.rpartition(".")
-    module = model.get_submodule(owner)
-    if leaf == "weight" and isinstance(module, Float8Linear):
-        return module.dequantized_weight().detach()
-    if leaf == "weight" and is_gguf_linear(module):
-        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
-
-        return dequantize_gguf_tensor(module.weight).float()
-    return getattr(module, leaf).detach()
 
 
 # --- the layouts and the lossless dtypes: exact ---------------------------------------------------------------------

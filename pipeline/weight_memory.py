@@ -18,8 +18,14 @@ from typing import Any
 import torch
 
 GIB = 2**30
-TRANSFORMER_FORMATS = ("fp32", "bf16", "fp16", "fp8", "fp8_scaled", "gguf_Q8_0", "gguf_Q6_K", "gguf_Q5_K",
-                       "gguf_Q4_K", "gguf_Q3_K")
+TRANSFORMER_FORMATS = ("bf16", "fp8", "fp8_scaled", "gguf_Q8_0", "gguf_Q6_K", "gguf_Q5_K", "gguf_Q4_K",
+                       "gguf_Q3_K")
+"""'bf16' stands for any fp32, bf16 or fp16 file: all are held in the compute dtype."""
+LABELS = {"bf16": "bf16 (or fp16/fp32)", "fp8": "fp8 e4m3fn", "fp8_scaled": "ComfyUI fp8 scaled",
+          "gguf_Q8_0": "GGUF Q8_0", "gguf_Q6_K": "GGUF Q6_K", "gguf_Q5_K": "GGUF Q5_K", "gguf_Q4_K": "GGUF Q4_K",
+          "gguf_Q3_K": "GGUF Q3_K", "cpu": "on the CPU"}
+"""A GGUF row counts every quantizable weight in that type (as a *_S file); *_M files keep some layers in a larger
+type, so they are somewhat bigger."""
 TEXT_ENCODER_FORMATS = ("bf16", "fp8", "fp8_scaled", "cpu")
 
 # 480P activation headroom measured on an H200 (shared/notes/h200-measurements.md, benchmarks/RESULTS.md): peak
@@ -30,8 +36,6 @@ USABLE_GIB = {"24 GB": 23.5, "48 GB": 44.5, "80 GB": 79.0}
 
 SAFE_MARGIN_GIB = 2.0
 """Left free by a suggested configuration: the headroom was measured with another configuration (bf16, SDPA)."""
-
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _gguf_block(fmt: str) -> tuple[int, int]:
@@ -63,8 +67,6 @@ def transformer_bytes_by_format(config: Mapping[str, Any] | None = None, compute
         for _, n, row, fp32, linear in params:
             if fp32:
                 total += 4 * n
-            elif fmt in _BYTES:
-                total += n * _BYTES[fmt]
             elif fmt.startswith("fp8") and linear:
                 total += n + (4 if fmt == "fp8_scaled" else 0)
             elif block is not None and linear and row % block[0] == 0:
@@ -136,8 +138,20 @@ class Configuration:
         return self.peak_gib <= usable_gib
 
     def describe(self) -> str:
-        where = "the text encoder on the CPU" if self.text_encoder == "cpu" else f"a {self.text_encoder} text encoder"
-        return f"a {self.transformer} transformer file with {where} (≈{self.peak_gib:.1f} GiB at 480P)"
+        where = ("the text encoder on the CPU" if self.text_encoder == "cpu"
+                 else f"a {LABELS.get(self.text_encoder, self.text_encoder)} text encoder")
+        return (f"a {LABELS.get(self.transformer, self.transformer)} transformer with {where} "
+                f"(≈{self.peak_gib:.1f} GiB at 480P)")
+
+    def settings_hint(self) -> str:
+        """What to set for it, for a refusal message (setting names of issue 18)."""
+        parts = [] if self.transformer == "bf16" else [
+            f"PARTICALIZE_TRANSFORMER_FILE to a {LABELS.get(self.transformer, self.transformer)} transformer file"]
+        if self.text_encoder == "cpu":
+            parts.append("PARTICALIZE_TEXT_ENCODER_ON_CPU=1")
+        elif self.text_encoder != "bf16":
+            parts.append(f"PARTICALIZE_TEXT_ENCODER_FILE to a {LABELS.get(self.text_encoder)} UMT5-XXL file")
+        return f"set {' and '.join(parts)} (≈{self.peak_gib:.1f} GiB at 480P)" if parts else self.describe()
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "peak_gib": self.peak_gib,

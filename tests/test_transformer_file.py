@@ -21,7 +21,7 @@ from pipeline.generator import VideoGenerator
 from pipeline.loaded_file import loaded_file_of
 from pipeline.loader import load_base_pipeline
 from pipeline.params import GenerationParams
-from pipeline.presets import get_preset
+from pipeline.presets import ModelPreset, get_preset
 from pipeline.quantized_layers import Float8Linear, module_bytes, quantized_layers
 from pipeline.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_components
 from pipeline.transformer_file import load_transformer_file
@@ -80,13 +80,13 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny, state, linear) -> dict
 
 
 def frames(tmp_path: Path, files: WeightFiles | None = None, state: dict[str, torch.Tensor] | None = None,
-           **kw: object) -> np.ndarray:
+           preset: ModelPreset | None = None) -> np.ndarray:
     """A tiny video; `files` as the wiring will pass them, `state`: the tiny transformer's values replaced."""
     with pytest.MonkeyPatch.context() as mp:
         if files is not None:
             mp.setattr(generator_module, "load_base_pipeline",
                        functools.partial(load_base_pipeline, weight_files=files))
-        gen = VideoGenerator(get_preset("tiny"), weights_dir=tmp_path, **kw)
+        gen = VideoGenerator(preset or get_preset("tiny"), weights_dir=tmp_path)
     if state is not None:
         gen.pipe.transformer.load_state_dict(state)
     return gen.generate(PARAMS, IMAGE).frames
@@ -339,3 +339,32 @@ def test_random_weights_and_a_file_together_are_refused(tmp_path, files):
     with pytest.raises(WeightFormatError, match="random weights"):
         load_base_pipeline(get_preset("wan2.1-i2v-14b-480p"), tmp_path, torch.device("cpu"), random_weights=True,
                            weight_files=WeightFiles(transformer=files["fp32"]))
+
+
+# --- the rest of the pipeline from a diffusers directory ----------------------------------------------------------
+
+def test_a_diffusers_directory_without_transformer_weights_loads_with_a_transformer_file(tmp_path, files,
+                                                                                         plain_frames):
+    """The file replaces the directory's transformer: its weights need not be there, its config.json is used."""
+    from pipeline.tiny import build_tiny_pipeline
+
+    directory = tmp_path / "wan-local"
+    build_tiny_pipeline().save_pretrained(directory)
+    for weights in (directory / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    preset = get_preset(str(directory))
+    with pytest.raises(WeightsMissing, match="transformer"):
+        load_base_pipeline(preset, tmp_path, torch.device("cpu"))
+    from_dir = frames(tmp_path, WeightFiles(transformer=files["fp32"]), preset=preset)
+    np.testing.assert_allclose(from_dir, plain_frames, atol=1e-5)  # as the in-code tiny model, through from_pretrained
+
+
+def test_a_directorys_own_configs_are_the_ones_files_load_with(tmp_path):
+    from pipeline.random_weights import WAN_I2V_14B_TRANSFORMER
+    from pipeline.weight_files import directory_text_encoder_config, directory_transformer_config
+
+    assert directory_transformer_config(None) == WAN_I2V_14B_TRANSFORMER  # a preset not fetched: the real config
+    assert directory_text_encoder_config(tmp_path).d_model == 4096
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text('{"num_layers": 3}')
+    assert directory_transformer_config(tmp_path) == {"num_layers": 3}

@@ -368,3 +368,29 @@ def test_a_directorys_own_configs_are_the_ones_files_load_with(tmp_path):
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text('{"num_layers": 3}')
     assert directory_transformer_config(tmp_path) == {"num_layers": 3}
+
+
+# --- speed options that would undo a quantized base ----------------------------------------------------------------
+
+def test_fused_qkv_and_torchao_float8_leave_a_quantized_transformer_as_it_is(tmp_path, files):
+    from pipeline.acceleration import Applied, apply_fuse_qkv, float8_filter
+
+    for name in ("fp8_scaled", "gguf"):
+        pipe = load_base_pipeline(get_preset("tiny"), tmp_path, torch.device("cpu"),
+                                  weight_files=WeightFiles(transformer=files[name]))
+        applied = Applied()
+        apply_fuse_qkv(pipe, applied)
+        assert not applied.fused_qkv and "held quantized" in applied.notes[-1]
+        assert quantized_layers(pipe.transformer)
+    float8 = Float8Linear(torch.zeros(32, 32, dtype=torch.float8_e4m3fn), None, None, torch.bfloat16)
+    assert float8_filter(torch.nn.Linear(32, 32), "blocks.0.attn1.to_q")  # a size torchao takes...
+    assert not float8_filter(float8, "blocks.0.attn1.to_q")  # ...but already float8: left alone
+
+
+def test_what_was_loaded_is_described_for_the_banner(files):
+    model = load_transformer_file(files["gguf"], CONFIG, torch.float32)
+    info = loaded_file_of(model)
+    assert info.as_dict()["path"] == str(files["gguf"]) and info.file_bytes == files["gguf"].stat().st_size
+    assert info.memory_bytes == module_bytes(model)
+    assert info.describe() == (f"transformer from q8.gguf (gguf, original Wan keys; float32 x 85, Q8_0 x 2): GGUF "
+                               f"Q8_0 Linear weights, compute float32, {module_bytes(model) / 2**20:.2f} MiB in memory")

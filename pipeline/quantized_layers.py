@@ -12,7 +12,7 @@ Both kinds can be turned back into a plain Linear, layer by layer (`unquantize`)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,17 @@ class Float8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Float8Linear:
+        """`.to(device)` moves it; `.to(dtype)` (a pipeline cast) changes the compute dtype, the weight staying
+        float8 (float8 -> any wider float -> float8 is exact)."""
+        storage = self.weight.dtype
+        super()._apply(fn, recurse)
+        if self.weight.dtype != storage:
+            if self.weight.dtype.is_floating_point:
+                self.compute_dtype = self.weight.dtype
+            self.weight.data = self.weight.data.to(storage)
+        return self
 
     def extra_repr(self) -> str:
         scaled = ", scaled" if self.weight_scale is not None else ""

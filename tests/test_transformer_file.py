@@ -394,3 +394,14 @@ def test_what_was_loaded_is_described_for_the_banner(files):
     assert info.memory_bytes == module_bytes(model)
     assert info.describe() == (f"transformer from q8.gguf (gguf, original Wan keys; float32 x 85, Q8_0 x 2): GGUF "
                                f"Q8_0 Linear weights, compute float32, {module_bytes(model) / 2**20:.2f} MiB in memory")
+
+
+def test_a_dtype_cast_of_the_model_keeps_float8_weights_float8(files):
+    model = load_transformer_file(files["fp8_scaled"], CONFIG, torch.float32)
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    model.to(torch.bfloat16)
+    for name, weight in before.items():
+        layer = model.get_submodule(name)
+        assert layer.weight.dtype == torch.float8_e4m3fn and layer.compute_dtype == torch.bfloat16
+        assert torch.equal(layer.weight.view(torch.uint8), weight.view(torch.uint8))  # the same float8 values
+        assert layer(torch.ones(1, layer.in_features, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -28,6 +28,8 @@ TIED = "encoder.embed_tokens.weight"
 SHARED = "shared.weight"
 NOT_ENCODER = ("decoder.", "lm_head.")
 """A full T5 checkpoint's other half: the encoder-only model has no use for it."""
+TOKENIZER_KEY = "spiece_model"
+"""ComfyUI's text encoder files may carry the SentencePiece tokenizer as bytes; the preset's tokenizer is used."""
 
 
 def keeps_float8(name: str, module: torch.nn.Module) -> bool:
@@ -54,7 +56,7 @@ def load_text_encoder_file(path: Path, config: UMT5Config, compute_dtype: torch.
                                 "are not supported)")
     raw = read_checkpoint(path, container)
     stored = describe_counts(storage_counts(raw))
-    split = split_scales({k: v for k, v in raw.items() if not k.startswith(NOT_ENCODER)})
+    split = split_scales({k: v for k, v in raw.items() if not k.startswith(NOT_ENCODER) and k != TOKENIZER_KEY})
     tensors, scales = split.tensors, split.scales
     if SHARED not in tensors and TIED in tensors:
         tensors[SHARED] = tensors[TIED]

@@ -75,6 +75,10 @@ def test_a_bf16_file_loads_exactly_and_encodes_as_the_encoder_rounded_to_bf16(tm
 def test_comfyuis_fp8_scaled_file_stays_float8_with_each_scale_applied(tmp_path, tiny):
     path, stored = write_text_encoder(tmp_path / "umt5_fp8_scaled.safetensors", tiny, scaled=True)
     assert "scaled_fp8" in stored
+    from safetensors.torch import load_file  # ComfyUI's files may carry the tokenizer too: not a weight
+
+    save_file({**load_file(str(path)), "spiece_model": torch.tensor(list(b"\x0a\x04spm"), dtype=torch.uint8)},
+              str(path))
     model = load_text_encoder_file(path, tiny.config, torch.float32)
     float8 = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
     assert float8 and all(n.rsplit(".", 1)[1] in {"q", "k", "v", "o", "wi_0", "wi_1"} for n in float8)

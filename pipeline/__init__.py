@@ -1,6 +1,14 @@
 """Wan2.1 image-to-video generation with the Particalize LoRA, independent of any HTTP layer."""
 
-from pipeline.errors import Interrupted, InvalidParameter, LoraMismatch, PipelineError, WeightsMissing
+from pipeline.errors import (
+    Interrupted,
+    InvalidParameter,
+    LoraFuseRefused,
+    LoraMismatch,
+    PipelineError,
+    WeightFormatError,
+    WeightsMissing,
+)
 from pipeline.params import GenerationParams
 from pipeline.presets import PRESETS, ModelPreset, get_preset
 
@@ -9,9 +17,11 @@ __all__ = [
     "GenerationParams",
     "Interrupted",
     "InvalidParameter",
+    "LoraFuseRefused",
     "LoraMismatch",
     "ModelPreset",
     "PipelineError",
+    "WeightFormatError",
     "WeightsMissing",
     "get_preset",
 ]

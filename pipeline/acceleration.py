@@ -21,6 +21,7 @@ from diffusers import WanImageToVideoPipeline
 from pipeline import fa4
 from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.guidance import BatchedGuidanceHook, enable_batched_guidance
+from pipeline.quantized_layers import is_quantized_linear, quantized_layers
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +151,12 @@ def float8_filter(module: torch.nn.Module, fqn: str, keep: Collection[str] = fro
 
     An unfused LoRA's small lora_A/lora_B (rank-sized) stay in bf16: PEFT adds them on top of the float8 base.
     The separate projections that fused QKV left as views of the fused weights are not used: left as they are.
-    A Linear whose weight is in `keep` (switched per request by a LoRA difference) stays in bf16.
+    A Linear whose weight is in `keep` (switched per request by a LoRA difference) stays in bf16. A layer a float8
+    or GGUF transformer file already holds quantized is left as it is.
     """
     if not isinstance(module, torch.nn.Linear) or "lora_" in fqn or _switched_linear(module, fqn, keep):
+        return False
+    if is_quantized_linear(module):
         return False
     if module.weight._base is not None:  # a view into a fused QKV layer (apply_fuse_qkv): unused, keep it a view
         return False
@@ -174,6 +178,10 @@ def apply_fuse_qkv(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
     """
     if any("lora_" in name for name, _ in pipe.transformer.named_modules()):
         applied.note("fused QKV projections not applied: an unfused LoRA sits on the separate projections")
+        return
+    if quantized_layers(pipe.transformer):
+        applied.note("fused QKV projections not applied: the transformer file's q/k/v weights are held quantized "
+                     "(float8 or GGUF), which diffusers' fusion cannot concatenate")
         return
     pipe.transformer.fuse_qkv_projections()
     for module in pipe.transformer.modules():

@@ -30,3 +30,12 @@ class WeightsMissing(PipelineError, FileNotFoundError):
 
 class LoraMismatch(PipelineError, ValueError):
     """A LoRA file does not fit the loaded transformer."""
+
+
+class WeightFormatError(PipelineError, ValueError):
+    """A single-file checkpoint (transformer or text encoder) cannot be loaded into the preset's model: not that
+    model, another size, an unknown extension or quantization. The message names what was expected instead."""
+
+
+class LoraFuseRefused(PipelineError, ValueError):
+    """A LoRA cannot be fused into quantized (float8 or GGUF) base weights; the message says to keep it unfused."""

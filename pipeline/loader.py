@@ -11,8 +11,14 @@ from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 from transformers import CLIPVisionModel
 
 from pipeline.devices import serving_dtype_for
-from pipeline.errors import WeightsMissing
+from pipeline.errors import WeightFormatError, WeightsMissing
 from pipeline.presets import ModelPreset
+from pipeline.weight_files import (
+    WeightFiles,
+    directory_text_encoder_config,
+    directory_transformer_config,
+    load_weight_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,32 +94,45 @@ def fetch_hint(preset: ModelPreset) -> str:
 
 
 def load_base_pipeline(
-    preset: ModelPreset, weights_dir: Path, device: torch.device, place: bool = True, random_weights: bool = False
+    preset: ModelPreset, weights_dir: Path, device: torch.device, place: bool = True, random_weights: bool = False,
+    weight_files: WeightFiles | None = None,
 ) -> WanImageToVideoPipeline:
     """Transformer and text encoder in bf16 on CUDA; VAE and CLIP image encoder in float32 (as Wan's reference).
 
     `place=False` leaves the weights on the CPU for an offload mode to place them. `random_weights` builds the
-    real-size model in code instead of reading it (pipeline.random_weights: its videos are noise).
+    real-size model in code instead of reading it (pipeline.random_weights: its videos are noise). `weight_files`:
+    single files replacing the preset's transformer and/or text encoder (pipeline.weight_files); the preset's
+    directory then needs no weights for those components, and the tiny preset keeps its float32 compute.
     """
+    files = weight_files or WeightFiles()
     if random_weights and not preset.is_tiny:
+        if files.any:
+            raise WeightFormatError("random weights build every component in code: a transformer or text encoder "
+                                    "file cannot be used with them")
         from pipeline.random_weights import NOISE_WARNING, build_random_pipeline
 
         log.warning("%s: building %s on %s", NOISE_WARNING, preset.name, device if place else "cpu")
         return build_random_pipeline(device if place else torch.device("cpu"), dtype=serving_dtype_for(device))
     if preset.is_tiny:
-        from pipeline.tiny import build_tiny_pipeline
+        from pipeline.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_components
 
-        pipe = build_tiny_pipeline()
+        components = build_tiny_components()
+        components.update(load_weight_files(files, dict(TINY_TRANSFORMER_CONFIG),
+                                            components["text_encoder"].config, torch.float32))
+        pipe = WanImageToVideoPipeline(**components)
         return pipe.to(device) if place else pipe
 
     model_dir = preset_dir(preset, weights_dir)
-    missing = missing_files(model_dir)
+    replaced = [model_dir / name for name in files.components()]
+    missing = [p for p in missing_files(model_dir) if not any(p == r or r in p.parents for r in replaced)]
     if missing:
         shown = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise WeightsMissing(f"model {preset.name} is not complete on disk (missing {shown}): {fetch_hint(preset)}")
 
     dtype = serving_dtype_for(device)
     log.info("loading %s from %s (%s on %s)", preset.name, model_dir, dtype, device)
+    from_files = load_weight_files(files, directory_transformer_config(model_dir),
+                                   directory_text_encoder_config(model_dir), dtype)
     image_encoder = CLIPVisionModel.from_pretrained(
         model_dir, subfolder="image_encoder", torch_dtype=torch.float32, local_files_only=True
     )
@@ -121,6 +140,6 @@ def load_base_pipeline(
         model_dir, subfolder="vae", torch_dtype=torch.float32, local_files_only=True
     )
     pipe = WanImageToVideoPipeline.from_pretrained(
-        model_dir, vae=vae, image_encoder=image_encoder, torch_dtype=dtype, local_files_only=True
+        model_dir, vae=vae, image_encoder=image_encoder, torch_dtype=dtype, local_files_only=True, **from_files
     )
     return pipe.to(device) if place else pipe

@@ -7,6 +7,11 @@ Which path each kind of key takes (the plan is made from the file's own keys, se
 - `diff` (norms, patch embedding, img_emb, any weight), `diff_b` (biases), `diff_m` (modulation tables), PEFT
   `lora_B.bias`, and pairs on layers that are not Linear: pipeline/lora_diffs.py, switched with the same strengths.
 
+On a quantized base (float8 or GGUF transformer files, pipeline/quantized_layers.py) pairs stay unfused adapters
+in the compute dtype on top of the quantized layers (exact); a full difference on a quantized weight makes that one
+layer a plain Linear holding its dequantized weight (exact); fusing into quantized weights is refused
+(LoraFuseRefused): it would round the LoRA's change away, or is not possible for GGUF blocks.
+
 After diffusers has loaded a file, each pair is looked up again in the layer it wraps (the adapter's lora_A and
 lora_B must hold the file's values): a key that changed nothing is refused by name, or, with
 `strict=False` (PARTICALIZE_LORA_STRICT=false), left out and counted in a WARNING.
@@ -24,9 +29,10 @@ from pathlib import Path
 import torch
 from diffusers import WanImageToVideoPipeline
 
-from pipeline.errors import LoraMismatch, WeightsMissing
+from pipeline.errors import LoraFuseRefused, LoraMismatch, WeightsMissing
 from pipeline.lora_diffs import WeightDiffs
 from pipeline.lora_keys import LoraPlan, ModelParts, plan_lora
+from pipeline.quantized_layers import quantized_layers, unquantize
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +147,10 @@ class LoraStack:
         self._check(plan, path, "")
         if not plan.pairs and not plan.deltas:
             raise LoraMismatch(f"no key of {path.name} fits this model: {_problem_text(plan.problems)}")
+        dequantized = unquantize(self.pipe.transformer, plan.deltas)
+        if dequantized:
+            log.info("LoRA %s changes %d quantized layers by full differences: those layers now hold their "
+                     "dequantized weights (exact)", path.name, len(dequantized))
         if plan.pairs:
             with warnings.catch_warnings():  # PEFT warns that a second adapter is a second adapter: that is the point
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -182,8 +192,11 @@ class LoraStack:
         todo = [info for info in self.loras if not info.fused]
         if not todo:
             return
-        self.use(False)
         adapters = [info.name for info in todo if info.modules]
+        refusal = fuse_refusal(self.pipe.transformer, adapters)
+        if refusal:
+            raise LoraFuseRefused(refusal)
+        self.use(False)
         if adapters:
             self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=adapters)
             self.pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
@@ -206,6 +219,22 @@ class LoraStack:
             self.pipe.disable_lora()
         self.diffs.set_weights({info.name: info.strength for info in active})
         self.fast = fast
+
+
+def fuse_refusal(transformer: torch.nn.Module, adapters: Iterable[str] | None = None) -> str | None:
+    """Why these adapters (None: any LoRA) cannot be fused into this transformer, or None when they can: their
+    layers' base weights are quantized. Callers that fuse by default (before compiling) check this first."""
+    wanted = None if adapters is None else set(adapters)
+    hit = {name: kind for name, kind in quantized_layers(transformer).items()
+           if wanted is None or wanted & set(getattr(transformer.get_submodule(name), "lora_A", {}))}
+    if not hit:
+        return None
+    kinds = " and ".join(sorted(set(hit.values())))
+    example = next(iter(hit))
+    return (f"cannot fuse LoRAs into this transformer: {len(hit)} of its layers (e.g. {example}) hold {kinds} "
+            "weights, and fusing would round the LoRA's change to that precision (or cannot write GGUF blocks). "
+            "Keep the LoRAs unfused: leave PARTICALIZE_FUSE_LORA / --fuse-lora off, and, since LoRAs are fused "
+            "before compiling, set PARTICALIZE_COMPILE=0 / --no-compile; or use a bf16 transformer file")
 
 
 def _diffusers_state_dict(plan: LoraPlan) -> dict[str, torch.Tensor]:

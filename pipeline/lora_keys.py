@@ -93,7 +93,7 @@ class ModelParts:
         for name, param in transformer.named_parameters():
             if ".lora_" in name:
                 continue  # an adapter's own weights, not the model's
-            shapes[name.replace(".base_layer", "")] = tuple(param.shape)
+            shapes[name.replace(".base_layer", "")] = tuple(getattr(param, "quant_shape", param.shape))  # GGUF
         linears = {}
         for name, module in transformer.named_modules():
             base = getattr(module, "base_layer", module)

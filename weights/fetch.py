@@ -7,7 +7,8 @@ from pathlib import Path
 from pipeline.loader import preset_dir
 from pipeline.presets import ModelPreset
 from weights.locate import lora_dir
-from weights.manifest import FileRecord, write_manifest
+from weights.manifest import FileRecord, read_manifest, write_manifest
+from weights.single_file import FileSource, files_dir
 
 # The pipeline reads only these: skip the original (non-diffusers) checkpoints some repos carry too.
 SNAPSHOT_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model", "*/spiece*"]
@@ -52,4 +53,22 @@ def fetch_lora(repo_id: str, filename: str, weights_dir: Path, revision: str | N
     path = Path(hf_hub_download(repo_id, filename, revision=revision, local_dir=target, token=token))
     sha, records = _records(repo_id, revision, token, wanted={filename})
     write_manifest(target, repo_id, sha, records)
+    return path
+
+
+def fetch_single_file(source: FileSource, weights_dir: Path, token: str | None = None) -> Path:
+    """Download one transformer or text-encoder file (resumable) into `files_dir`, and add its size and sha256 to
+    that folder's manifest (one repo often holds both files, e.g. ComfyUI's repackaged Wan2.1)."""
+    from huggingface_hub import hf_hub_download
+
+    if not source.is_hub:
+        raise ValueError(f"{source.text} is a local file: nothing to fetch")
+    assert source.repo is not None and source.file is not None
+    target = files_dir(weights_dir, source.repo)
+    target.mkdir(parents=True, exist_ok=True)
+    path = Path(hf_hub_download(source.repo, source.file, revision=source.revision, local_dir=target, token=token))
+    sha, records = _records(source.repo, source.revision, token, wanted={source.file})
+    known = (read_manifest(target) or {}).get("files", {})
+    kept = [FileRecord(rel, meta.get("size"), meta.get("sha256")) for rel, meta in known.items() if rel != source.file]
+    write_manifest(target, source.repo, sha, kept + records)
     return path

@@ -1,0 +1,888 @@
+"""The library names the code relies on beyond documented API: one test per name, its id the dotted name.
+
+diffusers, torch, peft and transformers are used past their public surface: underscore names (diffusers'
+hub-kernel registry, `torch._dynamo` counters, PEFT's base-layer dtype lookup), modules that are not their package's
+API (`diffusers.hooks`, `diffusers.models.attention_dispatch`, `diffusers.loaders.single_file_utils`), attributes read
+or written on library objects (an attention processor's `_attention_backend`, a pipeline's `_interrupt`, GGUF
+parameters' `quant_type`), and library methods overridden (`torch.nn.Module._apply`, the flow-match scheduler's
+`set_timesteps`). Public names that arrived late are here too, as lower bounds of the ranges in pyproject.toml
+(`AttentionBackendName.FLASH_4_HUB`: diffusers 0.38; `ContextParallelConfig`, `TaylorSeerCacheConfig`: 0.36;
+`_get_base_layer_device_and_dtype` honouring `compute_dtype`: peft 0.19; UMT5's tied embedding: transformers 5.3).
+The floors themselves are the oldest releases on which the suite passes (docs/library-versions.md).
+
+Each check asserts what the code needs of the name (its kind, the parameters the code passes, the behaviour it
+counts on) on tiny objects, so that an upgrade that breaks one fails here, under that name, before it fails
+somewhere in a video. `test_every_internal_import_of_the_code_has_a_contract` keeps the list complete: an import
+of a private or non-API module of these libraries anywhere in the code or tests needs an entry here.
+
+When a check fails after an upgrade: read what the code does with the name (the `used` text of its entry), adapt
+the code (or this check, when only the check's way of observing it changed), and move the range in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import inspect
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("pipeline", "server", "weights", "particalize", "benchmarks", "scripts", "tests")
+
+
+@dataclass(frozen=True)
+class Contract:
+    check: Callable[[], None]
+    used: str
+    """Where and how the code uses the name (shown when the check fails)."""
+    needs: str | None = None
+    """An optional package (an extra) without which the name cannot be used, nor checked."""
+
+
+CONTRACTS: dict[str, Contract] = {}
+
+
+def contract(name: str, used: str, needs: str | None = None) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    def register(check: Callable[[], None]) -> Callable[[], None]:
+        assert name not in CONTRACTS, f"two contracts for {name}"
+        CONTRACTS[name] = Contract(check, used, needs)
+        return check
+
+    return register
+
+
+def takes(function: object, *names: str) -> None:
+    """`function` accepts each of `names` as a keyword (by name, not through **kwargs)."""
+    params = inspect.signature(function).parameters
+    missing = [n for n in names if n not in params
+               or params[n].kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    assert not missing, f"{getattr(function, '__qualname__', function)} takes no keyword {missing}: {list(params)}"
+
+
+def source_says(obj: object, *snippets: str) -> None:
+    """The source of `obj` contains each snippet: for behaviour that only the library's own code path shows."""
+    text = inspect.getsource(obj)
+    missing = [s for s in snippets if s not in text]
+    assert not missing, f"{getattr(obj, '__qualname__', obj)} no longer contains {missing}"
+
+
+# ---- tiny models, built here (no project module: they move, the libraries' names are what is tested) ----
+
+TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+                text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=16, added_kv_proj_dim=24, rope_max_seq_len=1024)
+
+
+def tiny_transformer() -> torch.nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**TINY_WAN).eval()
+
+
+def tiny_inputs() -> dict[str, torch.Tensor]:
+    """One forward's keywords, as WanImageToVideoPipeline passes them."""
+    generator = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 36, 1, 4, 4, generator=generator), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 8, 16, generator=generator),
+                encoder_hidden_states_image=torch.randn(1, 4, 16, generator=generator), return_dict=False)
+
+
+def tiny_umt5() -> torch.nn.Module:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    # tie_word_embeddings=False as in UMT5-XXL's config (pipeline/random_weights.py, the real snapshot)
+    return UMT5EncoderModel(UMT5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                       relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                       decoder_start_token_id=0, tie_word_embeddings=False)).eval()
+
+
+# ============================== diffusers: names that set the floor ==============================
+
+@contract("diffusers.models.attention_dispatch.AttentionBackendName.FLASH_4_HUB",
+          "pipeline/fa4.py routes the local FlashAttention-4 kernel through diffusers' flash_4_hub entry (0.38+)")
+def _():
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    assert AttentionBackendName.FLASH_4_HUB.value == "flash_4_hub"
+
+
+@contract("diffusers.ContextParallelConfig",
+          "pipeline/parallel.py: ContextParallelConfig(ring_degree=N) or (ulysses_degree=N), then enable_parallelism")
+def _():
+    from diffusers import ContextParallelConfig
+
+    takes(ContextParallelConfig, "ring_degree", "ulysses_degree")
+
+
+@contract("diffusers.TaylorSeerCacheConfig",
+          "pipeline/acceleration.py step_cache=taylorseer: TaylorSeerCacheConfig(cache_interval, cache_identifiers)")
+def _():
+    from diffusers import TaylorSeerCacheConfig
+
+    takes(TaylorSeerCacheConfig, "cache_interval", "cache_identifiers")
+
+
+@contract("diffusers.FirstBlockCacheConfig", "pipeline/acceleration.py step_cache=first_block: (threshold=)")
+def _():
+    from diffusers import FirstBlockCacheConfig
+
+    takes(FirstBlockCacheConfig, "threshold")
+
+
+@contract("diffusers.ModelMixin.enable_parallelism", "pipeline/parallel.py: transformer.enable_parallelism(config=)")
+def _():
+    from diffusers import ModelMixin
+
+    takes(ModelMixin.enable_parallelism, "config")
+
+
+# ============================== diffusers: attention dispatch ==============================
+
+@contract("diffusers.models.attention_dispatch.AttentionBackendName",
+          "attention_backend values (settings, acceleration.AUTO_CUDA_BACKENDS, benchmarks/bench_attention.py "
+          "KERNELS) are looked up by value: AttentionBackendName(name)")
+def _():
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    for value in ("native", "_native_math", "_native_cudnn", "_native_flash", "_native_efficient", "flex",
+                  "flash", "_flash_3", "sage", "flash_4_hub"):
+        assert AttentionBackendName(value).value == value
+
+
+@contract("diffusers.models.attention_dispatch._check_attention_backend_requirements",
+          "pipeline/acceleration.py _try_backend: raises RuntimeError/ValueError/ImportError when a backend's "
+          "kernels are not importable (the note shows its first sentence); passes for native")
+def _():
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    takes(_check_attention_backend_requirements, "backend")
+    _check_attention_backend_requirements(AttentionBackendName.NATIVE)
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        with pytest.raises((RuntimeError, ValueError, ImportError)):
+            _check_attention_backend_requirements(AttentionBackendName._FLASH_3)
+
+
+@contract("diffusers.models.attention_dispatch._HUB_KERNELS_REGISTRY",
+          "pipeline/fa4.py enable, benchmarks/bench_attention.py: _HUB_KERNELS_REGISTRY[FLASH_4_HUB].kernel_fn is "
+          "replaced by the local kernel, which diffusers' flash_4_hub function then calls with keywords q, k, v, "
+          "softmax_scale, causal (returning out or (out, lse))")
+def _():
+    from diffusers.models.attention_dispatch import (
+        _HUB_KERNELS_REGISTRY,
+        AttentionBackendName,
+        dispatch_attention_fn,
+    )
+
+    entry = _HUB_KERNELS_REGISTRY[AttentionBackendName.FLASH_4_HUB]
+    assert hasattr(entry, "kernel_fn")
+    seen = {}
+
+    def kernel(**kwargs):
+        seen.update(kwargs)
+        q, k, v = (kwargs[n].transpose(1, 2) for n in "qkv")
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=kwargs["softmax_scale"])
+        return out.transpose(1, 2), None
+
+    before = entry.kernel_fn
+    entry.kernel_fn = kernel
+    try:
+        q, k, v = (torch.randn(1, 8, 2, 4) for _ in range(3))
+        out = dispatch_attention_fn(q, k, v, backend=AttentionBackendName.FLASH_4_HUB)
+    finally:
+        entry.kernel_fn = before
+    assert set(seen) >= {"q", "k", "v", "softmax_scale", "causal"}, sorted(seen)
+    assert out.shape == q.shape
+
+
+@contract("diffusers.models.attention_dispatch.dispatch_attention_fn",
+          "benchmarks/bench_attention.py and tests: dispatch_attention_fn(q, k, v, backend=AttentionBackendName)")
+def _():
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    takes(dispatch_attention_fn, "query", "key", "value", "backend")
+    q = torch.randn(1, 8, 2, 4)
+    torch.testing.assert_close(dispatch_attention_fn(q, q, q, backend=AttentionBackendName.NATIVE),
+                               torch.nn.functional.scaled_dot_product_attention(*[q.transpose(1, 2)] * 3
+                                                                                ).transpose(1, 2))
+
+
+@contract("diffusers.models.attention.AttentionModuleMixin",
+          "pipeline/fa4.py enable: the modules whose processor gets the backend are the AttentionModuleMixin ones")
+def _():
+    from diffusers.models.attention import AttentionModuleMixin
+
+    attention = [m for m in tiny_transformer().modules() if isinstance(m, AttentionModuleMixin)]
+    assert len(attention) == 2 * TINY_WAN["num_layers"]  # attn1 and attn2 of every block
+
+
+@contract("diffusers.models.transformers.transformer_wan.WanAttnProcessor._attention_backend",
+          "pipeline/fa4.py enable sets processor._attention_backend directly (as set_attention_backend does, "
+          "without its `kernels` check); the processor passes it to dispatch_attention_fn(backend=)")
+def _():
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    transformer = tiny_transformer()
+    processor = transformer.blocks[0].attn1.processor
+    assert hasattr(processor, "_attention_backend")
+    transformer.set_attention_backend("_native_math")
+    assert processor._attention_backend == AttentionBackendName._NATIVE_MATH
+    source_says(type(processor).__call__, "backend=self._attention_backend")
+
+
+@contract("diffusers.ModelMixin.set_attention_backend",
+          "pipeline/acceleration.py _try_backend: transformer.set_attention_backend(name)")
+def _():
+    from diffusers import ModelMixin
+
+    takes(ModelMixin.set_attention_backend, "backend")
+
+
+# ============================== diffusers: hooks ==============================
+
+@contract("diffusers.hooks.ModelHook",
+          "pipeline/guidance.py BatchedGuidanceHook: a stateful ModelHook (_is_stateful, reset_state) whose "
+          "new_forward calls self.fn_ref.original_forward")
+def _():
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    resets = []
+
+    class Doubling(ModelHook):
+        _is_stateful = True
+
+        def new_forward(self, module, *args, **kwargs):
+            return self.fn_ref.original_forward(*args, **kwargs) * 2
+
+        def reset_state(self, module):
+            resets.append(module)
+            return module
+
+    layer = torch.nn.Linear(2, 2)
+    x = torch.randn(1, 2)
+    expected = layer(x) * 2
+    HookRegistry.check_if_exists_or_initialize(layer).register_hook(Doubling(), "contract_doubling")
+    torch.testing.assert_close(layer(x), expected)
+    HookRegistry.check_if_exists_or_initialize(layer).reset_stateful_hooks()
+    assert resets == [layer]
+
+
+@contract("diffusers.hooks.HookRegistry",
+          "pipeline/guidance.py: HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, name)")
+def _():
+    from diffusers.hooks import HookRegistry
+
+    takes(HookRegistry.register_hook, "hook", "name")
+    layer = torch.nn.Linear(2, 2)
+    registry = HookRegistry.check_if_exists_or_initialize(layer)
+    assert HookRegistry.check_if_exists_or_initialize(layer) is registry
+
+
+@contract("diffusers.hooks.apply_group_offloading",
+          "pipeline/acceleration.py memory_mode=group_offload for a module without enable_group_offload "
+          "(the text encoder): apply_group_offloading(module, onload_device=, offload_type=, use_stream=)")
+def _():
+    from diffusers.hooks import apply_group_offloading
+
+    takes(apply_group_offloading, "module", "onload_device", "offload_type", "use_stream")
+
+
+@contract("diffusers.ModelMixin.enable_group_offload",
+          "pipeline/acceleration.py memory_mode=group_offload: enable_group_offload(onload_device=, offload_type=, "
+          "use_stream=)")
+def _():
+    from diffusers import ModelMixin
+
+    takes(ModelMixin.enable_group_offload, "onload_device", "offload_type", "use_stream")
+
+
+@contract("diffusers.models.cache_utils.CacheMixin._reset_stateful_cache",
+          "pipeline/generator.py _release: after an interrupted run, if transformer.is_cache_enabled, "
+          "transformer._reset_stateful_cache() (a step cache must not carry a killed run's state)")
+def _():
+    from diffusers import FirstBlockCacheConfig
+
+    transformer = tiny_transformer()
+    assert transformer.is_cache_enabled is False
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    assert transformer.is_cache_enabled is True
+    transformer._reset_stateful_cache()
+
+
+@contract("diffusers.hooks.taylorseer_cache.TaylorSeerCacheConfig.cache_identifiers",
+          "pipeline/acceleration.py WAN_BLOCK_OUTPUTS: fullmatch patterns naming Wan's blocks.N.attn1/attn2/ffn "
+          "(diffusers' defaults miss them): each named module gets a hook")
+def _():
+    from diffusers import TaylorSeerCacheConfig
+    from diffusers.hooks import HookRegistry
+
+    transformer = tiny_transformer()
+    patterns = [r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+\.ffn"]
+    transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=3, cache_identifiers=patterns))
+    for name in ("attn1", "attn2", "ffn"):
+        module = getattr(transformer.blocks[1], name)
+        assert HookRegistry.check_if_exists_or_initialize(module).hooks, f"blocks.1.{name} has no cache hook"
+
+
+# ============================== diffusers: the Wan model and pipeline ==============================
+
+@contract("diffusers.WanTransformer3DModel.blocks",
+          "pipeline/interrupt.py: transformer.blocks is an nn.ModuleList the forward walks in Python (for block in "
+          "self.blocks); its class is swapped for one whose __iter__ checks for a kill before each block")
+def _():
+    transformer = tiny_transformer()
+    assert type(transformer.blocks) is torch.nn.ModuleList
+    entered = []
+
+    class Counting(torch.nn.ModuleList):
+        def __iter__(self):
+            for block in super().__iter__():
+                entered.append(block)
+                yield block
+
+    transformer.blocks.__class__ = Counting
+    with torch.no_grad():
+        transformer(**tiny_inputs())
+    assert len(entered) == TINY_WAN["num_layers"]
+
+
+@contract("diffusers.WanTransformer3DModel.forward",
+          "pipeline/guidance.py: the pipeline calls the transformer with keywords hidden_states, timestep, "
+          "encoder_hidden_states, encoder_hidden_states_image, return_dict=False; the hook batches them")
+def _():
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    takes(WanTransformer3DModel.forward, "hidden_states", "timestep", "encoder_hidden_states",
+          "encoder_hidden_states_image", "return_dict")
+    source_says(WanImageToVideoPipeline.__call__, "encoder_hidden_states_image=", "return_dict=False")
+    with torch.no_grad():
+        out = tiny_transformer()(**tiny_inputs())
+    assert isinstance(out, tuple) and out[0].shape == (1, 16, 1, 4, 4)
+
+
+@contract("diffusers.WanTransformer3DModel._repeated_blocks",
+          "pipeline/acceleration.py apply_compile: compile_repeated_blocks(fullgraph=, dynamic=, mode=) compiles "
+          "each WanTransformerBlock")
+def _():
+    from diffusers import WanTransformer3DModel
+
+    assert "WanTransformerBlock" in WanTransformer3DModel._repeated_blocks
+    tiny_transformer().compile_repeated_blocks(fullgraph=True, dynamic=True, mode=None)  # lazy: nothing compiles yet
+
+
+@contract("diffusers.WanTransformer3DModel._keep_in_fp32_modules",
+          "pipeline/transformer_file.py (issue 18): a transformer file's tensors under these module names stay "
+          "float32, as from_pretrained keeps them")
+def _():
+    from diffusers import WanTransformer3DModel
+
+    names = WanTransformer3DModel._keep_in_fp32_modules
+    assert isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+    transformer = tiny_transformer()
+    segments = {s for n, _ in [*transformer.named_parameters(), *transformer.named_buffers()] for s in n.split(".")}
+    segments |= {s for n, _ in transformer.named_modules() for s in n.split(".")}
+    assert not set(names) - segments, f"no module named {sorted(set(names) - segments)}"
+
+
+@contract("diffusers.models.transformers.transformer_wan.WanAttention.fused_projections",
+          "pipeline/acceleration.py apply_fuse_qkv: after fuse_qkv_projections, modules with fused_projections "
+          "have to_qkv (self-attention) or to_kv and to_added_kv (cross-attention), whose rows are q|k|v, k|v, "
+          "add_k_proj|add_v_proj")
+def _():
+    transformer = tiny_transformer()
+    transformer.fuse_qkv_projections()
+    attn1, attn2 = transformer.blocks[0].attn1, transformer.blocks[0].attn2
+    assert attn1.fused_projections and attn2.fused_projections
+    for fused, parts in ((attn1.to_qkv, (attn1.to_q, attn1.to_k, attn1.to_v)), (attn2.to_kv, (attn2.to_k, attn2.to_v)),
+                         (attn2.to_added_kv, (attn2.add_k_proj, attn2.add_v_proj))):
+        torch.testing.assert_close(fused.weight, torch.cat([p.weight for p in parts]))
+
+
+@contract("diffusers.WanImageToVideoPipeline._interrupt",
+          "pipeline/generator.py _release: pipe._interrupt = False after an interrupted run; __call__ reads it")
+def _():
+    from diffusers import WanImageToVideoPipeline
+
+    assert isinstance(inspect.getattr_static(WanImageToVideoPipeline, "interrupt"), property)
+    source_says(WanImageToVideoPipeline.__call__, "self._interrupt")
+
+
+@contract("diffusers.WanImageToVideoPipeline.__call__",
+          "pipeline/generator.py generate: the keywords it passes (embeddings precomputed, a step-end callback)")
+def _():
+    from diffusers import WanImageToVideoPipeline
+
+    takes(WanImageToVideoPipeline.__call__, "image", "prompt_embeds", "negative_prompt_embeds", "height", "width",
+          "num_frames", "num_inference_steps", "guidance_scale", "generator", "output_type", "callback_on_step_end",
+          "max_sequence_length")
+
+
+@contract("diffusers.WanImageToVideoPipeline.encode_prompt", "pipeline/embeddings.py: the keywords it passes")
+def _():
+    from diffusers import WanImageToVideoPipeline
+
+    takes(WanImageToVideoPipeline.encode_prompt, "prompt", "negative_prompt", "do_classifier_free_guidance",
+          "num_videos_per_prompt", "max_sequence_length", "device")
+
+
+@contract("diffusers.WanImageToVideoPipeline.vae_scale_factor_spatial",
+          "pipeline/generator.py size_multiple, benchmarks: vae_scale_factor_spatial and _temporal set in __init__")
+def _():
+    from diffusers import WanImageToVideoPipeline
+
+    source_says(WanImageToVideoPipeline.__init__, "self.vae_scale_factor_spatial", "self.vae_scale_factor_temporal")
+
+
+@contract("diffusers.WanImageToVideoPipeline.load_lora_weights",
+          "pipeline/lora.py LoraStack: load_lora_weights(state_dict, adapter_name=), delete_adapters, set_adapters("
+          "names, adapter_weights=), enable_lora, disable_lora, fuse_lora(components=, lora_scale=, adapter_names=),"
+          " unload_lora_weights")
+def _():
+    from diffusers import WanImageToVideoPipeline as Pipe
+
+    takes(Pipe.load_lora_weights, "adapter_name")
+    takes(Pipe.set_adapters, "adapter_names", "adapter_weights")
+    takes(Pipe.fuse_lora, "components", "lora_scale", "adapter_names")
+    takes(Pipe.delete_adapters, "adapter_names")
+    for name in ("enable_lora", "disable_lora", "unload_lora_weights"):
+        assert callable(getattr(Pipe, name)), name
+
+
+@contract("diffusers.WanImageToVideoPipeline.enable_model_cpu_offload",
+          "pipeline/acceleration.py memory modes: enable_model_cpu_offload(device=), "
+          "enable_sequential_cpu_offload(device=)")
+def _():
+    from diffusers import WanImageToVideoPipeline as Pipe
+
+    takes(Pipe.enable_model_cpu_offload, "device")
+    takes(Pipe.enable_sequential_cpu_offload, "device")
+
+
+@contract("diffusers.AutoencoderKLWan.encoder",
+          "pipeline/interrupt.py: forward pre-hooks on vae.encoder and vae.decoder (called chunk by chunk) check "
+          "for a kill; acceleration: vae.enable_tiling()")
+def _():
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    calls = []
+    vae.encoder.register_forward_pre_hook(lambda module, args: calls.append("encoder"))
+    vae.decoder.register_forward_pre_hook(lambda module, args: calls.append("decoder"))
+    with torch.no_grad():
+        latent = vae.encode(torch.zeros(1, 3, 1, 16, 16)).latent_dist.mode()
+        vae.decode(latent)
+    assert "encoder" in calls and "decoder" in calls
+    assert callable(vae.enable_tiling)
+
+
+@contract("diffusers.FlowMatchEulerDiscreteScheduler.set_timesteps",
+          "pipeline/scheduler.py StepDistillScheduler overrides it and calls super() with num_inference_steps, "
+          "device, sigmas, mu, timesteps; ShiftedSchedulers rebuilds it with from_config(shift=)")
+def _():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    takes(FlowMatchEulerDiscreteScheduler.set_timesteps, "num_inference_steps", "device", "sigmas", "mu",
+          "timesteps")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, shift=5.0)
+    assert scheduler.config.shift == 5.0
+    scheduler.set_timesteps(num_inference_steps=4, sigmas=[1.0, 0.75, 0.5, 0.25])
+    assert len(scheduler.timesteps) == 4
+
+
+@contract("diffusers.UniPCMultistepScheduler.flow_shift",
+          "pipeline/tiny.py, random_weights.py, scheduler.py: UniPC with use_flow_sigmas, flow_prediction, and a "
+          "per-request from_config(flow_shift=)")
+def _():
+    from diffusers import UniPCMultistepScheduler
+
+    base = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                   num_train_timesteps=1000, flow_shift=3.0)
+    assert UniPCMultistepScheduler.from_config(base.config, flow_shift=5.0).config.flow_shift == 5.0
+
+
+# ============================== diffusers: single files and GGUF (issue 18) ==============================
+
+@contract("diffusers.loaders.single_file_utils.convert_wan_transformer_to_diffusers",
+          "pipeline/transformer_file.py: original Wan / ComfyUI key names to diffusers names")
+def _():
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    original = {name: torch.zeros(1) for name in ("head.modulation", "patch_embedding.weight",
+                                                  "blocks.0.self_attn.q.weight", "blocks.0.cross_attn.k_img.weight",
+                                                  "blocks.0.modulation", "blocks.0.ffn.0.weight")}
+    converted = set(convert_wan_transformer_to_diffusers(dict(original)))
+    expected = {"scale_shift_table", "patch_embedding.weight", "blocks.0.attn1.to_q.weight",
+                "blocks.0.attn2.add_k_proj.weight", "blocks.0.scale_shift_table", "blocks.0.ffn.net.0.proj.weight"}
+    assert converted == expected, sorted(converted ^ expected)
+
+
+@contract("diffusers.FromOriginalModelMixin.from_single_file",
+          "pipeline/transformer_file.py _from_gguf: WanTransformer3DModel.from_single_file(state_dict, config=dir, "
+          "torch_dtype=, local_files_only=True, quantization_config=GGUFQuantizationConfig(compute_dtype=))")
+def _():
+    from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
+
+    assert "dict" in next(iter(inspect.signature(WanTransformer3DModel.from_single_file).parameters))
+    source_says(WanTransformer3DModel.from_single_file, '"config"', '"torch_dtype"', '"local_files_only"',
+                '"quantization_config"')
+    takes(GGUFQuantizationConfig, "compute_dtype")
+
+
+def _write_gguf(path: Path) -> torch.Tensor:
+    import gguf
+    import numpy as np
+
+    weight = np.random.RandomState(0).randn(4, 64).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    writer = gguf.GGUFWriter(str(path), arch="wan")
+    writer.add_tensor("w", gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+    writer.add_tensor("b", np.arange(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return torch.from_numpy(weight)
+
+
+@contract("diffusers.models.model_loading_utils.load_gguf_checkpoint",
+          "pipeline/checkpoint_read.py: load_gguf_checkpoint(path) -> {name: tensor}, quantized tensors as "
+          "GGUFParameter with quant_type (a gguf.GGMLQuantizationType) and quant_shape (the logical shape)")
+def _():
+    import tempfile
+
+    import gguf
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    with tempfile.TemporaryDirectory() as directory:
+        _write_gguf(Path(directory) / "t.gguf")
+        tensors = load_gguf_checkpoint(str(Path(directory) / "t.gguf"))
+    assert set(tensors) == {"w", "b"}
+    assert tensors["w"].quant_type == gguf.GGMLQuantizationType.Q8_0 and tensors["w"].quant_type.name == "Q8_0"
+    assert tuple(tensors["w"].quant_shape) == (4, 64)
+    assert getattr(tensors["b"], "quant_type", None) is None and tensors["b"].shape == (4,)
+
+
+@contract("diffusers.quantizers.gguf.utils.dequantize_gguf_tensor",
+          "pipeline/quantized_layers.py, transformer_file.py: dequantize_gguf_tensor(GGUFParameter) -> the values")
+def _():
+    import tempfile
+
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    with tempfile.TemporaryDirectory() as directory:
+        weight = _write_gguf(Path(directory) / "t.gguf")
+        quantized = load_gguf_checkpoint(str(Path(directory) / "t.gguf"))["w"]
+    values = dequantize_gguf_tensor(quantized)
+    assert values.shape == weight.shape
+    assert float((values.float() - weight).abs().max()) < 0.05  # Q8_0 rounding
+
+
+@contract("diffusers.quantizers.gguf.utils.GGUFLinear.compute_dtype",
+          "pipeline/quantized_layers.py: a GGUF layer computes in module.compute_dtype (and PEFT puts a LoRA's "
+          "weights in it)")
+def _():
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    takes(GGUFLinear, "compute_dtype")
+    assert GGUFLinear(64, 4, compute_dtype=torch.bfloat16).compute_dtype is torch.bfloat16
+
+
+@contract("gguf.GGML_QUANT_SIZES",
+          "pipeline/weight_memory.py (issue 18): gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.X] = (block, bytes)")
+def _():
+    import gguf
+
+    assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0] == (32, 34)
+
+
+# ============================== torch ==============================
+
+@contract("torch._dynamo.utils.counters",
+          "pipeline/compile_cache.py (counters['inductor']['fxgraph_cache_miss']: was anything compiled), "
+          "benchmarks/device_check.py (counters['stats']['unique_graphs']), tests")
+def _():
+    from torch._dynamo.utils import counters
+
+    assert isinstance(counters["inductor"]["fxgraph_cache_miss"], int)
+    before = counters["stats"]["unique_graphs"]
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(2))
+    assert counters["stats"]["unique_graphs"] > before
+    source_says(importlib.import_module("torch._inductor.codecache"), '"fxgraph_cache_miss"')
+
+
+@contract("torch._dynamo.reset", "benchmarks/device_check.py and tests: torch._dynamo.reset(); tests set "
+          "torch._dynamo.config.error_on_recompile and call torch._dynamo.graph_break()")
+def _():
+    import torch._dynamo
+
+    assert callable(torch._dynamo.reset) and callable(torch._dynamo.graph_break)
+    assert isinstance(torch._dynamo.config.error_on_recompile, bool)
+
+
+@contract("torch.fx.experimental._config.use_duck_shape",
+          "pipeline/acceleration.py apply_compile: set False with dynamic shapes (no duck sizing)")
+def _():
+    import torch.fx.experimental._config as fx_config
+
+    assert isinstance(fx_config.use_duck_shape, bool)
+
+
+@contract("torch._inductor.runtime.cache_dir_utils.cache_dir", "tests/test_device_check.py: the inductor cache dir")
+def _():
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert isinstance(cache_dir(), str)
+
+
+@contract("torch.Tensor._base", "pipeline/acceleration.py float8_filter: weight._base is not None for the views "
+          "that fused QKV leaves")
+def _():
+    whole = torch.zeros(6, 2)
+    assert whole._base is None and whole[2:4]._base is whole
+
+
+@contract("torch.compiler.save_cache_artifacts",
+          "pipeline/compile_cache.py: save_cache_artifacts() -> (bytes, info) | None; load_cache_artifacts(bytes)")
+def _():
+    takes(torch.compiler.load_cache_artifacts, "serialized_artifacts")
+    assert callable(torch.compiler.save_cache_artifacts)
+
+
+@contract("torch.library.custom_op", "pipeline/fa4.py: the FA4 kernel as an opaque op "
+          "(custom_op(name, mutates_args=()), .register_fake) that torch.compile does not trace into")
+def _():
+    takes(torch.library.custom_op, "mutates_args")
+
+    @torch.library.custom_op("particalize_contract::double", mutates_args=())
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @double.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    torch.testing.assert_close(torch.ops.particalize_contract.double(torch.ones(2)), torch.full((2,), 2.0))
+
+
+@contract("torch.nn.Module._apply",
+          "pipeline/quantized_layers.py Float8Linear (issue 18) overrides _apply(fn, recurse=True): .to(device) and "
+          ".to(dtype) of a model reach it for each module")
+def _():
+    takes(torch.nn.Module._apply, "fn", "recurse")
+    calls = []
+
+    class Seen(torch.nn.Linear):
+        def _apply(self, fn, recurse=True):
+            calls.append(self)
+            return super()._apply(fn, recurse)
+
+    model = torch.nn.Sequential(Seen(2, 2))
+    model.to(torch.float64)
+    assert calls and model[0].weight.dtype == torch.float64
+
+
+@contract("torch.nn.Module.set_submodule", "pipeline/transformer_file.py, quantized_layers.py (issue 18): "
+          "set_submodule(name, layer); load_state_dict(strict=False, assign=True) onto meta tensors")
+def _():
+    takes(torch.nn.Module.load_state_dict, "strict", "assign")
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, device="meta"))
+    model.set_submodule("0", torch.nn.Linear(2, 3))
+    assert model[0].out_features == 3
+    model.load_state_dict({"0.weight": torch.ones(3, 2)}, strict=False, assign=True)
+    assert not model[0].weight.is_meta
+
+
+# ============================== peft ==============================
+
+@contract("peft.tuners.tuners_utils.BaseTunerLayer._get_base_layer_device_and_dtype",
+          "pipeline/quantized_layers.py (issue 18): PEFT puts a LoRA's weights in the base layer's compute_dtype "
+          "when it has one (Float8Linear, GGUFLinear), so an unfused LoRA on a quantized base is exact (peft 0.19+)")
+def _():
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    takes(BaseTunerLayer._get_base_layer_device_and_dtype, "base_layer")
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8, dtype=torch.bfloat16)
+            self.proj.compute_dtype = torch.float32
+
+    model = inject_adapter_in_model(LoraConfig(target_modules=["proj"], r=2), Model())
+    assert model.proj.lora_A["default"].weight.dtype == torch.float32
+    assert model.proj.lora_B["default"].weight.dtype == torch.float32
+
+
+@contract("peft.tuners.lora.LoraLayer.lora_A",
+          "pipeline/lora.py, lora_keys.py, lora_diffs.py, acceleration.py: a wrapped Linear keeps base_layer, and "
+          "per adapter lora_A/lora_B (ModuleDicts of Linear), lora_alpha and r (dicts)")
+def _():
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    model = inject_adapter_in_model(LoraConfig(target_modules=["0"], r=2, lora_alpha=4),
+                                    torch.nn.Sequential(torch.nn.Linear(8, 4)), adapter_name="a")
+    layer = model[0]
+    assert isinstance(layer, LoraLayer) and isinstance(layer.base_layer, torch.nn.Linear)
+    assert isinstance(layer.lora_A, torch.nn.ModuleDict) and isinstance(layer.lora_B, torch.nn.ModuleDict)
+    assert layer.lora_A["a"].weight.shape == (2, 8) and layer.lora_B["a"].weight.shape == (4, 2)
+    assert layer.lora_alpha["a"] == 4 and layer.r["a"] == 2
+    assert "0.base_layer.weight" in dict(model.named_parameters())
+
+
+@contract("peft.tuners.tuners_utils.BaseTuner.__init__",
+          "pipeline/lora.py filters the warning 'Already found a `peft_config` attribute' for a second adapter")
+def _():
+    from peft.tuners.tuners_utils import BaseTuner
+
+    source_says(BaseTuner.__init__, "Already found a `peft_config` attribute")
+
+
+# ============================== transformers ==============================
+
+@contract("transformers.PreTrainedModel.dtype",
+          "pipeline/text_encoder_file.py (issue 18): a model's dtype is its first floating parameter's (the shared "
+          "embedding), so that one stays in the compute dtype when Linear weights are float8")
+def _():
+    model = tiny_umt5()
+    model.shared.to(torch.float16)
+    assert model.dtype == torch.float16
+    model.shared.to(torch.float32)
+    model.encoder.block[0].layer[0].SelfAttention.q.to(torch.float16)
+    assert model.dtype == torch.float32
+
+
+@contract("transformers.models.umt5.modeling_umt5.UMT5DenseGatedActDense.wo",
+          "pipeline/text_encoder_file.py (issue 18): T5's feed-forward casts wo's input to wo.weight.dtype, so the "
+          "wo layers stay in the compute dtype rather than float8")
+def _():
+    model = tiny_umt5()
+    feed_forward = model.encoder.block[0].layer[-1].DenseReluDense
+    assert type(feed_forward).__name__ == "UMT5DenseGatedActDense"
+    feed_forward.wo.to(torch.float16)
+    seen = []
+    feed_forward.wo.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.no_grad():
+        feed_forward(torch.randn(1, 2, 16))
+    assert seen == [torch.float16]
+
+
+@contract("transformers.UMT5EncoderModel.tie_weights",
+          "pipeline/random_weights.py, text_encoder_file.py (issue 18): with UMT5-XXL's tie_word_embeddings=False "
+          "(that is about an LM head) the encoder's embed_tokens is still the shared embedding, as built and after "
+          "tie_weights() (the 5.68B-parameter encoder; transformers 5.0 built a second 1.05B embedding)")
+def _():
+    model = tiny_umt5()
+    assert model.encoder.embed_tokens.weight is model.shared.weight
+    model.tie_weights()
+    assert model.encoder.embed_tokens.weight is model.shared.weight
+
+
+@contract("transformers.PreTrainedModel.from_pretrained",
+          "pipeline/loader.py: CLIPVisionModel.from_pretrained(dir, subfolder=, torch_dtype=, local_files_only=True)")
+def _():
+    import tempfile
+
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=16, patch_size=8, projection_dim=8))
+    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers 5 prefers dtype= (torch_dtype= still works)
+        model.save_pretrained(Path(directory) / "image_encoder")
+        loaded = CLIPVisionModel.from_pretrained(directory, subfolder="image_encoder", torch_dtype=torch.float16,
+                                                 local_files_only=True)
+    assert loaded.dtype == torch.float16
+
+
+# ============================== torchao (the float8 extra) ==============================
+
+@contract("torchao.quantization.quantize_",
+          "pipeline/acceleration.py apply_float8: quantize_(transformer, config, filter_fn=(module, fqn) -> bool)",
+          needs="torchao")
+def _():
+    from torchao.quantization import quantize_
+
+    takes(quantize_, "model", "config", "filter_fn")
+
+
+@contract("torchao.quantization.Float8DynamicActivationFloat8WeightConfig",
+          "pipeline/acceleration.py apply_float8: the config, built with no arguments", needs="torchao")
+def _():
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+
+    Float8DynamicActivationFloat8WeightConfig()
+
+
+# ============================== the tests ==============================
+
+
+@pytest.mark.parametrize("name", list(CONTRACTS), ids=list(CONTRACTS))
+def test_library_contract(name: str) -> None:
+    entry = CONTRACTS[name]
+    if entry.needs is not None and importlib.util.find_spec(entry.needs) is None:
+        pytest.skip(f"{entry.needs} is not installed (an optional extra): {name} cannot be used nor checked")
+    try:
+        entry.check()
+    except (AssertionError, AttributeError, ImportError, TypeError, ValueError) as exc:
+        raise AssertionError(f"{name} no longer does what the code needs ({entry.used}): "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+
+# An import from these packages is internal when a segment is private (`_x`), or, for the libraries below, when it
+# is not from the top-level package (their submodules are not their API; torch's and safetensors' are).
+LIBRARIES = ("diffusers", "torch", "peft", "transformers", "torchao", "gguf", "safetensors", "huggingface_hub",
+             "accelerate", "tokenizers")
+SUBMODULES_INTERNAL = ("diffusers", "peft", "transformers", "torchao")
+
+
+def internal_imports(tree: ast.AST) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            top = node.module.split(".")[0]
+            if top not in LIBRARIES:
+                continue
+            for alias in node.names:
+                dotted = f"{node.module}.{alias.name}"
+                private = any(part.startswith("_") for part in dotted.split("."))
+                if private or ("." in node.module and top in SUBMODULES_INTERNAL):
+                    found.add(dotted)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] in LIBRARIES and any(p.startswith("_") for p in parts):
+                    found.add(alias.name)
+    return found
+
+
+def test_every_internal_import_of_the_code_has_a_contract() -> None:
+    """A private or non-API import added anywhere needs its entry above (with what the code needs of it)."""
+    here = Path(__file__).resolve()
+    uncovered: dict[str, set[str]] = {}
+    for directory in CODE_DIRS:
+        for path in sorted((ROOT / directory).rglob("*.py")):
+            if path.resolve() == here or ".venv" in path.parts:
+                continue
+            for dotted in internal_imports(ast.parse(path.read_text(), str(path))):
+                if not any(name == dotted or name.startswith(dotted + ".") for name in CONTRACTS):
+                    uncovered.setdefault(dotted, set()).add(str(path.relative_to(ROOT)))
+    assert not uncovered, "internal library names used without a contract in tests/test_library_contract.py: " + (
+        "; ".join(f"{name} ({', '.join(sorted(paths))})" for name, paths in sorted(uncovered.items())))
+
+
+def test_contract_ids_are_dotted_names() -> None:
+    assert all(re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+", name) for name in CONTRACTS), [
+        n for n in CONTRACTS if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+", n)]

@@ -32,6 +32,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_const", const=True, default=None,
                    help="build the real-size model with random weights (no download): videos are NOISE; "
                    "for measuring speed and memory")
+    p.add_argument("--transformer-file", metavar="PATH_OR_HF_URL",
+                   help="a single-file transformer in place of the preset's: .safetensors (original Wan or ComfyUI "
+                        "layout, bf16/fp16/fp8/fp8 scaled) or .gguf, a path or hf://owner/repo/file")
+    p.add_argument("--text-encoder-file", metavar="PATH_OR_HF_URL",
+                   help="a UMT5-XXL text encoder .safetensors (bf16, fp8, ComfyUI fp8 scaled) in place of the preset's")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the transformer blocks (default: on with CUDA); --no-compile opts out")
 
@@ -52,7 +57,7 @@ def _tool_values(args: argparse.Namespace) -> dict[str, str]:
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("model", "weights_dir", "device", "lora_strength", "fuse_lora", "host", "port",
             "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode",
-            "random_weights", "compile")
+            "random_weights", "compile", "transformer_file", "text_encoder_file")
     settings = Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
     if getattr(args, "lora", None):  # the --lora list is the whole stack
         return settings.model_copy(update={"lora_path": None, "lora_repo": None}).with_overrides(

@@ -138,14 +138,16 @@ def weight_file_lines(settings: Settings, preset: Any) -> list[str]:
 
     from particalize.compose import weight_files
     from pipeline.devices import pick_device, serving_dtype_for
+    from pipeline.errors import WeightFormatError
     from pipeline.weight_file_summary import summarize
 
     files = weight_files(settings)  # WeightsMissing naming the setting (and the fetch command) when one is not there
     if not files.any:
         return []
     if settings.random_weights and not preset.is_tiny:
-        raise ValueError("--random-weights builds every component in code: unset PARTICALIZE_TRANSFORMER_FILE and "
-                         "PARTICALIZE_TEXT_ENCODER_FILE, or drop --random-weights")
+        raise WeightFormatError("--random-weights builds every component in code: unset "
+                                "PARTICALIZE_TRANSFORMER_FILE and PARTICALIZE_TEXT_ENCODER_FILE, or drop "
+                                "--random-weights")
     if preset.is_tiny:
         from pipeline.tiny import TINY_TRANSFORMER_CONFIG
 

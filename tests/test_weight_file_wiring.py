@@ -214,6 +214,9 @@ def test_the_banner_names_each_file_its_format_and_memory(tmp_path, files):
     assert "(safetensors, fp8_scaled; float8_e4m3fn x" in encoder and "on disk" in encoder
     missing = make_settings(tmp_path, workers=1, transformer_file=str(tmp_path / "gone.gguf"))
     assert "gone.gguf, which is not a file" in describe_environment(missing, model_is_explicit=True)[2]
+    noise = make_settings(tmp_path, workers=1, model="wan2.1-i2v-14b-480p", random_weights=True,
+                          transformer_file=str(files["gguf_q8_0"]))
+    assert "--random-weights builds every component in code" in describe_environment(noise, True)[2]
 
 
 def test_the_banners_memory_is_what_the_loaded_file_takes(tmp_path, files):

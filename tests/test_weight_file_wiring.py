@@ -303,3 +303,17 @@ def test_a_missing_hub_file_is_weights_missing_naming_the_fetch(tmp_path):
     with pytest.raises(WeightsMissing, match=r"PARTICALIZE_TEXT_ENCODER_FILE.*weights fetch --skip-model "
                                              r"--text-encoder-file hf://o/r/umt5.safetensors"):
         weight_files(make_settings(tmp_path, weights_dir=tmp_path, text_encoder_file="hf://o/r/umt5.safetensors"))
+
+
+def test_weights_verify_of_a_directory_needs_no_weights_for_the_component_a_file_replaces(tmp_path, files, capsys):
+    from diffusers import WanImageToVideoPipeline
+
+    model = tmp_path / "wan-dir"
+    WanImageToVideoPipeline(**build_tiny_components()).save_pretrained(model)
+    (model / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    verify = ["weights", "verify", "--model", str(model), "--weights-dir", str(tmp_path)]
+    assert main(verify) == 1
+    assert "transformer/diffusion_pytorch_model.safetensors: missing" in capsys.readouterr().out
+    assert main([*verify, "--transformer-file", str(files["gguf_q8_0"])]) == 0
+    out = capsys.readouterr().out
+    assert f"{model}: ok" in out and f"{files['gguf_q8_0']}: ok" in out

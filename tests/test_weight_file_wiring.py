@@ -317,3 +317,13 @@ def test_weights_verify_of_a_directory_needs_no_weights_for_the_component_a_file
     assert main([*verify, "--transformer-file", str(files["gguf_q8_0"])]) == 0
     out = capsys.readouterr().out
     assert f"{model}: ok" in out and f"{files['gguf_q8_0']}: ok" in out
+
+
+def test_an_explicit_fuse_on_a_gguf_base_is_refused_in_one_line_saying_what_to_do(tmp_path, files, capsys):
+    lora = write_lora(tmp_path / "style.safetensors", make_weights(build_tiny_components()["transformer"]), "kohya")
+    code = main(["generate", "--image", str(files["image"]), "--out", str(tmp_path / "x.mp4"), *TINY_FLAGS,
+                 "--transformer-file", str(files["gguf_q8_0"]), "--lora", str(lora), "--fuse-lora"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and not (tmp_path / "x.mp4").exists()
+    assert "hold GGUF Q8_0 weights" in err and "Keep the LoRAs unfused: leave PARTICALIZE_FUSE_LORA / --fuse-lora " \
+                                               "off" in err

@@ -19,12 +19,14 @@ from pipeline.embeddings import EmbeddingCache
 from pipeline.errors import Interrupted
 from pipeline.fast import FAST, NORMAL, FastMode
 from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
+from pipeline.loaded_file import LoadedFile, loaded_file_of
 from pipeline.loader import load_base_pipeline
 from pipeline.lora import LoraInfo, LoraStack, LoraStackOptions
 from pipeline.params import GenerationParams, no_speed_lora, resolve_size
 from pipeline.presets import ModelPreset
 from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
 from pipeline.video import write_mp4
+from pipeline.weight_files import WeightFiles
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class GeneratorOptions:
     device: str = "auto"
     random_weights: bool = False
     """Build the real-size model with random values (pipeline.random_weights): every video is noise."""
+    weight_files: WeightFiles = field(default_factory=WeightFiles)
+    """Single files replacing the preset's transformer and/or text encoder (fp8, GGUF, ComfyUI layouts)."""
     loras: LoraStackOptions = field(default_factory=LoraStackOptions)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     fast: FastMode = field(default_factory=FastMode)
@@ -88,12 +92,15 @@ class VideoGenerator:
         self.random_weights = options.random_weights and not preset.is_tiny
         """Real-size model built with random values (pipeline.random_weights): every video is noise."""
         self.pipe = load_base_pipeline(preset, options.weights_dir, self.device, place=not offloaded,
-                                       random_weights=options.random_weights)
+                                       random_weights=options.random_weights, weight_files=options.weight_files)
         self.pipe.set_progress_bar_config(disable=True)
+        self.load_notes: list[str] = []
+        """What loading decided that the speed options' notes should carry (kept unfused LoRAs)."""
         self.lora_stack = self._load_loras(options.loras)
         self.lora_stack.use(self.mode == FAST)
         self.applied: Applied = apply_speed_options(self.pipe, speed, self.device,
                                                     float8_keep=self.lora_stack.switched_parameters())
+        self.applied.notes.extend(self.load_notes)
         encode_device = torch.device("cpu") if self.applied.text_encoder_on_cpu else None
         self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size, encode_device=encode_device)
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
@@ -121,9 +128,16 @@ class VideoGenerator:
             stack.load(path, strength)
         fuse = options.fuse
         if options.loras and resolve_compile(self.speed, self.device)[0] and not fuse:
-            log.info("fusing the LoRAs before compiling (compiled graphs should not carry adapter layers)")
-            fuse = True
-        if fuse:
+            refusal = stack.fuse_refusal()
+            if refusal is None:
+                log.info("fusing the LoRAs before compiling (compiled graphs should not carry adapter layers)")
+                fuse = True
+            else:  # fusing into float8 or GGUF weights would round the LoRA away: adapters, compiled with the rest
+                self.load_notes.append("LoRAs kept unfused on the quantized transformer (fusing before compiling "
+                                       "would round their change to the base's precision): adapter layers are "
+                                       "compiled with it")
+                log.info("%s", self.load_notes[-1])
+        if fuse:  # asked for: LoraFuseRefused saying what to do when the base is quantized
             stack.fuse()
         if options.speed_lora is not None:  # after fusing: it stays an adapter, switched on per request
             stack.load(options.speed_lora[0], options.speed_lora[1], speed=True)
@@ -140,6 +154,12 @@ class VideoGenerator:
             self.generate(GenerationParams(numFrames=9, steps=2, seed=0, mode=mode), image)
         log.info("warm-up run%s took %.1fs", "s (normal and fast)" if len(modes) > 1 else "",
                  time.perf_counter() - started)
+
+    @property
+    def loaded_files(self) -> list[LoadedFile]:
+        """The single files the transformer and text encoder came from (format, memory), for the banner and /ready."""
+        found = (loaded_file_of(getattr(self.pipe, name, None)) for name in ("transformer", "text_encoder"))
+        return [info for info in found if info is not None]
 
     @property
     def loras(self) -> list[LoraInfo]:

@@ -31,12 +31,19 @@ def loaded_detail(generator: Any) -> tuple[str, bool]:
     loras = getattr(generator, "loras", [])
     if loras:
         loaded += "; LoRAs: " + "; ".join(info.describe() for info in loras)
+    loaded += files_detail(generator)
     random_weights = bool(getattr(generator, "random_weights", False))
     if random_weights:
         from pipeline.random_weights import NOISE_WARNING
 
         loaded = f"{NOISE_WARNING}; {loaded}"
     return loaded, random_weights
+
+
+def files_detail(generator: Any) -> str:
+    """The part of the detail naming the single weight files loaded (format, how held, memory), or ''."""
+    files = getattr(generator, "loaded_files", [])
+    return "; weight files: " + "; ".join(info.describe() for info in files) if files else ""
 
 
 def run_worker(

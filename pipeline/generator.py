@@ -20,9 +20,9 @@ from pipeline.errors import Interrupted, OutOfMemory
 from pipeline.fast import FAST, NORMAL, FastMode
 from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
 from pipeline.loader import load_base_pipeline
+from pipeline.lora import LoraInfo, LoraStack, LoraStackOptions
 from pipeline.memory_check import check_memory
 from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
-from pipeline.lora import LoraInfo, LoraStack, LoraStackOptions
 from pipeline.params import GenerationParams, no_speed_lora, resolve_size
 from pipeline.presets import ModelPreset
 from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler

@@ -48,16 +48,13 @@ CPU_ACTIVATION_FACTOR = 2.0
 GROUP_OFFLOAD_STAGING_GIB = 1.0
 """Estimate: leaf-level group offload holds a leaf or two of the streamed models on the GPU besides the rest."""
 OFFLOAD_MODES = ("model_cpu_offload", "group_offload", "sequential_cpu_offload")
-FILE_HINT = "PARTICALIZE_TRANSFORMER_FILE / --transformer-file"
+FILE_HINT = "PARTICALIZE_TRANSFORMER_FILE or --transformer-file"
 
 
 def activation_bytes(max_area: int, device_type: str) -> tuple[int, str]:
     """Headroom for one default video at a pixel budget, and how the figure was had (measured or estimated)."""
-    for label, (area, gib, how) in ACTIVATIONS.items():
-        if area == max_area:
-            break
-    else:
-        label, gib, how = f"{max_area} pixels", HEADROOM_480P_GIB * max_area / AREA_480P, "estimate: 480P scaled"
+    label, gib, how = next(((label, gib, how) for label, (area, gib, how) in ACTIVATIONS.items() if area == max_area),
+                           (f"{max_area} pixels", HEADROOM_480P_GIB * max_area / AREA_480P, "estimate: 480P scaled"))
     if device_type != "cuda":
         gib, how = gib * CPU_ACTIVATION_FACTOR, f"{how}, x{CPU_ACTIVATION_FACTOR:g} for float32 (estimate)"
     return int(gib * GIB), f"activations at {label} ({how})"

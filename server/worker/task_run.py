@@ -134,7 +134,8 @@ class TaskRun:
         # The video is made: from here a stop does not throw it away (bounded by shutdown_finish_seconds).
         self._step(OUTPUT_FULL, finishing=True, debugoutput=f"generated {video.frames.shape[0]} frames "
                                                             f"{params.width}x{params.height} in "
-                                                            f"{video.timings.get('generate', 0.0):.2f}s")
+                                                            f"{video.timings.get('generate', 0.0):.2f}s"
+                                                            + "".join(f"; {n}" for n in getattr(video, "notes", [])))
         self._step(END, finishing=True)
         self._step(POSTPROCESS_START, finishing=True)
         relpath = self.storage.output_relpath(task.uuid, OUTPUT_NAME)

@@ -134,15 +134,15 @@ class TaskRun:
         # The video is made: from here a stop does not throw it away (bounded by shutdown_finish_seconds).
         self._step(OUTPUT_FULL, finishing=True, debugoutput=f"generated {video.frames.shape[0]} frames "
                                                             f"{params.width}x{params.height} in "
-                                                            f"{video.timings.get('generate', 0.0):.2f}s"
-                                                            + "".join(f"; {n}" for n in getattr(video, "notes", [])))
+                                                            f"{video.timings.get('generate', 0.0):.2f}s")
         self._step(END, finishing=True)
         self._step(POSTPROCESS_START, finishing=True)
         relpath = self.storage.output_relpath(task.uuid, OUTPUT_NAME)
         size = self._store_output(video.frames, params.fps, relpath)
         cost = self.options.cost_per_second * max(0.0, time.time() - task.accepttime)
         outputs = [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)]
-        done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)"
+        done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)" + "".join(
+            f"; {note}" for note in getattr(video, "notes", []))  # e.g. the decode was retried with VAE tiling
         try:
             self._through_outage(
                 lambda: self.store.tasks.complete(task.id, self.worker_id, outputs, totalcost=cost, debugoutput=done,

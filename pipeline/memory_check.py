@@ -111,7 +111,7 @@ class Sizes:
         from pipeline.loader import preset_dir
         from pipeline.weight_files import directory_text_encoder_config, directory_transformer_config
 
-        directory = preset_dir(preset, weights_dir) if preset.local_dir is not None else None
+        directory = preset_dir(preset, weights_dir)  # its configs when on disk, else the real ones in code
         self.transformer_config = directory_transformer_config(directory)
         self.text_encoder_config = directory_text_encoder_config(directory)
         self.compute_dtype = compute_dtype
@@ -328,6 +328,8 @@ def check_memory(preset: ModelPreset, weights_dir: Path, device: torch.device, *
     if preset.is_tiny:
         return None
     files = weight_files or WeightFiles()
+    files = WeightFiles(*(p if p is not None and Path(p).is_file() else None  # a missing file: the loader says so
+                          for p in (files.transformer, files.text_encoder)))
     compute = serving_dtype_for(device)
     base = Setup(device.type,
                  transformer=transformer_file_format(files.transformer) if files.transformer else "bf16",

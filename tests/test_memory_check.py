@@ -172,3 +172,16 @@ def test_generate_refuses_the_real_preset_in_seconds_without_a_traceback(tmp_pat
     assert "Traceback" not in done.stderr
     assert seconds < 60, f"refused after {seconds:.1f}s"
     print(f"generate refused in {seconds:.1f}s")
+
+
+def test_a_transformer_file_is_counted_in_its_format(monkeypatch, tmp_path: Path):
+    from safetensors.torch import save_file
+
+    from pipeline.weight_files import WeightFiles
+
+    save_file({"blocks.0.attn1.to_q.weight": torch.zeros(16, 16).to(torch.float8_e4m3fn)}, tmp_path / "t.safetensors")
+    monkeypatch.setattr("pipeline.memory_check.free_ram", lambda: gib(22))
+    with pytest.raises(NotEnoughMemory) as refused:
+        check_memory(get_preset("wan2.1-i2v-14b-480p"), tmp_path, torch.device("cpu"),
+                     weight_files=WeightFiles(transformer=tmp_path / "t.safetensors"))
+    assert "transformer (fp8 e4m3fn) 15." in str(refused.value), str(refused.value)

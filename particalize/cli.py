@@ -39,6 +39,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    help="a UMT5-XXL text encoder .safetensors (bf16, fp8, ComfyUI fp8 scaled) in place of the preset's")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the transformer blocks (default: on with CUDA); --no-compile opts out")
+    p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse a model the device has no memory for, before loading it (default); "
+                        "--no-memory-check loads anyway")
 
 
 def _tool_flags(p: argparse.ArgumentParser) -> None:
@@ -57,7 +60,7 @@ def _tool_values(args: argparse.Namespace) -> dict[str, str]:
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("model", "weights_dir", "device", "lora_strength", "fuse_lora", "host", "port",
             "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode",
-            "random_weights", "compile", "transformer_file", "text_encoder_file")
+            "random_weights", "compile", "transformer_file", "text_encoder_file", "memory_check")
     settings = Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
     if getattr(args, "lora", None):  # the --lora list is the whole stack
         return settings.model_copy(update={"lora_path": None, "lora_repo": None}).with_overrides(

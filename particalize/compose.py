@@ -144,6 +144,7 @@ def generator_options(settings: Settings) -> GeneratorOptions:
         speed=speed_options(settings),
         fast=fast_mode(settings),
         mode=settings.mode,
+        memory_check=settings.memory_check,
     )
 
 

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
         False, description="Build the real-size model with random weights instead of loading it: every video is "
         "noise. For measuring speed and memory (and sizing a GPU) before downloading the weights."
     )
+    memory_check: bool = Field(
+        True, description="Check before loading that the device has the memory the configuration needs, and refuse "
+        "with what would fit when it has not (0: load anyway)."
+    )
     cfg_batch: bool = Field(False, description="Batch the cond and uncond guidance branches in one forward.")
     step_cache: Literal["none", "first_block", "taylorseer"] = Field(
         "none", description="Reuse transformer outputs across denoising steps (approximate; off until measured)."

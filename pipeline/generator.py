@@ -16,12 +16,14 @@ from PIL import Image
 from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options, compile_cache_for, resolve_compile
 from pipeline.devices import pick_device
 from pipeline.embeddings import EmbeddingCache
-from pipeline.errors import Interrupted
+from pipeline.errors import Interrupted, OutOfMemory
 from pipeline.fast import FAST, NORMAL, FastMode
 from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
 from pipeline.loaded_file import LoadedFile, loaded_file_of
 from pipeline.loader import load_base_pipeline
 from pipeline.lora import LoraInfo, LoraStack, LoraStackOptions
+from pipeline.memory_check import check_memory
+from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
 from pipeline.params import GenerationParams, no_speed_lora, resolve_size
 from pipeline.presets import ModelPreset
 from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
@@ -49,6 +51,8 @@ class Video:
     params: GenerationParams
     """The parameters actually used: resolved width/height and seed."""
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What happened on the way worth telling (e.g. a decode retried with VAE tiling)."""
 
 
 ProgressFn = Callable[[StepProgress], None]
@@ -71,6 +75,8 @@ class GeneratorOptions:
     fast: FastMode = field(default_factory=FastMode)
     mode: str = NORMAL
     """The mode of a request that names none; fast needs `loras.speed_lora`."""
+    memory_check: bool = True
+    """Refuse a configuration the device has no memory for before building it (pipeline.memory_check)."""
 
 
 class VideoGenerator:
@@ -91,6 +97,10 @@ class VideoGenerator:
         offloaded = speed.memory_mode != "none"
         self.random_weights = options.random_weights and not preset.is_tiny
         """Real-size model built with random values (pipeline.random_weights): every video is noise."""
+        if options.memory_check:
+            check_memory(preset, options.weights_dir, self.device, float8=speed.float8,
+                         text_encoder_on_cpu=speed.text_encoder_on_cpu, memory_mode=speed.memory_mode,
+                         weight_files=options.weight_files)
         self.pipe = load_base_pipeline(preset, options.weights_dir, self.device, place=not offloaded,
                                        random_weights=options.random_weights, weight_files=options.weight_files)
         self.pipe.set_progress_bar_config(disable=True)
@@ -218,6 +228,7 @@ class VideoGenerator:
                 return {}
 
             self.interrupt_points.arm(interrupt)
+            phase, oom, notes = "encoding the prompt", None, []
             try:
                 guidance = params.scale > 1.0
                 prompt_embeds, negative_embeds = self.embeddings.prompt_embeds(
@@ -225,7 +236,8 @@ class VideoGenerator:
                 )
                 if self.applied.guidance_hook is not None:
                     self.applied.guidance_hook.set_negative(negative_embeds)
-                result = self.pipe(
+                phase = "denoising"
+                latents = self.pipe(
                     image=image,
                     prompt_embeds=prompt_embeds,
                     negative_prompt_embeds=negative_embeds,
@@ -235,20 +247,68 @@ class VideoGenerator:
                     num_inference_steps=params.steps,
                     guidance_scale=params.scale,
                     generator=torch.Generator(device="cpu").manual_seed(params.seed),
-                    output_type="np",
+                    output_type="latent",
                     callback_on_step_end=on_step_end,
                     max_sequence_length=self.max_sequence_length,
-                )
+                ).frames
+                del prompt_embeds, negative_embeds
+                phase = "decoding with the VAE"
+                frames = self._decode_retrying_tiled(latents, notes)
             except BlockInterrupt:
                 self._release()
                 raise Interrupted(steps["done"], params.steps) from None
-            except BaseException:
-                self._release()
-                raise
+            except BaseException as exc:
+                if not is_out_of_memory(exc):
+                    self._release()
+                    raise
+                if phase.startswith("decoding") and notes:
+                    phase += " (also when retried with VAE tiling)"
+                oom = out_of_memory_message(exc, params, phase, self.device, self.applied)
             finally:
                 self.interrupt_points.arm(None)
-            frames = np.asarray(result.frames[0], dtype=np.float32)
-            return Video(frames=frames, params=params, timings={"generate": time.perf_counter() - started})
+            if oom is not None:  # outside the handler: the run's tensors, held by the error's frames, are gone
+                latents = None
+                self._release()
+                log.warning("%s", oom)
+                raise OutOfMemory(oom, phase)
+            return Video(frames=np.asarray(frames, dtype=np.float32), params=params,
+                         timings={"generate": time.perf_counter() - started}, notes=notes)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents to (F, H, W, 3) frames in [0, 1], as WanImageToVideoPipeline.__call__ decodes them (the same
+        casts, de-normalisation, VAE decode and post-processing), so that the decode can be retried alone."""
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        vae = self.pipe.vae
+        latents = latents.to(device=get_module_execution_device(vae), dtype=vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        video = vae.decode(latents / latents_std + latents_mean, return_dict=False)[0]
+        video = self.pipe.video_processor.postprocess_video(video, output_type="np")
+        self.pipe.maybe_free_model_hooks()
+        return video[0]
+
+    def _decode_retrying_tiled(self, latents: torch.Tensor, notes: list[str]) -> np.ndarray:
+        """Decode; out of memory with tiling off, once more with VAE tiling (then tiling is put back as it was).
+        The retry decodes the same latents: nothing is denoised again."""
+        vae = self.pipe.vae
+        tiled = bool(getattr(vae, "use_tiling", False))
+        try:
+            return self.decode(latents)
+        except Exception as exc:
+            if tiled or not is_out_of_memory(exc):
+                raise
+        self._release()  # outside the handler: the failed decode's tensors are freed first
+        log.warning("out of memory in the VAE decode; decoding again with VAE tiling")
+        notes.append("the VAE decode ran out of memory and was retried with VAE tiling "
+                     "(PARTICALIZE_VAE_TILING=1 decodes tiled from the start)")
+        vae.enable_tiling()
+        try:
+            return self.decode(latents)
+        finally:
+            vae.disable_tiling()
 
     def _release(self) -> None:
         """After an interrupted or failed run: reset the step cache so the warm model serves the next task. The

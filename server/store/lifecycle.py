@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.params import GenerationParams
 from server.store.db import Database
-from server.store.errors import QueueFull, TaskKilled, TaskLost, TooManyActive
+from server.store.errors import NoWorker, QueueFull, TaskKilled, TaskLost, TooManyActive
 from server.store.ids import new_id, new_token
 from server.store.models import (
     ACCEPT,
@@ -37,7 +37,7 @@ from server.store.models import (
 from server.store.reads import ACTIVE_OF_OWNER
 from server.store.transitions import add_event, requeue, say, set_status, show_progress
 from server.store.uploads import NewUpload, upload_row
-from server.store.waiting import WAITING_NOTE, waiting_note
+from server.store.waiting import WAITING_NOTE, no_worker_reason, waiting_note
 from server.task_record import TaskRecord
 
 _ACTIVE_LOCK_NAMESPACE = 7_301_244_191
@@ -95,9 +95,14 @@ class TaskLifecycle:
     def create(self, record: TaskRecord, new_upload: NewUpload | None = None) -> Task:
         """A queued task. Its image is fetched from the record's URL by the worker, or read from the store when
         the record names an upload (`new_upload`: one sent with this request, stored with the task).
-        QueueFull when the queue is full; TooManyActive when its owner has `max_active_per_key` active tasks."""
+        QueueFull when the queue is full; TooManyActive when its owner has `max_active_per_key` active tasks;
+        NoWorker when no worker can serve it (every registered worker failed to load its model, none is alive)."""
         now = self.clock()
         with self.db.session(write=True) as s:
+            reason = no_worker_reason(list(s.scalars(select(Worker).order_by(Worker.id))), now, self.lease_seconds)
+            if reason:
+                raise NoWorker(f"{reason} No task is queued until a worker can serve; the operator must fix the "
+                               "worker's configuration and start it again.")
             if record.owner is not None and self.max_active_per_key:
                 self._check_active(s, record.owner)
             queued = s.scalar(select(func.count()).select_from(Task).where(Task.status == QUEUED)) or 0

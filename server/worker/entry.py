@@ -68,11 +68,13 @@ def run_worker(
     worker_id = worker_id_for(options.node_name, slot)
     when_up(lambda: store.workers.register(worker_id, pid=os.getpid(), model=options.model, device="",
                                            state="loading", version=options.version))
+    when_up(store.tasks.note_waiting)  # a worker is coming: queued tasks no longer say that none can serve
     try:
         generator = make_generator()
     except Exception as exc:
         log.error("worker %s cannot load model %s: %s", worker_id, options.model, exc)
         store.workers.set_state(worker_id, "failed", detail=str(exc))
+        when_up(store.tasks.note_waiting)  # if no worker can serve now, queued tasks say why (server/store/waiting)
         return EXIT_LOAD_FAILED
     detail, random_weights = loaded_detail(generator)
     if random_weights:
@@ -83,6 +85,7 @@ def run_worker(
                                            device=str(generator.device),
                                            state="stopping" if stop_event.is_set() else "ready", detail=detail,
                                            version=options.version, random_weights=random_weights))
+    when_up(store.tasks.note_waiting)
     log.info("worker %s ready: model %s on %s", worker_id, options.model, generator.device)
     worker = Worker(store, storage, generator, options, worker_id=worker_id, report=report)
     try:

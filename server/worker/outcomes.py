@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.errors import OutOfMemory
+from pipeline.out_of_memory import is_out_of_memory
 from server.errors import public_text
 from server.store import TaskKilled, TaskLifecycle, TaskLost
 from server.store.outage import is_outage
@@ -34,6 +36,8 @@ class Outcome(enum.Enum):
     DISK_FULL = "disk full"
     BAD_INPUT = "bad input"
     STORAGE_FAILED = "output not stored"
+    OUT_OF_MEMORY = "out of memory"
+    """The run ran out of memory; the generator released it and serves the next task."""
     INTERNAL_ERROR = "internal error"
 
 
@@ -77,6 +81,7 @@ HANDLING: dict[Outcome, Handling] = {
     Outcome.DISK_FULL: Handling(_fail, True, logging.INFO, "task {task} failed: {note}"),
     Outcome.BAD_INPUT: Handling(_fail, True, logging.INFO, "task {task} failed: {note}"),
     Outcome.STORAGE_FAILED: Handling(_fail, True, logging.INFO, "task {task} failed: {note}"),
+    Outcome.OUT_OF_MEMORY: Handling(_fail, True, logging.WARNING, "task {task} failed: {note}"),
     Outcome.INTERNAL_ERROR: Handling(_fail, True, logging.ERROR, "task {task} failed"),
 }
 
@@ -103,6 +108,8 @@ def ending_of(exc: Exception) -> Ending:
     """The outcome of what a run raised. A store error that is not an outage is raised again."""
     if isinstance(exc, TaskEnd):
         return Ending(exc.outcome, exc.note)
+    if isinstance(exc, OutOfMemory):
+        return Ending(Outcome.OUT_OF_MEMORY, public_text(exc))
     if isinstance(exc, TaskKilled):
         return Ending(Outcome.KILL_RECORDED)
     if isinstance(exc, TaskLost):
@@ -117,7 +124,7 @@ def ending_of(exc: Exception) -> Ending:
 def failure_reason(exc: BaseException) -> str:
     """What a client reads in debugerror for an exception the worker did not expect (no server paths in it)."""
     text = public_text(exc) or type(exc).__name__
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+    if is_out_of_memory(exc):  # raised outside the generator's run (it raises OutOfMemory, with the size)
         return (
             f"Out of memory while generating ({text}); ask for fewer frames (numFrames), a smaller "
             "width/height or fewer steps, or try again when the GPU is less busy."

@@ -141,7 +141,8 @@ class TaskRun:
         size = self._store_output(video.frames, params.fps, relpath)
         cost = self.options.cost_per_second * max(0.0, time.time() - task.accepttime)
         outputs = [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)]
-        done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)"
+        done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)" + "".join(
+            f"; {note}" for note in getattr(video, "notes", []))  # e.g. the decode was retried with VAE tiling
         try:
             self._through_outage(
                 lambda: self.store.tasks.complete(task.id, self.worker_id, outputs, totalcost=cost, debugoutput=done,

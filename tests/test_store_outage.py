@@ -492,7 +492,8 @@ def test_a_worker_whose_task_was_taken_over_never_deletes_or_overwrites_the_othe
             stop.set()
 
     kind = FailsAfterwards if then == "a fails" else Spy
-    spy = kind(tiny_generator, at_step=1, action=takeover)
+    last = int(SMALL["steps"])  # a stop comes mid-denoise; the others once a's video is made
+    spy = kind(tiny_generator, at_step=1 if then == "a is stopped" else last, action=takeover)
     worker = Worker(store, open_storage(settings), spy, worker_options(settings), worker_id=WORKER,
                     fetch=FakeFetch(png_bytes(40, 40)))
     worker.stop_event = stop

@@ -147,11 +147,16 @@ def test_a_database_outage_mid_run_is_answered_503_and_costs_no_task(cluster: Pr
         db.dispose()
 
 
-def test_the_database_stopped_right_after_the_last_step_costs_no_generation(
-    cluster: PrivateCluster, tmp_path: Path, tiny_generator, caplog
+@pytest.mark.parametrize("when", ["right after the last step", "during the MP4 write"])
+def test_the_database_stopped_in_the_output_phase_costs_no_generation(
+    cluster: PrivateCluster, tmp_path: Path, tiny_generator, caplog, monkeypatch, when: str
 ):
     """The worker runs in this process (so its generations can be counted) on the private cluster, which is
-    stopped from inside the run, right after the last denoising step's progress is written."""
+    stopped from inside the run: right after the last denoising step's progress is written (the decode and every
+    step after it meet the outage), or once the MP4 is written, after task_postprocess_start (where it was
+    found to requeue the task and make the video again)."""
+    import server.worker.task_run as task_run_module
+
     caplog.set_level(logging.INFO)
     settings = make_settings(tmp_path, cluster.url, lease_seconds=20.0, progress_interval_seconds=0.1)
     observer = Database(cluster.url)
@@ -171,7 +176,18 @@ def test_the_database_stopped_right_after_the_last_step_costs_no_generation(
 
         threading.Thread(target=start_again, daemon=True).start()
 
-    spy = Spy(tiny_generator, at_step=steps, action=stop_the_database)
+    if when == "during the MP4 write":
+        real_write = task_run_module.write_mp4
+
+        def write_then_stop(frames, path, fps):
+            written = real_write(frames, path, fps=fps)
+            stop_the_database()
+            return written
+
+        monkeypatch.setattr(task_run_module, "write_mp4", write_then_stop)
+        spy = Spy(tiny_generator)
+    else:
+        spy = Spy(tiny_generator, at_step=steps, action=stop_the_database)
     worker_db = Database(cluster.url)
     worker = Worker(Store(worker_db, store_options(settings)), open_storage(settings), spy, worker_options(settings),
                     worker_id="pg/gpu0", fetch=FakeFetch(png_bytes(40, 40)))

@@ -97,7 +97,9 @@ class FlakyStore:
     def go_down(self) -> None:
         """Down now, back after `down_for` seconds."""
         self.down.set()
-        threading.Timer(self.down_for, self.down.clear).start()
+        back = threading.Timer(self.down_for, self.down.clear)
+        back.daemon = True
+        back.start()
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self.inner, name)
@@ -447,6 +449,39 @@ def test_an_outage_after_the_last_step_costs_nothing_the_video_is_stored_once_an
     seen = assert_forward_only(store, task.id)
     assert seen[-4:] == ["task_output_full", "task_end", "task_postprocess_start", "task_postprocess_end"]
     assert not any("put back in the queue" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stopping_worker_whose_finishing_time_ends_in_an_outage_neither_requeues_nor_deletes_its_video(
+    store, tmp_path: Path, db_url: str, tiny_generator, caplog
+):
+    from server.shutdown import StopRequest
+
+    caplog.set_level(logging.INFO)
+    settings = make_settings(tmp_path, db_url, shutdown_finish_seconds=0.5)
+    flaky = FlakyStore(store)
+    flaky.down_for = 600.0  # still down when the worker must give up
+    stop = StopRequest(grace_seconds=0.0)
+
+    def at_complete(name: str, args: tuple, kwargs: dict) -> bool:
+        if name == "complete":
+            stop.request()  # SIGTERM as the video is being recorded
+        return name == "complete"
+
+    flaky.trip = at_complete
+    spy = Spy(tiny_generator)
+    task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    worker = Worker(flaky, open_storage(settings), spy, worker_options(settings), worker_id=WORKER,  # type: ignore[arg-type]
+                    fetch=FakeFetch(png_bytes(40, 40)))
+    worker.stop_event = stop
+    started = time.monotonic()
+    worker.run_once()
+    flaky.down.clear()
+    assert time.monotonic() - started < 20, "given up once the finishing time was over"
+    held = store.reads.get(task.id)
+    assert (held.status, held.worker_id, held.attempts) == ("task_postprocess_start", WORKER, 1), \
+        "not sent back by the worker: if it was not recorded, its lease requeues it"
+    assert (Path(settings.outputs_dir) / task.uuid / "0.mp4").is_file(), "the stored video is not deleted"
+    assert any("did not answer before the worker had to stop" in r.getMessage() for r in caplog.records)
 
 
 THEIRS = b"the video worker b made and recorded"

@@ -185,3 +185,23 @@ def test_a_transformer_file_is_counted_in_its_format(monkeypatch, tmp_path: Path
         check_memory(get_preset("wan2.1-i2v-14b-480p"), tmp_path, torch.device("cpu"),
                      weight_files=WeightFiles(transformer=tmp_path / "t.safetensors"))
     assert "transformer (fp8 e4m3fn) 15." in str(refused.value), str(refused.value)
+
+
+def test_generate_counts_the_transformer_file_it_is_given_in_its_format(tmp_path: Path):
+    """The check sizes the file the generator would load (--transformer-file), not the preset's bf16 transformer."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    save_file({"blocks.0.attn1.to_q.weight": torch.zeros(16, 16).to(torch.float8_e4m3fn)}, tmp_path / "t.safetensors")
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(tmp_path / "in.png")
+    done = subprocess.run(
+        [sys.executable, "-m", "particalize.cli", "generate", "--model", "wan2.1-i2v-14b-480p", "--device", "cpu",
+         "--transformer-file", str(tmp_path / "t.safetensors"), "--image", str(tmp_path / "in.png"),
+         "--out", str(tmp_path / "out.mp4")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PARTICALIZE_WEIGHTS_DIR": str(tmp_path / "w")},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "transformer (fp8 e4m3fn) 15." in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out.mp4").exists()

@@ -31,12 +31,19 @@ def loaded_detail(generator: Any) -> tuple[str, bool]:
     loras = getattr(generator, "loras", [])
     if loras:
         loaded += "; LoRAs: " + "; ".join(info.describe() for info in loras)
+    loaded += "".join(f"; {part}" for part in degraded_parts(generator))
     random_weights = bool(getattr(generator, "random_weights", False))
     if random_weights:
         from pipeline.random_weights import NOISE_WARNING
 
         loaded = f"{NOISE_WARNING}; {loaded}"
     return loaded, random_weights
+
+
+def degraded_parts(generator: Any) -> list[str]:
+    """The parts of the detail that say what runs other than configured (pipeline.generator's `degraded`: speed
+    options that fell back to their default path, interrupt points that could not be installed)."""
+    return list(getattr(generator, "degraded", []))
 
 
 def run_worker(
@@ -68,6 +75,8 @@ def run_worker(
         store.workers.set_state(worker_id, "failed", detail=str(exc))
         return EXIT_LOAD_FAILED
     detail, random_weights = loaded_detail(generator)
+    for part in degraded_parts(generator):
+        log.warning("worker %s: %s", worker_id, part)
     if random_weights:
         from pipeline.random_weights import NOISE_WARNING
 

@@ -352,7 +352,7 @@ def test_interrupt_points_say_what_they_could_not_install():
     assert "a Sequential, not an nn.ModuleList" in InterruptPoints(pipe).problems[0]
 
 
-def make_blockless(tmp: Path) -> VideoGenerator:
+def make_blockless(tmp: Path, **speed) -> VideoGenerator:
     """A tiny generator whose transformer walks its blocks from an nn.Sequential: no per-block hook is possible."""
     import pipeline.generator as generator_module
 
@@ -365,12 +365,19 @@ def make_blockless(tmp: Path) -> VideoGenerator:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(generator_module, "load_base_pipeline", load)
-        return make(tmp)
+        return make(tmp, **speed)
+
+
+def _no_tiling(self, *args, **kwargs):
+    raise AttributeError("no tile_sample_min_num_frames")
 
 
 @pytest.fixture(scope="module")
 def blockless(tmp_path_factory) -> VideoGenerator:
-    return make_blockless(tmp_path_factory.mktemp("w"))
+    """Also with a speed option that fell back (VAE tiling), so that /ready shows both parts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoencoderKLWan, "enable_tiling", _no_tiling)
+        return make_blockless(tmp_path_factory.mktemp("w"), vae_tiling=True)
 
 
 def test_a_generator_without_the_block_hook_says_so_and_still_runs(tmp_path, plain, caplog):
@@ -408,10 +415,34 @@ def blockless_worker(settings, blockless) -> Iterator[TestClient]:
         thread.join(30)
 
 
-def test_ready_says_the_per_block_interrupt_is_missing(blockless_worker, caplog):
-    loaded = blockless_worker.get("/ready").json()["loaded"]
-    assert len(loaded) == 1 and "interrupt: the per-block interrupt could not be installed" in loaded[0]["detail"]
-    assert "per-step interrupt" in loaded[0]["detail"]
+@pytest.fixture
+def worker_log(caplog):
+    caplog.set_level(logging.WARNING, logger="particalize.worker")
+    return caplog
+
+
+def test_ready_and_the_worker_start_lines_say_what_fell_back_and_that_the_block_hook_is_missing(worker_log,
+                                                                                            blockless_worker):
+    detail = blockless_worker.get("/ready").json()["loaded"][0]["detail"]
+    assert "interrupt: the per-block interrupt could not be installed" in detail and "per-step interrupt" in detail
+    assert "speed option fallbacks (default path used): VAE tiling (while enabling): AttributeError" in detail
+    started = [r.getMessage() for r in worker_log.get_records("setup") if r.name == "particalize.worker"
+               and r.levelno == logging.WARNING]
+    assert any("interrupt: the per-block interrupt could not be installed" in m for m in started), started
+    assert any("speed option fallbacks (default path used): VAE tiling" in m for m in started), started
+
+
+def test_the_generate_cli_prints_the_fallbacks_above_its_progress(tmp_path, monkeypatch, capsys):
+    from particalize.cli import main
+
+    monkeypatch.setattr(AutoencoderKLWan, "enable_tiling", _no_tiling)
+    monkeypatch.setenv("PARTICALIZE_VAE_TILING", "1")
+    noise_image(40, 60).save(tmp_path / "in.png")
+    code = main(["generate", "--model", "tiny", "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "o.mp4"),
+                 "--num-frames", "5", "--steps", "1", "--seed", "3"])
+    assert code == 0
+    assert "warning: speed option fallbacks (default path used): VAE tiling (while enabling): AttributeError" \
+        in capsys.readouterr().err
 
 
 def test_kill_without_the_block_hook_stops_at_the_end_of_the_step_and_says_so(settings, blockless):

@@ -463,10 +463,7 @@ def apply_speed_options(
     if options.float8:
         apply_float8(pipe, device, applied, float8_keep)
     if options.step_cache != "none":
-        cache: list[object] = []
-        guarded(applied, f"step cache {options.step_cache}",
-                lambda: (cache.append(step_cache_config(options)), apply_step_cache(pipe, options, applied, cache[0])),
-                lambda: remove_step_cache(pipe, applied, cache[0] if cache else None))
+        _guard_step_cache(pipe, options, applied)
     if options.cfg_batch:
         if options.step_cache != "none":
             applied.note("batched guidance not applied: step caches keep cond and uncond state apart")
@@ -496,6 +493,18 @@ def apply_speed_options(
     if compile_:
         guarded(applied, "compile", lambda: apply_compile(pipe, options, applied), lambda: uncompile(pipe, applied))
     return applied
+
+
+def _guard_step_cache(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied: Applied) -> None:
+    """The config is built inside the guard (a renamed parameter fails there) and kept for the undo."""
+    built: list[object] = []
+
+    def enable() -> None:
+        built.append(step_cache_config(options))
+        apply_step_cache(pipe, options, applied, built[0])
+
+    guarded(applied, f"step cache {options.step_cache}", enable,
+            lambda: remove_step_cache(pipe, applied, built[0] if built else None))
 
 
 def _batch_guidance(pipe: WanImageToVideoPipeline, applied: Applied) -> None:

@@ -32,8 +32,16 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_const", const=True, default=None,
                    help="build the real-size model with random weights (no download): videos are NOISE; "
                    "for measuring speed and memory")
+    p.add_argument("--transformer-file", metavar="PATH_OR_HF_URL",
+                   help="a single-file transformer in place of the preset's: .safetensors (original Wan or ComfyUI "
+                        "layout, bf16/fp16/fp8/fp8 scaled) or .gguf, a path or hf://owner/repo/file")
+    p.add_argument("--text-encoder-file", metavar="PATH_OR_HF_URL",
+                   help="a UMT5-XXL text encoder .safetensors (bf16, fp8, ComfyUI fp8 scaled) in place of the preset's")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the transformer blocks (default: on with CUDA); --no-compile opts out")
+    p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse a model the device has no memory for, before loading it (default); "
+                        "--no-memory-check loads anyway")
 
 
 def _tool_flags(p: argparse.ArgumentParser) -> None:
@@ -52,7 +60,7 @@ def _tool_values(args: argparse.Namespace) -> dict[str, str]:
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("model", "weights_dir", "device", "lora_strength", "fuse_lora", "host", "port",
             "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode",
-            "random_weights", "compile")
+            "random_weights", "compile", "transformer_file", "text_encoder_file", "memory_check")
     settings = Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
     if getattr(args, "lora", None):  # the --lora list is the whole stack
         return settings.model_copy(update={"lora_path": None, "lora_repo": None}).with_overrides(
@@ -164,28 +172,52 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
     if not sources:
         print("no LoRA configured: set PARTICALIZE_LORA_REPO and PARTICALIZE_LORA_FILE, PARTICALIZE_LORA_PATH, "
               "or PARTICALIZE_LORAS")
+    fetch_weight_files(settings)
     return 0
 
 
+def fetch_weight_files(settings: Settings) -> None:
+    """The transformer and text-encoder files configured (--transformer-file, --text-encoder-file), from the hub."""
+    from particalize.compose import weight_file_sources
+    from weights.fetch import fetch_single_file
+
+    for role, source in weight_file_sources(settings).items():
+        what = role.replace("_", " ")
+        if source.is_hub:
+            path = fetch_single_file(source, settings.weights_dir, settings.hf_token)
+            print(f"fetched {what} file {source.text} into {path}")
+        else:
+            print(f"{what} file {source.path}: a local file, nothing to fetch")
+
+
 def cmd_weights_verify(args: argparse.Namespace) -> int:
-    from particalize.compose import lora_sources
+    from particalize.compose import lora_sources, weight_file_sources
     from pipeline.loader import preset_dir
     from pipeline.presets import get_preset
     from weights.locate import speed_lora_file, stack_files
-    from weights.verify import verify_directory
+    from weights.single_file import source_path, verify_source
+    from weights.verify import Report, verify_directory
 
     settings = _settings(args)
     configured = lora_sources(settings)
     preset = get_preset(settings.model)
+    files = weight_file_sources(settings)
     reports = []
     if not preset.is_tiny:
-        reports.append(verify_directory(preset_dir(preset, settings.weights_dir), full_hash=not args.quick))
+        report = verify_directory(preset_dir(preset, settings.weights_dir), full_hash=not args.quick)
+        replaced = [report.directory / role for role in files]  # components a file replaces need no weights here
+        report.problems = [p for p in report.problems if not _missing_under(p, replaced)]
+        reports.append(report)
     loras = [path for _, path in stack_files(configured)]
     speed = speed_lora_file(configured)
     if speed is not None:
         loras.append(speed[1])
     for folder in dict.fromkeys(path.parent for path in loras):  # every LoRA's folder, once
         reports.append(verify_directory(folder, full_hash=not args.quick, is_model=False))
+    for source in files.values():
+        path = source_path(source, settings.weights_dir)
+        reports.append(Report(path, checked=1, problems=verify_source(source, settings.weights_dir,
+                                                                       full_hash=not args.quick)))
     ok = True
     for report in reports:
         status = "ok" if report.ok else "FAILED"
@@ -196,6 +228,14 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     if not reports:
         print(f"model {preset.name} has no files to verify")
     return 0 if ok else 1
+
+
+def _missing_under(problem: str, folders: list[Path]) -> bool:
+    """A 'missing' problem about a file in one of `folders` (or the folder itself)."""
+    if not problem.endswith(": missing"):
+        return False
+    path = Path(problem.removesuffix(": missing"))
+    return any(path == folder or folder in path.parents for folder in folders)
 
 
 def _log_format() -> str:
@@ -215,8 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (PipelineError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: a settings validation error by its messages alone (pydantic's text spans lines)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+    return str(exc)
 
 
 if __name__ == "__main__":

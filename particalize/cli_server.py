@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from particalize.settings import Settings
 
@@ -72,7 +72,8 @@ def describe_environment(settings: Settings, model_is_explicit: bool) -> tuple[S
 
     import torch
 
-    from pipeline.errors import WeightsMissing
+    from particalize.compose import weight_file_sources
+    from pipeline.errors import WeightFormatError, WeightsMissing
     from pipeline.loader import fetch_hint, missing_files, preset_dir
     from pipeline.presets import get_preset
 
@@ -90,12 +91,16 @@ def describe_environment(settings: Settings, model_is_explicit: bool) -> tuple[S
         lines.append("weights: the tiny preset is built in code (random weights: its videos are noise; "
                      "for trying the API)")
         try:
+            lines.extend(weight_file_lines(settings, preset))
             lines.extend(lora_lines(settings))
-        except WeightsMissing as exc:
+        except (WeightsMissing, WeightFormatError) as exc:
             problem = str(exc)
-            lines.append(f"LoRA: NOT FOUND: {exc}")
+            lines.append(f"weights: NOT USABLE: {exc}")
     else:
-        missing = [] if settings.random_weights else missing_files(preset_dir(preset, settings.weights_dir))
+        replaced = [preset_dir(preset, settings.weights_dir) / role for role in weight_file_sources(settings)]
+        missing = [] if settings.random_weights else [
+            p for p in missing_files(preset_dir(preset, settings.weights_dir))
+            if not any(p == r or r in p.parents for r in replaced)]
         if settings.random_weights:
             from pipeline.random_weights import NOISE_WARNING
 
@@ -107,10 +112,11 @@ def describe_environment(settings: Settings, model_is_explicit: bool) -> tuple[S
         else:
             lines.append(f"weights: {preset.name} found in {preset_dir(preset, settings.weights_dir)}")
         try:
+            lines.extend(weight_file_lines(settings, preset))
             lines.extend(lora_lines(settings))
-        except WeightsMissing as exc:
+        except (WeightsMissing, WeightFormatError) as exc:
             problem = problem or str(exc)
-            lines.append(f"LoRA: NOT FOUND: {exc}")
+            lines.append(f"weights: NOT USABLE: {exc}")
         if not gpu and problem is None:
             problem_cpu = f"{preset.name} on a CPU takes hours per video"
             if not model_is_explicit:
@@ -123,6 +129,41 @@ def describe_environment(settings: Settings, model_is_explicit: bool) -> tuple[S
             return settings.with_overrides(model="tiny"), lines, None
         return settings, lines, problem
     return settings, lines, None
+
+
+def weight_file_lines(settings: Settings, preset: Any) -> list[str]:
+    """The banner's lines for the single weight files configured: each file's format from its header, its size and
+    the memory it will take (estimated; each worker reports the exact figure in /ready once loaded)."""
+    import torch
+
+    from particalize.compose import weight_files
+    from pipeline.devices import pick_device, serving_dtype_for
+    from pipeline.errors import WeightFormatError
+    from pipeline.weight_file_summary import summarize
+
+    files = weight_files(settings)  # WeightsMissing naming the setting (and the fetch command) when one is not there
+    if not files.any:
+        return []
+    if settings.random_weights and not preset.is_tiny:
+        raise WeightFormatError("--random-weights builds every component in code: unset "
+                                "PARTICALIZE_TRANSFORMER_FILE and PARTICALIZE_TEXT_ENCODER_FILE, or drop "
+                                "--random-weights")
+    if preset.is_tiny:
+        from pipeline.tiny import TINY_TRANSFORMER_CONFIG
+
+        configs: dict[str, Any] = {"transformer": dict(TINY_TRANSFORMER_CONFIG), "text_encoder": None}
+        dtype = torch.float32
+    else:
+        from pipeline.loader import preset_dir
+        from pipeline.weight_files import directory_text_encoder_config, directory_transformer_config
+
+        model_dir = preset_dir(preset, settings.weights_dir)
+        configs = {"transformer": directory_transformer_config(model_dir),
+                   "text_encoder": directory_text_encoder_config(model_dir)}
+        dtype = serving_dtype_for(pick_device(settings.device))
+    return [f"{role.replace('_', ' ')} file: {summarize(path, role, configs[role], dtype).describe()}"
+            for role, path in (("transformer", files.transformer), ("text_encoder", files.text_encoder))
+            if path is not None]
 
 
 def lora_lines(settings: Settings) -> list[str]:

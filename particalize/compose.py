@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from pipeline.acceleration import SpeedOptions
     from pipeline.generator import GeneratorOptions, VideoGenerator
     from pipeline.lora import LoraStackOptions
+    from pipeline.weight_files import WeightFiles
+    from weights.single_file import FileSource
+
+WEIGHT_FILE_SETTINGS = {"transformer": ("transformer_file", "PARTICALIZE_TRANSFORMER_FILE", "--transformer-file"),
+                        "text_encoder": ("text_encoder_file", "PARTICALIZE_TEXT_ENCODER_FILE", "--text-encoder-file")}
+"""Pipeline component -> (setting, its variable, its flag) of the single weight files (issue 18)."""
 
 
 def limits(settings: Settings) -> Limits:
@@ -50,6 +56,37 @@ def lora_sources(settings: Settings) -> LoraSources:
         speed_lora=parse_lora_source(settings.speed_lora) if settings.speed_lora else None,
         require_lora=settings.require_lora,
     )
+
+
+def weight_file_sources(settings: Settings) -> dict[str, FileSource]:
+    """The single weight files configured, by the component they replace, as written (local or hub)."""
+    from weights.single_file import parse_file_source
+
+    return {role: parse_file_source(getattr(settings, name)) for role, (name, _, _) in WEIGHT_FILE_SETTINGS.items()
+            if getattr(settings, name)}
+
+
+def weight_files(settings: Settings) -> WeightFiles:
+    """The configured weight files as local paths; WeightsMissing naming the setting, and for a hub file the command
+    that fetches it, when one is not on disk (loading never reaches a hub)."""
+    from pipeline.errors import WeightsMissing
+    from pipeline.weight_files import WeightFiles
+    from weights.single_file import source_path
+
+    paths = {}
+    for role, source in weight_file_sources(settings).items():
+        _, variable, flag = WEIGHT_FILE_SETTINGS[role]
+        path = source_path(source, settings.weights_dir)
+        if not path.is_file():
+            if source.is_hub:
+                raise WeightsMissing(f"{role.replace('_', ' ')} file {source.text} ({variable}) is not on disk at "
+                                     f"{path}: fetch it with `particalize weights fetch --skip-model {flag} "
+                                     f"{source.text}` (on a machine that reaches huggingface.co; then copy "
+                                     f"{settings.weights_dir / 'files'} here)")
+            raise WeightsMissing(f"{variable} / {flag} names {path}, which is not a file: give the path of the "
+                                 f"{role.replace('_', ' ')} .safetensors or .gguf file")
+        paths[role] = path
+    return WeightFiles(**paths)
 
 
 def speed_options(settings: Settings) -> SpeedOptions:
@@ -102,10 +139,12 @@ def generator_options(settings: Settings) -> GeneratorOptions:
         weights_dir=settings.weights_dir,
         device=settings.device,
         random_weights=settings.random_weights,
+        weight_files=weight_files(settings),
         loras=lora_stack(settings),
         speed=speed_options(settings),
         fast=fast_mode(settings),
         mode=settings.mode,
+        memory_check=settings.memory_check,
     )
 
 

@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     fast_steps: int = Field(4, ge=1, description="Denoising steps in fast mode (the distilled LoRA's 4).")
     fast_scale: float = Field(1.0, ge=0.0, le=30.0, description="Guidance scale in fast mode (1: no guidance).")
     fast_flow_shift: float = Field(5.0, gt=0.0, le=50.0, description="Flow shift in fast mode (its authors' 5).")
+    transformer_file: str | None = Field(
+        None, description="A single-file transformer replacing the preset's: a local .safetensors (original Wan or "
+        "ComfyUI layout; fp32/bf16/fp16/fp8/fp8 scaled) or .gguf path, or hf://owner/repo/file (fetched by "
+        "`particalize weights fetch`). With model tiny it replaces the tiny transformer."
+    )
+    text_encoder_file: str | None = Field(
+        None, description="A UMT5-XXL text encoder as one .safetensors file (bf16, fp8, ComfyUI's fp8 scaled) "
+        "replacing the preset's: a local path or hf://owner/repo/file."
+    )
     device: Literal["auto", "cuda", "cpu"] = "auto"
     hf_token: str | None = Field(None, description="Token for gated or private hub repos (fetch only).")
 
@@ -92,6 +101,10 @@ class Settings(BaseSettings):
     random_weights: bool = Field(
         False, description="Build the real-size model with random weights instead of loading it: every video is "
         "noise. For measuring speed and memory (and sizing a GPU) before downloading the weights."
+    )
+    memory_check: bool = Field(
+        True, description="Check before loading that the device has the memory the configuration needs, and refuse "
+        "with what would fit when it has not (0: load anyway)."
     )
     cfg_batch: bool = Field(False, description="Batch the cond and uncond guidance branches in one forward.")
     step_cache: Literal["none", "first_block", "taylorseer"] = Field(
@@ -215,6 +228,19 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("transformer_file", "text_encoder_file", mode="before")
+    @classmethod
+    def _weight_file_parses(cls, value: object, info: Any) -> object:
+        from weights.single_file import parse_file_source
+
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        try:
+            parse_file_source(str(value))
+        except ValueError as exc:
+            raise ValueError(f"PARTICALIZE_{info.field_name.upper()}: {exc}") from None
+        return str(value).strip()
 
     @field_validator("loras", "speed_lora")
     @classmethod

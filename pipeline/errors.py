@@ -39,3 +39,17 @@ class WeightFormatError(PipelineError, ValueError):
 
 class LoraFuseRefused(PipelineError, ValueError):
     """A LoRA cannot be fused into quantized (float8 or GGUF) base weights; the message says to keep it unfused."""
+
+
+class NotEnoughMemory(PipelineError):
+    """The configuration does not fit the device, found before anything is built (pipeline.memory_check): the
+    message names the need per component, what is free, and which options would fit."""
+
+
+class OutOfMemory(PipelineError, MemoryError):
+    """A run ran out of memory; the message names the size asked and what to lower or switch on. The run's memory
+    is released and the warm model serves the next run."""
+
+    def __init__(self, message: str, phase: str) -> None:
+        self.phase = phase
+        super().__init__(message)

@@ -24,15 +24,19 @@ from pipeline.acceleration import (
 )
 from pipeline.devices import pick_device
 from pipeline.embeddings import EmbeddingCache
-from pipeline.errors import Interrupted
+from pipeline.errors import Interrupted, OutOfMemory
 from pipeline.fast import FAST, NORMAL, FastMode
 from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
+from pipeline.loaded_file import LoadedFile, loaded_file_of
 from pipeline.loader import load_base_pipeline
 from pipeline.lora import LoraInfo, LoraStack, LoraStackOptions
+from pipeline.memory_check import check_memory
+from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
 from pipeline.params import GenerationParams, no_speed_lora, resolve_size
 from pipeline.presets import ModelPreset
 from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
 from pipeline.video import write_mp4
+from pipeline.weight_files import WeightFiles
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ class Video:
     params: GenerationParams
     """The parameters actually used: resolved width/height and seed."""
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What happened on the way worth telling (e.g. a decode retried with VAE tiling)."""
 
 
 ProgressFn = Callable[[StepProgress], None]
@@ -70,11 +76,15 @@ class GeneratorOptions:
     device: str = "auto"
     random_weights: bool = False
     """Build the real-size model with random values (pipeline.random_weights): every video is noise."""
+    weight_files: WeightFiles = field(default_factory=WeightFiles)
+    """Single files replacing the preset's transformer and/or text encoder (fp8, GGUF, ComfyUI layouts)."""
     loras: LoraStackOptions = field(default_factory=LoraStackOptions)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     fast: FastMode = field(default_factory=FastMode)
     mode: str = NORMAL
     """The mode of a request that names none; fast needs `loras.speed_lora`."""
+    memory_check: bool = True
+    """Refuse a configuration the device has no memory for before building it (pipeline.memory_check)."""
 
 
 class VideoGenerator:
@@ -95,13 +105,20 @@ class VideoGenerator:
         offloaded = speed.memory_mode != "none"
         self.random_weights = options.random_weights and not preset.is_tiny
         """Real-size model built with random values (pipeline.random_weights): every video is noise."""
+        if options.memory_check:
+            check_memory(preset, options.weights_dir, self.device, float8=speed.float8,
+                         text_encoder_on_cpu=speed.text_encoder_on_cpu, memory_mode=speed.memory_mode,
+                         weight_files=options.weight_files)
         self.pipe = load_base_pipeline(preset, options.weights_dir, self.device, place=not offloaded,
-                                       random_weights=options.random_weights)
+                                       random_weights=options.random_weights, weight_files=options.weight_files)
         self.pipe.set_progress_bar_config(disable=True)
+        self.load_notes: list[str] = []
+        """What loading decided that the speed options' notes should carry (kept unfused LoRAs)."""
         self.lora_stack = self._load_loras(options.loras)
         self.lora_stack.use(self.mode == FAST)
         self.applied: Applied = apply_speed_options(self.pipe, speed, self.device,
                                                     float8_keep=self.lora_stack.switched_parameters())
+        self.applied.notes.extend(self.load_notes)
         encode_device = torch.device("cpu") if self.applied.text_encoder_on_cpu else None
         self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size, encode_device=encode_device)
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
@@ -131,9 +148,16 @@ class VideoGenerator:
             stack.load(path, strength)
         fuse = options.fuse
         if options.loras and resolve_compile(self.speed, self.device)[0] and not fuse:
-            log.info("fusing the LoRAs before compiling (compiled graphs should not carry adapter layers)")
-            fuse = True
-        if fuse:
+            refusal = stack.fuse_refusal()
+            if refusal is None:
+                log.info("fusing the LoRAs before compiling (compiled graphs should not carry adapter layers)")
+                fuse = True
+            else:  # fusing into float8 or GGUF weights would round the LoRA away: adapters, compiled with the rest
+                self.load_notes.append("LoRAs kept unfused on the quantized transformer (fusing before compiling "
+                                       "would round their change to the base's precision): adapter layers are "
+                                       "compiled with it")
+                log.info("%s", self.load_notes[-1])
+        if fuse:  # asked for: LoraFuseRefused saying what to do when the base is quantized
             stack.fuse()
         if options.speed_lora is not None:  # after fusing: it stays an adapter, switched on per request
             stack.load(options.speed_lora[0], options.speed_lora[1], speed=True)
@@ -147,12 +171,14 @@ class VideoGenerator:
     def _warm_up_or_fall_back(self) -> None:
         """Warm up; when the run fails, turn off the next speed option in effect (WARMUP_REVERT_ORDER: compile,
         then the attention kernel, ...), record it as a fallback and run again. An error that remains with every
-        revertible option off is not theirs: it is raised (the model does not load)."""
+        revertible option off is not theirs: it is raised (the model does not load), as is an out-of-memory."""
         pending = list(WARMUP_REVERT_ORDER)
         while True:
             try:
                 self.warmup()
                 return
+            except OutOfMemory:  # the memory the configuration needs, not a speed option's failure (said as is)
+                raise
             except Exception as exc:
                 option = None
                 while pending and option is None:
@@ -185,6 +211,12 @@ class VideoGenerator:
         if self.interrupt_points.problems:
             parts.append("interrupt: " + "; ".join(self.interrupt_points.problems))
         return parts
+
+    @property
+    def loaded_files(self) -> list[LoadedFile]:
+        """The single files the transformer and text encoder came from (format, memory), for the banner and /ready."""
+        found = (loaded_file_of(getattr(self.pipe, name, None)) for name in ("transformer", "text_encoder"))
+        return [info for info in found if info is not None]
 
     @property
     def loras(self) -> list[LoraInfo]:
@@ -243,6 +275,7 @@ class VideoGenerator:
                 return {}
 
             self.interrupt_points.arm(interrupt)
+            phase, oom, notes = "encoding the prompt", None, []
             try:
                 guidance = params.scale > 1.0
                 prompt_embeds, negative_embeds = self.embeddings.prompt_embeds(
@@ -250,7 +283,8 @@ class VideoGenerator:
                 )
                 if self.applied.guidance_hook is not None:
                     self.applied.guidance_hook.set_negative(negative_embeds)
-                result = self.pipe(
+                phase = "denoising"
+                latents = self.pipe(
                     image=image,
                     prompt_embeds=prompt_embeds,
                     negative_prompt_embeds=negative_embeds,
@@ -260,20 +294,68 @@ class VideoGenerator:
                     num_inference_steps=params.steps,
                     guidance_scale=params.scale,
                     generator=torch.Generator(device="cpu").manual_seed(params.seed),
-                    output_type="np",
+                    output_type="latent",
                     callback_on_step_end=on_step_end,
                     max_sequence_length=self.max_sequence_length,
-                )
+                ).frames
+                del prompt_embeds, negative_embeds
+                phase = "decoding with the VAE"
+                frames = self._decode_retrying_tiled(latents, notes)
             except BlockInterrupt:
                 self._release()
                 raise Interrupted(steps["done"], params.steps) from None
-            except BaseException:
-                self._release()
-                raise
+            except BaseException as exc:
+                if not is_out_of_memory(exc):
+                    self._release()
+                    raise
+                if phase.startswith("decoding") and notes:
+                    phase += " (also when retried with VAE tiling)"
+                oom = out_of_memory_message(exc, params, phase, self.device, self.applied)
             finally:
                 self.interrupt_points.arm(None)
-            frames = np.asarray(result.frames[0], dtype=np.float32)
-            return Video(frames=frames, params=params, timings={"generate": time.perf_counter() - started})
+            if oom is not None:  # outside the handler: the run's tensors, held by the error's frames, are gone
+                latents = None
+                self._release()
+                log.warning("%s", oom)
+                raise OutOfMemory(oom, phase)
+            return Video(frames=np.asarray(frames, dtype=np.float32), params=params,
+                         timings={"generate": time.perf_counter() - started}, notes=notes)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents to (F, H, W, 3) frames in [0, 1], as WanImageToVideoPipeline.__call__ decodes them (the same
+        casts, de-normalisation, VAE decode and post-processing), so that the decode can be retried alone."""
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        vae = self.pipe.vae
+        latents = latents.to(device=get_module_execution_device(vae), dtype=vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        video = vae.decode(latents / latents_std + latents_mean, return_dict=False)[0]
+        video = self.pipe.video_processor.postprocess_video(video, output_type="np")
+        self.pipe.maybe_free_model_hooks()
+        return video[0]
+
+    def _decode_retrying_tiled(self, latents: torch.Tensor, notes: list[str]) -> np.ndarray:
+        """Decode; out of memory with tiling off, once more with VAE tiling (then tiling is put back as it was).
+        The retry decodes the same latents: nothing is denoised again."""
+        vae = self.pipe.vae
+        tiled = bool(getattr(vae, "use_tiling", False))
+        try:
+            return self.decode(latents)
+        except Exception as exc:
+            if tiled or not is_out_of_memory(exc):
+                raise
+        self._release()  # outside the handler: the failed decode's tensors are freed first
+        log.warning("out of memory in the VAE decode; decoding again with VAE tiling")
+        notes.append("the VAE decode ran out of memory and was retried with VAE tiling "
+                     "(PARTICALIZE_VAE_TILING=1 decodes tiled from the start)")
+        vae.enable_tiling()
+        try:
+            return self.decode(latents)
+        finally:
+            vae.disable_tiling()
 
     def _release(self) -> None:
         """After an interrupted or failed run: reset the step cache so the warm model serves the next task. The

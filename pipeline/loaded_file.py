@@ -30,13 +30,13 @@ class LoadedFile:
 
     def describe(self) -> str:
         return (f"{self.role} from {self.path.name} ({self.container}, {self.layout} keys; {self.stored}): "
-                f"{self.held}, {_size(self.memory_bytes)} in memory")
+                f"{self.held}, {size_text(self.memory_bytes)} in memory")
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path)}
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 

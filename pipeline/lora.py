@@ -193,7 +193,7 @@ class LoraStack:
         if not todo:
             return
         adapters = [info.name for info in todo if info.modules]
-        refusal = fuse_refusal(self.pipe.transformer, adapters)
+        refusal = self.fuse_refusal()
         if refusal:
             raise LoraFuseRefused(refusal)
         self.use(False)
@@ -203,6 +203,11 @@ class LoraStack:
         self.diffs.fold([info.name for info in todo])
         self.loras = [replace(info, fused=True) if info in todo else info for info in self.loras]
         self.fast = None
+
+    def fuse_refusal(self) -> str | None:
+        """Why `fuse` would be refused for the LoRAs loaded so far (their layers are quantized), or None."""
+        adapters = [info.name for info in self.loras if info.modules and not info.fused]
+        return fuse_refusal(self.pipe.transformer, adapters)
 
     def use(self, fast: bool) -> None:
         """Activate the stack, plus the speed LoRA when `fast`; nothing is done when that is already so."""
@@ -233,8 +238,8 @@ def fuse_refusal(transformer: torch.nn.Module, adapters: Iterable[str] | None = 
     example = next(iter(hit))
     return (f"cannot fuse LoRAs into this transformer: {len(hit)} of its layers (e.g. {example}) hold {kinds} "
             "weights, and fusing would round the LoRA's change to that precision (or cannot write GGUF blocks). "
-            "Keep the LoRAs unfused: leave PARTICALIZE_FUSE_LORA / --fuse-lora off, and, since LoRAs are fused "
-            "before compiling, set PARTICALIZE_COMPILE=0 / --no-compile; or use a bf16 transformer file")
+            "Keep the LoRAs unfused: leave PARTICALIZE_FUSE_LORA / --fuse-lora off (they then stay adapters, "
+            "compiled or not); or use a bf16 transformer file")
 
 
 def _diffusers_state_dict(plan: LoraPlan) -> dict[str, torch.Tensor]:

@@ -4,12 +4,16 @@ the preset's configs those files are loaded with (from its diffusers directory, 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import UMT5Config
+
+from pipeline.errors import WeightFormatError
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,23 @@ def load_weight_files(files: WeightFiles, transformer_config: dict[str, Any], te
     if files.transformer is not None:
         from pipeline.transformer_file import load_transformer_file
 
-        loaded["transformer"] = load_transformer_file(Path(files.transformer), transformer_config, compute_dtype)
+        with _naming(files.transformer, "transformer"):
+            loaded["transformer"] = load_transformer_file(Path(files.transformer), transformer_config, compute_dtype)
     if files.text_encoder is not None:
         from pipeline.text_encoder_file import load_text_encoder_file
 
-        loaded["text_encoder"] = load_text_encoder_file(Path(files.text_encoder), text_encoder_config,
-                                                        compute_dtype)
+        with _naming(files.text_encoder, "text encoder"):
+            loaded["text_encoder"] = load_text_encoder_file(Path(files.text_encoder), text_encoder_config,
+                                                            compute_dtype)
     return loaded
+
+
+@contextmanager
+def _naming(path: Path, role: str) -> Iterator[None]:
+    """A refusal that does not name its file says which file (and which role) it is about."""
+    try:
+        yield
+    except WeightFormatError as exc:
+        if Path(path).name in str(exc):
+            raise
+        raise WeightFormatError(f"{role} file {Path(path).name}: {exc}") from exc

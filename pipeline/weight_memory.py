@@ -97,7 +97,7 @@ def text_encoder_bytes(fmt: str, config: object | None = None, compute_dtype: to
     model = empty_text_encoder(config or UMT5Config(**UMT5_XXL))
     compute = torch.empty((), dtype=compute_dtype).element_size()
     if fmt == "bf16":
-        return sum(p.numel() for p in model.parameters()) * 2 + module_bytes(model)
+        return sum(p.numel() for p in model.parameters()) * compute + module_bytes(model)
     total = module_bytes(model)  # real buffers only (none in UMT5): parameters are on the meta device
     for name, param in model.named_parameters():  # a tied parameter once
         owner, _, leaf = name.rpartition(".")

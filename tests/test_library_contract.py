@@ -521,6 +521,28 @@ def _():
           "max_sequence_length")
 
 
+@contract("diffusers.WanImageToVideoPipeline.__call__.decode",
+          "pipeline/generator.py decode: output_type='latent' answers the latents as they would be decoded, and the "
+          "decode is the cast to the VAE's device and dtype, the latents_mean/latents_std de-normalisation, "
+          "vae.decode and video_processor.postprocess_video (redone there so that it can be retried tiled alone; "
+          "tests/test_out_of_memory.py compares the frames)")
+def _():
+    from diffusers import WanImageToVideoPipeline
+
+    source_says(WanImageToVideoPipeline.__call__, 'if not output_type == "latent":',
+                "latents.to(device=get_module_execution_device(self.vae), dtype=self.vae.dtype)",
+                "latents = latents / latents_std + latents_mean", "self.vae.decode(latents, return_dict=False)[0]",
+                "self.video_processor.postprocess_video(video, output_type=output_type)")
+
+
+@contract("diffusers.utils.torch_utils.get_module_execution_device",
+          "pipeline/generator.py decode: the device the VAE runs on (its offload hook's, else its parameters')")
+def _():
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    assert get_module_execution_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+
+
 @contract("diffusers.WanImageToVideoPipeline.encode_prompt", "pipeline/embeddings.py: the keywords it passes")
 def _():
     from diffusers import WanImageToVideoPipeline

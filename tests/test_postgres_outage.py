@@ -1,12 +1,16 @@
 """PostgreSQL stopped and started mid-run, under a real API process and two real worker processes, on a private
 cluster this test starts itself. While the database is down every answer is 503 in Wiro's error shape with
 Retry-After, on a kept-alive connection that the next request can use (no reset); once it is back, every task
-ends exactly once, none made twice, and each worker logged the outage once, not once a second."""
+ends exactly once, none made twice, and each worker logged the outage once, not once a second. Stopped right
+after the last denoising step (the video being decoded, written and stored), it costs nothing either: one
+claim, one generation, the status never back, the task done with its output once the database is back."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +19,16 @@ import httpx
 import pytest
 
 from benchmarks.harness import ServeProcess, WorkerProcess
-from server.store import Database, Store
-from server.store.models import ACCEPT, POSTPROCESS_END, RUNNING, TERMINAL
+from particalize.compose_server import open_storage
+from particalize.core_options import store_options, worker_options
+from server.store import Database, Store, upgrade
+from server.store.models import ACCEPT, LIFECYCLE, POSTPROCESS_END, QUEUED, RUNNING, TERMINAL
+from server.worker import Worker
+from tests.conftest import make_settings
 from tests.images import png_bytes
 from tests.private_postgres import PrivateCluster, unavailable_reason
+from tests.tasks import create_task
+from tests.test_worker import IMAGE_URL, SMALL, FakeFetch, Spy
 
 pytestmark = [pytest.mark.slow]
 
@@ -135,3 +145,80 @@ def test_a_database_outage_mid_run_is_answered_503_and_costs_no_task(cluster: Pr
             worker.stop()
         api.stop()
         db.dispose()
+
+
+@pytest.mark.parametrize("when", ["right after the last step", "during the MP4 write"])
+def test_the_database_stopped_in_the_output_phase_costs_no_generation(
+    cluster: PrivateCluster, tmp_path: Path, tiny_generator, caplog, monkeypatch, when: str
+):
+    """The worker runs in this process (so its generations can be counted) on the private cluster, which is
+    stopped from inside the run: right after the last denoising step's progress is written (the decode and every
+    step after it meet the outage), or once the MP4 is written, after task_postprocess_start (where it was
+    found to requeue the task and make the video again)."""
+    import server.worker.task_run as task_run_module
+
+    caplog.set_level(logging.INFO)
+    settings = make_settings(tmp_path, cluster.url, lease_seconds=20.0, progress_interval_seconds=0.1)
+    observer = Database(cluster.url)
+    upgrade(observer)
+    store = Store(observer, store_options(settings))
+    steps = int(SMALL["steps"])
+    task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    back = threading.Event()
+
+    def stop_the_database() -> None:
+        cluster.stop()
+
+        def start_again() -> None:
+            time.sleep(OUTAGE_SECONDS)
+            cluster.start()
+            back.set()
+
+        threading.Thread(target=start_again, daemon=True).start()
+
+    if when == "during the MP4 write":
+        real_write = task_run_module.write_mp4
+
+        def write_then_stop(frames, path, fps):
+            written = real_write(frames, path, fps=fps)
+            stop_the_database()
+            return written
+
+        monkeypatch.setattr(task_run_module, "write_mp4", write_then_stop)
+        spy = Spy(tiny_generator)
+    else:
+        spy = Spy(tiny_generator, at_step=steps, action=stop_the_database)
+    worker_db = Database(cluster.url)
+    worker = Worker(Store(worker_db, store_options(settings)), open_storage(settings), spy, worker_options(settings),
+                    worker_id="pg/gpu0", fetch=FakeFetch(png_bytes(40, 40)))
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not back.is_set() or store.reads.get(task.id).status not in TERMINAL:
+            assert time.monotonic() < deadline, "the task never ended"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(30)
+        worker_db.dispose()
+    assert not thread.is_alive()
+    try:
+        done = store.reads.get(task.id)
+        assert (done.status, done.pexit, done.attempts) == (POSTPROCESS_END, "0", 1), (done.status, done.debugerror)
+        assert spy.calls == 1 and spy.steps[-1] == steps, "one generation"
+        seen = [e.status for e in store.reads.events(task.id)]
+        assert seen.count(ACCEPT) == 1 and seen.count(QUEUED) == 1, f"one claim, never requeued: {seen}"
+        ranks = [LIFECYCLE.index(s) for s in seen]
+        assert ranks == sorted(ranks), f"the status went back: {seen}"
+        (out,) = store.reads.outputs([task.id])[task.id]
+        stored = Path(settings.outputs_dir) / out.path
+        assert stored.is_file() and stored.stat().st_size == out.size
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name == "particalize.worker" and r.levelno >= logging.WARNING]
+        assert sum("task store is unavailable" in line for line in lines) == 1, lines
+        assert sum("task store answers again" in line for line in lines) == 1, lines
+        assert not any("put back in the queue" in r.getMessage() for r in caplog.records)
+    finally:
+        observer.dispose()

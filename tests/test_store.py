@@ -311,3 +311,89 @@ def test_callback_is_due_at_the_end_and_retried_with_back_off(store: Store):
     store.tasks.cancel_if_queued(other.id)
     store.callbacks.claim_due()
     assert store.callbacks.record(other.id, delivered=True)[:2] == ("delivered", 1)
+
+
+# --- the last phase: forward only, the first record wins ------------------------------------------------------
+
+FORWARD = (PREPROCESS_START, PREPROCESS_END, ASSIGN, START, OUTPUT_FULL, END, POSTPROCESS_START)
+
+
+def walk_to(store: Store, task_id: int, worker: str, last: str) -> None:
+    for status in FORWARD[:FORWARD.index(last) + 1]:
+        store.tasks.advance(task_id, worker, status)
+
+
+def statuses(store: Store, task_id: int) -> list[str]:
+    return [e.status for e in store.reads.events(task_id)]
+
+
+def test_a_running_task_never_moves_back_when_a_step_is_repeated_or_late(store: Store):
+    task = make_task(store)
+    claimed = store.tasks.claim_next("w")
+    walk_to(store, task.id, "w", POSTPROCESS_START)
+    store.tasks.advance(task.id, "w", POSTPROCESS_START, claimed_attempt=claimed.attempts)  # a retry, answer lost
+    store.tasks.advance(task.id, "w", OUTPUT_FULL, claimed_attempt=claimed.attempts)  # a late, repeated step
+    store.tasks.progress(task.id, "w", 3, 3, 1.0)  # a late progress write
+    assert store.reads.get(task.id).status == POSTPROCESS_START
+    assert statuses(store, task.id) == [QUEUED, ACCEPT, *FORWARD], "each status once, in order"
+
+
+def test_a_made_video_is_not_released_back_to_the_queue(store: Store):
+    made, running = make_task(store), make_task(store)
+    store.tasks.claim_next("w")
+    store.tasks.claim_next("w")
+    walk_to(store, made.id, "w", OUTPUT_FULL)
+    walk_to(store, running.id, "w", START)
+    assert store.tasks.release(made.id, "w", "worker stopping") is False
+    kept = store.reads.get(made.id)
+    assert (kept.status, kept.worker_id, kept.attempts) == (OUTPUT_FULL, "w", 1)
+    assert store.tasks.release(running.id, "w", "worker stopping") is True
+    assert store.reads.get(running.id).status == QUEUED
+    assert store.tasks.release(running.id, "w", "again") is False, "no longer this worker's"
+
+
+def test_a_complete_retried_after_its_answer_was_lost_is_the_same_one_record(store: Store):
+    task = make_task(store)
+    claimed = store.tasks.claim_next("w")
+    walk_to(store, task.id, "w", POSTPROCESS_START)
+    out = [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")]
+    first = store.tasks.complete(task.id, "w", out, totalcost=1.0, debugoutput="done", claimed_attempt=claimed.attempts)
+    again = store.tasks.complete(task.id, "w", out, totalcost=1.0, debugoutput="done", claimed_attempt=claimed.attempts)
+    assert (again.status, again.pexit) == (first.status, "0") == (POSTPROCESS_END, "0")
+    assert len(store.reads.outputs([task.id])[task.id]) == 1
+    assert statuses(store, task.id).count(POSTPROCESS_END) == 1
+
+
+def test_a_worker_behind_one_that_is_storing_its_video_cannot_take_the_task_back(store: Store):
+    task = make_task(store)
+    first = store.tasks.claim_next("a")  # a's lease runs out during an outage; b takes the requeued task up
+    store.tasks.recover_orphans(now=first.lease_expires_at + 1)
+    store.tasks.claim_next("b")
+    walk_to(store, task.id, "b", POSTPROCESS_START)  # b has made its video too and is storing it
+    mine = [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")]
+    for status in (OUTPUT_FULL, END, POSTPROCESS_START):
+        with pytest.raises(TaskLost):
+            store.tasks.advance(task.id, "a", status, claimed_attempt=first.attempts)
+    with pytest.raises(TaskLost):
+        store.tasks.complete(task.id, "a", mine, totalcost=0.0, debugoutput="a", claimed_attempt=first.attempts)
+    held = store.reads.get(task.id)
+    assert (held.status, held.worker_id) == (POSTPROCESS_START, "b"), "not moved back, not taken from b"
+    theirs = [NewOutput("0.mp4", "video/mp4", 20, f"{task.uuid}/0.mp4")]
+    store.tasks.complete(task.id, "b", theirs, totalcost=0.0, debugoutput="b")
+    (recorded,) = store.reads.outputs([task.id])[task.id]
+    assert recorded.size == 20, "b's record, once"
+
+
+def test_a_worker_ahead_of_another_takes_the_task_back_forward(store: Store):
+    task = make_task(store)
+    first = store.tasks.claim_next("a")
+    store.tasks.recover_orphans(now=first.lease_expires_at + 1)
+    store.tasks.claim_next("b")
+    walk_to(store, task.id, "b", START)
+    store.tasks.advance(task.id, "a", OUTPUT_FULL, claimed_attempt=first.attempts)
+    taken = store.reads.get(task.id)
+    assert (taken.status, taken.worker_id) == (OUTPUT_FULL, "a")
+    with pytest.raises(TaskLost):
+        store.tasks.progress(task.id, "b", 1, 3, 1.0)
+    after = statuses(store, task.id)[statuses(store, task.id).index(QUEUED, 1):]
+    assert after == [QUEUED, ACCEPT, PREPROCESS_START, PREPROCESS_END, ASSIGN, START, OUTPUT_FULL]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,16 @@ class FlakyStore:
         if root is None:
             self.down = threading.Event()
             self.failed_calls = 0
+            self.trip: Callable[[str, tuple, dict], bool] | None = None
+            """Asked before every call: True puts the store down from that call on (see `go_down`)."""
+            self.down_for = 1.0
+
+    def go_down(self) -> None:
+        """Down now, back after `down_for` seconds."""
+        self.down.set()
+        back = threading.Timer(self.down_for, self.down.clear)
+        back.daemon = True
+        back.start()
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self.inner, name)
@@ -98,6 +109,10 @@ class FlakyStore:
             return value
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            trip = self.root.trip
+            if trip is not None and not self.root.down.is_set() and trip(name, args, kwargs):
+                self.root.trip = None
+                self.root.go_down()
             if self.root.down.is_set():
                 self.root.failed_calls += 1
                 raise outage_error()
@@ -364,3 +379,171 @@ def test_a_live_follower_pauses_through_an_outage_and_misses_no_event(tmp_path: 
     finally:
         services.store = store  # type: ignore[misc]
         services.close()
+
+
+# --- the last phase: after the last denoising step ------------------------------------------------------------
+
+def _is(status: str):
+    return lambda name, args, kwargs: name == "advance" and args[2] == status
+
+
+def _last_progress(name: str, args: tuple, kwargs: dict) -> bool:
+    return name == "progress" and args[2] == args[3]
+
+
+AFTER_THE_LAST_STEP = {
+    "the VAE decode": _last_progress,
+    "task_output_full": _is("task_output_full"),
+    "task_end": _is("task_end"),
+    "task_postprocess_start": _is("task_postprocess_start"),
+    "the MP4 write": None,  # the store goes down while the MP4 is written (the kill-flag read that follows it)
+    "complete": lambda name, args, kwargs: name == "complete",
+}
+
+
+def assert_forward_only(store: Store, task_id: int) -> list[str]:
+    from server.store.models import ACCEPT, LIFECYCLE, QUEUED
+
+    seen = [e.status for e in store.reads.events(task_id)]
+    ranks = [LIFECYCLE.index(s) for s in seen]
+    assert ranks == sorted(ranks), f"the status went back: {seen}"
+    assert seen.count(ACCEPT) == 1 and seen.count(QUEUED) == 1, f"claimed once, never requeued: {seen}"
+    return seen
+
+
+@pytest.mark.parametrize("where", list(AFTER_THE_LAST_STEP))
+def test_an_outage_after_the_last_step_costs_nothing_the_video_is_stored_once_and_recorded(
+    store, settings, tiny_generator, monkeypatch, caplog, where
+):
+    import server.worker.task_run as task_run_module
+
+    caplog.set_level(logging.INFO)
+    flaky = FlakyStore(store)
+    flaky.trip = AFTER_THE_LAST_STEP[where]
+    if flaky.trip is None:
+        real_write = task_run_module.write_mp4
+
+        def write_during_an_outage(frames, path, fps):
+            written = real_write(frames, path, fps=fps)
+            flaky.go_down()
+            return written
+
+        monkeypatch.setattr(task_run_module, "write_mp4", write_during_an_outage)
+    puts: list[str] = []
+    storage = open_storage(settings)
+    real_put = storage.put_file
+    storage.put_file = lambda local, relpath: (puts.append(relpath), real_put(local, relpath))[1]  # type: ignore[method-assign]
+    spy = Spy(tiny_generator)
+    task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    worker = Worker(flaky, storage, spy, worker_options(settings), worker_id=WORKER,  # type: ignore[arg-type]
+                    fetch=FakeFetch(png_bytes(40, 40)))
+    assert worker.run_once() is True
+    assert flaky.failed_calls >= 1 and worker.health.outages == 1, "the outage was met"
+    done = store.reads.get(task.id)
+    assert (done.status, done.pexit, done.attempts) == ("task_postprocess_end", "0", 1), done.debugerror
+    assert spy.calls == 1, "one generation"
+    assert puts == [f"{task.uuid}/0.mp4"], "stored once"
+    (out,) = store.reads.outputs([task.id])[task.id]
+    stored = Path(settings.outputs_dir) / out.path
+    assert stored.is_file() and stored.stat().st_size == out.size, "the recorded video is the stored one"
+    seen = assert_forward_only(store, task.id)
+    assert seen[-4:] == ["task_output_full", "task_end", "task_postprocess_start", "task_postprocess_end"]
+    assert not any("put back in the queue" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stopping_worker_whose_finishing_time_ends_in_an_outage_neither_requeues_nor_deletes_its_video(
+    store, tmp_path: Path, db_url: str, tiny_generator, caplog
+):
+    from server.shutdown import StopRequest
+
+    caplog.set_level(logging.INFO)
+    settings = make_settings(tmp_path, db_url, shutdown_finish_seconds=0.5)
+    flaky = FlakyStore(store)
+    flaky.down_for = 600.0  # still down when the worker must give up
+    stop = StopRequest(grace_seconds=0.0)
+
+    def at_complete(name: str, args: tuple, kwargs: dict) -> bool:
+        if name == "complete":
+            stop.request()  # SIGTERM as the video is being recorded
+        return name == "complete"
+
+    flaky.trip = at_complete
+    spy = Spy(tiny_generator)
+    task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    worker = Worker(flaky, open_storage(settings), spy, worker_options(settings), worker_id=WORKER,  # type: ignore[arg-type]
+                    fetch=FakeFetch(png_bytes(40, 40)))
+    worker.stop_event = stop
+    started = time.monotonic()
+    worker.run_once()
+    flaky.down.clear()
+    assert time.monotonic() - started < 20, "given up once the finishing time was over"
+    held = store.reads.get(task.id)
+    assert (held.status, held.worker_id, held.attempts) == ("task_postprocess_start", WORKER, 1), \
+        "not sent back by the worker: if it was not recorded, its lease requeues it"
+    assert (Path(settings.outputs_dir) / task.uuid / "0.mp4").is_file(), "the stored video is not deleted"
+    assert any("did not answer before the worker had to stop" in r.getMessage() for r in caplog.records)
+
+
+THEIRS = b"the video worker b made and recorded"
+B = "other/gpu0"
+
+
+def take_over(store: Store, settings, task, *, record: bool) -> None:
+    """a's lease ran out (during an outage); b took the requeued task up, made its video and stored it, and
+    (`record`) recorded it."""
+    from server.store import NewOutput
+
+    store.tasks.recover_orphans(now=time.time() + 3600)
+    assert store.tasks.claim_next(B).id == task.id
+    for status in ("task_preprocess_start", "task_preprocess_end", "task_assign", "task_start", "task_output_full",
+                   "task_end", "task_postprocess_start"):
+        store.tasks.advance(task.id, B, status)
+    path = Path(settings.outputs_dir) / task.uuid / "0.mp4"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(THEIRS)
+    if record:
+        store.tasks.complete(task.id, B, [NewOutput("0.mp4", "video/mp4", len(THEIRS), f"{task.uuid}/0.mp4")],
+                             totalcost=0.0, debugoutput="done by b")
+
+
+class FailsAfterwards(Spy):
+    """Makes the video, then fails (as a VAE decode or MP4 encoder error would)."""
+
+    def generate(self, params, image, progress=None, should_stop=None, interrupt=None):
+        super().generate(params, image, progress=progress, should_stop=should_stop, interrupt=interrupt)
+        raise RuntimeError("the decode failed")
+
+
+@pytest.mark.parametrize("then", ["a finishes its video", "a fails", "a is stopped", "b is still storing"])
+def test_a_worker_whose_task_was_taken_over_never_deletes_or_overwrites_the_others_output(
+    store, settings, tiny_generator, then
+):
+    task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
+    stop = threading.Event()
+
+    def takeover() -> None:
+        take_over(store, settings, task, record=then != "b is still storing")
+        if then == "a is stopped":
+            stop.set()
+
+    kind = FailsAfterwards if then == "a fails" else Spy
+    last = int(SMALL["steps"])  # a stop comes mid-denoise; the others once a's video is made
+    spy = kind(tiny_generator, at_step=1 if then == "a is stopped" else last, action=takeover)
+    worker = Worker(store, open_storage(settings), spy, worker_options(settings), worker_id=WORKER,
+                    fetch=FakeFetch(png_bytes(40, 40)))
+    worker.stop_event = stop
+    worker.run_once()
+    path = Path(settings.outputs_dir) / task.uuid / "0.mp4"
+    assert path.read_bytes() == THEIRS, "b's video is neither deleted nor written over"
+    held = store.reads.get(task.id)
+    assert held.worker_id == B and held.attempts == 2
+    if then == "b is still storing":
+        assert held.status == "task_postprocess_start", "not taken back from b, not moved back"
+        from server.store import NewOutput
+
+        store.tasks.complete(task.id, B, [NewOutput("0.mp4", "video/mp4", len(THEIRS), f"{task.uuid}/0.mp4")],
+                             totalcost=0.0, debugoutput="done by b")
+    done = store.reads.get(task.id)
+    assert (done.status, done.pexit, done.debugoutput) == ("task_postprocess_end", "0", "done by b")
+    (out,) = store.reads.outputs([task.id])[task.id]
+    assert out.size == len(THEIRS), "b's record, once"

@@ -5,7 +5,6 @@ file that is not a UMT5 encoder of the preset's size refused naming the keys."""
 from __future__ import annotations
 
 import copy
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel, UMT5EncoderModel
 
-import pipeline.generator as generator_module
 from pipeline.errors import WeightFormatError
 from pipeline.generator import GeneratorOptions, VideoGenerator
 from pipeline.loaded_file import loaded_file_of
-from pipeline.loader import load_base_pipeline
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from pipeline.quantized_layers import Float8Linear, module_bytes
@@ -107,9 +104,7 @@ def test_a_video_from_a_text_encoder_file_and_a_transformer_file(tmp_path, tiny)
     te_path, te_stored = write_text_encoder(tmp_path / "umt5.safetensors", tiny, torch.bfloat16)
     files = WeightFiles(transformer=write_transformer(tmp_path / "wan.safetensors", state, torch.bfloat16),
                         text_encoder=te_path)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generator_module, "load_base_pipeline", functools.partial(load_base_pipeline, weight_files=files))
-        from_files = VideoGenerator(GeneratorOptions(get_preset("tiny"), weights_dir=tmp_path))
+    from_files = VideoGenerator(GeneratorOptions(get_preset("tiny"), weights_dir=tmp_path, weight_files=files))
     assert loaded_file_of(from_files.pipe.text_encoder).path == te_path
     reference = VideoGenerator(GeneratorOptions(get_preset("tiny"), weights_dir=tmp_path))
     reference.pipe.transformer.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in state.items()})

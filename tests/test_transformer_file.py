@@ -4,7 +4,6 @@ applied, a video is made from each, and a file that does not fit is refused with
 
 from __future__ import annotations
 
-import functools
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,6 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-import pipeline.generator as generator_module
 from pipeline.errors import WeightFormatError, WeightsMissing
 from pipeline.generator import GeneratorOptions, VideoGenerator
 from pipeline.loaded_file import loaded_file_of
@@ -81,12 +79,9 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny, state, linear) -> dict
 
 def frames(tmp_path: Path, files: WeightFiles | None = None, state: dict[str, torch.Tensor] | None = None,
            preset: ModelPreset | None = None) -> np.ndarray:
-    """A tiny video; `files` as the wiring will pass them, `state`: the tiny transformer's values replaced."""
-    with pytest.MonkeyPatch.context() as mp:
-        if files is not None:
-            mp.setattr(generator_module, "load_base_pipeline",
-                       functools.partial(load_base_pipeline, weight_files=files))
-        gen = VideoGenerator(GeneratorOptions(preset or get_preset("tiny"), weights_dir=tmp_path))
+    """A tiny video; `files` as the settings give them, `state`: the tiny transformer's values replaced."""
+    gen = VideoGenerator(GeneratorOptions(preset or get_preset("tiny"), weights_dir=tmp_path,
+                                          weight_files=files or WeightFiles()))
     if state is not None:
         gen.pipe.transformer.load_state_dict(state)
     return gen.generate(PARAMS, IMAGE).frames

@@ -4,17 +4,14 @@ into quantized weights refused saying to keep the LoRA unfused, and fused as bef
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import pipeline.generator as generator_module
 from pipeline.errors import LoraFuseRefused
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.loader import load_base_pipeline
 from pipeline.lora import LoraStackOptions, fuse_refusal
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
@@ -70,10 +67,8 @@ def lora(tmp_path_factory: pytest.TempPathFactory, tiny) -> tuple[Path, list[Lor
 def generator(tmp_path: Path, base: Path, lora_path: Path | None = None, lora_strength: float = 1.0,
               fuse_lora: bool = False) -> VideoGenerator:
     loras = LoraStackOptions(loras=((lora_path, lora_strength),) if lora_path else (), fuse=fuse_lora)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generator_module, "load_base_pipeline",
-                   functools.partial(load_base_pipeline, weight_files=WeightFiles(transformer=base)))
-        return VideoGenerator(GeneratorOptions(get_preset("tiny"), weights_dir=tmp_path, loras=loras))
+    return VideoGenerator(GeneratorOptions(get_preset("tiny"), weights_dir=tmp_path, loras=loras,
+                                           weight_files=WeightFiles(transformer=base)))
 
 
 def effective_weight(linear: torch.nn.Module) -> torch.Tensor:

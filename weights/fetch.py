@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import WeightsMissing
 from pipeline.loader import preset_dir
 from pipeline.presets import ModelPreset
 from weights.locate import lora_dir
@@ -60,14 +61,21 @@ def fetch_single_file(source: FileSource, weights_dir: Path, token: str | None =
     """Download one transformer or text-encoder file (resumable) into `files_dir`, and add its size and sha256 to
     that folder's manifest (one repo often holds both files, e.g. ComfyUI's repackaged Wan2.1)."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     if not source.is_hub:
         raise ValueError(f"{source.text} is a local file: nothing to fetch")
     assert source.repo is not None and source.file is not None
     target = files_dir(weights_dir, source.repo)
     target.mkdir(parents=True, exist_ok=True)
-    path = Path(hf_hub_download(source.repo, source.file, revision=source.revision, local_dir=target, token=token))
-    sha, records = _records(source.repo, source.revision, token, wanted={source.file})
+    try:
+        path = Path(hf_hub_download(source.repo, source.file, revision=source.revision, local_dir=target,
+                                    token=token))
+        sha, records = _records(source.repo, source.revision, token, wanted={source.file})
+    except (OSError, ValueError, EntryNotFoundError) as exc:  # no network, no such repo or file, gated
+        raise WeightsMissing(f"cannot fetch {source.text} from huggingface.co ({str(exc).splitlines()[0]}): check "
+                             "the network, the repo and file name, and PARTICALIZE_HF_TOKEN for a gated repo; or "
+                             "download the file elsewhere and give its local path") from exc
     known = (read_manifest(target) or {}).get("files", {})
     kept = [FileRecord(rel, meta.get("size"), meta.get("sha256")) for rel, meta in known.items() if rel != source.file]
     write_manifest(target, source.repo, sha, kept + records)

@@ -86,6 +86,8 @@ def not_ready_reason(store: Store, workers: Iterable[Any], now: float,
             seen.append(f"{w.id} last seen {now - w.heartbeat_at:.0f}s ago (more than the {lease:g}s lease)")
         elif w.state == "paused" and w.detail:
             seen.append(f"{w.id} is paused: {redact_paths(w.detail)}")  # e.g. its disk is below the floor
+        elif w.state == "failed" and w.detail:
+            seen.append(f"{w.id} failed to load its model: {redact_paths(w.detail)}")  # not restarted
         else:
             seen.append(f"{w.id} is {w.state}")
     known = {w.id for w in workers}

@@ -10,10 +10,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from server.bodies import RequestFields
-from server.errors import CONCURRENCY_LIMIT, NOT_FOUND, QUEUE_FULL, ApiError
+from server.errors import CONCURRENCY_LIMIT, GENERAL, NOT_FOUND, QUEUE_FULL, ApiError
 from server.routes.common import answer
 from server.services import Services
-from server.store import QueueFull, TooManyActive
+from server.store import NoWorker, QueueFull, TooManyActive
 from server.tool_info import SLUG_OWNER, SLUG_PROJECT, is_this_tool
 from server.validation import parse_run
 
@@ -35,6 +35,8 @@ async def run(request: Request, slug_owner: str, slug_project: str) -> JSONRespo
             raise ApiError(str(exc), code=QUEUE_FULL) from None
         except TooManyActive as exc:
             raise ApiError(str(exc), code=CONCURRENCY_LIMIT) from None
+        except NoWorker as exc:
+            raise ApiError(str(exc), code=GENERAL) from None
         return {"errors": [], "taskid": str(task.id), "socketaccesstoken": task.socketaccesstoken, "result": True}
 
     return await answer(request, handler)

@@ -84,7 +84,9 @@ export const fallbackHex = (key, message) => hex(hmacSha256Fallback(key, message
 
 let lastNonce = 0;
 
-/** Date.now(), made strictly increasing: the server accepts a nonce once per key. */
+/** Date.now(), made strictly increasing: the server accepts any nonce by default, but a distinct one per request
+ * keeps requests apart under PARTICALIZE_REPLAY_PROTECTION=1 (an identical replay is refused) and is fresh under
+ * an opt-in PARTICALIZE_NONCE_UNIT window. */
 export function nextNonce() {
   lastNonce = Math.max(Date.now(), lastNonce + 1);
   return String(lastNonce);

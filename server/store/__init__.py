@@ -5,7 +5,7 @@
 """
 
 from server.store.db import Database
-from server.store.errors import QueueFull, TaskKilled, TaskLost, TooManyActive
+from server.store.errors import NoWorker, QueueFull, TaskKilled, TaskLost, TooManyActive
 from server.store.ids import new_id, new_token
 from server.store.lifecycle import KillOutcome, NewOutput, Recovered, TaskLifecycle
 from server.store.migrate import upgrade
@@ -19,6 +19,7 @@ __all__ = [
     "KillOutcome",
     "NewOutput",
     "NewUpload",
+    "NoWorker",
     "QueueFull",
     "Recovered",
     "Store",

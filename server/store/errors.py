@@ -15,6 +15,11 @@ class QueueFull(Exception):
     pass
 
 
+class NoWorker(Exception):
+    """No worker can serve a new task (every registered worker failed to load its model, none is alive): the
+    message says why (server/store/waiting.py)."""
+
+
 class TooManyActive(Exception):
     """The API key already has its most tasks between task_queue and a terminal status."""
 

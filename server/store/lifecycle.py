@@ -4,6 +4,11 @@ Ownership: a worker claims a task (worker_id, lease, attempts); from then on onl
 and every call it makes checks it still owns the task (TaskLost otherwise). A task whose worker died (its lease
 ran out, or its worker restarted under the same id) is requeued `requeue_limit` times, then failed with the
 reason. The API's controls end a task from outside: Cancel while it is queued, Kill while it runs.
+
+Once its video is made a task is finished, not made again: its status only moves forward (a worker's step never
+takes it back, a graceful release is refused), and of two workers holding a finished video of it (one whose lease
+ran out during an outage, one that took the requeued task up) the first to record it wins; the other cannot
+record over it (see `_owned`).
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from sqlalchemy.orm import Session
 
 from pipeline.params import GenerationParams
 from server.store.db import Database
-from server.store.errors import QueueFull, TaskKilled, TaskLost, TooManyActive
+from server.store.errors import NoWorker, QueueFull, TaskKilled, TaskLost, TooManyActive
 from server.store.ids import new_id, new_token
 from server.store.models import (
     ACCEPT,
     CANCEL,
+    FINISHING,
     OUTPUT,
     POSTPROCESS_END,
+    POSTPROCESS_START,
     QUEUED,
     RUNNING,
     TERMINAL,
@@ -35,9 +42,9 @@ from server.store.models import (
     Worker,
 )
 from server.store.reads import ACTIVE_OF_OWNER
-from server.store.transitions import add_event, requeue, say, set_status, show_progress
+from server.store.transitions import add_event, is_before, requeue, say, set_status, show_progress
 from server.store.uploads import NewUpload, upload_row
-from server.store.waiting import WAITING_NOTE, waiting_note
+from server.store.waiting import WAITING_NOTE, no_worker_reason, waiting_note
 from server.task_record import TaskRecord
 
 _ACTIVE_LOCK_NAMESPACE = 7_301_244_191
@@ -95,9 +102,14 @@ class TaskLifecycle:
     def create(self, record: TaskRecord, new_upload: NewUpload | None = None) -> Task:
         """A queued task. Its image is fetched from the record's URL by the worker, or read from the store when
         the record names an upload (`new_upload`: one sent with this request, stored with the task).
-        QueueFull when the queue is full; TooManyActive when its owner has `max_active_per_key` active tasks."""
+        QueueFull when the queue is full; TooManyActive when its owner has `max_active_per_key` active tasks;
+        NoWorker when no worker can serve it (every registered worker failed to load its model, none is alive)."""
         now = self.clock()
         with self.db.session(write=True) as s:
+            reason = no_worker_reason(list(s.scalars(select(Worker).order_by(Worker.id))), now, self.lease_seconds)
+            if reason:
+                raise NoWorker(f"{reason} No task is queued until a worker can serve; the operator must fix the "
+                               "worker's configuration and start it again.")
             if record.owner is not None and self.max_active_per_key:
                 self._check_active(s, record.owner)
             queued = s.scalar(select(func.count()).select_from(Task).where(Task.status == QUEUED)) or 0
@@ -198,13 +210,14 @@ class TaskLifecycle:
         resolved: GenerationParams | None = None,
         claimed_attempt: int | None = None,
     ) -> bool:
-        """Move an owned task to `status` (stamping its time, renewing the lease). True if a kill was asked.
+        """Move an owned task forward to `status` (stamping its time, renewing the lease); a task already there
+        or further (a retry whose first answer was lost) keeps its status. True if a kill was asked.
         `resolved`: the parameters the run uses. `claimed_attempt`: the worker has finished the video and takes
         the task back if it lost it (`_owned`)."""
         now = self.clock()
         with self.db.session(write=True) as s:
-            task = self._owned(s, task_id, worker_id, claimed_attempt)
-            if status != task.status:
+            task = self._owned(s, task_id, worker_id, claimed_attempt, reaching=status)
+            if is_before(task.status, status):
                 set_status(s, task, status, now)
             task.lease_expires_at = now + self.lease_seconds
             if debugoutput is not None:
@@ -219,7 +232,8 @@ class TaskLifecycle:
         now = self.clock()
         with self.db.session(write=True) as s:
             task = self._owned(s, task_id, worker_id)
-            set_status(s, task, OUTPUT, now, message=f"step {step}/{total}", step=step, total=total)
+            if not is_before(OUTPUT, task.status):  # never back from a finishing status
+                set_status(s, task, OUTPUT, now, message=f"step {step}/{total}", step=step, total=total)
             task.lease_expires_at = now + self.lease_seconds
             show_progress(task, step, total, elapsed)
             return task.kill_requested
@@ -234,12 +248,18 @@ class TaskLifecycle:
         self, task_id: int, worker_id: str, outputs: list[NewOutput], *, totalcost: float, debugoutput: str,
         claimed_attempt: int | None = None,
     ) -> Task:
-        """Success: outputs recorded and task_postprocess_end with pexit 0, in one transaction.
+        """Success: outputs recorded and task_postprocess_end with pexit 0, in one transaction. The first record
+        wins: a task that has ended is never recorded over (TaskLost), except that this worker's own retry of
+        this call (its first answer lost in an outage, the task already done by this worker) returns the task.
 
         With `claimed_attempt`, a finished video is recorded even if its lease ran out meanwhile (see `_owned`)."""
         now = self.clock()
         with self.db.session(write=True) as s:
-            task = self._owned(s, task_id, worker_id, claimed_attempt)
+            done = s.get(Task, task_id, with_for_update=True)
+            if done is not None and done.worker_id == worker_id and done.status == POSTPROCESS_END \
+                    and done.pexit == "0":
+                return done
+            task = self._owned(s, task_id, worker_id, claimed_attempt, reaching=POSTPROCESS_END)
             if task.kill_requested:
                 raise TaskKilled(f"task {task_id} was killed while finishing")
             parent = uuid.uuid5(uuid.NAMESPACE_URL, task.uuid).hex
@@ -285,16 +305,21 @@ class TaskLifecycle:
             set_status(s, task, POSTPROCESS_END, now, message=f"pexit {pexit}: {reason}")
             return task
 
-    def release(self, task_id: int, worker_id: str, note: str) -> None:
-        """Give an owned task back to the queue on a graceful stop; that attempt does not count."""
+    def release(self, task_id: int, worker_id: str, note: str) -> bool:
+        """Give an owned task back to the queue on a graceful stop; that attempt does not count. Refused (False)
+        for a task that is no longer this worker's, and for one whose video is made (a finishing status): that
+        one is recorded, never sent back to be made again."""
         now = self.clock()
         with self.db.session(write=True) as s:
             try:
                 task = self._owned(s, task_id, worker_id)
             except TaskLost:
-                return
+                return False
+            if task.status in FINISHING:
+                return False
             task.attempts = max(0, task.attempts - 1)
             requeue(s, task, now, note)
+            return True
 
     def recover_orphans(self, *, worker_id: str | None = None, now: float | None = None) -> list[Recovered]:
         """Tasks whose worker is gone: all running tasks held under `worker_id` (a worker restarting under
@@ -366,21 +391,26 @@ class TaskLifecycle:
 
     # ---------------------------------------------------------------------------------------------
 
-    def _owned(self, s: Session, task_id: int, worker_id: str, claimed_attempt: int | None = None) -> Task:
+    def _owned(self, s: Session, task_id: int, worker_id: str, claimed_attempt: int | None = None,
+               reaching: str = POSTPROCESS_END) -> Task:
         """The task, locked, if `worker_id` owns it; TaskLost otherwise.
 
         With `claimed_attempt` (the task's attempts when this worker claimed it; given once its video is made),
         a task lost only to its lease is taken back: its lease ran out while the store was unreachable (the
         heartbeats could not be written) and it was requeued, or even claimed by another worker since, which
-        then finds it gone at its next write. So a finished video is recorded, not made again. A task that has
-        ended (or was claimed before this worker's claim) is not: a result lands exactly once."""
+        then finds it gone at its next write. So a finished video is recorded, not made again. It is taken back
+        only from behind the status this worker is `reaching` and short of task_postprocess_start (where a run
+        puts its video in the storage, under the task's one output name): the status never goes back, and a
+        video another worker is storing is not recorded over. A task that has ended (or was claimed before this
+        worker's claim) is not taken: a result lands exactly once."""
         task = s.get(Task, task_id, with_for_update=True)
         if task is not None and task.worker_id == worker_id and task.status == CANCEL and task.kill_requested:
             raise TaskKilled(f"task {task_id} was killed by request")
         if task is not None and task.worker_id == worker_id and task.status in RUNNING:
             return task
+        bar = reaching if is_before(reaching, POSTPROCESS_START) else POSTPROCESS_START
         if (claimed_attempt is not None and task is not None and task.status not in TERMINAL
-                and task.attempts >= claimed_attempt):
+                and task.attempts >= claimed_attempt and is_before(task.status, bar)):
             if task.status not in RUNNING:
                 task.accepttime = task.accepttime or self.clock()
             task.worker_id = worker_id

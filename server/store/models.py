@@ -45,6 +45,8 @@ LIFECYCLE = (
 RUNNING = LIFECYCLE[1:-1]
 """Owned by a worker: from accept up to (not including) the end of post-processing."""
 TERMINAL = (POSTPROCESS_END, CANCEL)
+FINISHING = (OUTPUT_FULL, END, POSTPROCESS_START)
+"""The video is made (denoising is over): it is stored and recorded, never made again by this worker's choice."""
 ACTIVE = (QUEUED, *RUNNING)
 """Between task_queue and a terminal status: what PARTICALIZE_MAX_ACTIVE_TASKS_PER_KEY counts."""
 

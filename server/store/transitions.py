@@ -1,11 +1,22 @@
 """How a task row changes state, inside a caller's transaction: the status with its time stamp and event, the
-text debugoutput shows, and a requeue. Every writer of a task's status goes through these."""
+text debugoutput shows, and a requeue. Every writer of a task's status goes through these.
+
+A running task's status only moves forward along Wiro's lifecycle (`is_before`): a worker repeating a step (a
+retry after an outage whose answer was lost) or one behind another worker's run never moves it back. Only a
+requeue (a graceful stop before the video is made, or a dead worker's lease) starts it over at task_queue."""
 
 from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from server.store.models import CANCEL, QUEUED, STAMPS, TERMINAL, Task, TaskEvent
+from server.store.models import CANCEL, LIFECYCLE, QUEUED, STAMPS, TERMINAL, Task, TaskEvent
+
+
+def is_before(status: str, other: str) -> bool:
+    """`status` comes strictly before `other` in Wiro's lifecycle (task_cancel comes after everything)."""
+    def rank(s: str) -> int:
+        return LIFECYCLE.index(s) if s in LIFECYCLE else len(LIFECYCLE)
+    return rank(status) < rank(other)
 
 
 def add_event(s: Session, task_id: int, status: str, at: float, message: str = "", *, step: int | None = None,

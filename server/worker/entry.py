@@ -31,6 +31,7 @@ def loaded_detail(generator: Any) -> tuple[str, bool]:
     loras = getattr(generator, "loras", [])
     if loras:
         loaded += "; LoRAs: " + "; ".join(info.describe() for info in loras)
+    loaded += files_detail(generator)
     loaded += "".join(f"; {part}" for part in degraded_parts(generator))
     random_weights = bool(getattr(generator, "random_weights", False))
     if random_weights:
@@ -44,6 +45,12 @@ def degraded_parts(generator: Any) -> list[str]:
     """The parts of the detail that say what runs other than configured (pipeline.generator's `degraded`: speed
     options that fell back to their default path, interrupt points that could not be installed)."""
     return list(getattr(generator, "degraded", []))
+
+
+def files_detail(generator: Any) -> str:
+    """The part of the detail naming the single weight files loaded (format, how held, memory), or ''."""
+    files = getattr(generator, "loaded_files", [])
+    return "; weight files: " + "; ".join(info.describe() for info in files) if files else ""
 
 
 def run_worker(
@@ -68,11 +75,13 @@ def run_worker(
     worker_id = worker_id_for(options.node_name, slot)
     when_up(lambda: store.workers.register(worker_id, pid=os.getpid(), model=options.model, device="",
                                            state="loading", version=options.version))
+    when_up(store.tasks.note_waiting)  # a worker is coming: queued tasks no longer say that none can serve
     try:
         generator = make_generator()
     except Exception as exc:
         log.error("worker %s cannot load model %s: %s", worker_id, options.model, exc)
         store.workers.set_state(worker_id, "failed", detail=str(exc))
+        when_up(store.tasks.note_waiting)  # if no worker can serve now, queued tasks say why (server/store/waiting)
         return EXIT_LOAD_FAILED
     detail, random_weights = loaded_detail(generator)
     for part in degraded_parts(generator):
@@ -85,6 +94,7 @@ def run_worker(
                                            device=str(generator.device),
                                            state="stopping" if stop_event.is_set() else "ready", detail=detail,
                                            version=options.version, random_weights=random_weights))
+    when_up(store.tasks.note_waiting)
     log.info("worker %s ready: model %s on %s", worker_id, options.model, generator.device)
     worker = Worker(store, storage, generator, options, worker_id=worker_id, report=report)
     try:

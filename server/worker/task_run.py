@@ -10,6 +10,11 @@ and decoder call), throws the run away and leaves no output behind, also when th
 decode or the MP4 write. A graceful stop past its grace period interrupts the run at its next step (it goes back
 to the queue), unless denoising has finished: the video is then decoded, stored and recorded (bounded by
 shutdown_finish_seconds). A store call the run cannot go on without is retried through an outage.
+
+After the last denoising step every store call rides out an outage (a stopping worker: until its finishing time
+is over): the video is put in the storage once, after the store confirms the task is still this worker's at
+task_postprocess_start, and recorded when the store answers; it is never sent back to the queue. A run deletes
+stored files only of a task the store confirms is still its own and not done (server/worker/outcomes.py).
 """
 
 from __future__ import annotations
@@ -130,8 +135,17 @@ class TaskRun:
         self._step(START)
 
         video = self._generate(params, image)
+        try:
+            self._finish(video, params)
+        except SQLAlchemyError as exc:
+            if not is_outage(exc):
+                raise
+            raise TaskEnd(Outcome.UNRECORDED) from exc
 
-        # The video is made: from here a stop does not throw it away (bounded by shutdown_finish_seconds).
+    def _finish(self, video: Any, params: GenerationParams) -> None:
+        """The video is made: store and record it. From here a stop does not throw it away (bounded by
+        shutdown_finish_seconds), and every store call waits out an outage."""
+        task = self.task
         self._step(OUTPUT_FULL, finishing=True, debugoutput=f"generated {video.frames.shape[0]} frames "
                                                             f"{params.width}x{params.height} in "
                                                             f"{video.timings.get('generate', 0.0):.2f}s")
@@ -141,7 +155,8 @@ class TaskRun:
         size = self._store_output(video.frames, params.fps, relpath)
         cost = self.options.cost_per_second * max(0.0, time.time() - task.accepttime)
         outputs = [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)]
-        done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)"
+        done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)" + "".join(
+            f"; {note}" for note in getattr(video, "notes", []))  # e.g. the decode was retried with VAE tiling
         try:
             self._through_outage(
                 lambda: self.store.tasks.complete(task.id, self.worker_id, outputs, totalcost=cost, debugoutput=done,
@@ -222,7 +237,8 @@ class TaskRun:
             return self.generator.generate(params, image, progress=progress, should_stop=should_stop,
                                            interrupt=self.interrupt.is_set)
         except Interrupted as stopped:
-            if self.kill_seen.is_set() or self.store.tasks.kill_requested(task.id):
+            if self.kill_seen.is_set() or self._through_outage(lambda: self.store.tasks.kill_requested(task.id),
+                                                               finishing=self.denoised.is_set()):
                 raise TaskEnd(Outcome.KILLED, f"Task killed by request {self._where(stopped)}.") from None
             raise TaskEnd(Outcome.STOPPED) from None
 
@@ -248,13 +264,28 @@ class TaskRun:
         with tempfile.TemporaryDirectory(prefix="particalize-output-", dir=Path(tempfile.gettempdir())) as tmp:
             path = write_mp4(frames, Path(tmp) / OUTPUT_NAME, fps=fps)
             size = path.stat().st_size
-            if self.store.tasks.kill_requested(self.task.id):  # killed during the write: nothing reaches the storage
-                raise TaskEnd(Outcome.KILLED, "Task killed by request while its MP4 was written.")
+            self._confirm_before_storing()
             try:
                 self.storage.put_file(path, relpath)
             except StorageError as exc:
                 raise TaskEnd(Outcome.STORAGE_FAILED, str(exc)) from None
         return size
+
+    def _confirm_before_storing(self) -> None:
+        """Ask the store (waiting out an outage) that the task is still this worker's at task_postprocess_start,
+        renewing its lease, before the MP4 goes in the storage under the task's output name: a task killed
+        during the write gets nothing stored, and one another worker has taken further (or recorded) is not
+        written over (TaskLost)."""
+        reached = POSTPROCESS_START
+        try:
+            killed = self._through_outage(
+                lambda: self.store.tasks.advance(self.task.id, self.worker_id, reached,
+                                                 claimed_attempt=self.task.attempts),
+                finishing=True)
+        except TaskKilled:
+            killed = True
+        if killed:
+            raise TaskEnd(Outcome.KILLED, "Task killed by request while its MP4 was written.")
 
     # --- the kill watcher ------------------------------------------------------------------------
 
@@ -279,27 +310,33 @@ class TaskRun:
     # --- the end ---------------------------------------------------------------------------------
 
     def _end(self, ending: Ending, seconds: float) -> None:
-        """Apply the outcome's row of the table: discard the output, record the end, log it."""
+        """Apply the outcome's row of the table: record the end, discard the output (only once the store has
+        confirmed the task was this worker's: see Handling.discard), log it."""
         handling, task_id = HANDLING[ending.outcome], self.task.id
-        if handling.discard:
-            self.storage.discard_task(self.task.uuid)
+        confirmed = True  # an outcome without a record is itself the store's answer (see Handling.discard)
         if handling.record is not None:
             record = handling.record
-            self._settle(lambda: record(self.store.tasks, task_id, self.worker_id, ending.note))
+            confirmed = self._settle(lambda: record(self.store.tasks, task_id, self.worker_id, ending.note))
+        if handling.discard and confirmed:
+            self.storage.discard_task(self.task.uuid)
         log.log(handling.level, handling.log.format(task=task_id, note=ending.note, seconds=seconds),
                 exc_info=ending.error, extra={"task_id": task_id})
 
-    def _settle(self, action: Callable[[], object]) -> None:
-        """Record how the task ended, unless it is no longer this worker's (waiting out a store outage)."""
+    def _settle(self, action: Callable[[], object]) -> bool:
+        """Record how the task ended, unless it is no longer this worker's (waiting out a store outage). True
+        when the store took it: the task was still this worker's."""
         try:
             self._through_outage(action)
         except TaskLost as lost:
             log.warning("task %s: %s", self.task.id, lost, extra={"task_id": self.task.id})
+            return False
         except SQLAlchemyError as exc:
             if not is_outage(exc):
                 raise
             log.warning("task %s: how it ended could not be recorded before the worker had to stop; its lease "
                         "requeues it", self.task.id, extra={"task_id": self.task.id})
+            return False
+        return True
 
     def _through_outage(self, action: Callable[[], Any], *, finishing: bool = False) -> Any:
         """A store call the task cannot go on without: retried through an outage until the store answers.

@@ -122,6 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if settings.context_parallel != "none" and params.seed is None:
         raise ValueError("Request parameter [seed] is required with context parallelism: every rank must agree")
     generator = compose.make_generator(settings)
+    for part in generator.degraded:  # also logged as warnings while loading; repeated here above the progress bar
+        print(f"warning: {part}", file=sys.stderr, flush=True)
     if rank() != 0:  # context-parallel peers compute with rank 0 but write nothing
         generator.generate(params, image)
         return 0

@@ -4,13 +4,22 @@ Order matters and is fixed here: LoRA fused (the loader) → attention backend �
 batched guidance → memory mode → text encoder placement → VAE tiling → context parallelism → compile.
 Fusing the LoRA and the QKV projections before float8 means the quantized weights are the final ones (an unfused
 LoRA stays in bf16 on top of float8 base layers); compiling last means the compiled graphs see the final modules.
+
+A speed option never takes the worker down: any error while enabling one (a library release renaming an internal
+name, a kernel that does not load, torchao refusing a layer) undoes what that option had done so far, leaves that
+option on its default path (SDPA attention, separate projections, plain weights, no cache, two guidance forwards,
+everything placed on the device, no VAE tiling, eager blocks), is logged once as a warning and is listed in
+`Applied.fallbacks` (shown in /ready and at start). The warm-up (pipeline.generator) reverts options in
+`WARMUP_REVERT_ORDER` when its run fails. Context parallelism is the exception: its ranks must agree, so a failure
+there stays an error (one rank falling back alone would leave the others waiting in their collectives). If an undo
+itself fails the model is in no known state: that is raised (SpeedOptionBroken), never served.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,7 +29,7 @@ from diffusers import WanImageToVideoPipeline
 
 from pipeline import fa4
 from pipeline.compile_cache import CompileCache, cache_key
-from pipeline.guidance import BatchedGuidanceHook, enable_batched_guidance
+from pipeline.guidance import BatchedGuidanceHook, disable_batched_guidance, enable_batched_guidance
 from pipeline.quantized_layers import is_quantized_linear, quantized_layers
 
 log = logging.getLogger(__name__)
@@ -76,10 +85,39 @@ class Applied:
     attention_max_abs_error: float | None = None
     """|kernel - SDPA| on random inputs, for kernels checked before use (FlashAttention-4)."""
     guidance_hook: BatchedGuidanceHook | None = None
+    fallbacks: list[str] = field(default_factory=list)
+    """Speed options that failed (while enabling or in the warm-up) and run their default path instead, each
+    "<option> (<when>): <error type>: <message>"."""
 
     def note(self, message: str) -> None:
         log.info(message)
         self.notes.append(message)
+
+    def fall_back(self, option: str, exc: BaseException, when: str = "while enabling") -> None:
+        """Record (and log once, as a warning) that `option` failed and its default path is used instead."""
+        message = f"{option} ({when}): {type(exc).__name__}: {str(exc)[:300]}"
+        log.warning("speed option fell back to its default path: %s", message)
+        self.fallbacks.append(message)
+
+
+class SpeedOptionBroken(RuntimeError):
+    """A speed option failed and undoing what it had done failed too: the model is in no known state."""
+
+
+def guarded(applied: Applied, option: str, enable: Callable[[], object], undo: Callable[[], object]) -> bool:
+    """Run `enable`; on any error run `undo` (back to the option's default path) and record the fallback.
+    True when the option took effect."""
+    try:
+        enable()
+    except Exception as exc:
+        try:
+            undo()
+        except Exception as undo_error:
+            raise SpeedOptionBroken(f"{option} failed ({type(exc).__name__}: {exc}) and could not be undone "
+                                    f"({type(undo_error).__name__}: {undo_error})") from exc
+        applied.fall_back(option, exc)
+        return False
+    return True
 
 
 def _try_backend(transformer: torch.nn.Module, name: str) -> str | None:
@@ -95,6 +133,26 @@ def _try_backend(transformer: torch.nn.Module, name: str) -> str | None:
 
 
 def choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torch.device, applied: Applied) -> None:
+    """The first usable backend of the request ("auto": the fastest exact one here). A backend that is merely not
+    available here is a note; an error while setting one (e.g. diffusers renaming what FA4 relies on) resets every
+    processor to diffusers' default (SDPA) and is a fallback."""
+    try:
+        _choose_attention(pipe, requested, device, applied)
+    except Exception as exc:
+        pipe.transformer.reset_attention_backend()
+        applied.attention_backend = "native"
+        applied.attention_max_abs_error = None
+        applied.fall_back(f"attention backend {requested!r}", exc)
+
+
+def reset_attention(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
+    """Back to diffusers' default attention (PyTorch SDPA) on every processor."""
+    pipe.transformer.reset_attention_backend()
+    applied.attention_backend = "native"
+    applied.attention_max_abs_error = None
+
+
+def _choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torch.device, applied: Applied) -> None:
     candidates = [requested]
     if requested == "auto":
         candidates = list(AUTO_CUDA_BACKENDS) if device.type == "cuda" else ["native"]
@@ -117,33 +175,123 @@ def choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torc
             applied.note(f"attention backend: {name}")
             return
         applied.note(f"attention backend {name!r} unavailable: {reason}")
-    if _try_backend(pipe.transformer, "native") is None:
-        applied.attention_backend = "native"
-        applied.note("attention backend: native (fallback)")
+    reason = _try_backend(pipe.transformer, "native")
+    if reason is not None:
+        raise RuntimeError(f"not even the 'native' attention backend could be set: {reason}")
+    applied.attention_backend = "native"
+    applied.note("attention backend: native (fallback)")
+
+
+def float8_unsupported(device: torch.device) -> str | None:
+    """Why float8 matmuls cannot run on `device`, or None."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return "float8 weights need a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); not applied"
+    return None
 
 
 def apply_float8(
     pipe: WanImageToVideoPipeline, device: torch.device, applied: Applied, keep: Collection[str] = ()
 ) -> None:
     """`keep`: parameters an unfused LoRA switches by a full difference (pipeline.lora_diffs rewrites them in
-    place per request): their Linear layers stay in bf16, since a float8 weight cannot take that copy."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        applied.note("float8 weights need a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); not applied")
+    place per request): their Linear layers stay in bf16, since a float8 weight cannot take that copy.
+
+    Guarded twice: a copy of the first layer is quantized and run first (torchao's config, its hardware check and
+    a float8 matmul, with the model untouched), and each layer's original weights are kept while torchao walks the
+    model (Float8Undo) so that a failure half way puts every layer back as it was.
+    """
+    reason = float8_unsupported(device)
+    if reason is not None:
+        applied.note(reason)
         return
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
     except ImportError:
         applied.note("float8 weights need torchao (`pip install torchao`); not applied")
         return
-    quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(),
-              filter_fn=functools.partial(float8_filter, keep=frozenset(keep)))
+    keep = frozenset(keep)
+    undo = Float8Undo(pipe.transformer, device)
+
+    def quantize() -> None:
+        _float8_probe(pipe.transformer, keep, quantize_, Float8DynamicActivationFloat8WeightConfig)
+        quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(),
+                  filter_fn=undo.saving(functools.partial(float8_filter, keep=keep)))
+
+    if not guarded(applied, "float8", quantize, undo.restore):
+        return
+    undo.forget()
     applied.float8 = True
     lora = any("lora_" in name for name, _ in pipe.transformer.named_modules())
-    kept = sum(1 for fqn, m in pipe.transformer.named_modules() if _switched_linear(m, fqn, frozenset(keep)))
+    kept = sum(1 for fqn, m in pipe.transformer.named_modules() if _switched_linear(m, fqn, keep))
     applied.note("transformer weights quantized to float8 (torchao, dynamic activations)"
                  + ("; the unfused LoRA stays in bf16 on top" if lora else "")
                  + (f"; {kept} Linear layers kept in bf16 (a switched LoRA difference rewrites their weights)"
                     if kept else ""))
+
+
+def _float8_probe(transformer: torch.nn.Module, keep: frozenset[str], quantize_: Callable, config: Callable) -> None:
+    """Quantize a copy of the first layer torchao would take and run it: what fails for every layer fails here,
+    before the model is touched."""
+    import copy
+
+    for fqn, module in transformer.named_modules():
+        if float8_filter(module, fqn, keep):
+            probe = copy.deepcopy(module)
+            quantize_(probe, config())
+            weight = module.weight
+            with torch.no_grad():
+                probe(torch.zeros(16, module.in_features, dtype=weight.dtype, device=weight.device))
+            return
+
+
+class Float8Undo:
+    """The original weights of the layers torchao has quantized so far, to put back if it fails half way.
+
+    Kept where they are (no copy) when the device has room for the float8 copies next to them, else copied to
+    the CPU as torchao reaches each layer (the GPU frees each bf16 weight as torchao replaces it, as without
+    this guard). Forgotten once quantization has succeeded.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, device: torch.device) -> None:
+        self.transformer = transformer
+        self.saved: dict[str, tuple[torch.nn.Module, dict[str, torch.nn.Parameter], dict[str, torch.Tensor]]] = {}
+        """fqn -> (the layer, its original parameters, their CPU copies when the originals are not kept)."""
+        self.to_cpu = False
+        if device.type == "cuda":
+            needed = sum(m.weight.numel() for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+            self.to_cpu = torch.cuda.mem_get_info(device)[0] < needed + (2 << 30)  # float8: a byte a weight
+
+    def saving(self, filter_fn: Callable[[torch.nn.Module, str], bool]) -> Callable[[torch.nn.Module, str], bool]:
+        """`filter_fn`, recording each layer it lets torchao quantize (torchao asks it just before)."""
+
+        def filter_and_save(module: torch.nn.Module, fqn: str) -> bool:
+            if not filter_fn(module, fqn):
+                return False
+            params = {n: p for n, p in module.named_parameters(recurse=False)}
+            copies = {n: p.detach().to("cpu", copy=True) for n, p in params.items()} if self.to_cpu else {}
+            self.saved[fqn] = (module, {} if self.to_cpu else params, copies)
+            if self.to_cpu:  # keep only what is needed to rebuild them: their device, dtype and flags
+                self.saved[fqn][1].update({n: torch.nn.Parameter(p.new_empty(0), p.requires_grad)
+                                           for n, p in params.items()})
+            return True
+
+        return filter_and_save
+
+    def restore(self) -> None:
+        """Every layer as it was before quantization (also the module object, where torchao replaced it)."""
+        for fqn, (module, params, copies) in self.saved.items():
+            parent_name, _, name = fqn.rpartition(".")
+            parent = self.transformer.get_submodule(parent_name) if parent_name else self.transformer
+            if getattr(parent, name) is not module:
+                setattr(parent, name, module)
+            for pname, param in params.items():
+                if pname in copies:
+                    param = torch.nn.Parameter(copies[pname].to(param.device), param.requires_grad)
+                setattr(module, pname, param)
+            module.__dict__.pop("extra_repr", None)  # torchao's per-instance repr of a quantized layer
+        self.saved.clear()
+
+    def forget(self) -> None:
+        self.saved.clear()
 
 
 def float8_filter(module: torch.nn.Module, fqn: str, keep: Collection[str] = frozenset()) -> bool:
@@ -219,16 +367,18 @@ def apply_text_encoder_on_cpu(pipe: WanImageToVideoPipeline, device: torch.devic
     applied.note(f"text encoder on the CPU (prompt embeddings computed there, then moved to {device.type})")
 
 
-def apply_step_cache(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied: Applied) -> None:
+def step_cache_config(options: SpeedOptions) -> object:
     from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
     if options.step_cache == "first_block":
-        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=options.step_cache_threshold))
-    elif options.step_cache == "taylorseer":
-        # diffusers' default patterns ("^blocks.*attn", fullmatch) miss Wan's "blocks.N.attn1": name them.
-        pipe.transformer.enable_cache(
-            TaylorSeerCacheConfig(cache_interval=options.step_cache_interval, cache_identifiers=list(WAN_BLOCK_OUTPUTS))
-        )
+        return FirstBlockCacheConfig(threshold=options.step_cache_threshold)
+    # diffusers' default patterns ("^blocks.*attn", fullmatch) miss Wan's "blocks.N.attn1": name them.
+    return TaylorSeerCacheConfig(cache_interval=options.step_cache_interval, cache_identifiers=list(WAN_BLOCK_OUTPUTS))
+
+
+def apply_step_cache(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied: Applied,
+                     config: object | None = None) -> None:
+    pipe.transformer.enable_cache(config if config is not None else step_cache_config(options))
     applied.step_cache = options.step_cache
     applied.note(f"step cache: {options.step_cache}")
 
@@ -309,28 +459,29 @@ def apply_speed_options(
     applied = Applied()
     choose_attention(pipe, options.attention_backend, device, applied)
     if options.fuse_qkv:
-        apply_fuse_qkv(pipe, applied)
+        guarded(applied, "fused QKV", lambda: apply_fuse_qkv(pipe, applied), lambda: unfuse_qkv(pipe, applied))
     if options.float8:
         apply_float8(pipe, device, applied, float8_keep)
     if options.step_cache != "none":
-        apply_step_cache(pipe, options, applied)
+        _guard_step_cache(pipe, options, applied)
     if options.cfg_batch:
         if options.step_cache != "none":
             applied.note("batched guidance not applied: step caches keep cond and uncond state apart")
         else:
-            applied.guidance_hook = enable_batched_guidance(pipe.transformer)
-            applied.note("classifier-free guidance batched: cond and uncond in one forward")
+            guarded(applied, "batched guidance", lambda: _batch_guidance(pipe, applied),
+                    lambda: unbatch_guidance(pipe, applied))
     if options.memory_mode != "none":
-        apply_memory_mode(pipe, options.memory_mode, device, applied)
+        guarded(applied, f"memory mode {options.memory_mode}",
+                lambda: apply_memory_mode(pipe, options.memory_mode, device, applied),
+                lambda: undo_memory_mode(pipe, device, applied))
     if options.text_encoder_on_cpu:
-        if options.memory_mode != "none":
+        if options.memory_mode != "none" and applied.memory_mode != "none":
             applied.note(f"text encoder placement left to memory mode {options.memory_mode}")
         else:
-            apply_text_encoder_on_cpu(pipe, device, applied)
+            guarded(applied, "text encoder on the CPU", lambda: apply_text_encoder_on_cpu(pipe, device, applied),
+                    lambda: pipe.text_encoder.to(device))
     if options.vae_tiling:
-        pipe.vae.enable_tiling()
-        applied.vae_tiling = True
-        applied.note("VAE tiling on")
+        guarded(applied, "VAE tiling", lambda: _tile_vae(pipe, applied), lambda: untile_vae(pipe, applied))
     if options.context_parallel != "none":
         from pipeline.parallel import enable_context_parallel
 
@@ -340,5 +491,120 @@ def apply_speed_options(
     if why:
         applied.note(why)
     if compile_:
-        apply_compile(pipe, options, applied)
+        guarded(applied, "compile", lambda: apply_compile(pipe, options, applied), lambda: uncompile(pipe, applied))
     return applied
+
+
+def _guard_step_cache(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied: Applied) -> None:
+    """The config is built inside the guard (a renamed parameter fails there) and kept for the undo."""
+    built: list[object] = []
+
+    def enable() -> None:
+        built.append(step_cache_config(options))
+        apply_step_cache(pipe, options, applied, built[0])
+
+    guarded(applied, f"step cache {options.step_cache}", enable,
+            lambda: remove_step_cache(pipe, applied, built[0] if built else None))
+
+
+def _batch_guidance(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
+    applied.guidance_hook = enable_batched_guidance(pipe.transformer)
+    applied.note("classifier-free guidance batched: cond and uncond in one forward")
+
+
+def unbatch_guidance(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
+    disable_batched_guidance(pipe.transformer)
+    applied.guidance_hook = None
+
+
+def _tile_vae(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
+    pipe.vae.enable_tiling()
+    applied.vae_tiling = True
+    applied.note("VAE tiling on")
+
+
+def untile_vae(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
+    pipe.vae.disable_tiling()
+    applied.vae_tiling = False
+
+
+def unfuse_qkv(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
+    """Back to the separate projections, also from a fusion that stopped half way (a module holding a fused layer
+    diffusers had not yet marked fused). The separate layers keep their weights (views of the fused rows when
+    `_share_fused` ran: the same values)."""
+    from diffusers.models.attention import AttentionModuleMixin
+
+    for module in pipe.transformer.modules():
+        if isinstance(module, AttentionModuleMixin) and any(hasattr(module, n) for n in FUSED_LAYERS):
+            module.fused_projections = True  # so that diffusers' unfuse removes whatever it had added
+            module.unfuse_projections()
+    applied.fused_qkv = False
+
+
+FUSED_LAYERS = ("to_qkv", "to_kv", "to_added_kv")
+
+
+def remove_step_cache(pipe: WanImageToVideoPipeline, applied: Applied, config: object | None = None) -> None:
+    """Remove the step cache's hooks, also those of an `enable_cache` (of `config`) that stopped before recording
+    its config on the model."""
+    transformer = pipe.transformer
+    if transformer._cache_config is None and config is not None:
+        transformer._cache_config = config  # diffusers' disable_cache removes the hooks of the recorded config
+    if transformer._cache_config is not None:
+        transformer.disable_cache()
+    applied.step_cache = "none"
+
+
+def undo_memory_mode(pipe: WanImageToVideoPipeline, device: torch.device, applied: Applied) -> None:
+    """Remove every offload hook (accelerate's model/sequential ones, diffusers' group offloading) and place the
+    whole pipeline on the device, as with memory mode "none"."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
+
+    pipe.remove_all_hooks()
+    for name in ("transformer", "text_encoder"):
+        module = getattr(pipe, name)
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        for hook in (_LAZY_PREFETCH_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _GROUP_OFFLOADING):
+            registry.remove_hook(hook, recurse=True)
+    pipe.to(device)
+    applied.memory_mode = "none"
+
+
+def uncompile(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
+    """Undo `compile_repeated_blocks`: `nn.Module.compile` keeps the compiled call in `_compiled_call_impl`
+    (None: the module's own forward runs)."""
+    for module in pipe.transformer.modules():
+        if module._compiled_call_impl is not None:
+            module._compiled_call_impl = None
+    applied.compiled = False
+
+
+WARMUP_REVERT_ORDER = ("compile", "attention", "batched guidance", "step cache", "fused QKV", "VAE tiling")
+"""What a failing warm-up turns off, one at a time in this order, until its run works: the options that change the
+code a forward runs. float8 is checked on a copy of one layer before the model is quantized (apply_float8) and is
+not reverted later (that would need a second copy of the weights); memory mode and the text encoder's placement
+are not reverted either (placing everything on the GPU is what they avoid)."""
+
+
+def revert(pipe: WanImageToVideoPipeline, applied: Applied, option: str) -> bool:
+    """Turn `option` off (its default path from now on); False when it is not in effect."""
+    if option == "compile" and applied.compiled:
+        uncompile(pipe, applied)
+    elif option == "attention" and applied.attention_backend != "native":
+        reset_attention(pipe, applied)
+    elif option == "batched guidance" and applied.guidance_hook is not None:
+        unbatch_guidance(pipe, applied)
+    elif option == "step cache" and applied.step_cache != "none":
+        remove_step_cache(pipe, applied)
+    elif option == "fused QKV" and applied.fused_qkv:
+        unfuse_qkv(pipe, applied)
+    elif option == "VAE tiling" and applied.vae_tiling:
+        untile_vae(pipe, applied)
+    else:
+        return False
+    return True

@@ -99,15 +99,24 @@ def enable(transformer: torch.nn.Module) -> None:
 
     backend = AttentionBackendName.FLASH_4_HUB
     local_kernel()  # ImportError here, not in the first forward
-    _HUB_KERNELS_REGISTRY[backend].kernel_fn = compilable_kernel
-    for module in transformer.modules():
-        processor = getattr(module, "processor", None)
-        if isinstance(module, AttentionModuleMixin) and hasattr(processor, "_attention_backend"):
-            processor._attention_backend = backend
+    entry = _HUB_KERNELS_REGISTRY[backend]
+    previous = entry.kernel_fn
+    entry.kernel_fn = compilable_kernel
+    try:
+        for module in transformer.modules():
+            processor = getattr(module, "processor", None)
+            if isinstance(module, AttentionModuleMixin) and hasattr(processor, "_attention_backend"):
+                processor._attention_backend = backend
+    except BaseException:
+        entry.kernel_fn = previous  # the caller resets the processors (acceleration.choose_attention)
+        raise
 
 
 def try_enable(transformer: torch.nn.Module, device: torch.device) -> tuple[str | None, float | None]:
-    """Enable FA4 when it is installed, supported and exact here: (None, error) or (why not, error or None)."""
+    """Enable FA4 when it is installed, supported and exact here: (None, error) or (why not, error or None).
+
+    An error from `enable` itself (diffusers renaming the registry or the names it relies on) propagates: the
+    caller resets every processor to SDPA and lists it as a fallback (acceleration.choose_attention)."""
     dtype = next(transformer.parameters()).dtype
     reason = unsupported_reason(device, dtype)
     if reason is not None:

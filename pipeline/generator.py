@@ -13,7 +13,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.acceleration import Applied, SpeedOptions, apply_speed_options, compile_cache_for, resolve_compile
+from pipeline.acceleration import (
+    WARMUP_REVERT_ORDER,
+    Applied,
+    SpeedOptions,
+    apply_speed_options,
+    compile_cache_for,
+    resolve_compile,
+    revert,
+)
 from pipeline.devices import pick_device
 from pipeline.embeddings import EmbeddingCache
 from pipeline.errors import Interrupted, OutOfMemory
@@ -116,14 +124,16 @@ class VideoGenerator:
         self.schedulers = ShiftedSchedulers(self.pipe.scheduler)
         self.fast_schedulers = ShiftedSchedulers(step_distill_scheduler(self.fast.flow_shift))
         self.interrupt_points = InterruptPoints(self.pipe)
+        for problem in self.interrupt_points.problems:
+            log.warning("interrupt: %s", problem)
         self.max_sequence_length = min(getattr(self.pipe.tokenizer, "model_max_length", 512), 512)
         self._lock = threading.Lock()
-        if self.applied.compiled:
+        if self._needs_warmup():
             cache = compile_cache_for(self.pipe, speed, self.applied, self.device)
             if cache is not None:
                 cache.load()
-            self.warmup()
-            if cache is not None:
+            self._warm_up_or_fall_back()
+            if cache is not None and self.applied.compiled:
                 cache.save()
         self.load_seconds = time.perf_counter() - started
         log.info("model %s ready on %s in %.1fs", preset.name, self.device, self.load_seconds)
@@ -153,6 +163,32 @@ class VideoGenerator:
             stack.load(options.speed_lora[0], options.speed_lora[1], speed=True)
         return stack
 
+    def _needs_warmup(self) -> bool:
+        """Compiled blocks (compiled in the warm-up, not in the first task), or a kernel other than SDPA's or
+        float8 matmuls (whose first call may fail on this GPU): checked by a run before the first task."""
+        return self.applied.compiled or self.applied.attention_backend != "native" or self.applied.float8
+
+    def _warm_up_or_fall_back(self) -> None:
+        """Warm up; when the run fails, turn off the next speed option in effect (WARMUP_REVERT_ORDER: compile,
+        then the attention kernel, ...), record it as a fallback and run again. An error that remains with every
+        revertible option off is not theirs: it is raised (the model does not load), as is an out-of-memory."""
+        pending = list(WARMUP_REVERT_ORDER)
+        while True:
+            try:
+                self.warmup()
+                return
+            except OutOfMemory:  # the memory the configuration needs, not a speed option's failure (said as is)
+                raise
+            except Exception as exc:
+                option = None
+                while pending and option is None:
+                    candidate = pending.pop(0)
+                    if revert(self.pipe, self.applied, candidate):
+                        option = candidate
+                if option is None:
+                    raise
+                self.applied.fall_back(option, exc, when="in the warm-up")
+
     def warmup(self) -> None:
         """Short runs at start so that the first task does not pay for compilation: one per mode when a speed
         LoRA is loaded (its active adapters are guarded Python state, so each mode has its own compiled graphs;
@@ -164,6 +200,17 @@ class VideoGenerator:
             self.generate(GenerationParams(numFrames=9, steps=2, seed=0, mode=mode), image)
         log.info("warm-up run%s took %.1fs", "s (normal and fast)" if len(modes) > 1 else "",
                  time.perf_counter() - started)
+
+    @property
+    def degraded(self) -> list[str]:
+        """What runs other than configured, for /ready and the start-up lines: speed options that fell back to
+        their default path, and interrupt points that could not be installed (empty: nothing)."""
+        parts = []
+        if self.applied.fallbacks:
+            parts.append("speed option fallbacks (default path used): " + "; ".join(self.applied.fallbacks))
+        if self.interrupt_points.problems:
+            parts.append("interrupt: " + "; ".join(self.interrupt_points.problems))
+        return parts
 
     @property
     def loaded_files(self) -> list[LoadedFile]:

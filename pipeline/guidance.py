@@ -65,3 +65,8 @@ def enable_batched_guidance(transformer: torch.nn.Module) -> BatchedGuidanceHook
     hook = BatchedGuidanceHook()
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
     return hook
+
+
+def disable_batched_guidance(transformer: torch.nn.Module) -> None:
+    """Remove the hook (if registered): the pipeline's two forwards a step again."""
+    HookRegistry.check_if_exists_or_initialize(transformer).remove_hook(HOOK_NAME, recurse=False)

@@ -44,14 +44,28 @@ class InterruptPoints:
         self.stop: StopCheck | None = None
         self.blocks_entered = 0
         """Transformer blocks started in this run (for tests and logs)."""
+        self.problems: list[str] = []
+        """What could not be installed (empty: every point is in place); logged loudly at start and in /ready."""
         blocks = getattr(pipe.transformer, "blocks", None)
+        self.blocks_hooked = isinstance(blocks, nn.ModuleList)
+        """The per-block check is in place; False: a kill is seen at the end of the step (per-step interrupt)."""
         if isinstance(blocks, nn.ModuleList) and not isinstance(blocks, _CheckedBlocks):
             blocks.__class__ = _CheckedBlocks
             blocks.interrupt_points = self
+        elif not self.blocks_hooked:
+            found = "missing" if blocks is None else f"a {type(blocks).__name__}, not an nn.ModuleList"
+            self.problems.append(f"the per-block interrupt could not be installed (transformer.blocks is {found}): "
+                                 "Kill stops a run at the end of its current step (per-step interrupt)")
         vae = getattr(pipe, "vae", None)
-        for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)):
-            if isinstance(part, nn.Module):
-                part.register_forward_pre_hook(lambda module, args: self._check_vae())
+        missing = [name for name in ("encoder", "decoder") if not isinstance(getattr(vae, name, None), nn.Module)]
+        for name in ("encoder", "decoder"):
+            if name not in missing:
+                getattr(vae, name).register_forward_pre_hook(lambda module, args: self._check_vae())
+        self.vae_hooked = not missing
+        """The VAE encoder and decoder checks are in place."""
+        if missing:
+            self.problems.append(f"the VAE interrupt could not be installed (vae.{' and vae.'.join(missing)} "
+                                 "missing): a kill during the VAE encode or decode waits for it to finish")
 
     def arm(self, stop: StopCheck | None) -> None:
         """Set the check of the run that starts now (None: the run has ended)."""

@@ -407,6 +407,101 @@ def _():
         torch.testing.assert_close(fused.weight, torch.cat([p.weight for p in parts]))
 
 
+@contract("diffusers.models.transformers.transformer_wan.WanAttention.unfuse_projections",
+          "pipeline/acceleration.py unfuse_qkv (a fused-QKV fallback or warm-up revert): fused_projections set True "
+          "on a module holding to_qkv/to_kv/to_added_kv, then unfuse_projections() removes them and clears it")
+def _():
+    transformer = tiny_transformer()
+    expected = transformer(**tiny_inputs())[0]
+    transformer.blocks[0].attn1.fuse_projections()
+    attn2 = transformer.blocks[0].attn2
+    attn2.fuse_projections()
+    attn2.fused_projections = False  # as a fusion stopped before diffusers marked it fused
+    for module in (transformer.blocks[0].attn1, attn2):
+        module.fused_projections = True
+        module.unfuse_projections()
+        assert not module.fused_projections
+        assert not any(hasattr(module, n) for n in ("to_qkv", "to_kv", "to_added_kv"))
+    torch.testing.assert_close(transformer(**tiny_inputs())[0], expected)
+
+
+@contract("diffusers.ModelMixin.reset_attention_backend",
+          "pipeline/acceleration.py choose_attention/reset_attention: an attention fallback sets every processor's "
+          "_attention_backend back to None (diffusers' default: SDPA)")
+def _():
+    transformer = tiny_transformer()
+    transformer.set_attention_backend("_native_math")
+    transformer.reset_attention_backend()
+    assert {m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor")
+            and hasattr(m.processor, "_attention_backend")} == {None}
+
+
+@contract("diffusers.models.cache_utils.CacheMixin._cache_config",
+          "pipeline/acceleration.py remove_step_cache: enable_cache records its config last; an enable that failed "
+          "before that gets it set so that disable_cache removes the hooks it had registered")
+def _():
+    from diffusers import FirstBlockCacheConfig
+    from diffusers.hooks import apply_first_block_cache
+
+    transformer = tiny_transformer()
+    assert transformer._cache_config is None
+    config = FirstBlockCacheConfig(threshold=0.05)
+    apply_first_block_cache(transformer, config)  # what enable_cache does before recording the config
+    transformer._cache_config = config
+    transformer.disable_cache()
+    assert transformer._cache_config is None and not transformer.is_cache_enabled
+    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in transformer.modules())
+
+
+@contract("diffusers.hooks.group_offloading._LAYER_EXECUTION_TRACKER",
+          "pipeline/acceleration.py undo_memory_mode: removed with the other group offloading hooks (below)")
+@contract("diffusers.hooks.group_offloading._LAZY_PREFETCH_GROUP_OFFLOADING",
+          "pipeline/acceleration.py undo_memory_mode: removed with the other group offloading hooks (below)")
+@contract("diffusers.hooks.group_offloading._GROUP_OFFLOADING",
+          "pipeline/acceleration.py undo_memory_mode: the hook names of group offloading (_GROUP_OFFLOADING, "
+          "_LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING), removed with HookRegistry.remove_hook")
+def _():
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+        _is_group_offload_enabled,
+    )
+
+    transformer = tiny_transformer()
+    transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_type="leaf_level")
+    assert _is_group_offload_enabled(transformer)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    for name in (_LAZY_PREFETCH_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _GROUP_OFFLOADING):
+        registry.remove_hook(name, recurse=True)
+    assert not _is_group_offload_enabled(transformer)
+    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in transformer.modules())
+
+
+@contract("diffusers.DiffusionPipeline.remove_all_hooks",
+          "pipeline/acceleration.py undo_memory_mode: removes accelerate's model/sequential offload hooks")
+def _():
+    from diffusers import DiffusionPipeline
+
+    assert callable(DiffusionPipeline.remove_all_hooks)
+    source_says(DiffusionPipeline.remove_all_hooks, "remove_hook_from_module")
+
+
+@contract("torch.nn.Module._compiled_call_impl",
+          "pipeline/acceleration.py uncompile: nn.Module.compile stores the compiled call there; None runs the "
+          "module's own forward (a compile fallback or warm-up revert)")
+def _():
+    layer = torch.nn.Linear(2, 2)
+    assert layer._compiled_call_impl is None
+    layer.compile(backend="eager")
+    assert layer._compiled_call_impl is not None
+    layer._compiled_call_impl = None
+    x = torch.randn(1, 2)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    source_says(torch.nn.Module._wrapped_call_impl, "_compiled_call_impl")
+
+
 @contract("diffusers.WanImageToVideoPipeline._interrupt",
           "pipeline/generator.py _release: pipe._interrupt = False after an interrupted run; __call__ reads it")
 def _():

@@ -32,12 +32,19 @@ def loaded_detail(generator: Any) -> tuple[str, bool]:
     if loras:
         loaded += "; LoRAs: " + "; ".join(info.describe() for info in loras)
     loaded += files_detail(generator)
+    loaded += "".join(f"; {part}" for part in degraded_parts(generator))
     random_weights = bool(getattr(generator, "random_weights", False))
     if random_weights:
         from pipeline.random_weights import NOISE_WARNING
 
         loaded = f"{NOISE_WARNING}; {loaded}"
     return loaded, random_weights
+
+
+def degraded_parts(generator: Any) -> list[str]:
+    """The parts of the detail that say what runs other than configured (pipeline.generator's `degraded`: speed
+    options that fell back to their default path, interrupt points that could not be installed)."""
+    return list(getattr(generator, "degraded", []))
 
 
 def files_detail(generator: Any) -> str:
@@ -77,6 +84,8 @@ def run_worker(
         when_up(store.tasks.note_waiting)  # if no worker can serve now, queued tasks say why (server/store/waiting)
         return EXIT_LOAD_FAILED
     detail, random_weights = loaded_detail(generator)
+    for part in degraded_parts(generator):
+        log.warning("worker %s: %s", worker_id, part)
     if random_weights:
         from pipeline.random_weights import NOISE_WARNING
 

@@ -246,6 +246,11 @@ class TaskRun:
         if stopped.step >= stopped.total:
             return f"after the last step ({stopped.total}); the VAE decode was skipped or cut short"
         points = getattr(self.generator, "interrupt_points", None)  # unknown: assume a block was entered
+        if points is not None and not getattr(points, "blocks_hooked", True):
+            if stopped.step == 0:  # only the VAE encoder's check stops a run before its first step ends
+                return "before the first step (while its inputs were encoded)"
+            return (f"at the end of step {stopped.step} of {stopped.total} (per-step interrupt: the per-block hook "
+                    "could not be installed)")
         if stopped.step == 0 and points is not None and points.blocks_entered == 0:
             return "before the first step (while its inputs were encoded)"
         return f"during step {stopped.step + 1} of {stopped.total}"

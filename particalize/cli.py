@@ -32,6 +32,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_const", const=True, default=None,
                    help="build the real-size model with random weights (no download): videos are NOISE; "
                    "for measuring speed and memory")
+    p.add_argument("--context-parallel", choices=["ulysses", "ring"],
+                   help="split one video over --parallel-degree processes (one a GPU; gloo processes on the CPU)")
+    p.add_argument("--parallel-degree", type=int, metavar="N", help="processes one video is split over")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the transformer blocks (default: on with CUDA); --no-compile opts out")
 
@@ -52,7 +55,7 @@ def _tool_values(args: argparse.Namespace) -> dict[str, str]:
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("model", "weights_dir", "device", "lora_strength", "fuse_lora", "host", "port",
             "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode",
-            "random_weights", "compile")
+            "random_weights", "compile", "context_parallel", "parallel_degree")
     settings = Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
     if getattr(args, "lora", None):  # the --lora list is the whole stack
         return settings.model_copy(update={"lora_path": None, "lora_repo": None}).with_overrides(
@@ -109,14 +112,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     params = parse_params(_tool_values(args), compose.limits(settings))
     image = decode_image(read_image_source(args.image), field="--image")
-    from pipeline.parallel import rank
+    if settings.context_parallel != "none" or settings.parallel_degree > 1:
+        refusal = compose.parallel_refusal(settings)
+        if refusal:
+            raise ValueError(refusal)
+        from particalize.parallel_generate import generate_over_ranks
 
-    if settings.context_parallel != "none" and params.seed is None:
-        raise ValueError("Request parameter [seed] is required with context parallelism: every rank must agree")
-    generator = compose.make_generator(settings)
-    if rank() != 0:  # context-parallel peers compute with rank 0 but write nothing
-        generator.generate(params, image)
+        print(json.dumps(generate_over_ranks(settings, params, image, args.out), indent=2))
         return 0
+    generator = compose.make_generator(settings)
     bar = tqdm(total=params.steps, unit="step", desc="denoising")
 
     def progress(p: object) -> None:

@@ -94,10 +94,17 @@ def _try_backend(transformer: torch.nn.Module, name: str) -> str | None:
     return None
 
 
-def choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torch.device, applied: Applied) -> None:
+def choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torch.device, applied: Applied,
+                     context_parallel: str = "none") -> None:
     candidates = [requested]
     if requested == "auto":
         candidates = list(AUTO_CUDA_BACKENDS) if device.type == "cuda" else ["native"]
+        if context_parallel != "none" and device.type == "cuda":  # diffusers refuses FA4 and FA3 there
+            from pipeline.parallel import AUTO_CP_BACKENDS
+
+            candidates = list(AUTO_CP_BACKENDS[context_parallel])
+            applied.note(f"attention auto under context parallelism ({context_parallel}): trying "
+                         f"{', '.join(candidates)} (diffusers allows no FlashAttention-4/FA3 there)")
     elif device.type != "cuda" and requested not in ("native", "_native_math", "flex", fa4.NAME):
         applied.note(f"attention backend {requested!r} needs CUDA; using 'native' (PyTorch SDPA) on {device.type}")
         candidates = ["native"]
@@ -117,6 +124,9 @@ def choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torc
             applied.note(f"attention backend: {name}")
             return
         applied.note(f"attention backend {name!r} unavailable: {reason}")
+    if context_parallel == "ring":
+        raise ValueError("ring attention needs an attention backend that returns the log-sum-exp and none of "
+                         f"{', '.join(candidates)} could be set here; use --context-parallel ulysses")
     if _try_backend(pipe.transformer, "native") is None:
         applied.attention_backend = "native"
         applied.note("attention backend: native (fallback)")
@@ -307,7 +317,7 @@ def apply_speed_options(
 ) -> Applied:
     """`float8_keep`: parameters switched in place per request (see apply_float8)."""
     applied = Applied()
-    choose_attention(pipe, options.attention_backend, device, applied)
+    choose_attention(pipe, options.attention_backend, device, applied, options.context_parallel)
     if options.fuse_qkv:
         apply_fuse_qkv(pipe, applied)
     if options.float8:

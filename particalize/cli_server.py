@@ -257,7 +257,10 @@ def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
 def _parallel_worker(settings: Settings, slot: int) -> int:
     """One worker over `parallel_degree` processes (server/worker/ranks.py); an impossible combination is refused
     before anything loads, with the exit code that tells a supervisor not to restart it."""
+    import functools
+
     from particalize.compose import parallel_refusal
+    from particalize.compose_server import open_storage
     from particalize.core_options import rank_job
     from server.shutdown import StopRequest, stop_on_signals
     from server.worker import EXIT_LOAD_FAILED
@@ -270,7 +273,7 @@ def _parallel_worker(settings: Settings, slot: int) -> int:
         return EXIT_LOAD_FAILED
     stop = StopRequest(settings.shutdown_grace_seconds)
     stop_on_signals(stop)
-    return launch_ranks(rank_job(settings, slot), stop)
+    return launch_ranks(rank_job(settings, slot, functools.partial(open_storage, settings)), stop)
 
 
 def exit_now(code: int) -> NoReturn:

@@ -18,6 +18,9 @@ from server.supervisor import WorkerProcessOptions
 from server.worker import FetchOptions, Generator, WorkerOptions
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from server.storage import Storage
     from server.worker.ranks import RankJob
 
 log = logging.getLogger("particalize.worker")
@@ -98,11 +101,9 @@ class GeneratorFactory:
         log.info("worker uses %d CPU thread(s) for torch", threads)
 
 
-def rank_job(settings: Settings, slot: int) -> RankJob:
-    """What each rank of a context-parallel worker is built from; on the CPU the worker's threads are shared out."""
-    import functools
-
-    from particalize.compose_server import open_storage
+def rank_job(settings: Settings, slot: int, make_storage: Callable[[], Storage]) -> RankJob:
+    """What each rank of a context-parallel worker is built from (`make_storage` pickles: it is called in rank 0);
+    on the CPU the worker's threads are shared out between the ranks."""
     from pipeline.devices import pick_device
     from server.worker.ranks import RankJob
 
@@ -112,5 +113,5 @@ def rank_job(settings: Settings, slot: int) -> RankJob:
         settings = settings.with_overrides(worker_cpu_threads=threads)
     return RankJob(mode=settings.context_parallel, degree=settings.parallel_degree, device_type=device_type,
                    timeout_seconds=settings.parallel_timeout_seconds, grace_seconds=settings.shutdown_grace_seconds,
-                   options=worker_options(settings), make_storage=functools.partial(open_storage, settings),
+                   options=worker_options(settings), make_storage=make_storage,
                    make_generator=GeneratorFactory(settings), slot=slot)

@@ -156,6 +156,15 @@ CP_ENV = {"PARTICALIZE_CONTEXT_PARALLEL": "ulysses", "PARTICALIZE_PARALLEL_DEGRE
           "PARTICALIZE_PARALLEL_TIMEOUT_SECONDS": "30", "PARTICALIZE_WORKER_CPU_THREADS": "1"}
 
 
+def test_a_worker_refuses_an_impossible_degree_with_the_code_that_is_not_restarted(tmp_path: Path) -> None:
+    from server.worker import EXIT_LOAD_FAILED
+
+    done = particalize("worker", "--model", "tiny", "--data-dir", str(tmp_path / "data"),
+                       env={**CP_ENV, "PARTICALIZE_PARALLEL_DEGREE": "4"})
+    assert done.returncode == EXIT_LOAD_FAILED, done.stderr
+    assert "--parallel-degree 4 does not divide the model's 2 attention heads" in done.stderr
+
+
 @pytest.mark.slow
 def test_serve_refuses_an_impossible_degree_at_start(tmp_path: Path) -> None:
     started = time.monotonic()

@@ -93,6 +93,8 @@ class LeaderGenerator:
         self.broken: str | None = None
 
     def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def generate(self, params: GenerationParams, image: Image.Image, progress: ProgressFn | None = None,
@@ -103,12 +105,33 @@ class LeaderGenerator:
         image = image.convert("RGB")
         params = self.inner.resolve(params, image)  # the seed is fixed here, so every rank uses the same one
 
+        # An error in rank 0's own callbacks (a store write) must not leave it alone mid-step: it becomes a stop,
+        # agreed at this step's end by every rank, and is raised here once the run has ended everywhere.
+        failures: list[Exception] = []
+
+        def report(p: Any) -> None:
+            if progress is not None and not failures:
+                try:
+                    progress(p)
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(exc)
+
         def stop() -> bool:
-            return bool((should_stop is not None and should_stop()) or (interrupt is not None and interrupt()))
+            if not failures:
+                try:
+                    if (should_stop is not None and should_stop()) or (interrupt is not None and interrupt()):
+                        return True
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(exc)
+            return bool(failures)
 
         try:
             dist.broadcast_object_list([("generate", params, image)], src=0, group=self.control)
-            return run_request(self.inner, params, image, progress=progress, should_stop=stop)
+            return run_request(self.inner, params, image, progress=report, should_stop=stop)
+        except Interrupted:
+            if failures:
+                raise failures[0] from None
+            raise
         except ParallelGroupBroken as exc:
             self._broke(str(exc))
             raise

@@ -40,9 +40,10 @@ def start_image() -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def _rank(rank: int, init_method: str, out: str, stop_after: int | None) -> None:
-    """One rank of a 2-rank group: rank 0 runs the request (stopped after `stop_after` steps if given) and saves
-    its frames; each rank writes the last step it finished."""
+def _rank(rank: int, init_method: str, out: str, stop_after: int | None, fail_at: int | None) -> None:
+    """One rank of a 2-rank group: rank 0 runs the request (stopped after `stop_after` steps, or its progress
+    callback failing at step `fail_at`, if given) and saves its frames or its error; each rank writes the last
+    step it finished."""
     from pipeline.errors import Interrupted
     from pipeline.generator import GeneratorOptions, VideoGenerator
     from pipeline.parallel import ParallelSetup, init_group
@@ -54,7 +55,12 @@ def _rank(rank: int, init_method: str, out: str, stop_after: int | None) -> None
     control = control_group()
     generator = VideoGenerator(GeneratorOptions(get_preset("tiny"), Path(out), speed=_cp_speed()))
     steps: list[int] = []
-    record = lambda p: steps.append(p.step)  # noqa: E731
+
+    def record(p) -> None:
+        steps.append(p.step)
+        if rank == 0 and p.step == fail_at:
+            raise RuntimeError(f"the store refused step {p.step}")
+
     try:
         if rank == 0:
             leader = LeaderGenerator(generator, control)
@@ -70,6 +76,8 @@ def _rank(rank: int, init_method: str, out: str, stop_after: int | None) -> None
             run_request(generator, params, image, progress=record)
     except Interrupted:
         pass
+    except RuntimeError as exc:
+        (Path(out) / f"rank{rank}.error").write_text(str(exc))
     (Path(out) / f"rank{rank}.steps").write_text(str(steps[-1] if steps else 0))
     (Path(out) / f"rank{rank}.mode").write_text(generator.applied.notes[-1] if generator.applied.notes else "")
 
@@ -80,8 +88,8 @@ def _cp_speed():
     return SpeedOptions(context_parallel="ulysses")
 
 
-def run_two_ranks(tmp_path: Path, stop_after: int | None = None) -> Path:
-    mp.start_processes(_rank, args=(f"file://{tmp_path}/rendezvous", str(tmp_path), stop_after), nprocs=2,
+def run_two_ranks(tmp_path: Path, stop_after: int | None = None, fail_at: int | None = None) -> Path:
+    mp.start_processes(_rank, args=(f"file://{tmp_path}/rendezvous", str(tmp_path), stop_after, fail_at), nprocs=2,
                        join=True, start_method="spawn")
     return tmp_path
 
@@ -104,6 +112,13 @@ def test_a_stop_on_rank_0_stops_every_rank_at_the_same_step(tmp_path: Path) -> N
     out = run_two_ranks(tmp_path, stop_after=2)
     assert not (out / "frames.npy").exists(), "the stopped run made no video"
     assert (out / "rank0.steps").read_text() == (out / "rank1.steps").read_text() == "2"
+
+
+def test_an_error_on_rank_0_mid_run_ends_the_run_on_every_rank(tmp_path: Path) -> None:
+    out = run_two_ranks(tmp_path, fail_at=1)
+    assert (out / "rank0.error").read_text() == "the store refused step 1"
+    assert not (out / "rank1.error").exists() and not (out / "frames.npy").exists()
+    assert (out / "rank0.steps").read_text() == (out / "rank1.steps").read_text() == "1"
 
 
 def test_only_combinations_that_can_run_are_accepted() -> None:

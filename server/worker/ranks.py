@@ -84,7 +84,8 @@ def watch_ranks(processes: list[Any], stop: threading.Event, job: RankJob, poll_
                           -leader.exitcode)
                 return 1
             return leader.exitcode
-        dead = [(rank, p.exitcode) for rank, p in enumerate(followers, 1) if p.exitcode is not None]
+        # A follower exits 0 only when rank 0 told it to stop (rank 0 is leaving too): not a break.
+        dead = [(rank, p.exitcode) for rank, p in enumerate(followers, 1) if p.exitcode not in (None, 0)]
         if dead and broken_at is None:
             rank, code = dead[0]
             how = f"signal {-code}" if code < 0 else f"exit code {code}"

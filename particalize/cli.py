@@ -139,7 +139,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from particalize.batch import batch_command
 
-    return batch_command(args.file, args.out, _settings(args), _tool_values(args))
+    settings = _settings(args)
+    if settings.context_parallel != "none" or settings.parallel_degree > 1:
+        raise ValueError("batch runs its videos in one process: context parallelism is for generate, serve and worker")
+    return batch_command(args.file, args.out, settings, _tool_values(args))
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:

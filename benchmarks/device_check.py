@@ -31,6 +31,8 @@ or the part cannot run here; one failing part is recorded and the rest still run
 10. float8 (torchao, dynamic activations) + compile: first forward (compile), then the forward.
 11. one prompt (and the negative) encoded on the CPU: what a new prompt costs with the text encoder kept there
     (last: it runs only when the budget has time left).
+12. context parallelism (Ulysses) over N GPUs: seconds a step against N (benchmarks/parallel_steps.py); skipped,
+    with the reason, with fewer than 2 GPUs (--small: 2 gloo processes on the CPU, a check that it runs).
 
 Writes benchmarks/results/device-check-<cuda|cpu-small>.json and prints one table.
 """
@@ -483,7 +485,41 @@ def main(argv: list[str] | None = None) -> int:
 
     check.part("text_encoder_cpu_encode", 5 if small else 60, text_encoder_cpu_encode)
 
+    # 12. one video over N GPUs (context parallelism, Ulysses): the step time against N ----------------------
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if not small and gpus < 2:
+        reason = f"needs 2 or more GPUs, {gpus} here"
+        check.parts["context_parallel"] = {"skipped": reason}
+        check.row("context_parallel", None, "", reason)
+    else:
+        state.clear()  # the single-GPU model leaves the GPUs to the ranks
+        del gen, inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        check.part("context_parallel", 30 if small else 150, lambda: context_parallel_steps(check, args, gpus, small))
+
     return _finish(check, args, name, params, small)
+
+
+def context_parallel_steps(check: Check, args: argparse.Namespace, gpus: int, small: bool) -> dict[str, Any]:
+    """Step time of one video over N processes (benchmarks/parallel_steps.py): N = 2 and the most GPUs that divide
+    the 40 heads, within the budget (a degree builds the model on every rank); on --small, 2 gloo processes."""
+    from benchmarks.parallel_steps import measure, real_params, small_params
+
+    degrees = [2] if small else sorted({2, max(d for d in (2, 4, 5, 8) if d <= gpus)})
+    params = small_params() if small else real_params()
+    results = {}
+    for degree in degrees:
+        if degree != degrees[0] and check.elapsed() + 150 > check.budget_s:
+            check.row(f"step over {degree} GPUs", None, "", "time budget")
+            continue
+        r = measure(degree, params, args.model, small)
+        results[degree] = r
+        where = f"{degree} gloo processes" if small else f"{degree} GPUs"
+        check.row(f"step, Ulysses over {where}, CFG", r["step_s"], "s/step",
+                  f"attention {r['attention_backend']}; build {r['build_s']:.0f}s; published 480P: 5.18 s on 1 H100, "
+                  "0.75 s on 8 (LightX2V)")
+    return {"degrees": results}
 
 
 def _finish(check: Check, args: argparse.Namespace, name: str, params: GenerationParams, small: bool) -> int:

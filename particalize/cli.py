@@ -37,6 +37,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                         "layout, bf16/fp16/fp8/fp8 scaled) or .gguf, a path or hf://owner/repo/file")
     p.add_argument("--text-encoder-file", metavar="PATH_OR_HF_URL",
                    help="a UMT5-XXL text encoder .safetensors (bf16, fp8, ComfyUI fp8 scaled) in place of the preset's")
+    p.add_argument("--context-parallel", choices=["ulysses", "ring"],
+                   help="split one video over --parallel-degree processes (one a GPU; gloo processes on the CPU)")
+    p.add_argument("--parallel-degree", type=int, metavar="N", help="processes one video is split over")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the transformer blocks (default: on with CUDA); --no-compile opts out")
     p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=None,
@@ -60,7 +63,8 @@ def _tool_values(args: argparse.Namespace) -> dict[str, str]:
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ("model", "weights_dir", "device", "lora_strength", "fuse_lora", "host", "port",
             "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode",
-            "random_weights", "compile", "transformer_file", "text_encoder_file", "memory_check")
+            "random_weights", "compile", "transformer_file", "text_encoder_file", "memory_check", "context_parallel",
+            "parallel_degree")
     settings = Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
     if getattr(args, "lora", None):  # the --lora list is the whole stack
         return settings.model_copy(update={"lora_path": None, "lora_repo": None}).with_overrides(
@@ -117,16 +121,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     params = parse_params(_tool_values(args), compose.limits(settings))
     image = decode_image(read_image_source(args.image), field="--image")
-    from pipeline.parallel import rank
+    if settings.context_parallel != "none" or settings.parallel_degree > 1:
+        refusal = compose.parallel_refusal(settings)
+        if refusal:
+            raise ValueError(refusal)
+        from particalize.parallel_generate import generate_over_ranks
 
-    if settings.context_parallel != "none" and params.seed is None:
-        raise ValueError("Request parameter [seed] is required with context parallelism: every rank must agree")
+        print(json.dumps(generate_over_ranks(settings, params, image, args.out), indent=2))
+        return 0
     generator = compose.make_generator(settings)
     for part in generator.degraded:  # also logged as warnings while loading; repeated here above the progress bar
         print(f"warning: {part}", file=sys.stderr, flush=True)
-    if rank() != 0:  # context-parallel peers compute with rank 0 but write nothing
-        generator.generate(params, image)
-        return 0
     bar = tqdm(total=params.steps, unit="step", desc="denoising")
 
     def progress(p: object) -> None:
@@ -145,7 +150,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from particalize.batch import batch_command
 
-    return batch_command(args.file, args.out, _settings(args), _tool_values(args))
+    settings = _settings(args)
+    if settings.context_parallel != "none" or settings.parallel_degree > 1:
+        raise ValueError("batch runs its videos in one process: context parallelism is for generate, serve and worker")
+    return batch_command(args.file, args.out, settings, _tool_values(args))
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:

@@ -226,6 +226,10 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
         return 2
     explicit = args.model is not None or bool(os.environ.get("PARTICALIZE_MODEL"))
     settings, lines, problem = describe_environment(settings, explicit)
+    if problem is None and settings.workers:
+        from particalize.compose import parallel_refusal
+
+        problem = parallel_refusal(settings)
     for line in lines:
         print(line, flush=True)
     if problem is not None:
@@ -280,6 +284,8 @@ def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
     if parent:
         die_with_parent(int(parent))
     settings = settings_given_by_serve() or settings_of(args)
+    if settings.context_parallel != "none" or settings.parallel_degree > 1:
+        exit_now(_parallel_worker(settings, args.slot))
     options = worker_options(settings)
     report = reporter_from_env(worker_id_for(options.node_name, args.slot))
     stop = StopRequest(settings.shutdown_grace_seconds)
@@ -287,6 +293,28 @@ def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
     code = run_worker(options, open_storage(settings), GeneratorFactory(settings), stop, slot=args.slot,
                       parent_pid=int(parent) if parent else None, report=report)
     exit_now(code)
+
+
+def _parallel_worker(settings: Settings, slot: int) -> int:
+    """One worker over `parallel_degree` processes (server/worker/ranks.py); an impossible combination is refused
+    before anything loads, with the exit code that tells a supervisor not to restart it."""
+    import functools
+
+    from particalize.compose import parallel_refusal
+    from particalize.compose_server import open_storage
+    from particalize.core_options import rank_job
+    from server.shutdown import StopRequest, stop_on_signals
+    from server.worker import EXIT_LOAD_FAILED
+    from server.worker.ranks import launch_ranks
+
+    refusal = parallel_refusal(settings)
+    if refusal:
+        logging.getLogger("particalize.worker").error("worker slot %d cannot start: %s", slot, refusal)
+        print(f"error: {refusal}", file=sys.stderr, flush=True)
+        return EXIT_LOAD_FAILED
+    stop = StopRequest(settings.shutdown_grace_seconds)
+    stop_on_signals(stop)
+    return launch_ranks(rank_job(settings, slot, functools.partial(open_storage, settings)), stop)
 
 
 def exit_now(code: int) -> NoReturn:

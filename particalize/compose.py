@@ -153,3 +153,23 @@ def make_generator(settings: Settings) -> VideoGenerator:
     from pipeline.generator import VideoGenerator
 
     return VideoGenerator(generator_options(settings))
+
+
+def parallel_refusal(settings: Settings) -> str | None:
+    """Why the context parallelism the settings ask for cannot run here (checked before any weights are read)."""
+    if settings.context_parallel == "none":
+        if settings.parallel_degree > 1:
+            return (f"--parallel-degree {settings.parallel_degree} splits one video with context parallelism: set "
+                    "--context-parallel ulysses (PARTICALIZE_CONTEXT_PARALLEL) too")
+        return None
+    import torch
+
+    from pipeline.devices import pick_device
+    from pipeline.parallel import model_heads, parallel_refusal
+    from pipeline.presets import get_preset
+
+    device = pick_device(settings.device)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    heads = model_heads(get_preset(settings.model), settings.weights_dir)
+    return parallel_refusal(settings.context_parallel, settings.parallel_degree, heads, device.type, gpus,
+                            settings.attention_backend)

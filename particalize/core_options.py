@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from particalize import __version__
 from particalize.compose import limits
@@ -15,6 +16,12 @@ from particalize.settings import Settings
 from server.store import StoreOptions
 from server.supervisor import WorkerProcessOptions
 from server.worker import FetchOptions, Generator, WorkerOptions
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from server.storage import Storage
+    from server.worker.ranks import RankJob
 
 log = logging.getLogger("particalize.worker")
 
@@ -58,6 +65,7 @@ def worker_process_options(settings: Settings) -> WorkerProcessOptions:
     data["data_dir"] = str(settings.data_dir.resolve())
     data["database_url"] = settings.sqlalchemy_url
     return WorkerProcessOptions(count=settings.workers, grace_seconds=settings.shutdown_grace_seconds,
+                                gpus_per_worker=settings.parallel_degree if settings.context_parallel != "none" else 1,
                                 finish_seconds=settings.shutdown_finish_seconds,
                                 child_env={SETTINGS_ENV: json.dumps(data)})
 
@@ -91,3 +99,19 @@ class GeneratorFactory:
         threads = self.settings.worker_cpu_threads or max(1, (os.cpu_count() or 2) - 1)
         torch.set_num_threads(threads)
         log.info("worker uses %d CPU thread(s) for torch", threads)
+
+
+def rank_job(settings: Settings, slot: int, make_storage: Callable[[], Storage]) -> RankJob:
+    """What each rank of a context-parallel worker is built from (`make_storage` pickles: it is called in rank 0);
+    on the CPU the worker's threads are shared out between the ranks."""
+    from pipeline.devices import pick_device
+    from server.worker.ranks import RankJob
+
+    device_type = pick_device(settings.device).type
+    if device_type == "cpu" and not settings.worker_cpu_threads:
+        threads = max(1, ((os.cpu_count() or 2) - 1) // settings.parallel_degree)
+        settings = settings.with_overrides(worker_cpu_threads=threads)
+    return RankJob(mode=settings.context_parallel, degree=settings.parallel_degree, device_type=device_type,
+                   timeout_seconds=settings.parallel_timeout_seconds, grace_seconds=settings.shutdown_grace_seconds,
+                   options=worker_options(settings), make_storage=make_storage,
+                   make_generator=GeneratorFactory(settings), slot=slot)

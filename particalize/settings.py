@@ -116,7 +116,11 @@ class Settings(BaseSettings):
     vae_tiling: bool = False
     float8: bool = Field(False, description="float8 transformer weights via torchao (Ada/Hopper GPUs).")
     context_parallel: Literal["none", "ring", "ulysses"] = Field(
-        "none", description="Split one video over the GPUs of a torchrun launch (generate only)."
+        "none", description="Split one video over parallel_degree processes (one a GPU): generate, serve, worker."
+    )
+    parallel_degree: int = Field(1, ge=1, description="Processes (GPUs) one video is split over with context_parallel.")
+    parallel_timeout_seconds: float = Field(
+        600.0, gt=0, description="A collective of the context-parallel group waiting longer fails the run."
     )
     encode_cache_size: int = Field(16, ge=0, description="Prompt and image encodings kept per identical input.")
 

@@ -132,16 +132,18 @@ def _try_backend(transformer: torch.nn.Module, name: str) -> str | None:
     return None
 
 
-def choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torch.device, applied: Applied) -> None:
+def choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torch.device, applied: Applied,
+                     context_parallel: str = "none") -> None:
     """The first usable backend of the request ("auto": the fastest exact one here). A backend that is merely not
     available here is a note; an error while setting one (e.g. diffusers renaming what FA4 relies on) resets every
-    processor to diffusers' default (SDPA) and is a fallback."""
+    processor to diffusers' default (SDPA) and is a fallback. Under context parallelism an error is raised: every
+    rank must run the same kernel, and one falling back alone would leave the others waiting."""
     try:
-        _choose_attention(pipe, requested, device, applied)
+        _choose_attention(pipe, requested, device, applied, context_parallel)
     except Exception as exc:
-        pipe.transformer.reset_attention_backend()
-        applied.attention_backend = "native"
-        applied.attention_max_abs_error = None
+        if context_parallel != "none":
+            raise
+        reset_attention(pipe, applied)
         applied.fall_back(f"attention backend {requested!r}", exc)
 
 
@@ -152,10 +154,17 @@ def reset_attention(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
     applied.attention_max_abs_error = None
 
 
-def _choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torch.device, applied: Applied) -> None:
+def _choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: torch.device, applied: Applied,
+                      context_parallel: str) -> None:
     candidates = [requested]
     if requested == "auto":
         candidates = list(AUTO_CUDA_BACKENDS) if device.type == "cuda" else ["native"]
+        if context_parallel != "none" and device.type == "cuda":  # diffusers refuses FA4 and FA3 there
+            from pipeline.parallel import AUTO_CP_BACKENDS
+
+            candidates = list(AUTO_CP_BACKENDS[context_parallel])
+            applied.note(f"attention auto under context parallelism ({context_parallel}): trying "
+                         f"{', '.join(candidates)} (diffusers allows no FlashAttention-4/FA3 there)")
     elif device.type != "cuda" and requested not in ("native", "_native_math", "flex", fa4.NAME):
         applied.note(f"attention backend {requested!r} needs CUDA; using 'native' (PyTorch SDPA) on {device.type}")
         candidates = ["native"]
@@ -175,6 +184,9 @@ def _choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: tor
             applied.note(f"attention backend: {name}")
             return
         applied.note(f"attention backend {name!r} unavailable: {reason}")
+    if context_parallel == "ring":
+        raise ValueError("ring attention needs an attention backend that returns the log-sum-exp and none of "
+                         f"{', '.join(candidates)} could be set here; use --context-parallel ulysses")
     reason = _try_backend(pipe.transformer, "native")
     if reason is not None:
         raise RuntimeError(f"not even the 'native' attention backend could be set: {reason}")
@@ -457,7 +469,7 @@ def apply_speed_options(
 ) -> Applied:
     """`float8_keep`: parameters switched in place per request (see apply_float8)."""
     applied = Applied()
-    choose_attention(pipe, options.attention_backend, device, applied)
+    choose_attention(pipe, options.attention_backend, device, applied, options.context_parallel)
     if options.fuse_qkv:
         guarded(applied, "fused QKV", lambda: apply_fuse_qkv(pipe, applied), lambda: unfuse_qkv(pipe, applied))
     if options.float8:

@@ -180,6 +180,8 @@ class VideoGenerator:
             except OutOfMemory:  # the memory the configuration needs, not a speed option's failure (said as is)
                 raise
             except Exception as exc:
+                if self.speed.context_parallel != "none":  # one rank falling back alone would leave the others
+                    raise                                  # waiting in a collective: every rank fails to load
                 option = None
                 while pending and option is None:
                     candidate = pending.pop(0)

@@ -1,50 +1,149 @@
-"""Multi-GPU for one video: diffusers' context parallelism (ring or Ulysses attention), under torchrun.
+"""One video over several processes: diffusers' context parallelism (Ulysses or ring attention).
 
-Every rank runs the same request with the same seed; the sequence is split across ranks inside
-attention. Only rank 0 writes the output. Launch: `torchrun --nproc-per-node N particalize generate ...`
-with PARTICALIZE_CONTEXT_PARALLEL=ring|ulysses.
+Every rank runs the same request with the same seed; diffusers splits the sequence across ranks inside attention.
+This module owns the process group (NCCL, one GPU a rank, on CUDA; gloo on the CPU), the checks that refuse a
+combination that cannot run before any weights are read, sharding the transformer over the group, and the one
+collective the ranks agree on once per step (stop or go on). Who starts the processes is the caller's business
+(the worker, `particalize generate`): see pipeline/parallel_run.py for what each rank does with a request.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanImageToVideoPipeline
+
+from pipeline.presets import ModelPreset
+
+MODES = ("ulysses", "ring")
+WAN_14B_HEADS = 40
+
+LSE_BACKENDS = frozenset({"flash", "flash_hub", "flash_varlen_hub", "_flash_3_hub", "_flash_3_varlen_hub",
+                          "_native_cudnn", "_native_flash", "sage", "sage_hub"})
+"""The attention backends diffusers allows under context parallelism that return the log-sum-exp, which ring
+attention merges its partial results with (diffusers 0.42: `native` and the other SDPA-by-choice backends raise on
+return_lse=True; FlashAttention-4 and FA3 are refused under context parallelism altogether)."""
+
+CP_BACKENDS = LSE_BACKENDS | {"native", "_native_npu"}
+"""The backends diffusers 0.42 registers as supporting context parallelism."""
+
+AUTO_CP_BACKENDS = {"ulysses": ("_native_cudnn", "_native_flash", "native"), "ring": ("_native_cudnn", "_native_flash")}
+"""What `attention_backend=auto` tries on CUDA under context parallelism, in order: SDPA's cuDNN kernel, SDPA's
+flash kernel (both return the log-sum-exp), then plain SDPA (Ulysses only)."""
+
+
+@dataclass(frozen=True)
+class ParallelSetup:
+    """How a process joins its group: `init_method` is a torch.distributed URL all ranks share (file:// or tcp://)."""
+
+    mode: str
+    degree: int
+    rank: int
+    init_method: str
+    timeout_seconds: float = 600.0
+    """A collective that waits longer than this fails (a rank that died or hangs ends the task, not the group)."""
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def rank_device(requested: torch.device) -> torch.device:
-    """Each torchrun rank owns the GPU of its local rank."""
+    """Each rank owns the GPU of its rank on this machine."""
     if requested.type != "cuda":
         return requested
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", rank()))
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
 
 
-def enable_context_parallel(pipe: WanImageToVideoPipeline, mode: str, device: torch.device) -> int:
-    """Join the process group and shard attention over it; returns the degree."""
-    import torch.distributed as dist
-
-    degree = world_size()
-    if device.type != "cuda":
-        # diffusers builds its device mesh over accelerators (torch.accelerator.device_count()).
-        raise ValueError(f"context parallelism ({mode}) needs CUDA GPUs, one per torchrun process")
+def parallel_refusal(mode: str, degree: int, heads: int, device_type: str, gpus: int, attention: str) -> str | None:
+    """Why `mode` over `degree` processes cannot run this model here, or None: checked before loading anything."""
+    if mode not in MODES:
+        return f"context parallelism must be one of {', '.join(MODES)} (got {mode!r})"
     if degree < 2:
-        raise ValueError(f"context parallelism ({mode}) needs torchrun with 2 or more processes, got {degree}")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl")
+        return (f"context parallelism ({mode}) splits one video over 2 or more processes: set --parallel-degree N "
+                f"(PARTICALIZE_PARALLEL_DEGREE) to 2 or more, or leave --context-parallel unset (got degree {degree})")
+    if heads % degree:
+        return (f"--parallel-degree {degree} does not divide the model's {heads} attention heads: use a divisor of "
+                f"{heads} ({', '.join(str(d) for d in range(2, heads + 1) if heads % d == 0)})")
+    if device_type == "cuda" and degree > gpus:
+        return f"--parallel-degree {degree} needs {degree} GPUs, one a process; {gpus} found"
+    if attention not in ("auto", *CP_BACKENDS):
+        return (f"attention backend {attention!r} does not run under context parallelism in diffusers; use auto or "
+                f"one of {', '.join(sorted(CP_BACKENDS))}")
     if mode == "ring":
-        config = ContextParallelConfig(ring_degree=degree)
-    else:
-        config = ContextParallelConfig(ulysses_degree=degree)
-    pipe.transformer.enable_parallelism(config=config)
+        if device_type != "cuda":
+            return ("ring attention needs an attention backend that returns the log-sum-exp, and on the CPU only "
+                    "'native' (SDPA) runs, which does not; use --context-parallel ulysses")
+        if attention != "auto" and attention not in LSE_BACKENDS:
+            return (f"ring attention needs an attention backend that returns the log-sum-exp; {attention!r} does not "
+                    f"(use one of {', '.join(sorted(LSE_BACKENDS))}, auto, or --context-parallel ulysses)")
+    return None
+
+
+def model_heads(preset: ModelPreset, weights_dir: Path) -> int:
+    """The transformer's attention heads (what a degree must divide), read without loading any weights."""
+    if preset.is_tiny:
+        from pipeline.tiny import HEADS
+
+        return HEADS
+    from pipeline.loader import preset_dir
+
+    config = preset_dir(preset, weights_dir) / "transformer" / "config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text()).get("num_attention_heads", WAN_14B_HEADS))
+    return WAN_14B_HEADS
+
+
+def init_group(setup: ParallelSetup, device_type: str) -> None:
+    """Join the default process group (NCCL on CUDA, gloo on the CPU), bounded by the setup's timeout."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=setup.init_method, rank=setup.rank, world_size=setup.degree,
+                            timeout=timedelta(seconds=setup.timeout_seconds))
+
+
+@contextlib.contextmanager
+def _cpu_as_one_device(device: torch.device) -> Iterator[None]:
+    """diffusers places rank r on device `r % torch.accelerator.device_count()`, which is 0 with no accelerator
+    (ModelMixin._resolve_parallel_config): on the CPU, every rank's device is the one CPU."""
+    if device.type != "cpu":
+        yield
+        return
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        yield
+
+
+def enable_context_parallel(pipe: WanImageToVideoPipeline, mode: str, device: torch.device) -> int:
+    """Shard attention over the process group this process has joined; returns the degree."""
+    if not dist.is_initialized():
+        raise ValueError(f"context parallelism ({mode}) runs in a process group of 2 or more processes: start it "
+                         "with --parallel-degree N (PARTICALIZE_PARALLEL_DEGREE), not in a single process")
+    degree = dist.get_world_size()
+    config = ContextParallelConfig(**{"ring_degree" if mode == "ring" else "ulysses_degree": degree})
+    with _cpu_as_one_device(device):
+        pipe.transformer.enable_parallelism(config=config)
     return degree
+
+
+def agree_stop(stop: bool, device: torch.device) -> bool:
+    """Every rank's stop flag, reduced: True on every rank when any rank says stop (one small all_reduce)."""
+    flag = torch.tensor([1 if stop else 0], dtype=torch.int32,
+                        device=device if device.type == "cuda" else torch.device("cpu"))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

@@ -58,6 +58,8 @@ class WorkerProcessOptions:
     """The time past it that a finished video still gets to be stored and recorded."""
     child_env: Mapping[str, str] = field(default_factory=dict)
     """Added to each child's environment: what it needs to configure itself as the serve process is."""
+    gpus_per_worker: int = 1
+    """GPUs each worker is given (CUDA_VISIBLE_DEVICES): more than one for a context-parallel worker."""
     restart_delay: float = 2.0
     max_restarts: int = 5
     """Crashes of one slot within 5 minutes after which it is not restarted."""
@@ -86,10 +88,11 @@ class WorkerProcesses:
         env = {**os.environ, **self.options.child_env}
         env[PARENT_ENV] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
+        per = self.options.gpus_per_worker
         if self.count > 1:
             visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-            devices = visible or [str(i) for i in range(self.count)]
-            env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+            devices = visible or [str(i) for i in range(self.count * per)]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[(slot * per + i) % len(devices)] for i in range(per))
         return env
 
     def _spawn(self, slot: int) -> None:

@@ -9,7 +9,7 @@ import os
 from benchmarks import device_check
 
 PARTS = ("build", "eager_step", "attention", "compile", "warm_restart", "default_step", "profile", "fast_mode",
-         "vae_decode", "text_encoder_cpu", "float8", "text_encoder_cpu_encode")
+         "vae_decode", "text_encoder_cpu", "float8", "text_encoder_cpu_encode", "context_parallel")
 
 
 def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monkeypatch, capsys):
@@ -36,6 +36,7 @@ def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monke
     assert rows["fast mode video (4 steps, scale 1, encoders + VAE)"]["value"] > 0
     assert "attention sdpa" in rows
     assert body["parts"]["profile"]["top_by_time"][0]["ms"] > 0
+    assert body["parts"]["context_parallel"]["degrees"]["2"]["step_s"] > 0  # 2 gloo processes on the CPU
     fast = body["parts"]["fast_mode"]  # the real fast mode: a speed LoRA through LoraStack, the distilled schedule
     assert "fast mode only" in fast["lora"] and "layers rank 4" in fast["lora"]
     assert (fast["steps"], fast["scale"]) == (4, 1.0) and fast["frames_shape"][0] == 9

@@ -146,6 +146,32 @@ def _():
     takes(ModelMixin.enable_parallelism, "config")
 
 
+@contract("diffusers.ModelMixin._resolve_parallel_config",
+          "pipeline/parallel.py _cpu_as_one_device: enable_parallelism places rank r on device "
+          "`r % torch.accelerator.device_count()` (0 on the CPU, a ZeroDivisionError); on the CPU the count is "
+          "reported as 1 during that call, so gloo ranks run on the one CPU")
+def _():
+    from diffusers import ModelMixin
+
+    source_says(ModelMixin._resolve_parallel_config, "torch.accelerator.device_count()",
+                "torch._C._get_accelerator().type")
+    source_says(ModelMixin.enable_parallelism, "self._resolve_parallel_config(config)")
+
+
+@contract("diffusers.models.attention_dispatch._AttentionBackendRegistry._supports_context_parallel",
+          "pipeline/parallel.py CP_BACKENDS and LSE_BACKENDS: the backends refused or accepted at start under "
+          "context parallelism (diffusers raises later, at enable_parallelism or the first forward)")
+def _():
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from pipeline.parallel import CP_BACKENDS, LSE_BACKENDS
+
+    supported = set(_AttentionBackendRegistry._supports_context_parallel)
+    assert supported >= CP_BACKENDS, sorted(CP_BACKENDS - supported)
+    assert "native" in supported and "_flash_3" not in supported and "flash_4" not in supported, sorted(supported)
+    assert LSE_BACKENDS <= CP_BACKENDS
+
+
 # ============================== diffusers: attention dispatch ==============================
 
 @contract("diffusers.models.attention_dispatch.AttentionBackendName",

@@ -1,0 +1,184 @@
+"""What each rank of a context-parallel group does with a request.
+
+Rank 0 holds a `LeaderGenerator`: the warm generator's interface (what the worker or `generate` already call), whose
+`generate` first broadcasts the request (the resolved parameters and the image) to the follower ranks over a gloo
+control group, then runs its own part. Follower ranks sit in `follow`: receive a request, run the same generate,
+drop the output (every rank decodes; only rank 0's video is used). Stops are collective: the ranks reduce their stop
+flags once per step (pipeline.parallel.agree_stop), so every rank raises Interrupted at the same step; the
+per-block check of a single process is not used (a rank leaving mid-step would leave the others in a collective).
+After each run the ranks gather how it ended, so an error on any rank ends the run on every rank; a collective that
+fails (a rank died, or one did not answer within the group's timeout) means the group is broken: the run fails
+saying so and the group must be started again (the caller's `on_broken`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+from PIL import Image
+
+from pipeline.errors import Interrupted
+from pipeline.generator import ProgressFn, StopFn, Video, VideoGenerator
+from pipeline.parallel import agree_stop
+from pipeline.params import GenerationParams
+
+log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT = timedelta(days=365)
+"""The control group only carries requests, for which followers wait as long as the worker is idle."""
+STOP = ("stop",)
+
+
+class ParallelGroupBroken(RuntimeError):
+    """A collective failed: a rank died or did not answer in time. No more runs on this group."""
+
+
+def control_group() -> Any:
+    """A gloo group over the same ranks for requests (called by every rank, in the same order, after joining)."""
+    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+def _ended(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    if isinstance(error, Interrupted):
+        return "interrupted"
+    return f"{type(error).__name__}: {error}"
+
+
+def run_request(generator: VideoGenerator, params: GenerationParams, image: Image.Image,
+                progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> Video:
+    """This rank's part of one run; raises what ended it on any rank (the same on every rank)."""
+    device = generator.device
+
+    def collective_stop() -> bool:
+        return agree_stop(should_stop is not None and should_stop(), device)
+
+    error: BaseException | None = None
+    video = None
+    try:
+        video = generator.generate(params, image, progress=progress, should_stop=collective_stop)
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the verdict below
+        error = exc
+    endings: list[str | None] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(endings, _ended(error))
+    except Exception as exc:
+        raise ParallelGroupBroken(f"the {len(endings)} processes of the context-parallel group could not agree on "
+                                  f"how the run ended (a rank died or did not answer): {exc}") from error or exc
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(endings) if e is not None]
+    if failed:
+        r, ending = failed[0]
+        if ending == "interrupted":
+            raise Interrupted(params.steps, params.steps)
+        raise RuntimeError(f"rank {r} of the context-parallel group failed: {ending}")
+    assert video is not None
+    return video
+
+
+class LeaderGenerator:
+    """Rank 0's generator: broadcasts each request to the followers, then runs its own part. Every other attribute
+    is the warm generator's (resolve, device, loras, applied, ...)."""
+
+    def __init__(self, inner: VideoGenerator, control: Any, on_broken: Callable[[], None] | None = None) -> None:
+        self.inner = inner
+        self.control = control
+        self.on_broken = on_broken
+        self.broken: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def generate(self, params: GenerationParams, image: Image.Image, progress: ProgressFn | None = None,
+                 should_stop: StopFn | None = None, interrupt: Callable[[], bool] | None = None) -> Video:
+        """As VideoGenerator.generate; `interrupt` is read once per step with `should_stop` (not per block)."""
+        if self.broken:
+            raise ParallelGroupBroken(self.broken)
+        image = image.convert("RGB")
+        params = self.inner.resolve(params, image)  # the seed is fixed here, so every rank uses the same one
+
+        # An error in rank 0's own callbacks (a store write) must not leave it alone mid-step: it becomes a stop,
+        # agreed at this step's end by every rank, and is raised here once the run has ended everywhere.
+        failures: list[Exception] = []
+
+        def report(p: Any) -> None:
+            if progress is not None and not failures:
+                try:
+                    progress(p)
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(exc)
+
+        def stop() -> bool:
+            if not failures:
+                try:
+                    if (should_stop is not None and should_stop()) or (interrupt is not None and interrupt()):
+                        return True
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(exc)
+            return bool(failures)
+
+        try:
+            dist.broadcast_object_list([("generate", params, image)], src=0, group=self.control)
+            return run_request(self.inner, params, image, progress=report, should_stop=stop)
+        except Interrupted:
+            if failures:
+                raise failures[0] from None
+            raise
+        except ParallelGroupBroken as exc:
+            self._broke(str(exc))
+            raise
+        except dist.DistError as exc:
+            self._broke(f"the context-parallel group broke (a rank died or did not answer): {exc}")
+            raise ParallelGroupBroken(self.broken) from exc
+
+    def render(self, params: GenerationParams, image: Image.Image, out: Any, progress: ProgressFn | None = None,
+               should_stop: StopFn | None = None) -> Video:
+        import time
+
+        from pipeline.video import write_mp4
+
+        video = self.generate(params, image, progress=progress, should_stop=should_stop)
+        started = time.perf_counter()
+        write_mp4(video.frames, out, fps=video.params.fps)
+        video.timings["encode"] = time.perf_counter() - started
+        return video
+
+    def _broke(self, why: str) -> None:
+        self.broken = why
+        log.error("%s; this group takes no more runs", why)
+        if self.on_broken is not None:
+            self.on_broken()
+
+    def close(self) -> None:
+        """Tell the followers to leave their loop (best effort: a broken group's followers are stopped by the
+        launcher)."""
+        if self.broken:
+            return
+        try:
+            dist.broadcast_object_list([STOP], src=0, group=self.control)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not tell the follower ranks to stop: %s", exc)
+
+
+def follow(generator: VideoGenerator, control: Any) -> None:
+    """A follower rank: run every request rank 0 broadcasts, until it says stop. Raises ParallelGroupBroken."""
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        if box[0] == STOP:
+            return
+        _, params, image = box[0]
+        try:
+            run_request(generator, params, image)
+        except ParallelGroupBroken:
+            raise
+        except Exception as exc:  # noqa: BLE001 - rank 0 records it; this rank waits for the next request
+            log.info("rank %d: the run ended: %s", dist.get_rank(), _ended(exc))

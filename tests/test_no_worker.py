@@ -35,7 +35,8 @@ def test_every_worker_failed_refuses_runs_and_notes_the_queued_tasks_until_one_i
     store.workers.set_state("node/gpu0", "failed", detail=REASON)
     assert store.tasks.note_waiting() == 1
     note = store.reads.get(waiting.id).debugoutput
-    assert note.startswith(f"{WAITING_NOTE} No worker can run tasks: every worker that registered failed to load")
+    assert note.startswith(f"{WAITING_NOTE} No worker can run tasks: no worker is running, and the last to start "
+                           "failed to load")
     assert "node/gpu0: Not enough memory to load" in note and "/srv/models" not in note, "paths are redacted"
     with pytest.raises(NoWorker) as refused:
         queue_task(store)
@@ -51,6 +52,19 @@ def test_a_failed_worker_beside_a_live_one_refuses_nothing(store):
     store.workers.register("a/gpu0", pid=1, model="m", device="", state="failed", detail=REASON)
     store.workers.register("b/gpu0", pid=2, model="m", device="", state="loading")
     assert queue_task(store).status == "task_queue"
+
+
+def test_a_failure_older_than_a_worker_that_ran_since_is_history_not_the_state(store):
+    """A worker that failed yesterday, then workers that ran and stopped: nothing says no worker can serve now."""
+    store.workers.register("a/gpu0", pid=1, model="m", device="", state="failed", detail=REASON)
+    store.workers.register("b/gpu0", pid=2, model="m", device="cpu", state="ready")
+    time.sleep(0.01)
+    store.workers.set_state("b/gpu0", "stopped")
+    assert queue_task(store).status == "task_queue"
+    time.sleep(0.01)
+    store.workers.set_state("a/gpu0", "failed", detail=REASON)  # and it fails again, after b: refused again
+    with pytest.raises(NoWorker):
+        queue_task(store)
 
 
 def test_serve_with_a_model_too_big_for_this_machine_fails_its_worker_once_and_says_why(tmp_path: Path):
@@ -77,7 +91,8 @@ def test_serve_with_a_model_too_big_for_this_machine_fails_its_worker_once_and_s
         body = run.json()
         assert run.status_code == 200 and body["result"] is False, body
         assert body["errors"][0]["code"] == 0
-        assert body["errors"][0]["message"].startswith("No worker can run tasks: every worker that registered failed")
+        assert body["errors"][0]["message"].startswith("No worker can run tasks: no worker is running, and the last to "
+                                                       "start failed")
         assert "Not enough memory" in body["errors"][0]["message"]
 
         time.sleep(6)  # three restart delays: a restart loop would have started the worker again by now

@@ -21,15 +21,17 @@ def _alive(workers: list[Worker], now: float, lease_seconds: float) -> list[Work
 
 
 def no_worker_reason(workers: list[Worker], now: float, lease_seconds: float) -> str:
-    """Why no worker can serve a task: some worker failed to load its model and none is alive; "" otherwise (a
-    worker is alive, or none has registered yet: workers may be on other hosts, still starting)."""
-    failed = [w for w in workers if w.state == "failed"]
+    """Why no worker can serve a task: a worker failed to load its model after every other worker was last seen,
+    and none is alive; "" otherwise (a worker is alive, none has registered yet: workers may be on other hosts, still
+    starting, or the failures are older than a worker that ran or stopped since: they are history, not the state)."""
+    others_seen = max((w.heartbeat_at for w in workers if w.state != "failed"), default=float("-inf"))
+    failed = [w for w in workers if w.state == "failed" and w.heartbeat_at >= others_seen]
     if not failed or _alive(workers, now, lease_seconds):
         return ""
     first = failed[0]
     more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-    return (f"No worker can run tasks: every worker that registered failed to load its model. {first.id}{more}: "
-            f"{redact_paths(first.detail or 'failed')}")
+    return ("No worker can run tasks: no worker is running, and the last to start failed to load its model. "
+            f"{first.id}{more}: {redact_paths(first.detail or 'failed')}")
 
 
 def waiting_note(s: Session, now: float, lease_seconds: float) -> str:

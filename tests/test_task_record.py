@@ -104,7 +104,10 @@ def test_the_recorded_parameters_are_the_inputs_as_sent_the_defaults_and_what_th
 def test_every_outcome_has_one_row_and_each_failure_says_why():
     assert set(HANDLING) == set(Outcome)
     discarded = {o for o, h in HANDLING.items() if h.discard}
-    assert discarded == set(Outcome) - {Outcome.DONE, Outcome.LOST}, "only a task that is not ours keeps files"
+    kept = {Outcome.DONE, Outcome.LOST, Outcome.STOPPED, Outcome.STORE_OUTAGE, Outcome.UNRECORDED}
+    assert discarded == set(Outcome) - kept, (
+        "files are thrown away only for an ending recorded on a task that is still ours: a done or lost task, and "
+        "a run that stored nothing (stopped, store outage) or may be recorded already (unrecorded), keep them")
     assert HANDLING[Outcome.INTERNAL_ERROR].level == logging.ERROR
     assert ending_of(TaskEnd(Outcome.BAD_INPUT, "Request parameter [x] ...")).note == "Request parameter [x] ..."
     assert ending_of(TaskKilled("killed")).outcome is Outcome.KILL_RECORDED, "a kill is not a lost task"

@@ -1,5 +1,5 @@
-"""Shared fixtures: settings on the tiny preset in temporary directories, and a database URL for each
-store backend (SQLite, and PostgreSQL in a fresh database made for this test session)."""
+"""Shared fixtures: settings on the tiny preset in temporary directories, a database URL for each store backend
+(SQLite, and PostgreSQL in a fresh database made for this test session), and a loopback server of input images."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from particalize.settings import Settings
+from tests.images import ImageServer
 
 PG_ADMIN_URL = os.environ.get("PARTICALIZE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 POSTGRES_DISABLED = os.environ.get("PARTICALIZE_TEST_POSTGRES", "1") == "0"
@@ -129,3 +130,11 @@ def tiny_generator(tmp_path_factory: pytest.TempPathFactory):
     from pipeline.presets import get_preset
 
     return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path_factory.mktemp("weights")))
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[ImageServer]:
+    """Input images served over loopback HTTP (for Runs that name an image URL), one server per test module."""
+    server = ImageServer()
+    yield server
+    server.close()

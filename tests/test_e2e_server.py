@@ -107,13 +107,6 @@ def process_gone(pid: int, timeout: float = 10) -> bool:
 
 
 @pytest.fixture(scope="module")
-def images() -> Iterator[ImageServer]:
-    server = ImageServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = Server(tmp_path_factory.mktemp("serve") / "data")
     try:

@@ -206,13 +206,6 @@ class CpServer(Server):
 
 
 @pytest.fixture(scope="module")
-def images() -> Iterator[ImageServer]:
-    server = ImageServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def cp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CpServer]:
     srv = CpServer(tmp_path_factory.mktemp("serve-cp") / "data")
     try:

@@ -300,24 +300,10 @@ def judge(base: Setup, sizes: Sizes, activations: tuple[int, str], device_free: 
 
 def transformer_file_format(path: Path) -> str:
     """The weight_memory format a transformer file is held in, read from its header (no tensor data read)."""
-    from collections import Counter
+    from pipeline.weight_file_summary import file_format
 
-    path = Path(path)
-    if path.suffix.lower() == ".gguf":
-        import gguf
-
-        reader = gguf.GGUFReader(str(path))
-        kinds = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
-        fmt = f"gguf_{kinds.most_common(1)[0][0]}" if kinds else "bf16"
-        return fmt if fmt in TRANSFORMER_FORMATS else "gguf_Q8_0"  # another GGUF type: sized as Q8_0 (estimate)
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-        float8 = any(f.get_slice(k).get_dtype().startswith("F8") for k in keys)
-    if not float8:
-        return "bf16"
-    return "fp8_scaled" if any(k.endswith((".scale_weight", ".weight_scale")) for k in keys) else "fp8"
+    fmt = file_format(path)
+    return fmt if fmt in TRANSFORMER_FORMATS else "gguf_Q8_0"  # another GGUF type: sized as Q8_0 (estimate)
 
 
 def check_memory(preset: ModelPreset, weights_dir: Path, device: torch.device, *, float8: bool = False,

@@ -57,6 +57,22 @@ def _gguf_counts(path: Path) -> Counter[str]:
     return Counter(tensor.tensor_type.name for tensor in gguf.GGUFReader(str(path)).tensors)
 
 
+def _header(path: Path, container: str) -> tuple[Counter[str], str]:
+    """The tensors' storage types counted, and the weight_memory format they make."""
+    if container == "gguf":
+        counts = _gguf_counts(path)
+        quantized = Counter({k: n for k, n in counts.items() if k not in PLAIN_GGUF_TYPES})
+        return counts, f"gguf_{quantized.most_common(1)[0][0]}" if quantized else "bf16"
+    counts, scaled = _safetensors_counts(path)
+    return counts, ("fp8_scaled" if scaled else "fp8") if any(k.startswith("float8") for k in counts) else "bf16"
+
+
+def file_format(path: Path) -> str:
+    """The weight_memory format of a .safetensors or .gguf file, read from its header (no tensor data read)."""
+    path = Path(path)
+    return _header(path, "gguf" if path.suffix.lower() == ".gguf" else "safetensors")[1]
+
+
 def summarize(path: Path, role: str, config: Mapping[str, Any] | Any | None,
               compute_dtype: torch.dtype = torch.bfloat16) -> FileSummary:
     """The file at `path` as the `role` ('transformer' or 'text_encoder') loader would hold it. WeightsMissing or
@@ -67,13 +83,7 @@ def summarize(path: Path, role: str, config: Mapping[str, Any] | Any | None,
     path = Path(path)
     container = container_of(path, role.replace("_", " "))
     try:
-        if container == "gguf":
-            counts, scaled = _gguf_counts(path), False
-            quantized = Counter({k: n for k, n in counts.items() if k not in PLAIN_GGUF_TYPES})
-            fmt = f"gguf_{quantized.most_common(1)[0][0]}" if quantized else "bf16"
-        else:
-            counts, scaled = _safetensors_counts(path)
-            fmt = ("fp8_scaled" if scaled else "fp8") if any(k.startswith("float8") for k in counts) else "bf16"
+        counts, fmt = _header(path, container)
     except Exception as exc:  # a truncated or foreign file: the loader says the same, with more detail
         raise WeightFormatError(f"cannot read the header of {path.name} as {container}: {exc}") from exc
     memory = None

@@ -37,9 +37,64 @@ class ParallelGroupBroken(RuntimeError):
     """A collective failed: a rank died or did not answer in time. No more runs on this group."""
 
 
+RANK_PIDS: list[int] = []
+"""Each rank's process id, by rank, as control_group gathered them: how rank 0 tells which rank died."""
+DEATH_WAIT_SECONDS = 2.0
+"""How long rank 0 looks for a dead rank's process after a collective failed (its peer may be dying still)."""
+
+
 def control_group() -> Any:
-    """A gloo group over the same ranks for requests (called by every rank, in the same order, after joining)."""
-    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    """A gloo group over the same ranks for requests (called by every rank, in the same order, after joining); every
+    rank's process id is gathered over it once (RANK_PIDS)."""
+    import os
+
+    group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    pids: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(pids, os.getpid(), group=group)
+    RANK_PIDS[:] = [int(pid) for pid in pids]
+    return group
+
+
+def _process_ended(pid: int) -> bool:
+    """The process is gone or a zombie (a dead child its launcher has not reaped yet); False where /proc is not."""
+    from pathlib import Path
+
+    stat = Path(f"/proc/{pid}/stat")
+    if not Path("/proc/self/stat").exists():
+        return False
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def dead_ranks(pids: list[int], wait_seconds: float = DEATH_WAIT_SECONDS) -> list[int]:
+    """The ranks whose process has ended, looking for up to `wait_seconds` (none found: [])."""
+    import time
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        dead = [rank for rank, pid in enumerate(pids) if _process_ended(pid)]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
+
+
+def broken_group_message(error: BaseException, pids: list[int] | None = None) -> str:
+    """What a broken group means, in words for the task's debugerror: which rank, and what to do. The transport's
+    own text (gloo's, with its source paths and peer addresses) goes to the log only."""
+    log.warning("a collective of the context-parallel group failed: %s", error)
+    pids = RANK_PIDS if pids is None else pids
+    dead = dead_ranks(pids) if pids else []
+    size = f"{len(pids)}-process " if pids else ""
+    if dead:
+        who = ", ".join(f"rank {r}" for r in dead)
+        what = f"{who} of the {size}context-parallel group stopped (its process ended) while this task ran"
+    else:
+        what = (f"a rank of the {size}context-parallel group stopped answering (its process died, hung or lost its "
+                "connection) while this task ran")
+    return (f"{what}. The task failed and the worker starts its group again (the worker log has that rank's last "
+            "lines): send the task again once /ready answers.")
 
 
 def _ended(error: BaseException | None) -> str | None:
@@ -68,8 +123,7 @@ def run_request(generator: VideoGenerator, params: GenerationParams, image: Imag
     try:
         dist.all_gather_object(endings, _ended(error))
     except Exception as exc:
-        raise ParallelGroupBroken(f"the {len(endings)} processes of the context-parallel group could not agree on "
-                                  f"how the run ended (a rank died or did not answer): {exc}") from error or exc
+        raise ParallelGroupBroken(broken_group_message(exc)) from error or exc
     if error is not None:
         raise error
     failed = [(r, e) for r, e in enumerate(endings) if e is not None]
@@ -136,7 +190,7 @@ class LeaderGenerator:
             self._broke(str(exc))
             raise
         except dist.DistError as exc:
-            self._broke(f"the context-parallel group broke (a rank died or did not answer): {exc}")
+            self._broke(broken_group_message(exc))
             raise ParallelGroupBroken(self.broken) from exc
 
     def render(self, params: GenerationParams, image: Image.Image, out: Any, progress: ProgressFn | None = None,

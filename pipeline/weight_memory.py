@@ -108,16 +108,21 @@ def text_encoder_bytes(fmt: str, config: object | None = None, compute_dtype: to
     return total
 
 
-def clip_and_vae_bytes() -> int:
-    """CLIP ViT-H/14 image encoder and Wan's VAE in float32, as the pipeline holds them."""
+def clip_and_vae_bytes(image_encoder_config: Mapping[str, Any] | None = None,
+                       vae_config: Mapping[str, Any] | None = None) -> int:
+    """The image encoder and the VAE in float32, as the pipeline holds them: a directory's own configs when given,
+    else CLIP ViT-H/14 and Wan's VAE."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from pipeline.random_weights import CLIP_VIT_H_14
 
+    clip = CLIPVisionConfig.from_dict(dict(image_encoder_config)) if image_encoder_config else \
+        CLIPVisionConfig(**CLIP_VIT_H_14)
     with init_empty_weights():
-        models = [CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H_14)), AutoencoderKLWan()]
+        vae = AutoencoderKLWan.from_config(dict(vae_config)) if vae_config else AutoencoderKLWan()
+        models = [CLIPVisionModel(clip), vae]
     return sum(p.numel() * 4 for m in models for p in m.parameters())
 
 

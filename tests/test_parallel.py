@@ -121,6 +121,21 @@ def test_an_error_on_rank_0_mid_run_ends_the_run_on_every_rank(tmp_path: Path) -
     assert (out / "rank0.steps").read_text() == (out / "rank1.steps").read_text() == "1"
 
 
+def test_a_broken_group_is_told_in_words_naming_the_rank_whose_process_ended() -> None:
+    from pipeline.parallel_run import broken_group_message, dead_ranks
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    pids = [os.getpid(), ended.pid]
+    assert dead_ranks(pids) == [1]
+    raw = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1")
+    said = broken_group_message(raw, pids)
+    assert said.startswith("rank 1 of the 2-process context-parallel group stopped (its process ended)"), said
+    assert "gloo" not in said and "127.0.0.1" not in said and "send the task again once /ready answers" in said
+    unknown = broken_group_message(raw, [os.getpid(), os.getpid()])
+    assert "a rank of the 2-process context-parallel group stopped answering" in unknown, unknown
+
+
 def test_only_combinations_that_can_run_are_accepted() -> None:
     assert parallel_refusal("ulysses", 2, 40, "cuda", 2, "auto") is None
     assert parallel_refusal("ulysses", 2, 2, "cpu", 0, "auto") is None
@@ -256,7 +271,9 @@ def test_a_rank_killed_with_sigkill_ends_the_task_and_the_group_restarts(cp_serv
     os.kill(follower, signal.SIGKILL)
     ended = cp_server.wait_status(long["taskid"], TERMINAL, timeout=90)
     assert ended["status"] == "task_postprocess_end" and ended["pexit"] != "0", ended
-    assert "context-parallel group" in ended["debugerror"], ended["debugerror"]
+    said = ended["debugerror"]
+    assert "rank 1 of the 2-process context-parallel group stopped" in said and "send the task again" in said, said
+    assert "gloo" not in said.lower() and ".cc" not in said and ".cpp" not in said, "in words, not the transport's"
     assert process_gone(leader, timeout=30), "rank 0 of the broken group exited"
     restarted = cp_server.wait_ready(not_pid=worker["pid"], timeout=180)
     assert restarted["pid"] != worker["pid"]

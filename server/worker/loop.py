@@ -27,6 +27,7 @@ from server.store import Store
 from server.store.models import Task
 from server.store.outage import StoreHealth, is_outage
 from server.worker.options import WorkerOptions
+from server.worker.scratch import remove_abandoned
 from server.worker.task_run import Fetch, Generator, TaskRun
 from server.worker_reports import Report
 
@@ -75,6 +76,7 @@ class Worker:
         self._finished.clear()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
+        remove_abandoned()
         self.recover(own=True)
         sweep_every = max(1.0, min(10.0, self.lease_seconds / 4))
         next_sweep = time.monotonic() + sweep_every

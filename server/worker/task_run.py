@@ -20,11 +20,9 @@ stored files only of a task the store confirms is still its own and not done (se
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
@@ -52,6 +50,7 @@ from server.store.outage import StoreHealth, is_outage
 from server.task_record import ImageSource, record_of
 from server.worker.options import WorkerOptions
 from server.worker.outcomes import HANDLING, Ending, Outcome, TaskEnd, ending_of
+from server.worker.scratch import output_folder
 
 log = logging.getLogger("particalize.worker")
 
@@ -261,8 +260,8 @@ class TaskRun:
         problem = self.space_problem()
         if problem:
             raise TaskEnd(Outcome.DISK_FULL, problem)
-        with tempfile.TemporaryDirectory(prefix="particalize-output-", dir=Path(tempfile.gettempdir())) as tmp:
-            path = write_mp4(frames, Path(tmp) / OUTPUT_NAME, fps=fps)
+        with output_folder() as tmp:
+            path = write_mp4(frames, tmp / OUTPUT_NAME, fps=fps)
             size = path.stat().st_size
             self._confirm_before_storing()
             try:

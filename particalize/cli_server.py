@@ -139,7 +139,7 @@ def weight_file_lines(settings: Settings, preset: Any) -> list[str]:
     from particalize.compose import weight_files
     from pipeline.devices import pick_device, serving_dtype_for
     from pipeline.errors import WeightFormatError
-    from pipeline.weight_file_summary import summarize
+    from pipeline.weight_files.summary import summarize
 
     files = weight_files(settings)  # WeightsMissing naming the setting (and the fetch command) when one is not there
     if not files.any:
@@ -155,7 +155,7 @@ def weight_file_lines(settings: Settings, preset: Any) -> list[str]:
         dtype = torch.float32
     else:
         from pipeline.loader import preset_dir
-        from pipeline.weight_files import directory_text_encoder_config, directory_transformer_config
+        from pipeline.weight_files.files import directory_text_encoder_config, directory_transformer_config
 
         model_dir = preset_dir(preset, settings.weights_dir)
         configs = {"transformer": directory_transformer_config(model_dir),

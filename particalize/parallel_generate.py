@@ -38,8 +38,8 @@ def _rank_main(rank: int, settings: Settings, params: GenerationParams, image: I
     import torch
 
     from particalize.compose import make_generator
-    from pipeline.parallel import ParallelSetup, init_group
-    from pipeline.parallel_run import LeaderGenerator, control_group, follow
+    from pipeline.parallel.group import ParallelSetup, init_group
+    from pipeline.parallel.run import LeaderGenerator, control_group, follow
 
     if settings.worker_cpu_threads and device_type == "cpu":
         torch.set_num_threads(settings.worker_cpu_threads)

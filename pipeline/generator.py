@@ -13,7 +13,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.acceleration import (
+from pipeline.devices import pick_device
+from pipeline.embeddings import EmbeddingCache
+from pipeline.errors import Interrupted, OutOfMemory
+from pipeline.fast import FAST, NORMAL, FastMode
+from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
+from pipeline.loader import load_base_pipeline
+from pipeline.lora.stack import LoraInfo, LoraStack, LoraStackOptions
+from pipeline.memory_check import check_memory
+from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
+from pipeline.params import GenerationParams, no_speed_lora, resolve_size
+from pipeline.presets import ModelPreset
+from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
+from pipeline.speed.acceleration import (
     WARMUP_REVERT_ORDER,
     Applied,
     SpeedOptions,
@@ -22,21 +34,9 @@ from pipeline.acceleration import (
     resolve_compile,
     revert,
 )
-from pipeline.devices import pick_device
-from pipeline.embeddings import EmbeddingCache
-from pipeline.errors import Interrupted, OutOfMemory
-from pipeline.fast import FAST, NORMAL, FastMode
-from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
-from pipeline.loaded_file import LoadedFile, loaded_file_of
-from pipeline.loader import load_base_pipeline
-from pipeline.lora import LoraInfo, LoraStack, LoraStackOptions
-from pipeline.memory_check import check_memory
-from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
-from pipeline.params import GenerationParams, no_speed_lora, resolve_size
-from pipeline.presets import ModelPreset
-from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
 from pipeline.video import write_mp4
-from pipeline.weight_files import WeightFiles
+from pipeline.weight_files.files import WeightFiles
+from pipeline.weight_files.loaded_file import LoadedFile, loaded_file_of
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class VideoGenerator:
         self.fast = options.fast
         self.device = pick_device(options.device)
         if speed.context_parallel != "none":
-            from pipeline.parallel import rank_device
+            from pipeline.parallel.group import rank_device
 
             self.device = rank_device(self.device)
         offloaded = speed.memory_mode != "none"

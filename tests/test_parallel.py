@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from benchmarks.harness import ServeProcess
-from pipeline.parallel import parallel_refusal
+from pipeline.parallel.group import parallel_refusal
 from pipeline.params import GenerationParams
 from pipeline.video import read_mp4
 from server.store.models import TERMINAL
@@ -46,8 +46,8 @@ def _rank(rank: int, init_method: str, out: str, stop_after: int | None, fail_at
     step it finished."""
     from pipeline.errors import Interrupted
     from pipeline.generator import GeneratorOptions, VideoGenerator
-    from pipeline.parallel import ParallelSetup, init_group
-    from pipeline.parallel_run import LeaderGenerator, control_group, run_request
+    from pipeline.parallel.group import ParallelSetup, init_group
+    from pipeline.parallel.run import LeaderGenerator, control_group, run_request
     from pipeline.presets import get_preset
 
     torch.set_num_threads(1)
@@ -83,7 +83,7 @@ def _rank(rank: int, init_method: str, out: str, stop_after: int | None, fail_at
 
 
 def _cp_speed():
-    from pipeline.acceleration import SpeedOptions
+    from pipeline.speed.acceleration import SpeedOptions
 
     return SpeedOptions(context_parallel="ulysses")
 

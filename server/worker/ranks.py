@@ -2,7 +2,7 @@
 
 The launcher spawns the ranks (torch.multiprocessing, start method spawn) and watches them. Rank 0 is the normal
 worker (claims, runs and records tasks, server/worker/loop.py) whose generator broadcasts each request to the other
-ranks (pipeline/parallel_run.py); the followers run what it sends. The launcher forwards its stop signals to rank 0
+ranks (pipeline/parallel/run.py); the followers run what it sends. The launcher forwards its stop signals to rank 0
 and, when a rank dies, ends the group: a dead follower gets rank 0 a SIGTERM (its running task fails as the group's
 collectives fail, and it claims nothing more), then the launcher exits non-zero so that its supervisor starts the
 group again; a dead rank 0 takes the followers with it (its task is requeued by the restarted worker, within its
@@ -118,8 +118,8 @@ def _rank_main(rank: int, job: RankJob, init_method: str, launcher_pid: int) -> 
 
 
 def _rank(rank: int, job: RankJob, init_method: str, launcher_pid: int) -> int:
-    from pipeline.parallel import ParallelSetup, init_group
-    from pipeline.parallel_run import LeaderGenerator, ParallelGroupBroken, control_group, follow
+    from pipeline.parallel.group import ParallelSetup, init_group
+    from pipeline.parallel.run import LeaderGenerator, ParallelGroupBroken, control_group, follow
     from server.shutdown import StopRequest, stop_on_signals
 
     init_group(ParallelSetup(job.mode, job.degree, rank, init_method, job.timeout_seconds), job.device_type)

@@ -4,7 +4,7 @@ Rank 0 holds a `LeaderGenerator`: the warm generator's interface (what the worke
 `generate` first broadcasts the request (the resolved parameters and the image) to the follower ranks over a gloo
 control group, then runs its own part. Follower ranks sit in `follow`: receive a request, run the same generate,
 drop the output (every rank decodes; only rank 0's video is used). Stops are collective: the ranks reduce their stop
-flags once per step (pipeline.parallel.agree_stop), so every rank raises Interrupted at the same step; the
+flags once per step (pipeline.parallel.group.agree_stop), so every rank raises Interrupted at the same step; the
 per-block check of a single process is not used (a rank leaving mid-step would leave the others in a collective).
 After each run the ranks gather how it ended, so an error on any rank ends the run on every rank; a collective that
 fails (a rank died, or one did not answer within the group's timeout) means the group is broken: the run fails
@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.errors import Interrupted
 from pipeline.generator import ProgressFn, StopFn, Video, VideoGenerator
-from pipeline.parallel import agree_stop
+from pipeline.parallel.group import agree_stop
 from pipeline.params import GenerationParams
 
 log = logging.getLogger(__name__)

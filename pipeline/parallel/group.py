@@ -4,7 +4,7 @@ Every rank runs the same request with the same seed; diffusers splits the sequen
 This module owns the process group (NCCL, one GPU a rank, on CUDA; gloo on the CPU), the checks that refuse a
 combination that cannot run before any weights are read, sharding the transformer over the group, and the one
 collective the ranks agree on once per step (stop or go on). Who starts the processes is the caller's business
-(the worker, `particalize generate`): see pipeline/parallel_run.py for what each rank does with a request.
+(the worker, `particalize generate`): see pipeline/parallel/run.py for what each rank does with a request.
 """
 
 from __future__ import annotations

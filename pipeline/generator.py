@@ -99,7 +99,7 @@ class VideoGenerator:
         self.fast = options.fast
         self.device = pick_device(options.device)
         if speed.context_parallel != "none":
-            from pipeline.parallel.group import rank_device
+            from pipeline.speed.context_parallel import rank_device
 
             self.device = rank_device(self.device)
         offloaded = speed.memory_mode != "none"

@@ -117,7 +117,7 @@ def _():
 
 
 @contract("diffusers.ContextParallelConfig",
-          "pipeline/parallel/group.py: ContextParallelConfig(ring_degree=N) or (ulysses_degree=N), then "
+          "pipeline/speed/context_parallel.py: ContextParallelConfig(ring_degree=N) or (ulysses_degree=N), then "
           "enable_parallelism")
 def _():
     from diffusers import ContextParallelConfig
@@ -142,7 +142,7 @@ def _():
 
 
 @contract("diffusers.ModelMixin.enable_parallelism",
-          "pipeline/parallel/group.py: transformer.enable_parallelism(config=)")
+          "pipeline/speed/context_parallel.py: transformer.enable_parallelism(config=)")
 def _():
     from diffusers import ModelMixin
 
@@ -150,7 +150,7 @@ def _():
 
 
 @contract("diffusers.ModelMixin._resolve_parallel_config",
-          "pipeline/parallel/group.py _cpu_as_one_device: enable_parallelism places rank r on device "
+          "pipeline/speed/context_parallel.py _cpu_as_one_device: enable_parallelism places rank r on device "
           "`r % torch.accelerator.device_count()` (0 on the CPU, a ZeroDivisionError); on the CPU the count is "
           "reported as 1 during that call, so gloo ranks run on the one CPU")
 def _():
@@ -162,12 +162,13 @@ def _():
 
 
 @contract("diffusers.models.attention_dispatch._AttentionBackendRegistry._supports_context_parallel",
-          "pipeline/parallel/group.py CP_BACKENDS and LSE_BACKENDS: the backends refused or accepted at start under "
+          "pipeline/speed/context_parallel.py CP_BACKENDS and LSE_BACKENDS: the backends refused or accepted "
+          "at start under "
           "context parallelism (diffusers raises later, at enable_parallelism or the first forward)")
 def _():
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-    from pipeline.parallel.group import CP_BACKENDS, LSE_BACKENDS
+    from pipeline.speed.context_parallel import CP_BACKENDS, LSE_BACKENDS
 
     supported = set(_AttentionBackendRegistry._supports_context_parallel)
     assert supported >= CP_BACKENDS, sorted(CP_BACKENDS - supported)

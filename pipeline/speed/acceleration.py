@@ -160,7 +160,7 @@ def _choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: tor
     if requested == "auto":
         candidates = list(AUTO_CUDA_BACKENDS) if device.type == "cuda" else ["native"]
         if context_parallel != "none" and device.type == "cuda":  # diffusers refuses FA4 and FA3 there
-            from pipeline.parallel.group import AUTO_CP_BACKENDS
+            from pipeline.speed.context_parallel import AUTO_CP_BACKENDS
 
             candidates = list(AUTO_CP_BACKENDS[context_parallel])
             applied.note(f"attention auto under context parallelism ({context_parallel}): trying "
@@ -495,7 +495,7 @@ def apply_speed_options(
     if options.vae_tiling:
         guarded(applied, "VAE tiling", lambda: _tile_vae(pipe, applied), lambda: untile_vae(pipe, applied))
     if options.context_parallel != "none":
-        from pipeline.parallel.group import enable_context_parallel
+        from pipeline.speed.context_parallel import enable_context_parallel
 
         degree = enable_context_parallel(pipe, options.context_parallel, device)
         applied.note(f"context parallelism: {options.context_parallel} over {degree} processes")

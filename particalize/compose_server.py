@@ -21,7 +21,7 @@ from server.storage import Storage, StorageOptions
 from server.tool_info import ToolOptions
 
 if TYPE_CHECKING:
-    from server.supervisor import WorkerProcesses
+    from server.processes.supervisor import WorkerProcesses
     from server.worker_reports import WorkerReports
 
 
@@ -102,7 +102,7 @@ def build_app(settings: Settings, *, services: Services | None = None) -> FastAP
 
     def start_workers(reports: WorkerReports) -> WorkerProcesses:
         from particalize.core_options import worker_process_options
-        from server.supervisor import WorkerProcesses
+        from server.processes.supervisor import WorkerProcesses
 
         return WorkerProcesses(worker_process_options(settings), reports=reports).start()
 

@@ -172,7 +172,7 @@ CP_ENV = {"PARTICALIZE_CONTEXT_PARALLEL": "ulysses", "PARTICALIZE_PARALLEL_DEGRE
 
 
 def test_a_worker_refuses_an_impossible_degree_with_the_code_that_is_not_restarted(tmp_path: Path) -> None:
-    from server.worker import EXIT_LOAD_FAILED
+    from server.processes.exit_codes import EXIT_LOAD_FAILED
 
     done = particalize("worker", "--model", "tiny", "--data-dir", str(tmp_path / "data"),
                        env={**CP_ENV, "PARTICALIZE_PARALLEL_DEGREE": "4"})

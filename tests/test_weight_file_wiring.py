@@ -234,7 +234,8 @@ def test_the_banners_memory_is_what_the_loaded_file_takes(tmp_path, files):
 def test_ready_names_the_loaded_files_and_a_worker_that_cannot_load_says_why(tmp_path, files):
     from particalize.compose_server import open_storage
     from particalize.core_options import GeneratorFactory, worker_options
-    from server.worker import EXIT_LOAD_FAILED, run_worker
+    from server.processes.exit_codes import EXIT_LOAD_FAILED
+    from server.worker import run_worker
 
     good = make_settings(tmp_path / "good", transformer_file=str(files["gguf_q8_0"]))
     stop = threading.Event()

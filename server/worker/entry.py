@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from server.processes.exit_codes import EXIT_LOAD_FAILED
 from server.storage import Storage
 from server.store import open_store
 from server.store.outage import StoreHealth
@@ -19,10 +20,6 @@ from server.worker.task_run import Generator
 from server.worker_reports import Report
 
 log = logging.getLogger("particalize.worker")
-
-EXIT_LOAD_FAILED = 3
-"""`particalize worker` exits with this when the model cannot be loaded (restarting would not help)."""
-
 
 def loaded_detail(generator: Any) -> tuple[str, bool]:
     """What the worker registers about its model (the detail /ready lists: load time, each LoRA, its strength and
@@ -63,9 +60,9 @@ def run_worker(
     parent_pid: int | None = None,
     report: Report | None = None,
 ) -> int:
-    """Load the model once (`make_generator`), then serve tasks until `stop_event` (a server.shutdown.StopRequest
-    gives the running task its grace period; a plain Event stops it at once). `report`: the pipe to the serve
-    process that started this worker, if one did. Returns the process exit code."""
+    """Load the model once (`make_generator`), then serve tasks until `stop_event` (a
+    server.processes.shutdown.StopRequest gives the running task its grace period; a plain Event stops it at once).
+    `report`: the pipe to the serve process that started this worker, if one did. Returns the process exit code."""
     health = StoreHealth(log)  # a worker started during a store outage waits for the store, it does not crash
 
     def when_up(action: Callable[[], Any]) -> Any:

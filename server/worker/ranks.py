@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from server.processes.exit_codes import EXIT_LOAD_FAILED
 from server.storage import Storage
-from server.worker.entry import EXIT_LOAD_FAILED, run_worker
+from server.worker.entry import run_worker
 from server.worker.options import WorkerOptions
 from server.worker.task_run import Generator
 
@@ -102,7 +103,7 @@ def watch_ranks(processes: list[Any], stop: threading.Event, job: RankJob, poll_
 
 def _rank_main(rank: int, job: RankJob, init_method: str, launcher_pid: int) -> None:
     """One rank, in its own spawned process: join the group, load the model, serve (rank 0) or follow."""
-    from server.supervisor import die_with_parent
+    from server.processes.parent import die_with_parent
 
     die_with_parent(launcher_pid)
     code = 1
@@ -120,7 +121,7 @@ def _rank_main(rank: int, job: RankJob, init_method: str, launcher_pid: int) -> 
 def _rank(rank: int, job: RankJob, init_method: str, launcher_pid: int) -> int:
     from pipeline.parallel.group import ParallelSetup, init_group
     from pipeline.parallel.run import LeaderGenerator, ParallelGroupBroken, control_group, follow
-    from server.shutdown import StopRequest, stop_on_signals
+    from server.processes.shutdown import StopRequest, stop_on_signals
 
     init_group(ParallelSetup(job.mode, job.degree, rank, init_method, job.timeout_seconds), job.device_type)
     control = control_group()

@@ -35,7 +35,7 @@ from pipeline.images import decode_image
 from pipeline.params import GenerationParams, check_limits, size_for_image
 from pipeline.video import write_mp4
 from server.netguard import FetchError, UnsafeUrl
-from server.shutdown import finish_overdue, stop_due
+from server.processes.shutdown import finish_overdue, stop_due
 from server.storage import OUTPUT_NAME, OUTPUT_TYPE, Storage, StorageError
 from server.store import NewOutput, Store, TaskKilled, TaskLost
 from server.store.models import (

@@ -13,7 +13,7 @@ or the part cannot run here; one failing part is recorded and the rest still run
  3. attention kernels alone at this video's self-attention shape (benchmarks.bench_attention), and one eager
     transformer forward with FlashAttention-4 when it is installed and supported.
  4. compile: regional compile (compile_repeated_blocks, dynamic shapes) with auto attention: first forward
-    (compilation), then the forward; the compile cache saved (pipeline.compile_cache).
+    (compilation), then the forward; the compile cache saved (pipeline.speed.compile_cache).
  5. warm restart: dynamo reset, an empty inductor cache directory, the saved cache loaded, then the server's
     warm-up run: "model loaded to ready" with a warm cache. (In-process: some in-memory state survives, so a
     real restart may take a little longer.)
@@ -60,12 +60,12 @@ from benchmarks.bench_attention import measure as measure_attention
 from benchmarks.flops import step_flops
 from benchmarks.memory import peak_gib, reset_peak
 from benchmarks.timing import synchronize, timed
-from pipeline.acceleration import Applied, SpeedOptions, apply_compile, apply_float8, choose_attention
-from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.fast import FAST
 from pipeline.generator import GeneratorOptions, StepProgress, VideoGenerator
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
+from pipeline.speed.acceleration import Applied, SpeedOptions, apply_compile, apply_float8, choose_attention
+from pipeline.speed.compile_cache import CompileCache, cache_key
 
 PROMPT = "a dog is crystallizing, fracturing, and disintegrating into sharp, translucent shards"
 SECONDS_PER_30_STEPS = 30

@@ -16,10 +16,10 @@ from weights.locate import LoraSources
 from weights.lora_sources import parse_lora_list, parse_lora_source
 
 if TYPE_CHECKING:
-    from pipeline.acceleration import SpeedOptions
     from pipeline.generator import GeneratorOptions, VideoGenerator
-    from pipeline.lora import LoraStackOptions
-    from pipeline.weight_files import WeightFiles
+    from pipeline.lora.stack import LoraStackOptions
+    from pipeline.speed.acceleration import SpeedOptions
+    from pipeline.weight_files.files import WeightFiles
     from weights.single_file import FileSource
 
 WEIGHT_FILE_SETTINGS = {"transformer": ("transformer_file", "PARTICALIZE_TRANSFORMER_FILE", "--transformer-file"),
@@ -70,7 +70,7 @@ def weight_files(settings: Settings) -> WeightFiles:
     """The configured weight files as local paths; WeightsMissing naming the setting, and for a hub file the command
     that fetches it, when one is not on disk (loading never reaches a hub)."""
     from pipeline.errors import WeightsMissing
-    from pipeline.weight_files import WeightFiles
+    from pipeline.weight_files.files import WeightFiles
     from weights.single_file import source_path
 
     paths = {}
@@ -90,7 +90,7 @@ def weight_files(settings: Settings) -> WeightFiles:
 
 
 def speed_options(settings: Settings) -> SpeedOptions:
-    from pipeline.acceleration import SpeedOptions
+    from pipeline.speed.acceleration import SpeedOptions
 
     return SpeedOptions(
         attention_backend=settings.attention_backend,
@@ -115,7 +115,7 @@ def speed_options(settings: Settings) -> SpeedOptions:
 
 def lora_stack(settings: Settings) -> LoraStackOptions:
     """The configured LoRAs as files on disk; WeightsMissing naming the setting of one that is not there."""
-    from pipeline.lora import LoraStackOptions
+    from pipeline.lora.stack import LoraStackOptions
     from weights.locate import speed_lora_file, stack_files
 
     sources = lora_sources(settings)
@@ -165,7 +165,7 @@ def parallel_refusal(settings: Settings) -> str | None:
     import torch
 
     from pipeline.devices import pick_device
-    from pipeline.parallel import model_heads, parallel_refusal
+    from pipeline.parallel.group import model_heads, parallel_refusal
     from pipeline.presets import get_preset
 
     device = pick_device(settings.device)

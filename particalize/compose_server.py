@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from particalize.compose import fast_mode, limits
 from particalize.settings import Settings, parse_json_object
+from pipeline.resolve import Modes
 from server.app import create_app
 from server.auth import Authenticator, AuthOptions, load_api_keys
 from server.callbacks import CallbackOptions
@@ -21,7 +22,7 @@ from server.storage import Storage, StorageOptions
 from server.tool_info import ToolOptions
 
 if TYPE_CHECKING:
-    from server.supervisor import WorkerProcesses
+    from server.processes.supervisor import WorkerProcesses
     from server.worker_reports import WorkerReports
 
 
@@ -63,6 +64,7 @@ def auth_options(settings: Settings) -> AuthOptions:
 def request_limits(settings: Settings) -> RequestLimits:
     return RequestLimits(
         params=limits(settings),
+        modes=Modes(settings.mode, fast_mode(settings) if settings.speed_lora else None),
         max_body_bytes=settings.max_body_bytes,
         max_image_bytes=settings.max_image_bytes,
         fetch_timeout_seconds=settings.fetch_timeout_seconds,
@@ -102,7 +104,7 @@ def build_app(settings: Settings, *, services: Services | None = None) -> FastAP
 
     def start_workers(reports: WorkerReports) -> WorkerProcesses:
         from particalize.core_options import worker_process_options
-        from server.supervisor import WorkerProcesses
+        from server.processes.supervisor import WorkerProcesses
 
         return WorkerProcesses(worker_process_options(settings), reports=reports).start()
 

@@ -13,7 +13,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.acceleration import (
+from pipeline.devices import pick_device
+from pipeline.embeddings import EmbeddingCache
+from pipeline.errors import Interrupted, OutOfMemory
+from pipeline.fast import FAST, NORMAL, FastMode
+from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
+from pipeline.loader import load_base_pipeline
+from pipeline.lora.stack import LoraInfo, LoraStack, LoraStackOptions
+from pipeline.memory_check import check_memory
+from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
+from pipeline.params import GenerationParams, ResolvedParams, no_speed_lora, resolve_size
+from pipeline.presets import ModelPreset
+from pipeline.resolve import Modes, with_mode
+from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
+from pipeline.speed.acceleration import (
     WARMUP_REVERT_ORDER,
     Applied,
     SpeedOptions,
@@ -22,21 +35,9 @@ from pipeline.acceleration import (
     resolve_compile,
     revert,
 )
-from pipeline.devices import pick_device
-from pipeline.embeddings import EmbeddingCache
-from pipeline.errors import Interrupted, OutOfMemory
-from pipeline.fast import FAST, NORMAL, FastMode
-from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
-from pipeline.loaded_file import LoadedFile, loaded_file_of
-from pipeline.loader import load_base_pipeline
-from pipeline.lora import LoraInfo, LoraStack, LoraStackOptions
-from pipeline.memory_check import check_memory
-from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
-from pipeline.params import GenerationParams, no_speed_lora, resolve_size
-from pipeline.presets import ModelPreset
-from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
 from pipeline.video import write_mp4
-from pipeline.weight_files import WeightFiles
+from pipeline.weight_files.files import WeightFiles
+from pipeline.weight_files.loaded_file import LoadedFile, loaded_file_of
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class VideoGenerator:
         self.fast = options.fast
         self.device = pick_device(options.device)
         if speed.context_parallel != "none":
-            from pipeline.parallel import rank_device
+            from pipeline.speed.context_parallel import rank_device
 
             self.device = rank_device(self.device)
         offloaded = speed.memory_mode != "none"
@@ -234,19 +235,22 @@ class VideoGenerator:
     def size_multiple(self) -> int:
         return self.pipe.vae_scale_factor_spatial * self.pipe.transformer.config.patch_size[1]
 
-    def resolve(self, params: GenerationParams, image: Image.Image) -> GenerationParams:
-        """Fix seed, size and mode before running, so the recorded parameters are the ones used."""
-        mode = params.mode or self.mode
-        if mode == FAST:
-            if not self.lora_stack.has_speed:
-                raise no_speed_lora()
-            params = self.fast.apply(params)
-        else:
-            params = params.model_copy(update={"mode": NORMAL})
+    @property
+    def modes(self) -> Modes:
+        """The modes this generator runs: its default, and fast mode when a speed LoRA is loaded."""
+        return Modes(self.mode, self.fast if self.lora_stack.has_speed else None)
+
+    def resolve(self, params: GenerationParams, image: Image.Image) -> ResolvedParams:
+        """The one resolution for a caller without request limits (the CLI, a batch, the warm-up): mode, the size
+        the image implies within the preset's pixel budget, seed. Parameters already resolved (the server resolves
+        with its limits: pipeline.resolve) are returned as they are."""
+        if isinstance(params, ResolvedParams):
+            return params
+        params = with_mode(params, self.modes)
         width, height = resolve_size(
             image.size, params.width, params.height, self.preset.max_area, self.size_multiple
         )
-        return params.with_seed().model_copy(update={"width": width, "height": height})
+        return ResolvedParams.of(params.with_seed().model_copy(update={"width": width, "height": height}))
 
     def generate(
         self,
@@ -258,9 +262,13 @@ class VideoGenerator:
     ) -> Video:
         """Run one video. `should_stop` is checked after every step (it may do I/O); `interrupt` before every
         transformer block and VAE decoder call (it must be cheap, e.g. `threading.Event.is_set`). When either
-        says stop, the run raises Interrupted (a run stopped in its last step never starts the VAE decode)."""
-        params = self.resolve(params, image.convert("RGB"))
-        image = image.convert("RGB")
+        says stop, the run raises Interrupted (a run stopped in its last step never starts the VAE decode).
+        Resolved parameters run as they are; others are resolved here, once (`resolve`)."""
+        params = self.resolve(params, image)
+        if params.mode == FAST and not self.lora_stack.has_speed:  # resolved elsewhere, for a speed LoRA not here
+            raise no_speed_lora()
+        if image.mode != "RGB":  # decode_image gives RGB already: no second conversion
+            image = image.convert("RGB")
         with self._lock:
             started = time.perf_counter()
             fast = params.mode == FAST

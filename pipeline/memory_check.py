@@ -2,12 +2,12 @@
 is refused in seconds with what would fit, instead of allocating until the kernel kills the process.
 
 What a configuration needs: the bytes of each component's parameters in the dtype it is held in (computed on the
-meta device by pipeline.weight_memory, the rules the loaders hold weights by), placed where the speed options put
-them, plus the activations of one video at the preset's resolution (activation_bytes, from the model's own
+meta device by pipeline.weight_files.memory, the rules the loaders hold weights by), placed where the speed options
+put them, plus the activations of one video at the preset's resolution (activation_bytes, from the model's own
 shape). What the device has: free CUDA memory (torch.cuda.mem_get_info) on a GPU; available RAM (psutil, else
 /proc/meminfo MemAvailable) for what is held in RAM (the CPU device, offloaded weights, a text encoder on the CPU).
 
-Placement, as pipeline.loader and pipeline.acceleration do it on CUDA: with no offload the loader places the whole
+Placement, as pipeline.loader and pipeline.speed.acceleration do it on CUDA: with no offload the loader places the whole
 pipeline on the GPU first (float8 quantizes, and the text encoder moves to the CPU, afterwards), so the need is the
 larger of that load and the run. model_cpu_offload holds one model at a time on the GPU, group_offload (leaf level)
 keeps only the VAE and the image encoder there, sequential_cpu_offload about nothing but the activations; with any
@@ -29,8 +29,8 @@ import torch
 from pipeline.devices import serving_dtype_for
 from pipeline.errors import NotEnoughMemory
 from pipeline.presets import ModelPreset
-from pipeline.weight_files import WeightFiles
-from pipeline.weight_memory import GIB, HEADROOM_480P_GIB, LABELS, TRANSFORMER_FORMATS
+from pipeline.weight_files.files import WeightFiles
+from pipeline.weight_files.memory import GIB, HEADROOM_480P_GIB, LABELS, TRANSFORMER_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Sizes:
     def __init__(self, preset: ModelPreset, weights_dir: Path, compute_dtype: torch.dtype,
                  files: WeightFiles | None = None) -> None:
         from pipeline.loader import preset_dir
-        from pipeline.weight_files import (
+        from pipeline.weight_files.files import (
             directory_component_config,
             directory_text_encoder_config,
             directory_transformer_config,
@@ -183,7 +183,7 @@ class Sizes:
 
     def transformer(self, fmt: str) -> int:
         if fmt not in self._transformer:
-            from pipeline.weight_memory import transformer_bytes_by_format
+            from pipeline.weight_files.memory import transformer_bytes_by_format
 
             missing = tuple(f for f in TRANSFORMER_FORMATS if f not in self._transformer)
             self._transformer.update(transformer_bytes_by_format(self.transformer_config, self.compute_dtype,
@@ -192,14 +192,14 @@ class Sizes:
 
     def text_encoder(self, fmt: str) -> int:
         if fmt not in self._text_encoder:
-            from pipeline.weight_memory import text_encoder_bytes
+            from pipeline.weight_files.memory import text_encoder_bytes
 
             self._text_encoder[fmt] = text_encoder_bytes(fmt, self.text_encoder_config, self.compute_dtype)
         return self._text_encoder[fmt]
 
     def clip_and_vae(self) -> int:
         if self._other is None:
-            from pipeline.weight_memory import clip_and_vae_bytes
+            from pipeline.weight_files.memory import clip_and_vae_bytes
 
             self._other = clip_and_vae_bytes(self.image_encoder_config, self.vae_config)
         return self._other
@@ -270,7 +270,7 @@ def free_device(device: torch.device) -> int:
 
 
 def float8_available(device: torch.device) -> bool:
-    """torchao float8 can be applied here (pipeline.acceleration.apply_float8's own conditions)."""
+    """torchao float8 can be applied here (pipeline.speed.acceleration.apply_float8's own conditions)."""
     return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
             and importlib.util.find_spec("torchao") is not None)
 
@@ -361,7 +361,7 @@ def judge(base: Setup, sizes: Sizes, activations: tuple[int, str], device_free: 
 
 def transformer_file_format(path: Path) -> str:
     """The weight_memory format a transformer file is held in, read from its header (no tensor data read)."""
-    from pipeline.weight_file_summary import file_format
+    from pipeline.weight_files.summary import file_format
 
     fmt = file_format(path)
     return fmt if fmt in TRANSFORMER_FORMATS else "gguf_Q8_0"  # another GGUF type: sized as Q8_0 (estimate)

@@ -173,6 +173,23 @@ class GenerationParams(BaseModel):
         return self.model_dump(by_alias=True)
 
 
+class ResolvedParams(GenerationParams):
+    """One video's parameters as it runs, resolved once when its image is known (pipeline.resolve): the size set,
+    the seed fixed, the mode chosen and fast mode's schedule applied. The generator runs them as they are, so what a
+    task records is what ran."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResolvedParams:
+        if not (self.width and self.height) or self.seed is None or self.mode is None:
+            raise ValueError("resolved parameters have a width, a height, a seed and a mode")
+        return self
+
+    @classmethod
+    def of(cls, params: GenerationParams) -> ResolvedParams:
+        """`params` (size, seed and mode already fixed) as the resolved value."""
+        return cls.model_validate(params.model_dump())
+
+
 _WIRO_NAME = {
     name: (field.alias or name) for name, field in GenerationParams.model_fields.items()
 }

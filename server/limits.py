@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.params import Limits
+from pipeline.resolve import Modes
 
 
 @dataclass(frozen=True)
@@ -13,6 +14,8 @@ class RequestLimits:
 
     params: Limits = field(default_factory=Limits)
     """The tool inputs' limits (frames, steps, size, work, fast mode)."""
+    modes: Modes = field(default_factory=Modes)
+    """The workers' modes (default, fast mode's schedule): a Run whose image came with it is resolved with them."""
     max_body_bytes: int = 25 * 1024 * 1024
     max_image_bytes: int = 20 * 1024 * 1024
     fetch_timeout_seconds: float = 20.0

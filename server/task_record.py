@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.params import GenerationParams
+from pipeline.params import GenerationParams, ResolvedParams
 from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD
 
 
@@ -44,6 +44,9 @@ class TaskRecord(BaseModel):
     image: ImageSource
     callback_url: str = ""
     owner: str | None = None
+    resolved: ResolvedParams | None = None
+    """The parameters as they will run, resolved at Run when the image came with the request (pipeline.resolve);
+    None: the worker resolves them once it has fetched the image. Shown in `parameters` once the worker starts."""
 
     def wiro_parameters(self, used: GenerationParams | None = None) -> dict[str, str]:
         """The recorded parameters: the inputs as sent, the default (and the chosen seed) of each one left out,

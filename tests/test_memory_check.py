@@ -28,7 +28,7 @@ from pipeline.memory_check import (
 from pipeline.presets import get_preset
 from pipeline.random_weights import WAN_I2V_14B_TRANSFORMER
 from pipeline.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_pipeline
-from pipeline.weight_memory import GIB, HEADROOM_480P_GIB, text_encoder_bytes
+from pipeline.weight_files.memory import GIB, HEADROOM_480P_GIB, text_encoder_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,7 +236,7 @@ def test_generate_refuses_the_real_preset_in_seconds_without_a_traceback(tmp_pat
 def test_a_transformer_file_is_counted_in_its_format(monkeypatch, tmp_path: Path):
     from safetensors.torch import save_file
 
-    from pipeline.weight_files import WeightFiles
+    from pipeline.weight_files.files import WeightFiles
 
     save_file({"blocks.0.attn1.to_q.weight": torch.zeros(16, 16).to(torch.float8_e4m3fn)}, tmp_path / "t.safetensors")
     monkeypatch.setattr("pipeline.memory_check.free_ram", lambda: gib(22))

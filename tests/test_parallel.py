@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from benchmarks.harness import ServeProcess
-from pipeline.parallel import parallel_refusal
+from pipeline.parallel.group import parallel_refusal
 from pipeline.params import GenerationParams
 from pipeline.video import read_mp4
 from server.store.models import TERMINAL
@@ -46,8 +46,8 @@ def _rank(rank: int, init_method: str, out: str, stop_after: int | None, fail_at
     step it finished."""
     from pipeline.errors import Interrupted
     from pipeline.generator import GeneratorOptions, VideoGenerator
-    from pipeline.parallel import ParallelSetup, init_group
-    from pipeline.parallel_run import LeaderGenerator, control_group, run_request
+    from pipeline.parallel.group import ParallelSetup, init_group
+    from pipeline.parallel.run import LeaderGenerator, control_group, run_request
     from pipeline.presets import get_preset
 
     torch.set_num_threads(1)
@@ -83,7 +83,7 @@ def _rank(rank: int, init_method: str, out: str, stop_after: int | None, fail_at
 
 
 def _cp_speed():
-    from pipeline.acceleration import SpeedOptions
+    from pipeline.speed.acceleration import SpeedOptions
 
     return SpeedOptions(context_parallel="ulysses")
 
@@ -122,7 +122,7 @@ def test_an_error_on_rank_0_mid_run_ends_the_run_on_every_rank(tmp_path: Path) -
 
 
 def test_a_broken_group_is_told_in_words_naming_the_rank_whose_process_ended() -> None:
-    from pipeline.parallel_run import broken_group_message, dead_ranks
+    from pipeline.parallel.run import broken_group_message, dead_ranks
 
     ended = subprocess.Popen(["true"])
     ended.wait()
@@ -187,7 +187,7 @@ CP_ENV = {"PARTICALIZE_CONTEXT_PARALLEL": "ulysses", "PARTICALIZE_PARALLEL_DEGRE
 
 
 def test_a_worker_refuses_an_impossible_degree_with_the_code_that_is_not_restarted(tmp_path: Path) -> None:
-    from server.worker import EXIT_LOAD_FAILED
+    from server.processes.exit_codes import EXIT_LOAD_FAILED
 
     done = particalize("worker", "--model", "tiny", "--data-dir", str(tmp_path / "data"),
                        env={**CP_ENV, "PARTICALIZE_PARALLEL_DEGREE": "4"})

@@ -27,10 +27,10 @@ from typing import Literal
 import torch
 from diffusers import WanImageToVideoPipeline
 
-from pipeline import fa4
-from pipeline.compile_cache import CompileCache, cache_key
-from pipeline.guidance import BatchedGuidanceHook, disable_batched_guidance, enable_batched_guidance
-from pipeline.quantized_layers import is_quantized_linear, quantized_layers
+from pipeline.speed import fa4
+from pipeline.speed.compile_cache import CompileCache, cache_key
+from pipeline.speed.guidance import BatchedGuidanceHook, disable_batched_guidance, enable_batched_guidance
+from pipeline.weight_files.quantized_layers import is_quantized_linear, quantized_layers
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: tor
     if requested == "auto":
         candidates = list(AUTO_CUDA_BACKENDS) if device.type == "cuda" else ["native"]
         if context_parallel != "none" and device.type == "cuda":  # diffusers refuses FA4 and FA3 there
-            from pipeline.parallel import AUTO_CP_BACKENDS
+            from pipeline.speed.context_parallel import AUTO_CP_BACKENDS
 
             candidates = list(AUTO_CP_BACKENDS[context_parallel])
             applied.note(f"attention auto under context parallelism ({context_parallel}): trying "
@@ -204,7 +204,7 @@ def float8_unsupported(device: torch.device) -> str | None:
 def apply_float8(
     pipe: WanImageToVideoPipeline, device: torch.device, applied: Applied, keep: Collection[str] = ()
 ) -> None:
-    """`keep`: parameters an unfused LoRA switches by a full difference (pipeline.lora_diffs rewrites them in
+    """`keep`: parameters an unfused LoRA switches by a full difference (pipeline.lora.diffs rewrites them in
     place per request): their Linear layers stay in bf16, since a float8 weight cannot take that copy.
 
     Guarded twice: a copy of the first layer is quantized and run first (torchao's config, its hardware check and
@@ -495,7 +495,7 @@ def apply_speed_options(
     if options.vae_tiling:
         guarded(applied, "VAE tiling", lambda: _tile_vae(pipe, applied), lambda: untile_vae(pipe, applied))
     if options.context_parallel != "none":
-        from pipeline.parallel import enable_context_parallel
+        from pipeline.speed.context_parallel import enable_context_parallel
 
         degree = enable_context_parallel(pipe, options.context_parallel, device)
         applied.note(f"context parallelism: {options.context_parallel} over {degree} processes")

@@ -64,12 +64,12 @@ def load_weight_files(files: WeightFiles, transformer_config: dict[str, Any], te
     """The components the files replace, by pipeline component name."""
     loaded: dict[str, torch.nn.Module] = {}
     if files.transformer is not None:
-        from pipeline.transformer_file import load_transformer_file
+        from pipeline.weight_files.transformer_file import load_transformer_file
 
         with _naming(files.transformer, "transformer"):
             loaded["transformer"] = load_transformer_file(Path(files.transformer), transformer_config, compute_dtype)
     if files.text_encoder is not None:
-        from pipeline.text_encoder_file import load_text_encoder_file
+        from pipeline.weight_files.text_encoder_file import load_text_encoder_file
 
         with _naming(files.text_encoder, "text encoder"):
             loaded["text_encoder"] = load_text_encoder_file(Path(files.text_encoder), text_encoder_config,

@@ -1,15 +1,15 @@
 """LoRAs on the transformer: every key of a file applied or the file refused; several at once; a switchable speed LoRA.
 
-Which path each kind of key takes (the plan is made from the file's own keys, see pipeline/lora_keys.py):
+Which path each kind of key takes (the plan is made from the file's own keys, see pipeline/lora/keys.py):
 
 - LoRA pairs on Linear layers (attention q/k/v/o, k_img/v_img, FFN, embedders, head), with or without alpha:
   diffusers/PEFT, one adapter per file; the keys are handed over in diffusers names, alpha / rank folded into lora_B.
 - `diff` (norms, patch embedding, img_emb, any weight), `diff_b` (biases), `diff_m` (modulation tables), PEFT
-  `lora_B.bias`, and pairs on layers that are not Linear: pipeline/lora_diffs.py, switched with the same strengths.
+  `lora_B.bias`, and pairs on layers that are not Linear: pipeline/lora/diffs.py, switched with the same strengths.
 
-On a quantized base (float8 or GGUF transformer files, pipeline/quantized_layers.py) pairs stay unfused adapters
-in the compute dtype on top of the quantized layers (exact); a full difference on a quantized weight makes that one
-layer a plain Linear holding its dequantized weight (exact); fusing into quantized weights is refused
+On a quantized base (float8 or GGUF transformer files, pipeline/weight_files/quantized_layers.py) pairs stay unfused
+adapters in the compute dtype on top of the quantized layers (exact); a full difference on a quantized weight makes
+that one layer a plain Linear holding its dequantized weight (exact); fusing into quantized weights is refused
 (LoraFuseRefused): it would round the LoRA's change away, or is not possible for GGUF blocks.
 
 After diffusers has loaded a file, each pair is looked up again in the layer it wraps (the adapter's lora_A and
@@ -30,9 +30,9 @@ import torch
 from diffusers import WanImageToVideoPipeline
 
 from pipeline.errors import LoraFuseRefused, LoraMismatch, WeightsMissing
-from pipeline.lora_diffs import WeightDiffs
-from pipeline.lora_keys import LoraPlan, ModelParts, plan_lora
-from pipeline.quantized_layers import quantized_layers, unquantize
+from pipeline.lora.diffs import WeightDiffs
+from pipeline.lora.keys import LoraPlan, ModelParts, plan_lora
+from pipeline.weight_files.quantized_layers import quantized_layers, unquantize
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Rank 0 holds a `LeaderGenerator`: the warm generator's interface (what the worke
 `generate` first broadcasts the request (the resolved parameters and the image) to the follower ranks over a gloo
 control group, then runs its own part. Follower ranks sit in `follow`: receive a request, run the same generate,
 drop the output (every rank decodes; only rank 0's video is used). Stops are collective: the ranks reduce their stop
-flags once per step (pipeline.parallel.agree_stop), so every rank raises Interrupted at the same step; the
+flags once per step (pipeline.parallel.group.agree_stop), so every rank raises Interrupted at the same step; the
 per-block check of a single process is not used (a rank leaving mid-step would leave the others in a collective).
 After each run the ranks gather how it ended, so an error on any rank ends the run on every rank; a collective that
 fails (a rank died, or one did not answer within the group's timeout) means the group is broken: the run fails
@@ -18,13 +18,19 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from PIL import Image
 
 from pipeline.errors import Interrupted
 from pipeline.generator import ProgressFn, StopFn, Video, VideoGenerator
-from pipeline.parallel import agree_stop
-from pipeline.params import GenerationParams
+from pipeline.interrupt import InterruptPoints
+from pipeline.lora.stack import LoraInfo
+from pipeline.parallel.group import agree_stop
+from pipeline.params import GenerationParams, ResolvedParams
+from pipeline.resolve import Modes
+from pipeline.speed.acceleration import Applied
+from pipeline.weight_files.loaded_file import LoadedFile
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +143,8 @@ def run_request(generator: VideoGenerator, params: GenerationParams, image: Imag
 
 
 class LeaderGenerator:
-    """Rank 0's generator: broadcasts each request to the followers, then runs its own part. Every other attribute
-    is the warm generator's (resolve, device, loras, applied, ...)."""
+    """Rank 0's generator: broadcasts each request to the followers, then runs its own part. What a caller reads of
+    the warm model (the worker's Generator protocol) is the inner generator's, named one by one below."""
 
     def __init__(self, inner: VideoGenerator, control: Any, on_broken: Callable[[], None] | None = None) -> None:
         self.inner = inner
@@ -146,18 +152,53 @@ class LeaderGenerator:
         self.on_broken = on_broken
         self.broken: str | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def load_seconds(self) -> float:
+        return self.inner.load_seconds
+
+    @property
+    def random_weights(self) -> bool:
+        return self.inner.random_weights
+
+    @property
+    def loras(self) -> list[LoraInfo]:
+        return self.inner.loras
+
+    @property
+    def loaded_files(self) -> list[LoadedFile]:
+        return self.inner.loaded_files
+
+    @property
+    def degraded(self) -> list[str]:
+        return self.inner.degraded
+
+    @property
+    def interrupt_points(self) -> InterruptPoints:
+        return self.inner.interrupt_points
+
+    @property
+    def modes(self) -> Modes:
+        return self.inner.modes
+
+    @property
+    def applied(self) -> Applied:
+        return self.inner.applied
+
+    def resolve(self, params: GenerationParams, image: Image.Image) -> ResolvedParams:
+        return self.inner.resolve(params, image)
 
     def generate(self, params: GenerationParams, image: Image.Image, progress: ProgressFn | None = None,
                  should_stop: StopFn | None = None, interrupt: Callable[[], bool] | None = None) -> Video:
         """As VideoGenerator.generate; `interrupt` is read once per step with `should_stop` (not per block)."""
         if self.broken:
             raise ParallelGroupBroken(self.broken)
-        image = image.convert("RGB")
-        params = self.inner.resolve(params, image)  # the seed is fixed here, so every rank uses the same one
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        params = self.inner.resolve(params, image)  # as is when resolved; the seed is fixed, every rank uses it
 
         # An error in rank 0's own callbacks (a store write) must not leave it alone mid-step: it becomes a stop,
         # agreed at this step's end by every rank, and is raised here once the run has ended everywhere.

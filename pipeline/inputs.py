@@ -119,9 +119,16 @@ def _tool_input(name: str, field: FieldInfo, context: dict[str, Any]) -> ToolInp
         step=_resolved(extra.get("step", 1 if kind == "number" else FLOAT_STEP), context) if numeric else None,
         max_length=_bound(field.metadata, "max_length") if kind == "textarea" else None,
         note=extra["note"].format(**context) if "note" in extra else None,
-        choices=choices,
+        choices=tuple(c for c in choices if _offered(extra.get("choice_needs", {}).get(c), context)),
         advanced=bool(extra.get("advanced")),
     )
+
+
+def _offered(needs: str | list[str] | None, context: dict[str, Any]) -> bool:
+    """No `needs`: always; a `Limits` flag: when set; a list of flags: when any is set."""
+    if needs is None:
+        return True
+    return any(context.get(flag) for flag in ([needs] if isinstance(needs, str) else needs))
 
 
 def tool_inputs(limits: Limits | None = None, fast: FastMode | None = None,
@@ -129,4 +136,4 @@ def tool_inputs(limits: Limits | None = None, fast: FastMode | None = None,
     """Every input this server offers (an advanced one only when the `Limits` flag it needs is set), in order."""
     context = _context(limits or Limits(), fast or FastMode(), default_mode)
     return [_tool_input(name, field, context) for name, field in GenerationParams.model_fields.items()
-            if context.get(_extra(name).get("needs"), True)]  # no `needs`: always offered
+            if _offered(_extra(name).get("needs"), context)]

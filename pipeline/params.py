@@ -46,6 +46,8 @@ class Limits:
     """The model's pixel budget (the resolution it was trained at), aimed for when width and height are 0."""
     fast_mode: bool = False
     """A speed LoRA is configured: requests may ask for mode "fast"."""
+    cached_mode: bool = False
+    """The MagCache step cache is configured: requests may ask for mode "cached"."""
 
 
 def _numeric(value: Any, *, integer: bool) -> Any:
@@ -76,7 +78,10 @@ SIDE_HELP = "0: from the input image's aspect ratio; else a multiple of {size_mu
 MODE_HELP = (
     "fast: the step-distilled speed LoRA with {fast_steps} steps, guidance scale {fast_scale:g} and flow shift "
     "{fast_flow_shift:g} (steps, scale and flowShift sent are not used; {fast_forwards} transformer forwards instead "
-    "of 2 x steps). normal: steps, scale and flowShift as sent. Empty: this server's default."
+    "of 2 x steps). cached: steps, scale and flowShift as sent, with calibrated step skipping (MagCache): the "
+    "transformer runs only on the steps the model's calibration marks (11 of 30 with the published 480P one), the "
+    "others reuse its last output change; approximate, the task's debugoutput lists the steps computed. normal: "
+    "steps, scale and flowShift as sent, every step computed. Empty: this server's default."
 )
 
 
@@ -113,11 +118,13 @@ class GenerationParams(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, title="seed",
                              description="empty or -1: random; the seed used is recorded in the task",
                              json_schema_extra={"min": -1})
-    mode: Literal["normal", "fast"] | None = Field(
+    mode: Literal["normal", "cached", "fast"] | None = Field(
         None, title="mode", description=MODE_HELP,
-        json_schema_extra={"advanced": True, "needs": "fast_mode", "default": "{default_mode}"},
+        json_schema_extra={"advanced": True, "needs": ["fast_mode", "cached_mode"], "default": "{default_mode}",
+                           "choice_needs": {"fast": "fast_mode", "cached": "cached_mode"}},
     )
-    """None: the server's mode. fast: the step-distilled speed LoRA with its own steps, scale and shift."""
+    """None: the server's mode. fast: the step-distilled speed LoRA with its own steps, scale and shift. cached:
+    MagCache step skipping (pipeline.step_cache_mag)."""
 
     @field_validator("fps", "width", "height", "num_frames", "steps", mode="before")
     @classmethod
@@ -260,10 +267,20 @@ def no_speed_lora() -> InvalidParameter:
     )
 
 
+def no_step_cache(why: str = "") -> InvalidParameter:
+    """The answer to a cached-mode request on a server without the MagCache step cache (at Run and in the worker)."""
+    return InvalidParameter(
+        "mode", "must not be 'cached' on this server (cached mode needs the MagCache step cache: "
+        f"PARTICALIZE_STEP_CACHE=mag){why}, got 'cached'."
+    )
+
+
 def check_limits(params: GenerationParams, limits: Limits) -> None:
     """This server's limits, in parse_params' voice."""
     if params.mode == "fast" and not limits.fast_mode:
         raise no_speed_lora()
+    if params.mode == "cached" and not limits.cached_mode:
+        raise no_step_cache()
     if params.num_frames > limits.max_num_frames:
         raise InvalidParameter("numFrames", f"must be at most {limits.max_num_frames}, got {params.num_frames}.")
     if params.steps > limits.max_steps:

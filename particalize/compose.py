@@ -37,6 +37,7 @@ def limits(settings: Settings) -> Limits:
         max_work=settings.max_work,
         max_area=model_max_area(settings.model, settings.model_max_area),
         fast_mode=bool(settings.speed_lora),
+        cached_mode=settings.step_cache == "mag",
     )
 
 
@@ -91,6 +92,7 @@ def weight_files(settings: Settings) -> WeightFiles:
 
 def speed_options(settings: Settings) -> SpeedOptions:
     from pipeline.acceleration import SpeedOptions
+    from pipeline.step_cache_mag import MagSettings
 
     return SpeedOptions(
         attention_backend=settings.attention_backend,
@@ -101,6 +103,8 @@ def speed_options(settings: Settings) -> SpeedOptions:
         step_cache=settings.step_cache,
         step_cache_threshold=settings.step_cache_threshold,
         step_cache_interval=settings.step_cache_interval,
+        mag=MagSettings(threshold=settings.mag_threshold, max_skip_steps=settings.mag_max_skip_steps,
+                        retention_ratio=settings.mag_retention_ratio, calibration=settings.mag_calibration),
         memory_mode=settings.memory_mode,
         vae_tiling=settings.vae_tiling,
         float8=settings.float8,

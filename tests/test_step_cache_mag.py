@@ -1,0 +1,205 @@
+"""MagCache step skipping (pipeline/step_cache_mag.py): the shipped calibration, the schedules it gives, and frames
+bit-equal to a plain diffusers pipeline with diffusers' own MagCacheConfig, on the tiny CPU model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.acceleration import SpeedOptions
+from pipeline.errors import Interrupted, InvalidParameter
+from pipeline.generator import GeneratorOptions, VideoGenerator
+from pipeline.params import GenerationParams, Limits, check_limits
+from pipeline.presets import get_preset
+from pipeline.step_cache_mag import (
+    CALIBRATION_NAME,
+    MagCacheUnavailable,
+    MagCalibration,
+    MagSettings,
+    StepSchedule,
+    find_calibration,
+    planned_schedule,
+    ranges,
+    refusal,
+    shipped_calibration,
+)
+from tests.images import noise_image
+
+PUBLISHED = shipped_calibration("wan2.1-i2v-14b-480p")
+IMAGE = noise_image(32, 32)
+PARAMS = GenerationParams(width=32, height=32, numFrames=5, steps=30, seed=7, prompt="crystal shards",
+                          mode="cached")
+# Worked out by hand from diffusers' MagCacheHeadHook rule and LightX2V's ratios (the issue's arithmetic): with
+# threshold 0.24, K 6, retention 0.2, both passes compute these steps.
+AT_30 = (0, 1, 2, 3, 4, 5, 12, 18, 23, 26, 29)
+AT_40 = (0, 1, 2, 3, 4, 5, 6, 7, 14, 20, 25, 30, 34, 37, 39)
+AT_30_THRESHOLD_006 = (0, 1, 2, 3, 4, 5, 9, 12, 15, 18, 20, 22, 24, 26, 27, 28, 29)
+
+
+def published() -> MagCalibration:
+    assert PUBLISHED is not None
+    return MagCalibration.load(PUBLISHED)
+
+
+def make(tmp: Path, settings: MagSettings | None = None, **speed) -> VideoGenerator:
+    mag = settings or MagSettings(calibration=PUBLISHED)
+    return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, speed=SpeedOptions(step_cache="mag", mag=mag,
+                                                                                       **speed)))
+
+
+def plain_pipeline_frames(gen: VideoGenerator, params: GenerationParams, config: object | None) -> np.ndarray:
+    """A fresh tiny diffusers pipeline called directly (no project code in its run), with `config` as its cache."""
+    from pipeline.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    if config is not None:
+        pipe.transformer.enable_cache(config)
+    return pipe(image=IMAGE, prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height,
+                width=params.width, num_frames=params.num_frames, num_inference_steps=params.steps,
+                guidance_scale=params.scale, generator=torch.Generator("cpu").manual_seed(params.seed),
+                output_type="np", max_sequence_length=gen.max_sequence_length).frames[0]
+
+
+def test_the_published_480p_calibration_ships_with_its_source_and_one_list_per_guidance_pass():
+    calibration = published()
+    assert set(calibration.ratios) == {"cond", "uncond"} and calibration.steps == 40
+    assert len(calibration.ratios["uncond"]) == 40
+    assert "ModelTC/LightX2V" in calibration.source and "wan_i2v_mag_480p.json" in calibration.source
+    assert calibration.ratios["cond"][:3] == (1.0, 0.98783, 0.97559)  # LightX2V's magcache_ratios[0]
+    assert calibration.ratios["uncond"][:3] == (1.0, 0.98993, 0.97593)  # and [1]
+    assert dict(calibration.published_settings) == {"threshold": 0.24, "max_skip_steps": 6, "retention_ratio": 0.2}
+    assert MagSettings() == MagSettings(threshold=0.24, max_skip_steps=6, retention_ratio=0.2)
+    assert shipped_calibration("wan2.1-i2v-14b-720p") is None  # none published: never 480P's in its place
+
+
+@pytest.mark.parametrize(("steps", "threshold", "expected"), [(30, 0.24, AT_30), (40, 0.24, AT_40),
+                                                              (30, 0.06, AT_30_THRESHOLD_006)])
+def test_the_published_calibration_computes_11_of_30_and_15_of_40_steps(steps, threshold, expected):
+    schedule = planned_schedule(published(), steps, MagSettings(threshold=threshold))
+    assert schedule.computed == {"cond": expected, "uncond": expected}
+    assert schedule.forwards == 2 * len(expected)
+
+
+def test_cached_frames_are_bit_equal_to_a_plain_diffusers_pipeline_with_magcacheconfig(tmp_path):
+    """Same ratios (the conditional list, which at 30 steps gives the unconditional list's schedule), same settings:
+    diffusers' own hook on a plain pipeline and the project's warm generator make the same frames, bit for bit. The
+    hooks' decisions are the planned schedule; an exact run through the same hooks is the uncached pipeline's."""
+    from diffusers import MagCacheConfig
+
+    gen = make(tmp_path)
+    video = gen.generate(PARAMS, IMAGE)
+    assert video.params.mode == "cached"
+    assert video.schedule is not None and video.schedule.computed == {"cond": AT_30, "uncond": AT_30}
+    assert video.schedule == planned_schedule(published(), 30, MagSettings())
+    assert "MagCache computed 11 of 30 steps (0-5, 12, 18, 23, 26, 29), skipped 19" in video.notes[-1]
+    config = MagCacheConfig(threshold=0.24, max_skip_steps=6, retention_ratio=0.2, num_inference_steps=30,
+                            mag_ratios=list(published().ratios["cond"]))
+    np.testing.assert_array_equal(video.frames, plain_pipeline_frames(gen, PARAMS, config))
+
+    exact = gen.generate(PARAMS.model_copy(update={"mode": "normal"}), IMAGE)
+    assert exact.schedule is None and gen.applied.mag.schedule().computed == {"cond": tuple(range(30)),
+                                                                              "uncond": tuple(range(30))}
+    np.testing.assert_array_equal(exact.frames, plain_pipeline_frames(gen, PARAMS, None))
+    assert np.abs(exact.frames - video.frames).max() > 0  # skipping really changed something
+
+
+def test_the_hooks_decide_the_planned_schedule_at_40_steps_and_at_another_threshold(tmp_path):
+    small = PARAMS.model_copy(update={"numFrames": 1, "width": 16, "height": 16})
+    gen = make(tmp_path)
+    assert gen.generate(small.model_copy(update={"steps": 40}), IMAGE).schedule.computed["cond"] == AT_40
+    lower = make(tmp_path, MagSettings(threshold=0.06, calibration=PUBLISHED))
+    assert lower.generate(small, IMAGE).schedule.computed == {"cond": AT_30_THRESHOLD_006,
+                                                              "uncond": AT_30_THRESHOLD_006}
+
+
+def test_each_guidance_pass_decides_with_its_own_ratios(tmp_path):
+    """A calibration whose unconditional curve is flat (ratio 1: nothing changes) skips that pass as often as K
+    allows, while the conditional pass keeps the published schedule: each pass reads its own list."""
+    flat = MagCalibration(ratios={"cond": published().ratios["cond"], "uncond": (1.0,) * 40}, source="test")
+    path = flat.save(tmp_path / "flat.json")
+    gen = make(tmp_path, MagSettings(calibration=path))
+    small = PARAMS.model_copy(update={"numFrames": 1, "width": 16, "height": 16})
+    schedule = gen.generate(small, IMAGE).schedule
+    assert schedule.computed["cond"] == AT_30
+    assert schedule.computed["uncond"] == (0, 1, 2, 3, 4, 5, 12, 19, 26)  # 6 retained, then K = 6 skipped, 1 computed
+    assert schedule == planned_schedule(flat, 30, MagSettings())
+    assert "cond: computed 11 of 30" in schedule.describe() and "uncond: computed 9 of 30" in schedule.describe()
+
+
+def test_no_guidance_runs_the_conditional_pass_alone(tmp_path):
+    gen = make(tmp_path)
+    small = PARAMS.model_copy(update={"numFrames": 1, "width": 16, "height": 16, "scale": 1.0})
+    assert gen.generate(small, IMAGE).schedule.computed == {"cond": AT_30}
+
+
+def test_an_interrupted_cached_run_leaves_no_state_for_the_next(tmp_path):
+    small = PARAMS.model_copy(update={"numFrames": 1, "width": 16, "height": 16, "steps": 12})
+    gen = make(tmp_path)
+    first = gen.generate(small, IMAGE).frames
+    with pytest.raises(Interrupted):
+        gen.generate(small, IMAGE, should_stop=lambda: True)  # stops after step 1, hooks half way
+    np.testing.assert_array_equal(gen.generate(small, IMAGE).frames, first)
+
+
+def test_a_calibration_next_to_the_weights_wins_over_the_shipped_one_and_a_missing_one_is_refused(tmp_path):
+    assert find_calibration("wan2.1-i2v-14b-480p", tmp_path / "480p", MagSettings()).source == published().source
+    own = MagCalibration(ratios={"cond": (1.0, 0.9), "uncond": (1.0, 0.8)}, source="particalize calibrate")
+    own.save(tmp_path / "480p" / CALIBRATION_NAME)
+    assert find_calibration("wan2.1-i2v-14b-480p", tmp_path / "480p", MagSettings()) == own
+    with pytest.raises(MagCacheUnavailable, match="particalize calibrate --model wan2.1-i2v-14b-720p"):
+        find_calibration("wan2.1-i2v-14b-720p", tmp_path / "720p", MagSettings())
+    with pytest.raises(MagCacheUnavailable, match="is not a file"):
+        find_calibration("wan2.1-i2v-14b-480p", tmp_path, MagSettings(calibration=tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text(json.dumps({"ratios": {"cond": [1.0], "uncond": [1.0, 0.9]}}))
+    with pytest.raises(MagCacheUnavailable, match="same length"):
+        MagCalibration.load(tmp_path / "bad.json")
+
+
+def test_the_720p_preset_without_a_calibration_is_refused_at_start_saying_how_to_calibrate(tmp_path):
+    options = GeneratorOptions(get_preset("wan2.1-i2v-14b-720p"), tmp_path, speed=SpeedOptions(step_cache="mag"))
+    with pytest.raises(MagCacheUnavailable, match="none ships with Particalize for it.*particalize calibrate"):
+        VideoGenerator(options)  # before any weights are looked for (there are none here)
+
+
+def test_cached_mode_is_refused_without_the_step_cache(tmp_path):
+    with pytest.raises(InvalidParameter, match=r"\[mode\].*PARTICALIZE_STEP_CACHE=mag"):
+        check_limits(PARAMS, Limits())
+    check_limits(PARAMS, Limits(cached_mode=True))
+    plain = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path))
+    with pytest.raises(InvalidParameter, match="cached"):
+        plain.resolve(PARAMS, IMAGE)
+    with pytest.raises(MagCacheUnavailable, match="--step-cache mag"):
+        VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path, mode="cached"))
+
+
+def test_context_parallelism_is_refused_with_the_reason():
+    assert refusal("none") is None
+    assert "first transformer block" in refusal("ulysses")
+
+
+def test_a_step_cache_that_fails_to_install_falls_back_leaving_no_hook_and_cached_requests_refused(tmp_path,
+                                                                                                  monkeypatch):
+    from pipeline import step_cache_mag
+
+    def broken(self: object) -> None:
+        raise TypeError("a renamed hook")
+
+    monkeypatch.setattr(step_cache_mag.MagStepCache, "_install_own_hooks", broken)
+    gen = make(tmp_path)
+    assert gen.applied.mag is None and gen.applied.step_cache == "none"
+    assert any("step cache mag" in f and "a renamed hook" in f for f in gen.applied.fallbacks)
+    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks
+                   for m in gen.pipe.transformer.modules())
+    with pytest.raises(InvalidParameter, match="fell back"):
+        gen.resolve(PARAMS, IMAGE)
+
+
+def test_ranges_and_the_schedule_line():
+    assert ranges([0, 1, 2, 3, 7, 9, 10]) == "0-3, 7, 9-10"
+    line = StepSchedule(4, {"cond": (0, 1, 3), "uncond": (0, 1, 3)}).describe()
+    assert line == "MagCache computed 3 of 4 steps (0-1, 3), skipped 1 (2)"

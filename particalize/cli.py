@@ -144,7 +144,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         video = generator.render(params, image, args.out, progress=progress)
     finally:
         bar.close()
-    print(json.dumps({"output": str(args.out), "parameters": video.params.wiro_inputs(),
+    recorded = video.schedule.record() if video.schedule is not None else {}  # cached mode: steps computed/skipped
+    print(json.dumps({"output": str(args.out), "parameters": {**video.params.wiro_inputs(), **recorded},
                       "timings": {k: round(v, 3) for k, v in video.timings.items()}}, indent=2))
     return 0
 

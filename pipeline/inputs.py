@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic.fields import FieldInfo
 
 from pipeline.fast import NORMAL, FastMode
-from pipeline.params import GenerationParams, Limits
+from pipeline.params import CACHED_MODE_HELP, FAST_MODE_HELP, GenerationParams, Limits
 
 Kind = Literal["textarea", "number", "float", "select"]
 FLOAT_STEP = 0.1
@@ -89,8 +89,11 @@ def _plain(value: Any) -> Any:
 
 def _context(limits: Limits, fast: FastMode, default_mode: str) -> dict[str, Any]:
     forwards = fast.steps if fast.scale <= 1 else 2 * fast.steps
-    return {**dataclasses.asdict(limits), "fast_steps": fast.steps, "fast_scale": fast.scale,
-            "fast_flow_shift": fast.flow_shift, "fast_forwards": forwards, "default_mode": default_mode}
+    context = {**dataclasses.asdict(limits), "fast_steps": fast.steps, "fast_scale": fast.scale,
+               "fast_flow_shift": fast.flow_shift, "fast_forwards": forwards, "default_mode": default_mode}
+    context["fast_help"] = FAST_MODE_HELP.format(**context) if limits.fast_mode else ""
+    context["cached_help"] = CACHED_MODE_HELP if limits.cached_mode else ""
+    return context
 
 
 def _resolved(value: Any, context: dict[str, Any]) -> Any:

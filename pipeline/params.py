@@ -75,14 +75,18 @@ def _numeric(value: Any, *, integer: bool) -> Any:
 
 
 SIDE_HELP = "0: from the input image's aspect ratio; else a multiple of {size_multiple}"
-MODE_HELP = (
+FAST_MODE_HELP = (
     "fast: the step-distilled speed LoRA with {fast_steps} steps, guidance scale {fast_scale:g} and flow shift "
     "{fast_flow_shift:g} (steps, scale and flowShift sent are not used; {fast_forwards} transformer forwards instead "
-    "of 2 x steps). cached: steps, scale and flowShift as sent, with calibrated step skipping (MagCache): the "
-    "transformer runs only on the steps the model's calibration marks (11 of 30 with the published 480P one), the "
-    "others reuse its last output change; approximate, the task's debugoutput lists the steps computed. normal: "
-    "steps, scale and flowShift as sent, every step computed. Empty: this server's default."
+    "of 2 x steps). "
 )
+CACHED_MODE_HELP = (
+    "cached: steps, scale and flowShift as sent, with calibrated step skipping (MagCache): the transformer runs only "
+    "on the steps the model's calibration marks (11 of 30 with the published 480P one), the others reuse its last "
+    "change; approximate; the task's parameters list the steps computed and skipped. "
+)
+MODE_HELP = "{fast_help}{cached_help}normal: steps, scale and flowShift as sent. Empty: this server's default."
+"""The help of the modes this server offers (pipeline.inputs fills in fast_help and cached_help)."""
 
 
 class GenerationParams(BaseModel):

@@ -185,6 +185,16 @@ class StepSchedule:
         """Transformer forwards the run made (both passes)."""
         return sum(len(steps) for steps in self.computed.values())
 
+    def record(self) -> dict[str, str]:
+        """The steps computed and skipped, as recorded with a task's parameters (one text each; per pass when the
+        passes differ)."""
+        distinct = {tuple(steps) for steps in self.computed.values()}
+        if len(distinct) == 1:
+            name = next(iter(self.computed))
+            return {"computedSteps": ranges(self.computed[name]), "skippedSteps": ranges(self.skipped(name))}
+        return {"computedSteps": "; ".join(f"{name}: {ranges(steps)}" for name, steps in self.computed.items()),
+                "skippedSteps": "; ".join(f"{name}: {ranges(self.skipped(name))}" for name in self.computed)}
+
     def describe(self) -> str:
         """One line for debugoutput and logs, e.g. "MagCache computed 11 of 30 steps (0-5, 12, 18, 23, 26, 29),
         skipped 19 (6-11, ...)", per pass when the passes differ."""

@@ -203,3 +203,55 @@ def test_ranges_and_the_schedule_line():
     assert ranges([0, 1, 2, 3, 7, 9, 10]) == "0-3, 7, 9-10"
     line = StepSchedule(4, {"cond": (0, 1, 3), "uncond": (0, 1, 3)}).describe()
     assert line == "MagCache computed 3 of 4 steps (0-1, 3), skipped 1 (2)"
+
+
+# --- the request's mode -------------------------------------------------------------------------------------------
+
+def test_cached_mode_through_the_api_shown_in_tool_detail_and_recorded_with_its_steps(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from particalize.compose_server import build_app
+    from tests.conftest import make_settings
+    from tests.images import png_bytes
+    from tests.test_api import RUN, SMALL, Api, run_worker_once
+
+    settings = make_settings(tmp_path, step_cache="mag", mag_calibration=PUBLISHED)
+    gen = make(tmp_path)
+    with TestClient(build_app(settings)) as client:
+        api = Api(client)
+        tool = client.post("/v1/Tool/Detail", json={"slugowner": "codexq", "slugproject": "particalize"}).json()
+        advanced = tool["tool"][0]["parameters"][-1]
+        (mode,) = advanced["items"]
+        assert advanced["title"] == "Advanced" and mode["advanced"] is True and mode["default"] == "normal"
+        assert [o["value"] for o in mode["options"]] == ["normal", "cached"]  # no speed LoRA here: no fast
+        assert "cached: " in mode["description"] and "fast: " not in mode["description"]
+        run = client.post(RUN, data={**SMALL, "steps": "10", "mode": "cached"},
+                          files={"inputImage": ("in.png", png_bytes(32, 32), "image/png")}).json()
+        assert run["result"] is True
+        assert run_worker_once(client, settings, gen)
+        task = api.detail(taskid=run["taskid"])["tasklist"][0]
+        assert task["pexit"] == "0", task["debugerror"]
+        planned = planned_schedule(published(), 10, MagSettings())
+        assert planned.computed["cond"] == (0, 1, 7)  # at 10 steps: 2 retained, then 5 skipped before 0.24
+        assert {k: task["parameters"][k] for k in ("mode", "steps", "computedSteps", "skippedSteps")} == {
+            "mode": "cached", "steps": "10", "computedSteps": "0-1, 7", "skippedSteps": "2-6, 8-9"}
+        assert "MagCache computed 3 of 10 steps (0-1, 7), skipped 7 (2-6, 8-9)" in task["debugoutput"]
+
+        normal = client.post(RUN, data={**SMALL, "mode": "normal"},
+                             files={"inputImage": ("in.png", png_bytes(32, 32), "image/png")}).json()
+        assert run_worker_once(client, settings, gen)
+        task = api.detail(taskid=normal["taskid"])["tasklist"][0]
+        assert task["pexit"] == "0" and "computedSteps" not in task["parameters"]
+        assert "MagCache" not in task["debugoutput"]
+
+
+def test_tool_detail_offers_every_mode_the_server_has():
+    from pipeline.inputs import tool_inputs
+
+    def choices(limits: Limits) -> tuple[str, ...]:
+        return next((spec.choices for spec in tool_inputs(limits) if spec.name == "mode"), ())
+
+    assert choices(Limits()) == ()  # neither: no mode input at all
+    assert choices(Limits(fast_mode=True)) == ("normal", "fast")
+    assert choices(Limits(cached_mode=True)) == ("normal", "cached")
+    assert choices(Limits(fast_mode=True, cached_mode=True)) == ("normal", "cached", "fast")

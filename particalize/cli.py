@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--quick", action="store_true", help="sizes only, no sha256")
     verify.set_defaults(func=cmd_weights_verify)
 
+    from particalize.calibrate import add_calibrate_command
     from particalize.cli_server import add_server_commands
 
+    add_calibrate_command(sub, _model_flags, _tool_flags, _settings)
     add_server_commands(sub, _model_flags, _settings)
     return parser
 
@@ -206,6 +208,7 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     from pipeline.loader import preset_dir
     from pipeline.presets import get_preset
     from weights.locate import speed_lora_file, stack_files
+    from weights.manifest import read_manifest
     from weights.single_file import source_path, verify_source
     from weights.verify import Report, verify_directory
 
@@ -219,6 +222,9 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
         replaced = [report.directory / role for role in files]  # components a file replaces need no weights here
         report.problems = [p for p in report.problems if not _missing_under(p, replaced)]
         reports.append(report)
+    elif read_manifest(preset_dir(preset, settings.weights_dir)) is not None:  # what `calibrate` made for it
+        reports.append(verify_directory(preset_dir(preset, settings.weights_dir), full_hash=not args.quick,
+                                        is_model=False))
     loras = [path for _, path in stack_files(configured)]
     speed = speed_lora_file(configured)
     if speed is not None:

@@ -402,3 +402,4 @@ class MagStepCache:
         self.uncompile()
         if self.transformer._cache_config is not None:
             self.transformer.disable_cache()
+

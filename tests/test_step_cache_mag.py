@@ -255,3 +255,51 @@ def test_tool_detail_offers_every_mode_the_server_has():
     assert choices(Limits(fast_mode=True)) == ("normal", "fast")
     assert choices(Limits(cached_mode=True)) == ("normal", "cached")
     assert choices(Limits(fast_mode=True, cached_mode=True)) == ("normal", "cached", "fast")
+
+
+# --- particalize calibrate ----------------------------------------------------------------------------------------
+
+def test_calibrate_writes_a_ratio_file_next_to_the_weights_that_verify_checks_and_a_second_run_loads(tmp_path,
+                                                                                                    capsys):
+    from particalize.cli import main
+    from pipeline.step_cache_mag import calibration_path
+
+    IMAGE.save(tmp_path / "in.png")
+    weights = tmp_path / "weights"
+    argv = ["calibrate", "--model", "tiny", "--weights-dir", str(weights), "--image", str(tmp_path / "in.png"),
+            "--steps", "6", "--width", "16", "--height", "16", "--num-frames", "1", "--seed", "3"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    path = calibration_path(weights / "tiny")
+    assert report["calibration"] == str(path) and report["steps"] == 6 and report["passes"] == ["cond", "uncond"]
+    calibration = MagCalibration.load(path)
+    assert {name: len(r) for name, r in calibration.ratios.items()} == {"cond": 6, "uncond": 6}
+    assert calibration.ratios["cond"][0] == 1.0 and all(0.1 < r < 10 for r in calibration.ratios["cond"])
+    assert calibration.ratios["cond"] != calibration.ratios["uncond"]  # each pass measured on its own
+    assert calibration.calibrated_with["steps"] == 6 and "particalize calibrate" in calibration.source
+
+    # a second run loads it (next to the weights; nothing named) and decides with it
+    gen = VideoGenerator(GeneratorOptions(get_preset("tiny"), weights, speed=SpeedOptions(step_cache="mag")))
+    assert gen.applied.mag.calibration == calibration
+    small = PARAMS.model_copy(update={"numFrames": 1, "width": 16, "height": 16, "steps": 12})
+    assert gen.generate(small, IMAGE).schedule == planned_schedule(calibration, 12, MagSettings())
+
+    # recorded in the manifest: verify checks it, and says so when it changed
+    assert main(["weights", "verify", "--model", "tiny", "--weights-dir", str(weights)]) == 0
+    assert "1 files checked" in capsys.readouterr().out
+    path.write_text(path.read_text().replace('"format": 1', '"format": 2'))  # same size: only the hash tells
+    assert main(["weights", "verify", "--model", "tiny", "--weights-dir", str(weights), "--quick"]) == 0
+    capsys.readouterr()
+    assert main(["weights", "verify", "--model", "tiny", "--weights-dir", str(weights)]) == 1
+    assert "differs from the one recorded when it was made here" in capsys.readouterr().out
+
+
+def test_a_fetch_keeps_the_records_of_files_made_here(tmp_path):
+    from weights.manifest import FileRecord, local_records, read_manifest, record_local_file, write_manifest
+
+    write_manifest(tmp_path, "Wan-AI/x", "abc", [FileRecord("model_index.json", 10, None)])
+    (tmp_path / CALIBRATION_NAME).write_text("{}")
+    record_local_file(tmp_path, CALIBRATION_NAME)
+    manifest = read_manifest(tmp_path)
+    assert manifest["repo_id"] == "Wan-AI/x" and set(manifest["files"]) == {"model_index.json", CALIBRATION_NAME}
+    assert [r.path for r in local_records(manifest)] == [CALIBRATION_NAME]  # what fetch_model writes back

@@ -166,6 +166,10 @@ def parallel_refusal(settings: Settings) -> str | None:
             return (f"--parallel-degree {settings.parallel_degree} splits one video with context parallelism: set "
                     "--context-parallel ulysses (PARTICALIZE_CONTEXT_PARALLEL) too")
         return None
+    if settings.step_cache == "mag":
+        from pipeline.step_cache_mag import refusal
+
+        return refusal(settings.context_parallel)
     import torch
 
     from pipeline.devices import pick_device

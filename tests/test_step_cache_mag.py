@@ -303,3 +303,68 @@ def test_a_fetch_keeps_the_records_of_files_made_here(tmp_path):
     manifest = read_manifest(tmp_path)
     assert manifest["repo_id"] == "Wan-AI/x" and set(manifest["files"]) == {"model_index.json", CALIBRATION_NAME}
     assert [r.path for r in local_records(manifest)] == [CALIBRATION_NAME]  # what fetch_model writes back
+
+
+# --- compile, context parallelism ---------------------------------------------------------------------------------
+
+def test_under_compile_the_blocks_run_compiled_beneath_the_hooks_and_nothing_recompiles_from_step_to_step(tmp_path):
+    """diffusers' MagCache hooks are compiler-disabled: compiling the block around them would leave it eager (and
+    fail fullgraph). The blocks' own forwards are compiled under the hooks instead: one graph, warmed up at start,
+    reused by every block, every step (computed or skipped), both passes, both modes and a new step count."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    small = PARAMS.model_copy(update={"steps": 12})  # (a one-token video would recompile for its size 1 anyway)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        gen = make(tmp_path, compile=True)
+        assert gen.applied.compiled and not gen.applied.fallbacks
+        forwards = [hook.fn_ref.original_forward for hook in (gen.applied.mag.head, *gen.applied.mag.blocks)]
+        assert all(hasattr(f, "_torchdynamo_orig_callable") for f in forwards)  # compiled, under the hooks
+        warmed = counters["stats"]["unique_graphs"]
+        assert warmed == 1  # one graph for every block
+        torch._dynamo.config.error_on_recompile = True
+        cached = gen.generate(small, IMAGE)
+        exact = gen.generate(small.model_copy(update={"mode": "normal"}), IMAGE)
+        again = gen.generate(small.model_copy(update={"steps": 30}), IMAGE)
+        assert counters["stats"]["unique_graphs"] == warmed
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    assert again.schedule.computed["cond"] == AT_30
+    assert cached.schedule == planned_schedule(published(), 12, MagSettings())
+    eager = make(tmp_path)
+    np.testing.assert_allclose(cached.frames, eager.generate(small, IMAGE).frames, atol=1e-4)
+    np.testing.assert_allclose(exact.frames, eager.generate(small.model_copy(update={"mode": "normal"}), IMAGE).frames,
+                               atol=1e-4)
+    gen.applied.mag.remove()
+    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks
+                   for m in gen.pipe.transformer.modules())
+    for block in gen.pipe.transformer.blocks:  # no compiled forward left on a block
+        assert block.forward.__func__ is type(block).forward
+
+
+def test_mag_under_context_parallelism_is_refused_before_any_process_starts(tmp_path):
+    from particalize.compose import parallel_refusal
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, step_cache="mag", context_parallel="ulysses", parallel_degree=2)
+    assert "not supported with context parallelism" in parallel_refusal(settings)
+
+
+def test_with_a_lora_stack_the_cached_run_keeps_its_schedule_and_the_lora_its_effect(tmp_path):
+    """The hooks sit on the blocks, the LoRA layers inside them: neither changes the other."""
+    from pipeline.lora import LoraStackOptions
+    from tests.lora_files import make_weights, write_lora
+
+    small = PARAMS.model_copy(update={"numFrames": 1, "width": 16, "height": 16, "steps": 12})
+    base = make(tmp_path)
+    lora = write_lora(tmp_path / "l.safetensors", make_weights(base.pipe.transformer), "kohya")
+    stacked = VideoGenerator(GeneratorOptions(
+        get_preset("tiny"), tmp_path, loras=LoraStackOptions(loras=((lora, 1.0), (lora, 0.5))),
+        speed=SpeedOptions(step_cache="mag", mag=MagSettings(calibration=PUBLISHED))))
+    with_lora = stacked.generate(small, IMAGE)
+    without = base.generate(small, IMAGE)
+    assert with_lora.schedule == without.schedule == planned_schedule(published(), 12, MagSettings())
+    assert np.abs(with_lora.frames - without.frames).max() > 1e-3

@@ -14,21 +14,21 @@ from typing import Any
 from particalize.settings import Settings
 
 
-def add_calibrate_command(sub: Any, model_flags: Any, tool_flags: Any, settings_of: Any) -> None:
+def add_calibrate_command(sub: Any, model_flags: Any, tool_flags: Any, settings_of: Any, tool_values_of: Any) -> None:
+    """The subcommand, with the CLI's own model and tool flags (passed in: this module is imported by the CLI)."""
     calibrate = sub.add_parser(
         "calibrate", help="measure this model's MagCache ratios on its weights (one exact run; for --step-cache mag)")
     calibrate.add_argument("--image", required=True,
                            help="a representative start image (path or http(s) URL), like those you will serve")
     model_flags(calibrate)
     tool_flags(calibrate)
-    calibrate.set_defaults(func=lambda args: cmd_calibrate(args, settings_of(args)))
+    calibrate.set_defaults(func=lambda args: cmd_calibrate(args, settings_of(args), tool_values_of(args)))
 
 
-def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_calibrate(args: argparse.Namespace, settings: Settings, tool_values: dict[str, str]) -> int:
     from tqdm import tqdm
 
     from particalize import compose
-    from particalize.cli import _tool_values
     from particalize.image_source import read_image_source
     from pipeline.images import decode_image
     from pipeline.loader import preset_dir
@@ -45,7 +45,7 @@ def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
         raise ValueError("calibrate runs in one process: leave --context-parallel unset")
     # every step computed, no other cache, no compilation for one run; the mode of a request is not used here
     settings = settings.with_overrides(step_cache="none", compile=False, mode="normal")
-    params = parse_params(_tool_values(args), compose.limits(settings))
+    params = parse_params(tool_values, compose.limits(settings))
     image = decode_image(read_image_source(args.image), field="--image")
     generator = compose.make_generator(settings)
     bar = tqdm(total=params.steps, unit="step", desc="calibrating")

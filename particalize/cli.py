@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     from particalize.calibrate import add_calibrate_command
     from particalize.cli_server import add_server_commands
 
-    add_calibrate_command(sub, _model_flags, _tool_flags, _settings)
+    add_calibrate_command(sub, _model_flags, _tool_flags, _settings, _tool_values)
     add_server_commands(sub, _model_flags, _settings)
     return parser
 

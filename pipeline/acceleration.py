@@ -398,7 +398,7 @@ def apply_step_cache(pipe: WanImageToVideoPipeline, options: SpeedOptions, appli
     if options.step_cache == "mag":
         applied.mag = MagStepCache(pipe.transformer, calibration, options.mag)
         applied.step_cache = "mag"
-        source = calibration.source.split(":")[0] if calibration is not None else "none (calibration runs only)"
+        source = calibration.short_source if calibration is not None else "none (calibration runs only)"
         applied.note(f"step cache: mag (diffusers MagCache hooks; threshold {options.mag.threshold:g}, K "
                      f"{options.mag.max_skip_steps}, retention {options.mag.retention_ratio:g}; calibration: {source})")
         return

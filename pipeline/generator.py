@@ -35,7 +35,7 @@ from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
 from pipeline.params import GenerationParams, no_speed_lora, no_step_cache, resolve_size
 from pipeline.presets import ModelPreset
 from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
-from pipeline.step_cache_mag import MagCacheUnavailable, StepSchedule, find_calibration, refusal
+from pipeline.step_cache_mag import MagCacheUnavailable, MagCalibration, StepSchedule, find_calibration, refusal
 from pipeline.video import write_mp4
 from pipeline.weight_files import WeightFiles
 
@@ -143,7 +143,7 @@ class VideoGenerator:
         self.load_seconds = time.perf_counter() - started
         log.info("model %s ready on %s in %.1fs", preset.name, self.device, self.load_seconds)
 
-    def _mag_calibration(self, options: GeneratorOptions) -> object:
+    def _mag_calibration(self, options: GeneratorOptions) -> MagCalibration | None:
         """Cached mode's calibration, or why it cannot run here: refused at start, before any weights are read."""
         if self.mode == CACHED and options.speed.step_cache != "mag":
             raise MagCacheUnavailable("cached mode needs the MagCache step cache: set --step-cache mag "

@@ -79,6 +79,11 @@ class MagCalibration:
     def steps(self) -> int:
         return len(self.ratios["cond"])
 
+    @property
+    def short_source(self) -> str:
+        """The source's first phrase, for one-line notes (the start-up banner, /ready)."""
+        return self.source.split(": ")[0].split(" (")[0]
+
     def for_pass(self, name: str) -> tuple[float, ...]:
         """The pass's own list; the conditional one for a pass calibrated without guidance (or an unknown name)."""
         return self.ratios.get(name) or self.ratios["cond"]

@@ -26,6 +26,12 @@ or the part cannot run here; one failing part is recorded and the rest still run
     mode="fast" request through VideoGenerator.generate: the step-distill scheduler, 4 steps, guidance scale 1
     (one forward per step), a new prompt (text encoder included), VAE decode included: seconds per video. One
     forward first compiles the adapter graph (what the server's warm-up does), and is reported apart.
+ 7b. cached mode (MagCache, issue 28) with the published Wan2.1-I2V-480P calibration (LightX2V's, shipped in
+    pipeline/speed/calibrations), as the server runs it: the hooks on the warm model, compiled beneath them when the
+    model is compiled (first run reported apart), then a 30-step mode="cached" video with CFG through
+    VideoGenerator.generate (encoders and VAE decode included): seconds per video, per computed and per skipped
+    step, the steps computed (recorded by the hooks, and planned from the ratios for 30 and 40 steps). The hooks
+    are removed afterwards (and the blocks compiled as before), so the parts after it measure the normal mode.
  8. VAE decode of the whole video alone, float32 (as served) and bfloat16.
  9. text encoder on the CPU: GPU memory freed by moving it.
 10. float8 (torchao, dynamic activations) + compile: first forward (compile), then the forward.
@@ -60,12 +66,22 @@ from benchmarks.bench_attention import measure as measure_attention
 from benchmarks.flops import step_flops
 from benchmarks.memory import peak_gib, reset_peak
 from benchmarks.timing import synchronize, timed
-from pipeline.fast import FAST
+from pipeline.fast import CACHED, FAST
 from pipeline.generator import GeneratorOptions, StepProgress, VideoGenerator
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
-from pipeline.speed.acceleration import Applied, SpeedOptions, apply_compile, apply_float8, choose_attention
+from pipeline.speed.acceleration import (
+    Applied,
+    SpeedOptions,
+    apply_compile,
+    apply_float8,
+    apply_step_cache,
+    choose_attention,
+    remove_step_cache,
+    uncompile,
+)
 from pipeline.speed.compile_cache import CompileCache, cache_key
+from pipeline.speed.step_cache_mag import MagCalibration, MagSettings, planned_schedule, ranges, shipped_calibration
 
 PROMPT = "a dog is crystallizing, fracturing, and disintegrating into sharp, translucent shards"
 SECONDS_PER_30_STEPS = 30
@@ -151,6 +167,18 @@ def _run_steps(gen: VideoGenerator, params: GenerationParams, image: Image.Image
     synchronize(gen.device)
     ended = time.perf_counter()
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    schedule = video.schedule
+    if schedule is not None:  # cached mode: the steps' own times, computed and skipped apart (step 1 on)
+        computed = set(schedule.computed.get("cond", ()))
+        per_step = {i: b - a for i, (a, b) in enumerate(zip(stamps, stamps[1:], strict=False), start=1)}
+        done = [s for i, s in per_step.items() if i in computed]
+        skipped = [s for i, s in per_step.items() if i not in computed]
+        return {"video_s": ended - started, "first_step_s": stamps[0] - started,
+                "last_step_to_return_s": ended - stamps[-1], "peak_gib": peak_gib(gen.device),
+                "frames_shape": list(video.frames.shape), "schedule": schedule.record(),
+                "computed_per_pass": {k: len(v) for k, v in schedule.computed.items()},
+                "computed_step_s": float(np.median(done)) if done else None,
+                "skipped_step_s": float(np.median(skipped)) if skipped else None}
     return {
         "video_s": ended - started,
         "step_s": float(np.median(steps)) if steps else None,
@@ -194,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                    "rank before loading the speed LoRA, as the server does (0: none; fused, it costs no time a step)")
     p.add_argument("--budget-s", type=float, default=270.0, help="skip parts that would pass this many seconds")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: eager_step, attention, compile, "
-                   "warm_restart, default_step, profile, fast_mode, vae_decode, text_encoder_cpu, float8, "
-                   "text_encoder_cpu_encode")
+                   "warm_restart, default_step, profile, fast_mode, cached_mode, vae_decode, text_encoder_cpu, "
+                   "float8, text_encoder_cpu_encode")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
@@ -407,6 +435,53 @@ def main(argv: list[str] | None = None) -> int:
                 "scale": resolved.scale}
 
     check.part("fast_mode", 70 if not small else 20, fast_mode)  # load ~10 s, adapter compile ~25 s, video ~20 s
+
+    # 7b. cached mode (MagCache with the published calibration) -------------------------------------------
+    def cached_mode() -> dict[str, Any]:
+        path = shipped_calibration("wan2.1-i2v-14b-480p" if small else args.model)
+        if path is None:
+            check.row("cached mode video", None, "", f"no MagCache calibration ships for {args.model}")
+            return {"skipped": f"no calibration for {args.model}"}
+        calibration = MagCalibration.load(path)
+        settings = MagSettings()
+        mag_speed = SpeedOptions(attention_backend="auto", compile=True, step_cache="mag", mag=settings)
+        compiled = gen.applied.compiled
+        if compiled:  # compiled blocks around the compiler-disabled hooks would run eager: compiled beneath them
+            uncompile(gen.pipe, gen.applied)
+        apply_step_cache(gen.pipe, mag_speed, gen.applied, calibration=calibration)
+        try:
+            out: dict[str, Any] = {}
+            if compiled:
+                apply_compile(gen.pipe, mag_speed, gen.applied)
+                started = time.perf_counter()
+                gen.generate(params.model_copy(update={"steps": 2}), image)  # what the warm-up compiles
+                synchronize(device)
+                out["first_run_compiling_s"] = time.perf_counter() - started
+                check.row("first run under the MagCache hooks (compiling beneath them)", out["first_run_compiling_s"],
+                          "s", "2 steps, normal mode")
+            cached = params.model_copy(update={"steps": 30, "mode": CACHED, "prompt": PROMPT + ", cached"})
+            r = _run_steps(gen, cached, image)
+            planned = {steps: planned_schedule(calibration, steps, settings) for steps in (30, 40)}
+            done = r["computed_per_pass"]
+            check.row("cached mode video (30 steps, CFG, MagCache, encoders + VAE)", r["video_s"], "s",
+                      f"computed {done.get('cond')} of 30 steps ({r['schedule']['computedSteps']}); "
+                      f"target <= 70 s bf16 (480P H200)")
+            check.row("cached mode, s/step over the video", r["video_s"] / 30, "s/step", "30 steps, both passes")
+            check.row("cached mode, computed step (both passes)", r["computed_step_s"], "s/step", "median")
+            check.row("cached mode, skipped step (residual reused)", r["skipped_step_s"], "s/step", "median")
+            check.row("cached mode at 40 steps (planned, not run)", len(planned[40].computed["cond"]), "steps",
+                      f"of 40 computed ({ranges(planned[40].computed['cond'])})")
+            return {**out, **r, "calibration": calibration.source, "threshold": settings.threshold,
+                    "max_skip_steps": settings.max_skip_steps, "retention_ratio": settings.retention_ratio,
+                    "planned": {steps: s.record() for steps, s in planned.items()},
+                    "matches_plan": r["schedule"] == planned[30].record()}
+        finally:
+            remove_step_cache(gen.pipe, gen.applied)
+            if compiled and not gen.applied.compiled:
+                apply_compile(gen.pipe, SpeedOptions(attention_backend="auto", compile=True), gen.applied)
+
+    # compile beneath the hooks ~25 s, a 30-step cached video: 11 computed steps x 2 passes ~ 70 s at 480P
+    check.part("cached_mode", 110 if not small else 30, cached_mode)
 
     # 8. VAE decode -------------------------------------------------------------------------------------
     def vae_decode() -> dict[str, Any]:

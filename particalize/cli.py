@@ -28,7 +28,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=None,
                    help="refuse a LoRA with keys that change nothing (default); --no-lora-strict loads the rest")
     p.add_argument("--speed-lora", metavar="PATH[:STRENGTH]", help="step-distilled LoRA for fast mode")
-    p.add_argument("--mode", choices=MODES, help="default mode (fast needs --speed-lora)")
+    p.add_argument("--mode", choices=MODES, help="default mode (fast needs --speed-lora, cached --step-cache mag)")
+    p.add_argument("--step-cache", choices=["none", "first_block", "taylorseer", "mag"],
+                   help="reuse transformer outputs across steps; mag: calibrated step skipping for mode cached")
     p.add_argument("--random-weights", action="store_const", const=True, default=None,
                    help="build the real-size model with random weights (no download): videos are NOISE; "
                    "for measuring speed and memory")
@@ -64,7 +66,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     keys = ("model", "weights_dir", "device", "lora_strength", "fuse_lora", "host", "port",
             "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode",
             "random_weights", "compile", "transformer_file", "text_encoder_file", "memory_check", "context_parallel",
-            "parallel_degree")
+            "parallel_degree", "step_cache")
     settings = Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
     if getattr(args, "lora", None):  # the --lora list is the whole stack
         return settings.model_copy(update={"lora_path": None, "lora_repo": None}).with_overrides(
@@ -104,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--quick", action="store_true", help="sizes only, no sha256")
     verify.set_defaults(func=cmd_weights_verify)
 
+    from particalize.calibrate import add_calibrate_command
     from particalize.cli_server import add_server_commands
 
+    add_calibrate_command(sub, _model_flags, _tool_flags, _settings, _tool_values)
     add_server_commands(sub, _model_flags, _settings)
     return parser
 
@@ -142,7 +146,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         video = generator.render(params, image, args.out, progress=progress)
     finally:
         bar.close()
-    print(json.dumps({"output": str(args.out), "parameters": video.params.wiro_inputs(),
+    recorded = video.schedule.record() if video.schedule is not None else {}  # cached mode: steps computed/skipped
+    print(json.dumps({"output": str(args.out), "parameters": {**video.params.wiro_inputs(), **recorded},
                       "timings": {k: round(v, 3) for k, v in video.timings.items()}}, indent=2))
     return 0
 
@@ -203,6 +208,7 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     from pipeline.loader import preset_dir
     from pipeline.presets import get_preset
     from weights.locate import speed_lora_file, stack_files
+    from weights.manifest import read_manifest
     from weights.single_file import source_path, verify_source
     from weights.verify import Report, verify_directory
 
@@ -216,6 +222,9 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
         replaced = [report.directory / role for role in files]  # components a file replaces need no weights here
         report.problems = [p for p in report.problems if not _missing_under(p, replaced)]
         reports.append(report)
+    elif read_manifest(preset_dir(preset, settings.weights_dir)) is not None:  # what `calibrate` made for it
+        reports.append(verify_directory(preset_dir(preset, settings.weights_dir), full_hash=not args.quick,
+                                        is_model=False))
     loras = [path for _, path in stack_files(configured)]
     speed = speed_lora_file(configured)
     if speed is not None:

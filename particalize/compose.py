@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from particalize.settings import Settings
 from pipeline.fast import FastMode
 from pipeline.params import Limits, model_max_area
+from pipeline.resolve import Modes
 from weights.locate import LoraSources
 from weights.lora_sources import parse_lora_list, parse_lora_source
 
@@ -37,7 +38,15 @@ def limits(settings: Settings) -> Limits:
         max_work=settings.max_work,
         max_area=model_max_area(settings.model, settings.model_max_area),
         fast_mode=bool(settings.speed_lora),
+        cached_mode=settings.step_cache == "mag",
     )
+
+
+def modes(settings: Settings) -> Modes:
+    """The modes the workers run, as the API process resolves a Run with them: the default, fast mode with a speed
+    LoRA, cached mode with the MagCache step cache (a worker whose hooks fell back at start refuses it itself)."""
+    return Modes(settings.mode, fast_mode(settings) if settings.speed_lora else None,
+                 cached=settings.step_cache == "mag")
 
 
 def fast_mode(settings: Settings) -> FastMode:
@@ -91,6 +100,7 @@ def weight_files(settings: Settings) -> WeightFiles:
 
 def speed_options(settings: Settings) -> SpeedOptions:
     from pipeline.speed.acceleration import SpeedOptions
+    from pipeline.speed.step_cache_mag import MagSettings
 
     return SpeedOptions(
         attention_backend=settings.attention_backend,
@@ -101,6 +111,8 @@ def speed_options(settings: Settings) -> SpeedOptions:
         step_cache=settings.step_cache,
         step_cache_threshold=settings.step_cache_threshold,
         step_cache_interval=settings.step_cache_interval,
+        mag=MagSettings(threshold=settings.mag_threshold, max_skip_steps=settings.mag_max_skip_steps,
+                        retention_ratio=settings.mag_retention_ratio, calibration=settings.mag_calibration),
         memory_mode=settings.memory_mode,
         vae_tiling=settings.vae_tiling,
         float8=settings.float8,
@@ -162,6 +174,10 @@ def parallel_refusal(settings: Settings) -> str | None:
             return (f"--parallel-degree {settings.parallel_degree} splits one video with context parallelism: set "
                     "--context-parallel ulysses (PARTICALIZE_CONTEXT_PARALLEL) too")
         return None
+    if settings.step_cache == "mag":
+        from pipeline.speed.step_cache_mag import refusal
+
+        return refusal(settings.context_parallel)
     import torch
 
     from pipeline.devices import pick_device

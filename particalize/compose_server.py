@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from particalize.compose import fast_mode, limits
+from particalize.compose import fast_mode, limits, modes
 from particalize.settings import Settings, parse_json_object
-from pipeline.resolve import Modes
 from server.app import create_app
 from server.auth import Authenticator, AuthOptions, load_api_keys
 from server.callbacks import CallbackOptions
@@ -64,7 +63,7 @@ def auth_options(settings: Settings) -> AuthOptions:
 def request_limits(settings: Settings) -> RequestLimits:
     return RequestLimits(
         params=limits(settings),
-        modes=Modes(settings.mode, fast_mode(settings) if settings.speed_lora else None),
+        modes=modes(settings),
         max_body_bytes=settings.max_body_bytes,
         max_image_bytes=settings.max_image_bytes,
         fetch_timeout_seconds=settings.fetch_timeout_seconds,

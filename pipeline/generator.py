@@ -16,13 +16,13 @@ from PIL import Image
 from pipeline.devices import pick_device
 from pipeline.embeddings import EmbeddingCache
 from pipeline.errors import Interrupted, OutOfMemory
-from pipeline.fast import FAST, NORMAL, FastMode
+from pipeline.fast import CACHED, FAST, NORMAL, FastMode
 from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
-from pipeline.loader import load_base_pipeline
+from pipeline.loader import load_base_pipeline, preset_dir
 from pipeline.lora.stack import LoraInfo, LoraStack, LoraStackOptions
 from pipeline.memory_check import check_memory
 from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
-from pipeline.params import GenerationParams, ResolvedParams, no_speed_lora, resolve_size
+from pipeline.params import GenerationParams, ResolvedParams, no_speed_lora, no_step_cache, resolve_size
 from pipeline.presets import ModelPreset
 from pipeline.resolve import Modes, with_mode
 from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
@@ -34,6 +34,13 @@ from pipeline.speed.acceleration import (
     compile_cache_for,
     resolve_compile,
     revert,
+)
+from pipeline.speed.step_cache_mag import (
+    MagCacheUnavailable,
+    MagCalibration,
+    StepSchedule,
+    find_calibration,
+    refusal,
 )
 from pipeline.video import write_mp4
 from pipeline.weight_files.files import WeightFiles
@@ -62,6 +69,8 @@ class Video:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     """What happened on the way worth telling (e.g. a decode retried with VAE tiling)."""
+    schedule: StepSchedule | None = None
+    """Cached mode: the steps each guidance pass computed (the others reused MagCache's residual)."""
 
 
 ProgressFn = Callable[[StepProgress], None]
@@ -104,6 +113,7 @@ class VideoGenerator:
 
             self.device = rank_device(self.device)
         offloaded = speed.memory_mode != "none"
+        mag_calibration = self._mag_calibration(options)
         self.random_weights = options.random_weights and not preset.is_tiny
         """Real-size model built with random values (pipeline.random_weights): every video is noise."""
         if options.memory_check:
@@ -118,7 +128,8 @@ class VideoGenerator:
         self.lora_stack = self._load_loras(options.loras)
         self.lora_stack.use(self.mode == FAST)
         self.applied: Applied = apply_speed_options(self.pipe, speed, self.device,
-                                                    float8_keep=self.lora_stack.switched_parameters())
+                                                    float8_keep=self.lora_stack.switched_parameters(),
+                                                    mag_calibration=mag_calibration)
         self.applied.notes.extend(self.load_notes)
         encode_device = torch.device("cpu") if self.applied.text_encoder_on_cpu else None
         self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size, encode_device=encode_device)
@@ -138,6 +149,19 @@ class VideoGenerator:
                 cache.save()
         self.load_seconds = time.perf_counter() - started
         log.info("model %s ready on %s in %.1fs", preset.name, self.device, self.load_seconds)
+
+    def _mag_calibration(self, options: GeneratorOptions) -> MagCalibration | None:
+        """Cached mode's calibration, or why it cannot run here: refused at start, before any weights are read."""
+        if self.mode == CACHED and options.speed.step_cache != "mag":
+            raise MagCacheUnavailable("cached mode needs the MagCache step cache: set --step-cache mag "
+                                      "(PARTICALIZE_STEP_CACHE=mag)")
+        if options.speed.step_cache != "mag":
+            return None
+        reason = refusal(options.speed.context_parallel)
+        if reason is not None:
+            raise MagCacheUnavailable(reason)
+        return find_calibration(options.preset.name, preset_dir(options.preset, options.weights_dir),
+                                options.speed.mag)
 
     def _load_loras(self, options: LoraStackOptions) -> LoraStack:
         """The stack in order, fused when asked (always before compiling: compiled graphs should not carry adapter
@@ -237,8 +261,11 @@ class VideoGenerator:
 
     @property
     def modes(self) -> Modes:
-        """The modes this generator runs: its default, and fast mode when a speed LoRA is loaded."""
-        return Modes(self.mode, self.fast if self.lora_stack.has_speed else None)
+        """The modes this generator runs: its default, fast mode when a speed LoRA is loaded, and cached mode when
+        MagCache's hooks are on (configured, and not fallen back at start)."""
+        fell_back = self.speed.step_cache == "mag" and self.applied.mag is None
+        return Modes(self.mode, self.fast if self.lora_stack.has_speed else None, cached=self.applied.mag is not None,
+                     cached_note=" (its hooks fell back at start: see /ready)" if fell_back else "")
 
     def resolve(self, params: GenerationParams, image: Image.Image) -> ResolvedParams:
         """The one resolution for a caller without request limits (the CLI, a batch, the warm-up): mode, the size
@@ -266,7 +293,9 @@ class VideoGenerator:
         Resolved parameters run as they are; others are resolved here, once (`resolve`)."""
         params = self.resolve(params, image)
         if params.mode == FAST and not self.lora_stack.has_speed:  # resolved elsewhere, for a speed LoRA not here
-            raise no_speed_lora()
+            raise no_speed_lora(self.modes.offered)
+        if params.mode == CACHED and self.applied.mag is None:  # resolved elsewhere, for hooks not on here
+            raise no_step_cache(self.modes.offered, self.modes.cached_note)
         if image.mode != "RGB":  # decode_image gives RGB already: no second conversion
             image = image.convert("RGB")
         with self._lock:
@@ -274,6 +303,9 @@ class VideoGenerator:
             fast = params.mode == FAST
             self.lora_stack.use(fast)
             self.pipe.scheduler = (self.fast_schedulers if fast else self.schedulers).for_shift(params.flow_shift)
+            mag = self.applied.mag
+            if mag is not None:
+                mag.prepare(params.steps, "cached" if params.mode == CACHED else "exact")
             steps = {"done": 0}
 
             def on_step_end(pipe: object, i: int, t: object, kwargs: dict) -> dict:
@@ -328,8 +360,11 @@ class VideoGenerator:
                 self._release()
                 log.warning("%s", oom)
                 raise OutOfMemory(oom, phase)
+            schedule = mag.schedule() if mag is not None and params.mode == CACHED else None
+            if schedule is not None:
+                notes.append(schedule.describe())
             return Video(frames=np.asarray(frames, dtype=np.float32), params=params,
-                         timings={"generate": time.perf_counter() - started}, notes=notes)
+                         timings={"generate": time.perf_counter() - started}, notes=notes, schedule=schedule)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -10,25 +10,49 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.fast import FAST, NORMAL, FastMode
-from pipeline.params import GenerationParams, Limits, ResolvedParams, check_limits, no_speed_lora, size_for_image
+from pipeline.fast import CACHED, FAST, NORMAL, FastMode
+from pipeline.params import (
+    GenerationParams,
+    Limits,
+    ResolvedParams,
+    check_limits,
+    no_speed_lora,
+    no_step_cache,
+    offered_modes,
+    size_for_image,
+)
 
 
 @dataclass(frozen=True)
 class Modes:
-    """The modes a server runs: the mode of a request that names none, and fast mode's schedule when a speed LoRA
-    is loaded (None: fast mode is refused)."""
+    """The modes a server runs: the mode of a request that names none, fast mode's schedule when a speed LoRA is
+    loaded (None: fast mode is refused), and whether cached mode runs (MagCache's hooks are on:
+    pipeline.speed.step_cache_mag; False: cached mode is refused)."""
 
     default: str = NORMAL
     fast: FastMode | None = None
+    cached: bool = False
+    cached_note: str = ""
+    """Why cached mode is refused although configured (its hooks fell back at start), added to the refusal."""
+
+    @property
+    def offered(self) -> tuple[str, ...]:
+        """The mode values a request may send here, as Tool/Detail lists them."""
+        return offered_modes(fast=self.fast is not None, cached=self.cached)
 
 
 def with_mode(params: GenerationParams, modes: Modes) -> GenerationParams:
-    """`params` with its mode chosen; in fast mode the distilled schedule replaces steps, scale and flowShift."""
-    if (params.mode or modes.default) == FAST:
+    """`params` with its mode chosen; in fast mode the distilled schedule replaces steps, scale and flowShift; in
+    cached mode they stay as sent (MagCache skips the steps its calibration marks)."""
+    mode = params.mode or modes.default
+    if mode == FAST:
         if modes.fast is None:
-            raise no_speed_lora()
+            raise no_speed_lora(modes.offered)
         return modes.fast.apply(params)
+    if mode == CACHED:
+        if not modes.cached:
+            raise no_step_cache(modes.offered, modes.cached_note)
+        return params.model_copy(update={"mode": CACHED})
     return params.model_copy(update={"mode": NORMAL})
 
 

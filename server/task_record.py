@@ -62,13 +62,22 @@ class TaskRecord(BaseModel):
 
 
 def with_used(shown: dict[str, str], used: GenerationParams | None) -> dict[str, str]:
-    """`shown` with what the worker resolved: seed and size, and in fast mode the distilled schedule's values."""
+    """`shown` with what the worker resolved: seed and size, in fast mode the distilled schedule's values, in cached
+    mode the mode (a server default is not in the inputs)."""
     if used is None:
         return shown
     shown = {**shown, "seed": str(used.seed), "width": str(used.width), "height": str(used.height)}
     if used.mode == "fast":
         shown.update(mode="fast", steps=str(used.steps), scale=str(used.scale), flowShift=str(used.flow_shift))
+    elif used.mode == "cached":
+        shown.update(mode="cached")
     return shown
+
+
+def recorded_of(task: Any) -> dict[str, str]:
+    """What the run recorded beyond its parameters (cached mode: computedSteps and skippedSteps)."""
+    recorded = (task.resolved or {}).get("recorded") if isinstance(task.resolved, dict) else None
+    return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {}
 
 
 def record_of(task: Any) -> TaskRecord:
@@ -92,5 +101,5 @@ def parameters_of(task: Any) -> dict[str, str]:
     """The `parameters` Task/Detail answers for a stored task."""
     used = used_of(task)
     if task.request is None:  # stored before revision 0004: its inputs are the recorded text
-        return with_used(json.loads(task.parameters or "{}"), used)
-    return TaskRecord.model_validate(task.request).wiro_parameters(used)
+        return {**with_used(json.loads(task.parameters or "{}"), used), **recorded_of(task)}
+    return {**TaskRecord.model_validate(task.request).wiro_parameters(used), **recorded_of(task)}

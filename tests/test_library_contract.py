@@ -473,6 +473,78 @@ def _():
             and hasattr(m.processor, "_attention_backend")} == {None}
 
 
+@contract("diffusers.hooks.MagCacheConfig",
+          "pipeline/speed/step_cache_mag.py mag_config: MagCacheConfig(threshold, max_skip_steps, retention_ratio, "
+          "num_inference_steps, mag_ratios) interpolates mag_ratios to num_inference_steps (nearest) when built; "
+          "calibrate=True needs no ratios; enable_cache takes it")
+def _():
+    from diffusers.hooks import MagCacheConfig
+
+    takes(MagCacheConfig, "threshold", "max_skip_steps", "retention_ratio", "num_inference_steps", "mag_ratios",
+          "calibrate")
+    config = MagCacheConfig(num_inference_steps=3, mag_ratios=[1.0, 0.9, 0.8, 0.7, 0.6])
+    assert [round(float(r), 3) for r in config.mag_ratios] == [1.0, 0.8, 0.6]
+    MagCacheConfig(calibrate=True, num_inference_steps=4)
+    tiny_transformer().enable_cache(config)
+
+
+@contract("diffusers.hooks.mag_cache._MAG_CACHE_LEADER_BLOCK_HOOK",
+          "pipeline/speed/step_cache_mag.py: the head hook's name, under which the per-pass subclass replaces it (and "
+          "disable_cache removes it)")
+@contract("diffusers.hooks.mag_cache._MAG_CACHE_BLOCK_HOOK",
+          "pipeline/speed/step_cache_mag.py: the other blocks' hooks' name (the tail one replaced by a capturing "
+          "subclass)")
+@contract("diffusers.hooks.mag_cache.MagCacheHeadHook",
+          "pipeline/speed/step_cache_mag.py _PerPassHeadHook: MagCacheHeadHook(state_manager, config), "
+          "compiler-disabled new_forward deciding with self.config (read per call) and leaving state.should_compute; "
+          "state_manager._context.name is the pipeline's cache_context name")
+@contract("diffusers.hooks.mag_cache.MagCacheBlockHook",
+          "pipeline/speed/step_cache_mag.py: MagCacheBlockHook(state_manager, is_tail=, config=), .is_tail, "
+          ".config read per call (num_inference_steps, calibrate), _perform_calibration_step(state, residual) "
+          "appending to state.calibration_ratios; fn_ref.original_forward, the block's own forward, compiled under "
+          "the hooks")
+def _():
+    from diffusers.hooks import HookRegistry, MagCacheConfig
+    from diffusers.hooks.mag_cache import (
+        _MAG_CACHE_BLOCK_HOOK,
+        _MAG_CACHE_LEADER_BLOCK_HOOK,
+        MagCacheBlockHook,
+        MagCacheHeadHook,
+    )
+
+    takes(MagCacheHeadHook, "state_manager", "config")
+    takes(MagCacheBlockHook, "state_manager", "is_tail", "config")
+    takes(MagCacheBlockHook._perform_calibration_step, "state", "current_residual")
+    source_says(MagCacheHeadHook.new_forward, "self.config.mag_ratios", "state.should_compute = should_compute",
+                "self.config.retention_ratio", "self.config.max_skip_steps")
+    source_says(MagCacheHeadHook, "@torch.compiler.disable")  # why the blocks' own forwards are compiled instead
+    transformer = tiny_transformer()
+    transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=3))
+    head = transformer.blocks[0]._diffusers_hook.get_hook(_MAG_CACHE_LEADER_BLOCK_HOOK)
+    tail = transformer.blocks[1]._diffusers_hook.get_hook(_MAG_CACHE_BLOCK_HOOK)
+    assert isinstance(head, MagCacheHeadHook) and isinstance(tail, MagCacheBlockHook) and tail.is_tail
+    assert head.state_manager is tail.state_manager
+    assert tail.fn_ref.original_forward.__self__ is transformer.blocks[1]
+    for step in range(2):
+        with transformer.cache_context("cond"):
+            assert head.state_manager._context.name == "cond"
+            transformer(**tiny_inputs())
+            state = head.state_manager.get_state()
+            assert state.should_compute and len(state.calibration_ratios) == step + 1
+    transformer.disable_cache()
+    assert not transformer.blocks[0]._diffusers_hook.hooks and not transformer.blocks[1]._diffusers_hook.hooks
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+
+
+@contract("diffusers.WanImageToVideoPipeline.__call__.cache_context",
+          "pipeline/speed/step_cache_mag.py PASSES: the pipeline wraps its guidance passes in "
+          "cache_context('cond') and cache_context('uncond'); per-pass ratios are chosen by those names")
+def _():
+    from diffusers import WanImageToVideoPipeline
+
+    source_says(WanImageToVideoPipeline.__call__, 'cache_context("cond")', 'cache_context("uncond")')
+
+
 @contract("diffusers.models.cache_utils.CacheMixin._cache_config",
           "pipeline/speed/acceleration.py remove_step_cache: enable_cache records its config last; an enable "
           "that failed "

@@ -208,12 +208,14 @@ class TaskLifecycle:
         *,
         debugoutput: str | None = None,
         resolved: GenerationParams | None = None,
+        recorded: dict[str, str] | None = None,
         claimed_attempt: int | None = None,
     ) -> bool:
         """Move an owned task forward to `status` (stamping its time, renewing the lease); a task already there
         or further (a retry whose first answer was lost) keeps its status. True if a kill was asked.
-        `resolved`: the parameters the run uses. `claimed_attempt`: the worker has finished the video and takes
-        the task back if it lost it (`_owned`)."""
+        `resolved`: the parameters the run uses. `recorded`: what the run recorded beyond them (cached mode: the steps
+        computed and skipped), kept with them and shown in `parameters`. `claimed_attempt`: the worker has finished
+        the video and takes the task back if it lost it (`_owned`)."""
         now = self.clock()
         with self.db.session(write=True) as s:
             task = self._owned(s, task_id, worker_id, claimed_attempt, reaching=status)
@@ -224,6 +226,8 @@ class TaskLifecycle:
                 say(task, debugoutput)
             if resolved is not None:
                 task.resolved = resolved.model_dump(mode="json")
+            if recorded:
+                task.resolved = {**(task.resolved or {}), "recorded": dict(recorded)}
             return task.kill_requested
 
     def progress(self, task_id: int, worker_id: str, step: int, total: int, elapsed: float) -> bool:

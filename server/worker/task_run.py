@@ -171,9 +171,11 @@ class TaskRun:
         """The video is made: store and record it. From here a stop does not throw it away (bounded by
         shutdown_finish_seconds), and every store call waits out an outage."""
         task = self.task
+        schedule = video.schedule  # cached mode: the steps MagCache computed and skipped
         self._step(OUTPUT_FULL, finishing=True, debugoutput=f"generated {video.frames.shape[0]} frames "
                                                             f"{params.width}x{params.height} in "
-                                                            f"{video.timings.get('generate', 0.0):.2f}s")
+                                                            f"{video.timings.get('generate', 0.0):.2f}s",
+                   recorded=schedule.record() if schedule is not None else None)
         self._step(END, finishing=True)
         self._step(POSTPROCESS_START, finishing=True)
         relpath = self.storage.output_relpath(task.uuid, OUTPUT_NAME)

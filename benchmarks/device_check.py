@@ -63,6 +63,7 @@ from benchmarks.memory import peak_gib, reset_peak
 from benchmarks.timing import synchronize, timed
 from pipeline.fast import FAST
 from pipeline.generator import GeneratorOptions, StepProgress, VideoGenerator
+from pipeline.lora.stack import LoraInfo
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from pipeline.speed.acceleration import Applied, SpeedOptions, apply_compile, apply_float8, choose_attention
@@ -398,7 +399,7 @@ def profile(run: Run) -> dict[str, Any]:
 
 
 # 7. fast mode -----------------------------------------------------------------------------------------------------
-def _load_speed_lora(run: Run) -> tuple[Any, float]:
+def _load_speed_lora(run: Run) -> tuple[LoraInfo, float]:
     """The speed LoRA (a file, or a random one) loaded as the unfused speed adapter, over a fused random LoRA when
     --fused-lora-rank asks: its LoraInfo and the seconds it took."""
     args, gen = run.args, run.generator

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Row
 from server.progress import progress_text
 from server.storage import Storage
 from server.store.models import CANCEL, POSTPROCESS_END, QUEUED, Output, Task
-from server.task_record import parameters_of
+from server.task_record import record_of, used_of
 from server.tool_info import CATEGORIES_TEXT, DESCRIPTION, SLUG_OWNER, SLUG_PROJECT
 
 
@@ -68,12 +68,13 @@ def output_dict(out: OutputLike, task: TaskLike, storage: Storage) -> dict[str, 
 
 
 def task_dict(task: TaskLike, outputs: list[OutputLike], storage: Storage, cps: float) -> dict[str, Any]:
+    record = record_of(task)
     return {
         "id": str(task.id),
         "uuid": task.uuid,
         "name": "",
         "socketaccesstoken": task.socketaccesstoken,
-        "parameters": parameters_of(task),
+        "parameters": record.wiro_parameters(used_of(task)),
         "debugoutput": debug_output(task),
         "debugerror": task.debugerror,
         "starttime": _time(task.starttime),
@@ -90,7 +91,7 @@ def task_dict(task: TaskLike, outputs: list[OutputLike], storage: Storage, cps: 
         "runtype": "model",
         "modelfolderid": "",
         "modelfileid": "",
-        "callbackurl": task.callbackurl,
+        "callbackurl": record.callback_url,
         "marketplaceid": None,
         "createtime": _time(task.createtime),
         "canceltime": _time(task.canceltime),

@@ -9,8 +9,10 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from server.answers import RunAnswer
 from server.bodies import RequestFields
 from server.errors import CONCURRENCY_LIMIT, GENERAL, NOT_FOUND, QUEUE_FULL, ApiError
+from server.openapi import RUN_PATH, operation
 from server.routes.common import answer
 from server.services import Services
 from server.store import NoWorker, QueueFull, TooManyActive
@@ -20,7 +22,12 @@ from server.validation import parse_run
 router = APIRouter()
 
 
-@router.post("/v1/Run/{slug_owner}/{slug_project}")
+@router.post(RUN_PATH, **operation("Queue a video of the start image", RunAnswer))
+async def run_this_tool(request: Request) -> JSONResponse:
+    return await run(request, SLUG_OWNER, SLUG_PROJECT)
+
+
+@router.post("/v1/Run/{slug_owner}/{slug_project}", include_in_schema=False)  # any other slugs, or in another case
 async def run(request: Request, slug_owner: str, slug_project: str) -> JSONResponse:
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         if not is_this_tool(slug_owner, slug_project):

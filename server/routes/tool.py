@@ -11,8 +11,10 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from server.answers import ExploreAnswer, ToolDetailAnswer, ToolListAnswer
 from server.bodies import RequestFields
 from server.errors import NOT_FOUND, ApiError
+from server.openapi import ExploreFields, ToolFields, ToolListFields, operation
 from server.routes.common import answer, int_field, text_field
 from server.search import rank
 from server.services import Services
@@ -29,7 +31,7 @@ from server.tool_info import (
 router = APIRouter()
 
 
-@router.post("/v1/Tool/Detail")
+@router.post("/v1/Tool/Detail", **operation("The tool's inputs, defaults and limits", ToolDetailAnswer, ToolFields))
 async def detail(request: Request) -> JSONResponse:
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         slug_owner = text_field(fields, "slugowner")
@@ -73,7 +75,9 @@ def _found(fields: RequestFields, entry: Callable[[], dict[str, Any]]) -> list[d
     return [build() for build in rank(search[1] if search else "", [(entry, SEARCH_DOCUMENT)])]
 
 
-@router.post("/v1/Tool/List")
+@router.post("/v1/Tool/List", **operation(
+    "This server's tool, when it answers search (plain words: at least half of them found in its title, categories, "
+    "tags, description or example prompts), categories (any) and slugowner", ToolListAnswer, ToolListFields))
 async def tool_list(request: Request) -> JSONResponse:
     """This server's tool when it answers `search` (plain words: see server/search.py), `categories` (any) and
     `slugowner`, ranked by relevance; `start`/`limit` page as on Wiro."""
@@ -87,7 +91,9 @@ async def tool_list(request: Request) -> JSONResponse:
     return await answer(request, handler)
 
 
-@router.post("/v1/Tool/Explore")
+@router.post("/v1/Tool/Explore", **operation(
+    "The catalogue: one category holding this server's tool (narrowed by search or categories, as Tool/List)",
+    ExploreAnswer, ExploreFields))
 async def explore(request: Request) -> JSONResponse:
     """The catalogue's front page: one category (image-to-video) holding this server's tool; a `search` (or
     `categories`) sent narrows it as in Tool/List (no category is answered when nothing fits)."""

@@ -14,7 +14,6 @@ record over it (see `_owned`).
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -123,10 +122,6 @@ class TaskLifecycle:
                 owner=record.owner,
                 status=QUEUED,
                 request=record.model_dump(mode="json"),
-                parameters=json.dumps(record.wiro_parameters()),
-                image_url=record.image.url,
-                upload_id=record.image.upload_id,
-                callbackurl=record.callback_url,
                 debugoutput=waiting_note(s, now, self.lease_seconds),
                 debugerror="",
                 pexit="0",

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Row
 from server.progress import progress_text
 from server.storage import Storage
 from server.store.models import CANCEL, POSTPROCESS_END, QUEUED, Output, Task
-from server.task_record import record_of, used_of
+from server.task_record import record_of, recorded_of, used_of
 from server.tool_info import CATEGORIES_TEXT, DESCRIPTION, SLUG_OWNER, SLUG_PROJECT
 
 
@@ -74,7 +74,7 @@ def task_dict(task: TaskLike, outputs: list[OutputLike], storage: Storage, cps: 
         "uuid": task.uuid,
         "name": "",
         "socketaccesstoken": task.socketaccesstoken,
-        "parameters": record.wiro_parameters(used_of(task)),
+        "parameters": {**record.wiro_parameters(used_of(task)), **recorded_of(task)},
         "debugoutput": debug_output(task),
         "debugerror": task.debugerror,
         "starttime": _time(task.starttime),

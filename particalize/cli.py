@@ -28,6 +28,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=None,
                    help="refuse a LoRA with keys that change nothing (default); --no-lora-strict loads the rest")
     p.add_argument("--speed-lora", metavar="PATH[:STRENGTH]", help="step-distilled LoRA for fast mode")
+    p.add_argument("--tools", dest="tools_file", type=Path, metavar="FILE",
+                   help="a TOML catalogue of further LoRA tools (PARTICALIZE_TOOLS_FILE)")
     p.add_argument("--mode", choices=MODES, help="default mode (fast needs --speed-lora, cached --step-cache mag)")
     p.add_argument("--step-cache", choices=["none", "first_block", "taylorseer", "mag"],
                    help="reuse transformer outputs across steps; mag: calibrated step skipping for mode cached")
@@ -66,7 +68,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     keys = ("model", "weights_dir", "device", "lora_strength", "fuse_lora", "host", "port",
             "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode",
             "random_weights", "compile", "transformer_file", "text_encoder_file", "memory_check", "context_parallel",
-            "parallel_degree", "step_cache")
+            "parallel_degree", "step_cache", "tools_file")
     settings = Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
     if getattr(args, "lora", None):  # the --lora list is the whole stack
         return settings.model_copy(update={"lora_path": None, "lora_repo": None}).with_overrides(

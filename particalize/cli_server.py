@@ -224,6 +224,13 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     if refusal:
         print(f"error: {refusal}", flush=True)
         return 2
+    from particalize.tools import CatalogueError, tool_set
+
+    try:
+        tools = tool_set(settings)
+    except CatalogueError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
     explicit = args.model is not None or bool(os.environ.get("PARTICALIZE_MODEL"))
     settings, lines, problem = describe_environment(settings, explicit)
     if problem is None and settings.workers:
@@ -243,6 +250,8 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
         "`particalize keys create` and start with PARTICALIZE_API_KEYS=key:secret"
     )
     print(f"auth: {auth}; database: {_redacted(settings.sqlalchemy_url)}; workers: {settings.workers}", flush=True)
+    if settings.tools_file is not None:
+        print(f"tools: {', '.join(tool.slug for tool in tools.catalogue.tools)}", flush=True)
     print(f"serving {settings.model} on http://{settings.host}:{settings.port}", flush=True)
     # JSON logs: uvicorn's own log config would print its lines as text, so its loggers go to ours instead.
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from particalize.compose import fast_mode, limits, modes
 from particalize.settings import Settings, parse_json_object
+from particalize.tools import tool_set
 from server.app import create_app
 from server.auth import Authenticator, AuthOptions, load_api_keys
 from server.callbacks import CallbackOptions
@@ -77,7 +78,7 @@ def server_options(settings: Settings) -> ServerOptions:
         auth=auth_options(settings),
         limits=request_limits(settings),
         tool=ToolOptions(model=settings.model, fast=fast_mode(settings), default_mode=settings.mode,
-                         cost_per_second=settings.cost_per_second),
+                         cost_per_second=settings.cost_per_second, catalogue=tool_set(settings).catalogue),
         callbacks=CallbackOptions(timeout_seconds=settings.callback_timeout_seconds,
                                   allow_private_urls=settings.allow_private_urls),
         rate_limit_per_minute=settings.rate_limit_per_minute,

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         None, description="More LoRAs stacked after LORA_PATH, each with its strength: 'SOURCE[:STRENGTH],...' where "
         "SOURCE is a .safetensors path or hf://owner/repo/file.safetensors (e.g. /m/a.safetensors:0.8,/m/b.safetensors)"
     )
+    tools_file: Path | None = Field(
+        None, description="A TOML catalogue of further Wan2.1 LoRA tools served by the same workers ([[tools]] "
+        "tables: slug, loras, title, ...; README's 'More tools'); unset: codexq/Particalize only."
+    )
     lora_strict: bool = Field(
         True, description="Refuse a LoRA any key of which changes nothing; false: load what fits, log the rest."
     )
@@ -239,7 +243,7 @@ class Settings(BaseSettings):
         "text", description="Log lines as text, or one JSON object per line (time, level, logger, message, task_id)."
     )
 
-    @field_validator("lora_path", "api_keys_file", mode="before")
+    @field_validator("lora_path", "api_keys_file", "tools_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.params import GenerationParams, ResolvedParams
-from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD
+from server.tool_info import DEFAULT_SLUG, IMAGE_FIELD, IMAGE_URL_FIELD
 
 
 class ImageSource(BaseModel):
@@ -45,6 +45,9 @@ class TaskRecord(BaseModel):
     resolved: ResolvedParams | None = None
     """The parameters as they will run, resolved at Run when the image came with the request (pipeline.resolve);
     None: the worker resolves them once it has fetched the image. Shown in `parameters` once the worker starts."""
+    tool: str = DEFAULT_SLUG
+    """The catalogue tool's slug ("owner/project") as Run matched it: the worker runs the task with that tool's
+    LoRAs. Records stored before tools existed are the default tool's."""
 
     def wiro_parameters(self, used: GenerationParams | None = None) -> dict[str, str]:
         """The recorded parameters: the inputs as sent, the default (and the chosen seed) of each one left out,

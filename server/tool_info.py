@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from pipeline.fast import NORMAL, FastMode
 from pipeline.images import MAX_IMAGE_PIXELS
 from pipeline.inputs import ADVANCED_IDS, INPUT_IDS, ToolInput, tool_inputs
@@ -43,6 +45,63 @@ ADVANCED_INPUTS = ADVANCED_IDS
 """Inputs the hosted tool does not have: Wiro clients may leave them out (Tool/Detail lists them as advanced)."""
 
 
+class Tool(BaseModel):
+    """One tool of the catalogue as the API describes it: its slug, texts and input defaults. Its LoRAs are the
+    worker's business (the server only records which tool a task is for)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    owner: str
+    project: str
+    title: str
+    description: str = ""
+    readme: str = ""
+    categories: tuple[str, ...] = tuple(CATEGORIES)
+    tags: tuple[str, ...] = ()
+    trigger: str = ""
+    """Put before the prompt when the prompt does not contain it (an effect LoRA's trigger word)."""
+    defaults: dict[str, str] = {}
+    """Tool inputs (Wiro ids) that default to other values than the parameter model's."""
+    inspire: tuple[dict[str, str], ...] = ()
+
+    @property
+    def slug(self) -> str:
+        return f"{self.owner}/{self.project}"
+
+    def is_named(self, owner: str, project: str) -> bool:
+        """Slugs are matched case-insensitively, as Wiro does."""
+        return owner.lower() == self.owner.lower() and project.lower() == self.project.lower()
+
+
+PARTICALIZE = Tool(owner=SLUG_OWNER, project=SLUG_PROJECT, title=TITLE, description=DESCRIPTION, readme=README,
+                   tags=tuple(TAGS), inspire=INSPIRE)
+"""The hosted tool this server replaces: always served, and the default."""
+DEFAULT_SLUG = PARTICALIZE.slug
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The tools this server runs, the default (codexq/Particalize) first."""
+
+    tools: tuple[Tool, ...] = (PARTICALIZE,)
+
+    def __post_init__(self) -> None:
+        slugs = [tool.slug.lower() for tool in self.tools]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError(f"duplicate tool slugs in {[tool.slug for tool in self.tools]}")
+
+    @property
+    def default(self) -> Tool:
+        return self.tools[0]
+
+    def find(self, owner: str, project: str) -> Tool | None:
+        return next((tool for tool in self.tools if tool.is_named(owner, project)), None)
+
+    def find_slug(self, slug: str) -> Tool | None:
+        owner, _, project = slug.partition("/")
+        return self.find(owner, project)
+
+
 @dataclass(frozen=True)
 class ToolOptions:
     """What Tool/Detail says about this server beyond its request limits."""
@@ -52,6 +111,7 @@ class ToolOptions:
     """Fast mode's sampling, offered when the request limits allow fast mode (a speed LoRA is configured)."""
     default_mode: str = NORMAL
     cost_per_second: float = 0.0
+    catalogue: Catalogue = field(default_factory=Catalogue)
 
 
 def is_this_tool(owner: str, project: str) -> bool:

@@ -26,7 +26,7 @@ from server.storage import Storage, safe_name
 from server.store import NewUpload, new_id
 from server.store.uploads import Uploads
 from server.task_record import ImageSource, TaskRecord
-from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD, TOOL_INPUTS
+from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD, PARTICALIZE, TOOL_INPUTS, Tool
 
 __all__ = ["IMAGE_FIELD", "IMAGE_URL_FIELD", "MAX_URL_CHARS", "RunRequest", "check_public_url",
            "check_upload", "parse_run"]
@@ -48,12 +48,24 @@ def _as_text(name: str, value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _with_tool(values: dict[str, Any], tool: Tool) -> dict[str, Any]:
+    """The tool's own defaults in place of the inputs left out (or sent empty, as multipart clients do)."""
+    return {**values, **{k: v for k, v in tool.defaults.items() if not _as_text(k, values.get(k)).strip()}}
+
+
+def _triggered(params: GenerationParams, tool: Tool) -> GenerationParams:
+    """The prompt with the tool's trigger word before it, unless it is in the prompt already."""
+    if not tool.trigger or tool.trigger.lower() in params.prompt.lower():
+        return params
+    return params.model_copy(update={"prompt": f"{tool.trigger} {params.prompt}"})
+
+
 def parse_run(fields: RequestFields, options: RequestLimits, storage: Storage, uploads: Uploads,
-              owner: str | None = None) -> RunRequest:
+              owner: str | None = None, tool: Tool = PARTICALIZE) -> RunRequest:
     values = {k: v for k, v in fields.values.items() if k in TOOL_INPUTS or k == "callbackUrl"}
     inputs = {k: _as_text(k, v) for k, v in values.items() if k in TOOL_INPUTS}
-    try:
-        params = parse_params(values, options.params).with_seed()  # the seed is fixed now: it is recorded
+    try:  # the seed is fixed now: it is recorded
+        params = _triggered(parse_params(_with_tool(values, tool), options.params).with_seed(), tool)
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
 
@@ -87,7 +99,7 @@ def parse_run(fields: RequestFields, options: RequestLimits, storage: Storage, u
     if callback_url:
         check_public_url("callbackUrl", callback_url, options.allow_private_urls)
     record = TaskRecord(params=params, inputs=inputs, image=image, callback_url=callback_url, owner=owner,
-                        resolved=resolved)
+                        resolved=resolved, tool=tool.slug)
     return RunRequest(record, new_upload)
 
 

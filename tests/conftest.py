@@ -116,6 +116,7 @@ def make_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -
         callback_backoff_seconds=0.05,
         callback_timeout_seconds=2.0,
         node_name="testnode",
+        tools_file=None,
     )
     values.update(overrides)
     return Settings().with_overrides(**values).model_copy(update={k: v for k, v in values.items() if v is None})

@@ -150,3 +150,44 @@ def test_an_unknown_slug_is_refused_in_wiros_shape(client: TestClient):
     assert answer.json() == {"result": False, "errors": [{
         "code": 1, "message": "There is no tool remade/Explode on this server; it runs codexq/Particalize, "
                               "remade/Squish, remade/Inflate."}]}
+
+
+def test_tool_list_and_explore_describe_every_tool_with_its_own_defaults(client: TestClient):
+    body = client.post("/v1/Tool/List", json={"search": "", "categories": []}).json()
+    assert body["total"] == "3"
+    by_slug = {f"{t['slugowner']}/{t['slugproject']}": t for t in body["tool"]}
+    assert list(by_slug) == [DEFAULT_SLUG, "remade/Squish", "remade/Inflate"]
+    assert [t["id"] for t in body["tool"]] == ["1", "2", "3"]
+    squish = by_slug["remade/Squish"]
+    defaults = {item["id"]: item["default"] for item in squish["parameters"][0]["items"]}
+    assert defaults["prompt"] == "a cat is squished" and defaults["scale"] == "6.0" and defaults["steps"] == "30"
+    assert squish["description"] == "Squishes the subject." and squish["tags"] == ["effect"]
+    found = client.post("/v1/Tool/List", json={"search": "squish"}).json()
+    assert [t["slugproject"] for t in found["tool"]] == ["Squish"]
+    explore = client.post("/v1/Tool/Explore", json={}).json()["explore"]
+    assert [t["slugproject"] for t in explore[0]["tools"]] == ["Particalize", "Squish", "Inflate"]
+    assert client.post("/v1/Tool/List", json={"slugowner": "remade"}).json()["total"] == "2"
+
+
+def test_tool_detail_answers_each_tool_and_refuses_another(client: TestClient):
+    detail = client.post("/v1/Tool/Detail", json={"slugowner": "remade", "slugproject": "inflate"}).json()
+    assert detail["result"] is True and detail["tool"][0]["slugproject"] == "Inflate"
+    assert detail["tool"][0]["inspire"] == [{"prompt": "a balloon dog inflates"}]
+    default = client.post("/v1/Tool/Detail", json={}).json()
+    assert default["tool"][0]["slugproject"] == "Particalize"
+    refused = client.post("/v1/Tool/Detail", json={"slugowner": "remade", "slugproject": "Explode"})
+    assert refused.status_code == 200 and refused.json()["errors"][0]["code"] == 1
+
+
+def test_task_detail_and_list_know_each_tasks_tool(client: TestClient):
+    ids = {slug: client.post(f"/v1/Run/{slug}", json=SMALL).json()["taskid"]
+           for slug in (DEFAULT_SLUG, "remade/Squish", "remade/Inflate")}
+    for slug, taskid in ids.items():
+        (task,) = client.post("/v1/Task/Detail", json={"taskid": taskid}).json()["tasklist"]
+        assert f"{task['modelslugowner']}/{task['modelslugproject']}" == slug
+    squish = client.post("/v1/Task/List", json={"modelName": "remade/squish"}).json()
+    assert squish["total"] == "1" and [t["id"] for t in squish["tasklist"]] == [ids["remade/Squish"]]
+    remade = client.post("/v1/Task/List", json={"modelName": "remade"}).json()
+    assert remade["total"] == "2"
+    assert client.post("/v1/Task/List", json={}).json()["total"] == "3"
+    assert client.post("/v1/Task/List", json={"modelName": "someone/else"}).json()["total"] == "0"

@@ -15,7 +15,7 @@ from server.openapi import DetailFields, ListFields, TaskFields, operation
 from server.routes.common import answer, choice_field, find_task, identifiers, int_field, text_field
 from server.services import Services
 from server.store.models import TERMINAL, Task
-from server.tool_info import names_this_tool
+from server.tool_info import named_tools
 
 router = APIRouter()
 
@@ -81,8 +81,8 @@ async def kill(request: Request) -> JSONResponse:
 async def task_list(request: Request) -> JSONResponse:
     """This server's tasks (of the calling API key), newest first; `start`/`limit` page through them. The official
     client's filters are honoured: `type` (model; this server runs no other kind of task), `sort` (id or
-    createtime), `order` (DESC or ASC) and `modelName` (this tool's "owner/project" or a part of it; another
-    name lists nothing)."""
+    createtime), `order` (DESC or ASC) and `modelName` (a tool's "owner/project" or a part of it: the tasks of the
+    tools it names; a name of no tool lists nothing)."""
 
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         start = int_field(fields, "start", 0, 0, 10**9)
@@ -91,9 +91,12 @@ async def task_list(request: Request) -> JSONResponse:
         choice_field(fields, "sort", ("id", "createtime"))
         order = choice_field(fields, "order", ("desc", "asc"))
         model = text_field(fields, "modelName", "model")
-        if kind not in ("model", "all") or (model is not None and not names_this_tool(model[1])):
+        catalogue = services.options.tool.catalogue
+        named = None if model is None else named_tools(model[1], catalogue)
+        if kind not in ("model", "all") or named == []:
             return {"total": "0", "errors": [], "tasklist": [], "result": True}
-        total, tasks = services.store.reads.list(owner, start, limit, ascending=order == "asc")
+        tools = None if named is None or len(named) == len(catalogue.tools) else [tool.slug for tool in named]
+        total, tasks = services.store.reads.list(owner, start, limit, ascending=order == "asc", tools=tools)
         return {"total": str(total), "errors": [], "tasklist": services.views(tasks), "result": True}
 
     return await answer(request, handler)

@@ -19,12 +19,12 @@ from server.routes.common import answer, int_field, text_field
 from server.search import rank
 from server.services import Services
 from server.tool_info import (
-    SEARCH_DOCUMENT,
     SLUG_OWNER,
     SLUG_PROJECT,
+    Tool,
     explore_item,
     in_catalogue,
-    is_this_tool,
+    search_document,
     tool_detail,
 )
 
@@ -37,10 +37,14 @@ async def detail(request: Request) -> JSONResponse:
         slug_owner = text_field(fields, "slugowner")
         slug_project = text_field(fields, "slugproject")
         asked = (slug_owner[1] if slug_owner else SLUG_OWNER, slug_project[1] if slug_project else SLUG_PROJECT)
-        if not is_this_tool(*asked):
-            raise ApiError(f"slug-owner-project-not-exist: this server runs {SLUG_OWNER}/{SLUG_PROJECT} only.",
-                           code=NOT_FOUND)
-        return {"result": True, "errors": [], "tool": [tool_detail(services.options.tool, services.options.limits)]}
+        catalogue = services.options.tool.catalogue
+        which = catalogue.find(*asked)
+        if which is None:
+            served = ", ".join(tool.slug for tool in catalogue.tools)
+            only = " only" if len(catalogue.tools) == 1 else ""
+            raise ApiError(f"slug-owner-project-not-exist: this server runs {served}{only}.", code=NOT_FOUND)
+        return {"result": True, "errors": [],
+                "tool": [tool_detail(services.options.tool, services.options.limits, which)]}
 
     return await answer(request, handler)
 
@@ -65,14 +69,15 @@ def _categories(fields: RequestFields) -> list[str]:
     return [c for c in value if c.strip()]
 
 
-def _found(fields: RequestFields, entry: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
-    """The catalogue entries (`entry` builds this server's one) that pass the body's `categories` and `slugowner`
-    and answer its `search` in plain words, best first."""
+def _found(fields: RequestFields, tools: tuple[Tool, ...], entry: Callable[[Tool], dict[str, Any]]
+           ) -> list[dict[str, Any]]:
+    """The catalogue's tools (each as `entry` builds it) that pass the body's `categories` and `slugowner` and
+    answer its `search` in plain words, best first."""
     search = text_field(fields, "search")
     slugowner = text_field(fields, "slugowner")
-    if not in_catalogue(_categories(fields), slugowner[1] if slugowner else ""):
-        return []
-    return [build() for build in rank(search[1] if search else "", [(entry, SEARCH_DOCUMENT)])]
+    categories = _categories(fields)
+    passing = [tool for tool in tools if in_catalogue(categories, slugowner[1] if slugowner else "", tool)]
+    return [entry(tool) for tool in rank(search[1] if search else "", [(t, search_document(t)) for t in passing])]
 
 
 @router.post("/v1/Tool/List", **operation(
@@ -85,7 +90,9 @@ async def tool_list(request: Request) -> JSONResponse:
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         start = int_field(fields, "start", 0, 0, 10**9)
         limit = int_field(fields, "limit", 20, 1, 100)
-        tools = _found(fields, lambda: tool_detail(services.options.tool, services.options.limits))
+        options = services.options
+        tools = _found(fields, options.tool.catalogue.tools,
+                       lambda which: tool_detail(options.tool, options.limits, which))
         return {"result": True, "errors": [], "total": str(len(tools)), "tool": tools[start:start + limit]}
 
     return await answer(request, handler)
@@ -99,7 +106,8 @@ async def explore(request: Request) -> JSONResponse:
     `categories`) sent narrows it as in Tool/List (no category is answered when nothing fits)."""
 
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
-        tools = _found(fields, explore_item)
+        tools = _found(fields, services.options.tool.catalogue.tools,
+                       lambda which: explore_item(services.options.tool, which))
         if not tools:
             return {"result": True, "errors": [], "explore": []}
         category = {"id": "1", "title": "Image to Video", "url": "image-to-video", "total": len(tools),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.devices import pick_device
 from pipeline.embeddings import EmbeddingCache
-from pipeline.errors import Interrupted, OutOfMemory
+from pipeline.errors import Interrupted, LoraFuseRefused, OutOfMemory
 from pipeline.fast import CACHED, FAST, NORMAL, FastMode
 from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
 from pipeline.loader import load_base_pipeline, preset_dir
@@ -172,7 +172,15 @@ class VideoGenerator:
         for path, strength in options.loras:
             stack.load(path, strength)
         fuse = options.fuse
-        if options.loras and resolve_compile(self.speed, self.device)[0] and not fuse:
+        if options.tools:  # each tool's stack is switched per run: none may be fused into the weights
+            if fuse:
+                raise LoraFuseRefused("cannot fuse LoRAs with a tool catalogue (each run switches to its tool's "
+                                      "LoRAs, and a fused one could not be switched off): leave "
+                                      "PARTICALIZE_FUSE_LORA / --fuse-lora off")
+            for tool, files in options.tools:
+                for path, strength in files:
+                    stack.load(path, strength, tool=tool)
+        elif options.loras and resolve_compile(self.speed, self.device)[0] and not fuse:
             refusal = stack.fuse_refusal()
             if refusal is None:
                 log.info("fusing the LoRAs before compiling (compiled graphs should not carry adapter layers)")
@@ -286,11 +294,13 @@ class VideoGenerator:
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
         interrupt: StopCheck | None = None,
+        tool: str = "",
     ) -> Video:
         """Run one video. `should_stop` is checked after every step (it may do I/O); `interrupt` before every
         transformer block and VAE decoder call (it must be cheap, e.g. `threading.Event.is_set`). When either
         says stop, the run raises Interrupted (a run stopped in its last step never starts the VAE decode).
-        Resolved parameters run as they are; others are resolved here, once (`resolve`)."""
+        Resolved parameters run as they are; others are resolved here, once (`resolve`). `tool`: whose LoRA stack
+        runs ("": the default stack; another, one of `options.loras.tools`)."""
         params = self.resolve(params, image)
         if params.mode == FAST and not self.lora_stack.has_speed:  # resolved elsewhere, for a speed LoRA not here
             raise no_speed_lora(self.modes.offered)
@@ -301,7 +311,7 @@ class VideoGenerator:
         with self._lock:
             started = time.perf_counter()
             fast = params.mode == FAST
-            self.lora_stack.use(fast)
+            self.lora_stack.use(fast, tool)
             self.pipe.scheduler = (self.fast_schedulers if fast else self.schedulers).for_shift(params.flow_shift)
             mag = self.applied.mag
             if mag is not None:

@@ -17,6 +17,8 @@ from weights.locate import LoraSources
 from weights.lora_sources import parse_lora_list, parse_lora_source
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pipeline.generator import GeneratorOptions, VideoGenerator
     from pipeline.lora.stack import LoraStackOptions
     from pipeline.speed.acceleration import SpeedOptions
@@ -127,14 +129,24 @@ def speed_options(settings: Settings) -> SpeedOptions:
 
 def lora_stack(settings: Settings) -> LoraStackOptions:
     """The configured LoRAs as files on disk; WeightsMissing naming the setting of one that is not there."""
+    from particalize.tools import tool_set
     from pipeline.lora.stack import LoraStackOptions
-    from weights.locate import speed_lora_file, stack_files
+    from server.tool_info import DEFAULT_SLUG
+    from weights.locate import lora_source_file, speed_lora_file, stack_files
 
     sources = lora_sources(settings)
     speed = speed_lora_file(sources)
-    stack = stack_files(sources)
+    tools = tool_set(settings)
+
+    def files(slug: str) -> tuple[tuple[Path, float], ...]:
+        return tuple((lora_source_file(s, settings.weights_dir, f"{slug}'s loras"), s.strength)
+                     for s in tools.loras[slug])
+
+    stack = ([(path, source.strength) for source, path in stack_files(sources)] if tools.default_from_settings
+             else files(DEFAULT_SLUG))
     return LoraStackOptions(
-        loras=tuple((path, source.strength) for source, path in stack),
+        loras=tuple(stack),
+        tools=tuple((slug, files(slug)) for slug in tools.loras if slug != DEFAULT_SLUG),
         speed_lora=(speed[1], speed[0].strength) if speed is not None else None,
         fuse=settings.fuse_lora,
         strict=settings.lora_strict,

@@ -81,3 +81,54 @@ def test_fusing_is_refused_with_tools(files):
     options = LoraStackOptions(loras=stacks[""], tools=(("remade/Squish", stacks["remade/Squish"]),), fuse=True)
     with pytest.raises(LoraFuseRefused, match="tool catalogue"):
         VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, loras=options))
+
+
+# --- through the server: a catalogue of two tools, one warm worker ------------------------------------------------
+
+def test_a_worker_runs_each_task_with_its_tools_loras(files, tmp_path):
+    """Tasks of both tools and the default one on one warm worker (built from the catalogue by the composition):
+    tool B's video after tool A's equals, frame for frame and byte for byte, a fresh `generate` with B's LoRA."""
+    from fastapi.testclient import TestClient
+
+    from particalize.cli import main
+    from particalize.compose import generator_options
+    from particalize.compose_server import build_app
+    from particalize.core_options import worker_options
+    from pipeline.video import read_mp4
+    from server.worker import Worker
+    from tests.conftest import make_settings
+    from tests.images import png_bytes
+
+    folder, stacks = files
+    (squish, squish_strength), = stacks["remade/Squish"]
+    (inflate, inflate_strength), = stacks["remade/Inflate"]
+    catalogue = tmp_path / "tools.toml"
+    catalogue.write_text(f'[[tools]]\nslug = "remade/Squish"\nloras = ["{squish}:{squish_strength}"]\n'
+                         f'[[tools]]\nslug = "remade/Inflate"\nloras = ["{inflate}:{inflate_strength}"]\n')
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}", tools_file=catalogue,
+                             lora_path=stacks[""][0][0])
+    image = png_bytes(32, 32)
+    (tmp_path / "start.png").write_bytes(image)
+    inputs = {"prompt": "a glass dog shatters", "numFrames": "5", "steps": "2", "seed": "11", "width": "32",
+              "height": "32", "fps": "8"}
+    generator = VideoGenerator(generator_options(settings))
+    with TestClient(build_app(settings)) as client:
+        services = client.app.state.services
+        worker = Worker(services.store, services.storage, generator, worker_options(settings),
+                        worker_id="testnode/gpu0")
+        outputs = {}
+        for slug in ["remade/Inflate", "remade/Squish", "codexq/Particalize", "remade/Squish"]:
+            run = client.post(f"/v1/Run/{slug}", data=inputs, files={"inputImage": ("start.png", image)}).json()
+            assert run["result"] is True, run
+            assert worker.run_once()
+            task = client.post("/v1/Task/Detail", json={"taskid": run["taskid"]}).json()["tasklist"][0]
+            assert task["pexit"] == "0", task["debugerror"]
+            outputs.setdefault(slug, []).append(settings.outputs_dir / services.storage.output_relpath(
+                services.store.reads.get(int(run["taskid"])).uuid, task["outputs"][0]["name"]))
+    fresh = tmp_path / "fresh-squish.mp4"
+    assert main(["generate", "--model", "tiny", "--image", str(tmp_path / "start.png"), "--out", str(fresh),
+                 "--lora", f"{squish}:{squish_strength}", "--prompt", "a glass dog shatters", "--num-frames", "5",
+                 "--steps", "2", "--seed", "11", "--width", "32", "--height", "32", "--fps", "8"]) == 0
+    for path in outputs["remade/Squish"]:  # the first after Inflate's task, the second after the default tool's
+        assert path.read_bytes() == fresh.read_bytes()
+    assert not np.array_equal(read_mp4(outputs["remade/Inflate"][0])[1], read_mp4(fresh)[1])

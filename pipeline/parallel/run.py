@@ -112,7 +112,7 @@ def _ended(error: BaseException | None) -> str | None:
 
 
 def run_request(generator: VideoGenerator, params: GenerationParams, image: Image.Image,
-                progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> Video:
+                progress: ProgressFn | None = None, should_stop: StopFn | None = None, tool: str = "") -> Video:
     """This rank's part of one run; raises what ended it on any rank (the same on every rank)."""
     device = generator.device
 
@@ -122,7 +122,7 @@ def run_request(generator: VideoGenerator, params: GenerationParams, image: Imag
     error: BaseException | None = None
     video = None
     try:
-        video = generator.generate(params, image, progress=progress, should_stop=collective_stop)
+        video = generator.generate(params, image, progress=progress, should_stop=collective_stop, tool=tool)
     except Exception as exc:  # noqa: BLE001 - every rank must reach the verdict below
         error = exc
     endings: list[str | None] = [None] * dist.get_world_size()
@@ -192,8 +192,10 @@ class LeaderGenerator:
         return self.inner.resolve(params, image)
 
     def generate(self, params: GenerationParams, image: Image.Image, progress: ProgressFn | None = None,
-                 should_stop: StopFn | None = None, interrupt: Callable[[], bool] | None = None) -> Video:
-        """As VideoGenerator.generate; `interrupt` is read once per step with `should_stop` (not per block)."""
+                 should_stop: StopFn | None = None, interrupt: Callable[[], bool] | None = None,
+                 tool: str = "") -> Video:
+        """As VideoGenerator.generate; `interrupt` is read once per step with `should_stop` (not per block); every
+        rank switches to `tool`'s LoRAs."""
         if self.broken:
             raise ParallelGroupBroken(self.broken)
         if image.mode != "RGB":
@@ -221,8 +223,8 @@ class LeaderGenerator:
             return bool(failures)
 
         try:
-            dist.broadcast_object_list([("generate", params, image)], src=0, group=self.control)
-            return run_request(self.inner, params, image, progress=report, should_stop=stop)
+            dist.broadcast_object_list([("generate", params, image, tool)], src=0, group=self.control)
+            return run_request(self.inner, params, image, progress=report, should_stop=stop, tool=tool)
         except Interrupted:
             if failures:
                 raise failures[0] from None
@@ -270,9 +272,9 @@ def follow(generator: VideoGenerator, control: Any) -> None:
         dist.broadcast_object_list(box, src=0, group=control)
         if box[0] == STOP:
             return
-        _, params, image = box[0]
+        _, params, image, tool = box[0]
         try:
-            run_request(generator, params, image)
+            run_request(generator, params, image, tool=tool)
         except ParallelGroupBroken:
             raise
         except Exception as exc:  # noqa: BLE001 - rank 0 records it; this rank waits for the next request

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.errors import Interrupted, InvalidParameter
+from pipeline.errors import Interrupted, InvalidParameter, LoraMismatch
 from pipeline.images import decode_image
 from pipeline.params import GenerationParams, ResolvedParams
 from pipeline.resolve import Modes, resolve_request
@@ -49,6 +49,7 @@ from server.store.models import (
 )
 from server.store.outage import StoreHealth, is_outage
 from server.task_record import ImageSource, record_of
+from server.tool_info import DEFAULT_SLUG
 from server.worker.options import WorkerOptions
 from server.worker.outcomes import HANDLING, Ending, Outcome, TaskEnd, ending_of
 from server.worker.scratch import output_folder
@@ -97,7 +98,8 @@ class Generator(Protocol):
         """The modes it runs: what a request's parameters are resolved with."""
 
     def generate(self, params: ResolvedParams, image: Image.Image, progress: Any = None,
-                 should_stop: Any = None, interrupt: Any = None) -> Video: ...
+                 should_stop: Any = None, interrupt: Any = None, tool: str = "") -> Video:
+        """`tool`: the catalogue tool whose LoRAs run ("": the default tool's); passed only for another tool."""
 
 
 class TaskRun:
@@ -159,7 +161,7 @@ class TaskRun:
         self._step(ASSIGN, debugoutput=f"assigned to {self.worker_id} ({self.generator.device})")
         self._step(START)
 
-        video = self._generate(params, image)
+        video = self._generate(params, image, "" if record.tool == DEFAULT_SLUG else record.tool)
         try:
             self._finish(video, params)
         except SQLAlchemyError as exc:
@@ -231,7 +233,7 @@ class TaskRun:
         except InvalidParameter as exc:
             raise TaskEnd(Outcome.BAD_INPUT, str(exc)) from None
 
-    def _generate(self, params: ResolvedParams, image: Image.Image) -> Video:
+    def _generate(self, params: ResolvedParams, image: Image.Image, tool: str = "") -> Video:
         """Run the pipeline; progress is recorded (at most every progress_interval_seconds, and the last step
         always). A kill, or a stop once its grace period is over, stops it before the next transformer block
         (`interrupt`, set by the kill watcher) or at the end of the step it arrives in, whichever is first."""
@@ -260,9 +262,12 @@ class TaskRun:
                 self.interrupt.set()  # mid-denoise: requeued
             return self.interrupt.is_set()
 
+        which = {"tool": tool} if tool else {}  # the default tool's run is called as before tools existed
         try:
             return self.generator.generate(params, image, progress=progress, should_stop=should_stop,
-                                           interrupt=self.interrupt.is_set)
+                                           interrupt=self.interrupt.is_set, **which)
+        except LoraMismatch as exc:  # a tool this worker has not loaded (the catalogue changed since Run)
+            raise TaskEnd(Outcome.BAD_INPUT, str(exc)) from None
         except Interrupted as stopped:
             if self.kill_seen.is_set() or self._through_outage(lambda: self.store.tasks.kill_requested(task.id),
                                                                finishing=self.denoised.is_set()):

@@ -72,8 +72,8 @@ def _rank(rank: int, init_method: str, out: str, stop_after: int | None, fail_at
 
             box = [None]
             dist.broadcast_object_list(box, src=0, group=control)
-            _, params, image = box[0]
-            run_request(generator, params, image, progress=record)
+            _, params, image, tool = box[0]
+            run_request(generator, params, image, progress=record, tool=tool)
     except Interrupted:
         pass
     except RuntimeError as exc:

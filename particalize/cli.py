@@ -6,10 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from particalize.settings import Settings
 from pipeline.fast import MODES
 from pipeline.inputs import ToolInput, tool_inputs
+
+if TYPE_CHECKING:
+    from server.tool_info import Tool
 
 TOOL_FLAGS: list[ToolInput] = [spec for spec in tool_inputs() if not spec.advanced]
 """Every input of the hosted tool is a flag (`mode`, an advanced input, is `--mode`: the run's default mode)."""
@@ -76,6 +80,14 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _tool_settings(args: argparse.Namespace) -> tuple[Settings, Tool]:
+    """`generate`'s and `batch`'s settings for one tool of the catalogue (--tool), and that tool."""
+    from particalize.tools import for_tool
+    from server.tool_info import DEFAULT_SLUG
+
+    return for_tool(_settings(args), args.tool or DEFAULT_SLUG)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="particalize", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -84,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="make one video offline")
     gen.add_argument("--image", required=True, help="start image: a path or an http(s) URL")
     gen.add_argument("--out", type=Path, default=Path("out.mp4"))
+    gen.add_argument("--tool", metavar="OWNER/PROJECT", help="a tool of the catalogue (--tools): its LoRAs, defaults "
+                     "and trigger (default: codexq/Particalize)")
     _model_flags(gen)
     _tool_flags(gen)
     gen.set_defaults(func=cmd_generate)
@@ -91,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="many videos from a JSONL file, resumable (tool flags are row defaults)")
     batch.add_argument("file", type=Path, help="JSONL: one {\"image\": ..., tool inputs, \"id\"?} per line")
     batch.add_argument("--out", type=Path, required=True, help="folder for MP4s, contact sheets and the manifest")
+    batch.add_argument("--tool", metavar="OWNER/PROJECT", help="a tool of the catalogue (--tools): its LoRAs, "
+                       "defaults and trigger for every row (default: codexq/Particalize)")
     _model_flags(batch)
     _tool_flags(batch)
     batch.set_defaults(func=cmd_batch)
@@ -121,11 +137,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from particalize import compose
     from particalize.image_source import read_image_source
+    from particalize.tools import defaults_by_name
     from pipeline.images import decode_image
     from pipeline.params import parse_params
 
-    settings = _settings(args)
-    params = parse_params(_tool_values(args), compose.limits(settings))
+    settings, tool = _tool_settings(args)
+    params = parse_params({**defaults_by_name(tool), **_tool_values(args)}, compose.limits(settings))
+    params = params.model_copy(update={"prompt": tool.triggered(params.prompt)})
     image = decode_image(read_image_source(args.image), field="--image")
     if settings.context_parallel != "none" or settings.parallel_degree > 1:
         refusal = compose.parallel_refusal(settings)
@@ -156,15 +174,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from particalize.batch import batch_command
+    from particalize.tools import defaults_by_name
 
-    settings = _settings(args)
+    settings, tool = _tool_settings(args)
     if settings.context_parallel != "none" or settings.parallel_degree > 1:
         raise ValueError("batch runs its videos in one process: context parallelism is for generate, serve and worker")
-    return batch_command(args.file, args.out, settings, _tool_values(args))
+    return batch_command(args.file, args.out, settings, {**defaults_by_name(tool), **_tool_values(args)},
+                         tool.triggered)
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
     from particalize.compose import lora_sources
+    from particalize.tools import tool_set
     from pipeline.presets import get_preset
     from weights.fetch import fetch_lora, fetch_model
     from weights.locate import stack_sources
@@ -177,7 +198,9 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
         else:
             print(f"fetched {preset.repo_id} into {fetch_model(preset, settings.weights_dir, settings.hf_token)}")
     configured = lora_sources(settings)
-    sources = stack_sources(configured) + [s for s in [configured.speed_lora] if s]
+    tools = tool_set(settings, check_files=False)  # the catalogue's tools' LoRAs too (--tools)
+    sources = stack_sources(configured) + [s for s in [configured.speed_lora] if s] + [
+        s for stack in tools.loras.values() for s in stack]
     for source in sources:
         if source.is_hub:
             path = fetch_lora(source.repo, source.file, settings.weights_dir, source.revision, settings.hf_token)

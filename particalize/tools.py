@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from particalize.settings import Settings
 from pipeline.errors import InvalidParameter, WeightsMissing
-from pipeline.params import parse_params
+from pipeline.params import GenerationParams, parse_params
 from server.tool_info import CATEGORIES, PARTICALIZE, Catalogue, Tool
 from weights.locate import lora_source_file
 from weights.lora_sources import LoraSource, parse_lora_source
@@ -119,7 +119,7 @@ def _known_keys(loc: list[Any]) -> list[str]:
     return list(model.model_fields)
 
 
-def _lora_stack(entry: ToolEntry, weights_dir: Path, path: Path) -> tuple[LoraSource, ...]:
+def _lora_stack(entry: ToolEntry, weights_dir: Path, path: Path, check_files: bool) -> tuple[LoraSource, ...]:
     stack = []
     for index, text in enumerate(entry.loras):
         try:
@@ -127,7 +127,8 @@ def _lora_stack(entry: ToolEntry, weights_dir: Path, path: Path) -> tuple[LoraSo
         except ValueError as exc:
             raise CatalogueError(f"{path}: tool {entry.slug!r}: loras[{index}]: {exc}") from None
         try:
-            lora_source_file(source, weights_dir, f"loras[{index}]")
+            if check_files:
+                lora_source_file(source, weights_dir, f"loras[{index}]")
         except WeightsMissing as exc:
             raise CatalogueError(f"{path}: tool {entry.slug!r}: {exc}") from None
         stack.append(source)
@@ -146,8 +147,9 @@ def _tool(entry: ToolEntry, path: Path, settings: Settings) -> Tool:
                 trigger=entry.trigger.strip(), defaults=defaults, inspire=tuple(entry.inspire))
 
 
-def read_tools_file(path: Path, settings: Settings) -> ToolSet:
-    """The catalogue `path` describes; CatalogueError (one line) for anything that cannot be served."""
+def read_tools_file(path: Path, settings: Settings, *, check_files: bool = True) -> ToolSet:
+    """The catalogue `path` describes; CatalogueError (one line) for anything that cannot be served.
+    `check_files=False`: LoRA files not on disk yet are not refused (`weights fetch` fetches them)."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -168,7 +170,7 @@ def read_tools_file(path: Path, settings: Settings) -> ToolSet:
             raise CatalogueError(f"{path}: tool {entry.slug!r}: loras: a tool needs at least one LoRA "
                                  "(loras = [\"/models/effect.safetensors:1.0\"])")
         tools.append(tool)
-        loras[tool.slug] = _lora_stack(entry, settings.weights_dir, path)
+        loras[tool.slug] = _lora_stack(entry, settings.weights_dir, path, check_files)
     own_default = next((tool for tool in tools if tool.is_named(PARTICALIZE.owner, PARTICALIZE.project)), None)
     if own_default is None:
         tools.insert(0, PARTICALIZE)
@@ -179,8 +181,30 @@ def read_tools_file(path: Path, settings: Settings) -> ToolSet:
     return ToolSet(Catalogue(tuple(tools)), loras, default_from_settings=own_default is None)
 
 
-def tool_set(settings: Settings) -> ToolSet:
+def tool_set(settings: Settings, *, check_files: bool = True) -> ToolSet:
     """The settings' catalogue: the tools file's, or codexq/Particalize alone with the settings' LoRA stack."""
     if settings.tools_file is None:
         return ToolSet(Catalogue(), {PARTICALIZE.slug: ()})
-    return read_tools_file(settings.tools_file, settings)
+    return read_tools_file(settings.tools_file, settings, check_files=check_files)
+
+
+def for_tool(settings: Settings, slug: str) -> tuple[Settings, Tool]:
+    """The settings of a one-tool process (`generate`, `batch --tool`): the tool's LoRAs as the whole stack, no
+    catalogue to load; and the tool (its defaults and trigger apply to the inputs)."""
+    tools = tool_set(settings)
+    tool = tools.catalogue.find_slug(slug)
+    if tool is None:
+        served = ", ".join(t.slug for t in tools.catalogue.tools)
+        raise CatalogueError(f"--tool {slug}: no such tool (the catalogue has {served}; set --tools FILE)")
+    alone = settings.model_copy(update={"tools_file": None})
+    if tool is tools.catalogue.default and tools.default_from_settings:
+        return alone, tool
+    entries = ",".join(f"{source.text}:{source.strength:g}" for source in tools.loras[tool.slug])
+    alone = alone.model_copy(update={"lora_path": None, "lora_repo": None, "loras": None})
+    return (alone.with_overrides(loras=entries) if entries else alone), tool
+
+
+def defaults_by_name(tool: Tool) -> dict[str, str]:
+    """The tool's defaults under the parameter model's field names (as the CLI's flags give values)."""
+    names = {field.alias or name: name for name, field in GenerationParams.model_fields.items()}
+    return {names[key]: value for key, value in tool.defaults.items()}

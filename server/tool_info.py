@@ -68,6 +68,12 @@ class Tool(BaseModel):
     def slug(self) -> str:
         return f"{self.owner}/{self.project}"
 
+    def triggered(self, prompt: str) -> str:
+        """The prompt with the trigger word before it, unless it holds it already (in any case)."""
+        if not self.trigger or self.trigger.lower() in prompt.lower():
+            return prompt
+        return f"{self.trigger} {prompt}"
+
     def is_named(self, owner: str, project: str) -> bool:
         """Slugs are matched case-insensitively, as Wiro does."""
         return owner.lower() == self.owner.lower() and project.lower() == self.project.lower()

@@ -55,9 +55,8 @@ def _with_tool(values: dict[str, Any], tool: Tool) -> dict[str, Any]:
 
 def _triggered(params: GenerationParams, tool: Tool) -> GenerationParams:
     """The prompt with the tool's trigger word before it, unless it is in the prompt already."""
-    if not tool.trigger or tool.trigger.lower() in params.prompt.lower():
-        return params
-    return params.model_copy(update={"prompt": f"{tool.trigger} {params.prompt}"})
+    prompt = tool.triggered(params.prompt)
+    return params if prompt == params.prompt else params.model_copy(update={"prompt": prompt})
 
 
 def parse_run(fields: RequestFields, options: RequestLimits, storage: Storage, uploads: Uploads,

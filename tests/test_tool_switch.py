@@ -132,3 +132,46 @@ def test_a_worker_runs_each_task_with_its_tools_loras(files, tmp_path):
     for path in outputs["remade/Squish"]:  # the first after Inflate's task, the second after the default tool's
         assert path.read_bytes() == fresh.read_bytes()
     assert not np.array_equal(read_mp4(outputs["remade/Inflate"][0])[1], read_mp4(fresh)[1])
+
+
+# --- generate and batch with --tool -------------------------------------------------------------------------------
+
+VIDEO = ["--model", "tiny", "--num-frames", "5", "--seed", "11", "--width", "32", "--height", "32", "--fps", "8"]
+
+
+def test_generate_and_batch_take_a_tool_with_its_loras_defaults_and_trigger(files, tmp_path, capsys):
+    import json
+
+    from particalize.cli import main
+    from tests.images import png_bytes
+
+    _, stacks = files
+    (squish, strength), = stacks["remade/Squish"]
+    catalogue = tmp_path / "tools.toml"
+    catalogue.write_text(f'[[tools]]\nslug = "remade/Squish"\nloras = ["{squish}:{strength}"]\ntrigger = "sq41sh"\n'
+                         '[tools.defaults]\nsteps = 2\nprompt = "a glass dog shatters"\n')
+    (tmp_path / "in.png").write_bytes(png_bytes(32, 32))
+    image = ["--image", str(tmp_path / "in.png")]
+    by_hand = tmp_path / "by-hand.mp4"
+    assert main(["generate", *image, "--out", str(by_hand), *VIDEO, "--lora", f"{squish}:{strength}",
+                 "--steps", "2", "--prompt", "sq41sh a glass dog shatters"]) == 0
+    by_tool = tmp_path / "by-tool.mp4"
+    assert main(["generate", *image, "--out", str(by_tool), *VIDEO, "--tools", str(catalogue),
+                 "--tool", "remade/squish"]) == 0
+    assert by_tool.read_bytes() == by_hand.read_bytes()
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "one", "image": "in.png"}) + "\n")
+    out = tmp_path / "batch"
+    assert main(["batch", str(rows), "--out", str(out), *VIDEO, "--tools", str(catalogue),
+                 "--tool", "remade/Squish"]) == 0
+    (record,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert record["parameters"]["prompt"] == "sq41sh a glass dog shatters"
+    assert (out / "one.mp4").read_bytes() == by_hand.read_bytes()
+
+    capsys.readouterr()
+    assert main(["generate", *image, "--out", str(tmp_path / "x.mp4"), *VIDEO, "--tools", str(catalogue),
+                 "--tool", "remade/Explode"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --tool remade/Explode: no such tool (the catalogue has codexq/Particalize, remade/Squish; set "
+        "--tools FILE)"]

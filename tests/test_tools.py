@@ -191,3 +191,23 @@ def test_task_detail_and_list_know_each_tasks_tool(client: TestClient):
     assert remade["total"] == "2"
     assert client.post("/v1/Task/List", json={}).json()["total"] == "3"
     assert client.post("/v1/Task/List", json={"modelName": "someone/else"}).json()["total"] == "0"
+
+
+def test_weights_fetch_fetches_every_tools_hub_loras(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]):
+    """A tool's hub LoRA not fetched yet stops the start, naming the fetch command; `weights fetch --tools` fetches
+    it (the download itself is weights.fetch's, stubbed here: no network in tests)."""
+    import weights.fetch
+
+    monkeypatch.setenv("PARTICALIZE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.delenv("PARTICALIZE_LORA_PATH", raising=False)
+    monkeypatch.delenv("PARTICALIZE_LORAS", raising=False)
+    path = write(tmp_path, '[[tools]]\nslug = "remade/Squish"\nloras = ["hf://Remade-AI/Squish/squish.safetensors:0.8"]\n')
+    with pytest.raises(CatalogueError, match="run `particalize weights fetch`"):
+        read_tools_file(path, make_settings(tmp_path, weights_dir=tmp_path / "weights"))
+    fetched = []
+    monkeypatch.setattr(weights.fetch, "fetch_lora",
+                        lambda repo, file, *args: fetched.append((repo, file)) or tmp_path / file)
+    assert main(["weights", "fetch", "--skip-model", "--model", "tiny", "--tools", str(path)]) == 0
+    assert fetched == [("Remade-AI/Squish", "squish.safetensors")]
+    assert "fetched LoRA hf://Remade-AI/Squish/squish.safetensors" in capsys.readouterr().out

@@ -226,15 +226,18 @@ class VideoGenerator:
 
     def warmup(self) -> None:
         """Short runs at start so that the first task does not pay for compilation: one per mode when a speed
-        LoRA is loaded (its active adapters are guarded Python state, so each mode has its own compiled graphs;
-        switching between warmed modes then compiles nothing)."""
+        LoRA is loaded, and one per catalogue tool (the active adapters are guarded Python state, so each mode and
+        each tool has its own compiled graphs; switching between warmed ones then compiles nothing)."""
         started = time.perf_counter()
         image = Image.new("RGB", (832, 480), (127, 127, 127))
         modes = (NORMAL, FAST) if self.lora_stack.has_speed else (None,)
-        for mode in modes:
-            self.generate(GenerationParams(numFrames=9, steps=2, seed=0, mode=mode), image)
-        log.info("warm-up run%s took %.1fs", "s (normal and fast)" if len(modes) > 1 else "",
-                 time.perf_counter() - started)
+        tools = sorted(self.lora_stack.tools)
+        for tool in tools:
+            for mode in modes:
+                self.generate(GenerationParams(numFrames=9, steps=2, seed=0, mode=mode), image, tool=tool)
+        self.lora_stack.use(self.mode == FAST)  # the default tool's stack again, as after loading
+        log.info("warm-up: %d run(s) (%s modes x %d tools) took %.1fs", len(modes) * len(tools),
+                 "normal and fast" if len(modes) > 1 else "one", len(tools), time.perf_counter() - started)
 
     @property
     def degraded(self) -> list[str]:

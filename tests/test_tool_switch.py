@@ -175,3 +175,40 @@ def test_generate_and_batch_take_a_tool_with_its_loras_defaults_and_trigger(file
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --tool remade/Explode: no such tool (the catalogue has codexq/Particalize, remade/Squish; set "
         "--tools FILE)"]
+
+
+# --- under compile --------------------------------------------------------------------------------------------------
+
+def test_switching_tools_under_compile_compiles_nothing_after_the_warm_up(files):
+    """Each tool is compiled once, in the warm-up (its active adapters are guarded state); alternating tools then
+    compiles nothing (dynamo's recompile error is on), and the compiled frames of each tool match the eager ones."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from pipeline.params import GenerationParams
+    from pipeline.speed.acceleration import SpeedOptions
+
+    tmp, stacks = files
+    tools = ("remade/Squish", "remade/Inflate")
+    options = LoraStackOptions(loras=stacks[""], tools=tuple((tool, stacks[tool]) for tool in tools))
+    small = GenerationParams(width=32, height=32, numFrames=5, steps=2, seed=3)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, speed=SpeedOptions(compile=True),
+                                                   loras=options))
+        assert compiled.applied.compiled and not any(info.fused for info in compiled.loras)
+        warmed = counters["stats"]["unique_graphs"]
+        assert warmed >= 1
+        torch._dynamo.config.error_on_recompile = True
+        frames = {}
+        for tool in ["remade/Squish", "", "remade/Inflate", "remade/Squish", "", "remade/Inflate"]:
+            frames[tool] = compiled.generate(small, IMAGE, tool=tool).frames
+        assert counters["stats"]["unique_graphs"] == warmed
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    eager = generator(tmp, stacks, tools)
+    for tool, got in frames.items():
+        np.testing.assert_allclose(got, eager.generate(small, IMAGE, tool=tool).frames, atol=2e-3)

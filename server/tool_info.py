@@ -1,4 +1,5 @@
-"""The one tool this server runs, described as Wiro describes tools: names, defaults and limits.
+"""The tools this server runs (codexq/Particalize, and any of a catalogue), described as Wiro describes tools:
+names, defaults and limits.
 
 The inputs are the parameter model's (pipeline.inputs reads GenerationParams' fields: ids, labels, types,
 defaults, help), with this server's limits filled in, so Tool/Detail always says what Run will accept; the two
@@ -118,10 +119,6 @@ class ToolOptions:
     default_mode: str = NORMAL
     cost_per_second: float = 0.0
     catalogue: Catalogue = field(default_factory=Catalogue)
-
-
-def is_this_tool(owner: str, project: str) -> bool:
-    return PARTICALIZE.is_named(owner, project)
 
 
 def named_tools(model: str, catalogue: Catalogue) -> list[Tool]:

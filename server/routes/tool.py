@@ -1,5 +1,5 @@
-"""Tool/Detail (the one tool's input schema, defaults and this server's limits), and Tool/List and Tool/Explore
-(the catalogue calls of the official client's searchModels/explore: this server's one tool)."""
+"""Tool/Detail (a tool's input schema, its defaults and this server's limits), and Tool/List and Tool/Explore
+(the catalogue calls of the official client's searchModels/explore: this server's tools)."""
 
 from __future__ import annotations
 

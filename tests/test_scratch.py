@@ -36,10 +36,12 @@ def test_a_folder_of_an_ended_process_is_removed_and_a_live_ones_is_kept(scratch
     (abandoned / "0.mp4").write_bytes(b"half an mp4")
     other = scratch / "someone-elses"
     other.mkdir()
+    older_version = scratch / f"{PREFIX}k3j_x9q2"  # tempfile's name, with no process in it: may be in use
+    older_version.mkdir()
     with output_folder() as mine:
         assert mine.parent == scratch and mine.name.startswith(f"{PREFIX}")
         assert remove_abandoned() == [abandoned]
-        assert mine.is_dir() and other.is_dir() and not abandoned.exists()
+        assert mine.is_dir() and other.is_dir() and older_version.is_dir() and not abandoned.exists()
     assert not mine.exists()
 
 

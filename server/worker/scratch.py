@@ -34,11 +34,12 @@ def output_folder(root: Path | None = None) -> Iterator[Path]:
 
 
 def remove_abandoned(root: Path | None = None) -> list[Path]:
-    """Remove the output folders whose process is gone (the ones a killed worker left); the removed ones."""
+    """Remove the output folders whose process is gone (the ones a killed worker left); the removed ones. A folder
+    not named for a process (an older version's, during a rolling upgrade) may be in use: it is left alone."""
     removed = []
-    for folder in (root or Path(tempfile.gettempdir())).glob(f"{PREFIX}*"):
+    for folder in (root or Path(tempfile.gettempdir())).glob(f"{PREFIX}*-*"):
         pid = folder.name.removeprefix(PREFIX).split("-", 1)[0]
-        if not folder.is_dir() or (pid.isdigit() and _alive(int(pid))):
+        if not folder.is_dir() or not pid.isdigit() or _alive(int(pid)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         if not folder.exists():

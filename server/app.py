@@ -66,7 +66,9 @@ def create_app(
 
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: openapi_document(options)  # type: ignore[method-assign]  # the routes read raw bodies
-    app.state.rate_limiter = RateLimiter.per_minute(options.rate_limit_per_minute)
+    app.state.rate_limiter = RateLimiter.per_minute(options.rate_limit_per_minute,
+                                                    storage_url=options.rate_limit_storage,
+                                                    key_prefix=options.rate_limit_key_prefix)
     app.state.worker_reports = WorkerReports()  # what this process's workers say of themselves (/ready)
     outages = ThrottledLog(log)
     for module in (run, tasks, tool, files, live, metrics, playground, health):

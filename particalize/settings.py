@@ -224,7 +224,13 @@ class Settings(BaseSettings):
         description="This machine's name in worker ids (<node>/gpu<N>); unique per machine sharing a database.",
     )
     worker_poll_seconds: float = Field(
-        0.05, gt=0, description="How often an idle worker looks for a queued task (bounds Run-to-start)."
+        0.05, gt=0, description="How often an idle worker looks for a queued task when nothing wakes it (a worker "
+        "on SQLite that serve did not start; any worker while its wake-ups are down)."
+    )
+    worker_safety_poll_seconds: float = Field(
+        5.0, gt=0, description="With wake-ups (PostgreSQL's LISTEN/NOTIFY, or serve's own workers on SQLite): how "
+        "often an idle worker still looks for a queued task, and a running one reads its kill flag, by itself "
+        "(covers a lost notification)."
     )
     progress_interval_seconds: float = Field(
         0.25, ge=0, description="Least time between two progress (task_output) writes of a running task."

@@ -21,7 +21,6 @@ import logging
 import math
 from collections.abc import Iterable
 
-from sqlalchemy import Integer, and_, column, select, values
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
@@ -174,17 +173,12 @@ class EventFeed:
         found: list[TaskEvent] = []
         items = list(cursors.items())
         for start in range(0, len(items), TASKS_PER_QUERY):
-            chunk = items[start:start + TASKS_PER_QUERY]
-            after = values(column("task_id", Integer), column("after", Integer), name="cursors").data(chunk) \
-                .cte("cursors")
-            stmt = select(TaskEvent).join(after, and_(TaskEvent.task_id == after.c.task_id,
-                                                      TaskEvent.id > after.c.after)).order_by(TaskEvent.id)
-            with self.store.db.session() as s:
-                rows = list(s.scalars(stmt.limit(MAX_ROWS)))
+            chunk = dict(items[start:start + TASKS_PER_QUERY])
+            rows = self.store.reads.events_since(chunk, MAX_ROWS)
             self.reads += 1
             found.extend(rows)
             if len(rows) >= MAX_ROWS:  # the rest next time (what was read is a prefix of each task's events)
-                self._loop_mark(t for t, _ in chunk)
+                self._loop_mark(chunk)
         return found
 
     def _loop_mark(self, task_ids: Iterable[int]) -> None:

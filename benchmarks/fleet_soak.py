@@ -19,6 +19,7 @@ tests/test_fleet_soak.py runs a short version in the suite. JSON: benchmarks/res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
@@ -36,7 +37,7 @@ from sqlalchemy import select
 from benchmarks.bench_fleet import Fleet, ready_workers, wait_until
 from benchmarks.bench_server import machine
 from server.store import Database, Store, StoreOptions, upgrade
-from server.store.models import LIFECYCLE, QUEUED, TERMINAL, Output, Task, TaskEvent
+from server.store.models import LIFECYCLE, QUEUED, RUNNING, TERMINAL, Output, Task, TaskEvent
 from server.store.outage import StoreHealth
 from tests.images import ImageServer
 from tests.private_postgres import PrivateCluster
@@ -104,10 +105,18 @@ def soak(*, tasks: int, workers: int, kills: int, restart_database: bool, data: 
         def cause_chaos() -> None:
             for at, what, index in plan:
                 time.sleep(max(0.0, load_started + at - time.monotonic()))
-                if what == "kill":
+                if what == "kill":  # while it holds a task (waiting up to 5 s for one), so that one is orphaned
+                    worker_id = f"{fleet.children[index]['node']}/gpu0"
+                    held: list[int] = []
+                    until = time.monotonic() + 5.0
+                    while not held and time.monotonic() < until:
+                        with contextlib.suppress(Exception):  # the database restarting
+                            held = health.call(lambda w=worker_id: running_under(store, w))
+                        if not held:
+                            time.sleep(0.01)
                     fleet.kill(index)
                     chaos.append({"at_s": round(time.monotonic() - load_started, 1), "what": "SIGKILL",
-                                  "worker": fleet.children[index]["node"]})
+                                  "worker": worker_id, "holding": held})
                     time.sleep(1.0)
                     fleet.start(index)
                 else:
@@ -147,6 +156,11 @@ def soak(*, tasks: int, workers: int, kills: int, restart_database: bool, data: 
             fleet.stop()
         images.close()
         cluster.remove()
+
+
+def running_under(store: Store, worker_id: str) -> list[int]:
+    with store.db.session() as s:
+        return list(s.scalars(select(Task.id).where(Task.worker_id == worker_id, Task.status.in_(RUNNING))))
 
 
 def check(store: Store, fleet: Fleet, queued: list[int]) -> dict[str, Any]:

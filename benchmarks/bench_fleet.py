@@ -285,15 +285,17 @@ async def followers_cost(port: int, db: FleetDatabase, tokens: list[str], count:
         tasks.append(asyncio.create_task(follower.run(port, tokens[i % len(tokens)])))
         if i % 50 == 49:
             await asyncio.sleep(0.05)
-    await asyncio.wait_for(asyncio.gather(*(f.first.wait() for f in followers)), timeout=120)
-    refused = sum(1 for f in followers if f.status != 200)
-    await asyncio.sleep(2.0)  # every replay sent; now only following
-    before = sum(f.messages for f in followers)
-    qps = await asyncio.to_thread(slope, db.api_queries, seconds)
-    delivered = sum(f.messages for f in followers) - before
-    for follower in followers:
-        follower.close()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(f.first.wait() for f in followers)), timeout=120)
+        refused = sum(1 for f in followers if f.status != 200)
+        await asyncio.sleep(2.0)  # every replay sent; now only following
+        before = sum(f.messages for f in followers)
+        qps = await asyncio.to_thread(slope, db.api_queries, seconds)
+        delivered = sum(f.messages for f in followers) - before
+    finally:
+        for follower in followers:
+            follower.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return {"followers": count, "refused": refused, "following": count - refused, "tasks": len(tokens),
             "api_queries_per_second": round(qps, 2), "messages_per_second": round(delivered / seconds, 1)}
 
@@ -303,37 +305,47 @@ async def measure_n(n: int, db: FleetDatabase, api_server: ServeProcess, store: 
     fleet = Fleet(db.url, n, args.processes, data, args.step_seconds, tag=f"n{n}-")
     result: dict[str, Any] = {"workers": n}
     try:
-        wait_until(lambda: ready_workers(store) >= n, 600, f"{n} workers ready", every=0.5)
-        time.sleep(args.settle_seconds)
-        idle = slope(db.transactions, args.idle_seconds, own_per_read=1)
-        result["idle_transactions_per_second"] = round(idle, 1)
-        result["idle_transactions_per_second_per_worker"] = round((idle - baseline) / n, 3)
-
-        api = Connection(api_server.port)
-        result["run_to_accept"] = await run_to_accept(api, store, images.url, args.run_trials)
-        result["detail_32_pollers"] = await detail_load(api_server.port, result["run_to_accept"].pop("taskid"), 32,
-                                                        args.detail_seconds, 0.0)
-        result["kill_to_interrupt"] = await kill_to_interrupt(api, store, fleet, images.url, args.kill_trials)
-        wait_until(lambda: running(store) == 0, 60, "the killed tasks to end")
-
-        busy_tasks = [create_task(store, parameters={"width": "32", "height": "32", "numFrames": "5",
-                                                     "steps": "1000", "seed": str(700_000 + i)},
-                                  image_url=images.url) for i in range(n)]
-        wait_until(lambda: store.reads.count("task_output") >= n, 300, f"{n} tasks generating", every=0.2)
-        busy = slope(db.transactions, args.busy_seconds, own_per_read=1)
-        result["busy_transactions_per_second"] = round(busy, 1)
-        result["busy_transactions_per_second_per_worker"] = round((busy - baseline) / n, 3)
-        tokens = [t.socketaccesstoken for t in busy_tasks]
-        result["live_followers"] = await followers_cost(api_server.port, db, tokens, args.followers,
-                                                        args.follower_seconds)
-        for task in busy_tasks:
-            store.tasks.request_kill(task.id)
-        wait_until(lambda: running(store) == 0, 120, "the busy tasks to end")
-        api.close()
+        await phases(n, db, api_server, store, images, args, fleet, baseline, result)
+    except Exception as exc:  # a phase that fails is recorded; the next N still runs
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"N = {n}: {result['error']}", flush=True)
     finally:
         fleet.stop()
     db.reset_tables()
     return result
+
+
+async def phases(n: int, db: FleetDatabase, api_server: ServeProcess, store: Store, images: ImageServer,
+                 args: argparse.Namespace, fleet: Fleet, baseline: float, result: dict[str, Any]) -> None:
+    wait_until(lambda: ready_workers(store) >= n, 600, f"{n} workers ready", every=0.5)
+    time.sleep(args.settle_seconds)  # longer than PostgreSQL's 10 s stats flush: start-up is not counted
+    api_before = db.api_queries()
+    idle = slope(db.transactions, args.idle_seconds, own_per_read=1)
+    result["idle_api_queries_per_second"] = round((db.api_queries() - api_before) / args.idle_seconds, 2)
+    result["idle_transactions_per_second"] = round(idle, 1)
+    result["idle_transactions_per_second_per_worker"] = round((idle - baseline) / n, 3)
+
+    api = Connection(api_server.port)
+    result["run_to_accept"] = await run_to_accept(api, store, images.url, args.run_trials)
+    result["detail_32_pollers"] = await detail_load(api_server.port, result["run_to_accept"].pop("taskid"), 32,
+                                                    args.detail_seconds, 0.0)
+    result["kill_to_interrupt"] = await kill_to_interrupt(api, store, fleet, images.url, args.kill_trials)
+    wait_until(lambda: running(store) == 0, 60, "the killed tasks to end")
+
+    busy_tasks = [create_task(store, parameters={"width": "32", "height": "32", "numFrames": "5",
+                                                 "steps": "1000", "seed": str(700_000 + i)},
+                              image_url=images.url) for i in range(n)]
+    wait_until(lambda: store.reads.count("task_output") >= n, 300, f"{n} tasks generating", every=0.2)
+    busy = slope(db.transactions, args.busy_seconds, own_per_read=1)
+    result["busy_transactions_per_second"] = round(busy, 1)
+    result["busy_transactions_per_second_per_worker"] = round((busy - baseline) / n, 3)
+    tokens = [t.socketaccesstoken for t in busy_tasks]
+    result["live_followers"] = await followers_cost(api_server.port, db, tokens, args.followers,
+                                                    args.follower_seconds)
+    for task in busy_tasks:
+        store.tasks.request_kill(task.id)
+    wait_until(lambda: running(store) == 0, 120, "the busy tasks to end")
+    api.close()
 
 
 def table(record: dict[str, Any]) -> str:
@@ -342,6 +354,9 @@ def table(record: dict[str, Any]) -> str:
             "API queries/s |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in record["results"]:
+        if "error" in r:
+            rows.append(f"| {r['workers']} | {r.get('error')} (see the JSON for the phases measured) |")
+            continue
         run, kill, detail, live = r["run_to_accept"], r["kill_to_interrupt"], r["detail_32_pollers"], \
             r["live_followers"]
         rows.append(f"| {r['workers']} | {r['idle_transactions_per_second']} | "
@@ -361,16 +376,26 @@ async def scenario(args: argparse.Namespace, db: FleetDatabase, data: Path) -> d
         api_server.wait_up()
         time.sleep(args.settle_seconds)
         baseline = slope(db.transactions, args.idle_seconds, own_per_read=1)
-        results = []
+        results: list[dict[str, Any]] = []
         for n in args.fleet:
             print(f"N = {n} ...", flush=True)
             results.append(await measure_n(n, db, api_server, store, images, args, data, baseline))
             print(json.dumps(results[-1]), flush=True)
+            save_partial({"api_alone_transactions_per_second": round(baseline, 2), "results": results})
         return {"api_alone_transactions_per_second": round(baseline, 2), "results": results}
     finally:
         store.db.dispose()
         api_server.stop()
         images.close()
+
+
+PARTIAL: dict[str, Any] = {}
+
+
+def save_partial(measured: dict[str, Any]) -> None:
+    """After each N: the results so far, so that a run cut short keeps them."""
+    if PARTIAL:
+        PARTIAL["path"].write_text(json.dumps({**PARTIAL["record"], **measured, "partial": True}, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-seconds", type=float, default=1.0, help="a simulated denoising step")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--busy-seconds", type=float, default=20.0)
-    parser.add_argument("--settle-seconds", type=float, default=3.0)
+    parser.add_argument("--settle-seconds", type=float, default=15.0)
     parser.add_argument("--run-trials", type=int, default=20)
     parser.add_argument("--kill-trials", type=int, default=10)
     parser.add_argument("--detail-seconds", type=float, default=5.0)
@@ -401,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         return soak_main(["--label", args.label])
 
     started = time.monotonic()
+    out = args.out or RESULTS_DIR / f"fleet-postgresql-{args.label}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    PARTIAL.update(path=out, record={"label": args.label, "machine": machine(),
+                                     "settings": {k: v for k, v in vars(args).items() if k not in ("out", "soak")}})
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         db = FleetDatabase(args.max_connections)
         try:
@@ -420,8 +449,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fleet benchmark ({args.label}), {record['date']}, {os.cpu_count()} CPUs, PostgreSQL, "
           f"API replica alone: {measured['api_alone_transactions_per_second']} tx/s")
     print(table(record))
-    out = args.out or RESULTS_DIR / f"fleet-postgresql-{args.label}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -3,10 +3,12 @@
 A follower used to ask the store for its task's new events every 0.25 s: 1,000 followers were 4,000 queries a
 second. Here the followers of a process subscribe to one `EventFeed`, which reads the new events of every task that
 may have some in one query (each task from the last event its slowest follower has) and hands each follower its own.
-It reads when PostgreSQL says a task has a new event (server/store/notify.py; at most one read per
-`batch_seconds`, so a busy fleet costs at most 4 reads a second however many tasks and followers there are), and
-every `safety_seconds` for all followed tasks (a lost notification). Without notifications (SQLite, or the listening
-connection down) it reads every `poll_seconds` for all followed tasks: one query where there was one per follower.
+It reads when PostgreSQL says a task has a new status (server/store/notify.py), every `poll_seconds` for the
+followed tasks that are generating (their progress is not announced: see migration 0005), and every
+`safety_seconds` for all followed tasks (a lost notification); at most one read per `batch_seconds`, so however many
+tasks and followers there are, following costs at most 4 reads a second, and 0.2 while nothing followed generates.
+Without notifications (SQLite, or the listening connection down) it reads every `poll_seconds` for all followed
+tasks: one query where there was one per follower.
 
 The events are read from the store, in id order per task (one writer at a time per task, under the task's row
 lock), and each follower is given only those after the last it got: a follower misses nothing and gets nothing
@@ -25,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from server.store import Store
-from server.store.models import TaskEvent
+from server.store.models import OUTPUT, START, TaskEvent
 from server.store.notify import EVENTS, Listener
 from server.store.outage import is_outage
 
@@ -40,6 +42,8 @@ BATCH_SECONDS = 0.25
 TASKS_PER_QUERY = 1000
 MAX_ROWS = 10_000
 OUTAGE_RETRY_SECONDS = 1.0
+GENERATING = (START, OUTPUT)
+"""The statuses a task writes its progress in (not announced: read at the polling pace)."""
 
 
 class Subscription:
@@ -68,6 +72,8 @@ class EventFeed:
         self.listener = listener
         self.poll_seconds, self.safety_seconds, self.batch_seconds = poll_seconds, safety_seconds, batch_seconds
         self._subs: dict[int, set[Subscription]] = {}
+        self._status: dict[int, str] = {}
+        """Each followed task's latest status read: those generating are read at the polling pace."""
         self._dirty: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
@@ -102,6 +108,7 @@ class EventFeed:
             subs.discard(sub)
             if not subs:
                 del self._subs[sub.task_id]
+                self._status.pop(sub.task_id, None)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -142,12 +149,21 @@ class EventFeed:
     async def _run(self) -> None:
         assert self._changed is not None and self._loop is not None
         last = -math.inf
+        read_all_at = self._loop.time() + self.safety_seconds
         while True:
-            timeout = self.safety_seconds if self.notified else self.poll_seconds
+            generating = [t for t in self._subs if self._status.get(t) in GENERATING]
+            if not self.notified or generating:
+                timeout = self.poll_seconds
+            else:
+                timeout = max(0.0, read_all_at - self._loop.time())
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout)
             except asyncio.TimeoutError:
-                self._dirty.update(self._subs)
+                if not self.notified or self._loop.time() >= read_all_at:
+                    self._dirty.update(self._subs)
+                    read_all_at = self._loop.time() + self.safety_seconds
+                else:
+                    self._dirty.update(generating)
             self._changed.clear()
             wait = last + self.batch_seconds - self._loop.time()
             if wait > 0:
@@ -191,6 +207,8 @@ class EventFeed:
         for event in events:
             by_task.setdefault(event.task_id, []).append(event)
         for task_id, found in by_task.items():
+            if task_id in self._subs:
+                self._status[task_id] = found[-1].status
             for sub in self._subs.get(task_id, ()):
                 new = [e for e in found if e.id > sub.seen]
                 if new:

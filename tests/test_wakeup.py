@@ -75,7 +75,7 @@ def queue_task(store: Store, **params: str):
     return create_task(store, parameters={**SMALL, **params}, image_url=IMAGE_URL)
 
 
-def test_the_database_announces_a_queued_task_a_kill_and_every_event_after_commit(pg_store: Store):
+def test_the_database_announces_a_queued_task_a_kill_and_every_new_status_after_commit(pg_store: Store):
     listener = Listener(pg_store.db, (QUEUE, CANCEL, EVENTS))
     heard = Heard(listener)
     listener.start()
@@ -87,6 +87,10 @@ def test_the_database_announces_a_queued_task_a_kill_and_every_event_after_commi
         claimed = pg_store.tasks.claim_next(WORKER)
         assert claimed is not None and claimed.id == task.id
         assert heard.next(EVENTS) == str(task.id), "task_accept"
+        pg_store.tasks.progress(task.id, WORKER, 1, 2, 0.5)  # a step's progress is not announced ...
+        other = queue_task(pg_store, steps="2")
+        assert heard.next(EVENTS) == str(other.id), "... so the next announcement is the other task's"
+        assert heard.next(QUEUE) == str(other.id)
         assert pg_store.tasks.request_kill(task.id).accepted
         assert heard.next(CANCEL) == str(task.id) and heard.next(EVENTS) == str(task.id)
         assert heard.drain(QUEUE) == [], "a claim or a kill queues nothing"

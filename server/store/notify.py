@@ -1,4 +1,4 @@
-"""PostgreSQL LISTEN/NOTIFY: the database tells a process when a task is queued, cancelled, or has a new event,
+"""PostgreSQL LISTEN/NOTIFY: the database tells a process when a task is queued, cancelled, or has a new status,
 instead of the process asking it every few milliseconds.
 
 The notifications are sent by a trigger on task_events (migration 0005), in the transaction that writes the event,
@@ -29,7 +29,8 @@ from server.store.outage import describe
 log = logging.getLogger("particalize.notify")
 
 EVENTS = "particalize_events"
-"""Any task event; payload the task id (API replicas push it to their live followers)."""
+"""A task's new status (any event but a denoising step's progress); payload the task id (API replicas push it to
+their live followers)."""
 QUEUE = "particalize_queue"
 """A task was queued or requeued; payload the task id (idle workers claim)."""
 CANCEL = "particalize_cancel"

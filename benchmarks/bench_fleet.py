@@ -15,7 +15,8 @@ Per N it measures:
   is set in the worker (p50/p99);
 - Task/Detail under 32 closed-loop pollers (signed requests) with the fleet idle;
 - live followers: --followers Server-Sent-Event streams on the API replica, spread over the N running tasks, and the
-  queries per second the API replica sends the database meanwhile (pg_stat_statements of its role).
+  queries per second the API replica sends the database meanwhile (pg_stat_statements of its role), less those it
+  sends while idle (its callback sender's polls), measured with the fleet idle.
 
     python -m benchmarks.bench_fleet --label after                # N = 1, 16, 64, 256 (~10 min on 2 cores)
     python -m benchmarks.bench_fleet --fleet 1,16 --label quick --idle-seconds 10
@@ -340,8 +341,11 @@ async def phases(n: int, db: FleetDatabase, api_server: ServeProcess, store: Sto
     result["busy_transactions_per_second"] = round(busy, 1)
     result["busy_transactions_per_second_per_worker"] = round((busy - baseline) / n, 3)
     tokens = [t.socketaccesstoken for t in busy_tasks]
-    result["live_followers"] = await followers_cost(api_server.port, db, tokens, args.followers,
-                                                    args.follower_seconds)
+    live = result["live_followers"] = await followers_cost(api_server.port, db, tokens, args.followers,
+                                                           args.follower_seconds)
+    # what following costs: the API replica's queries less those it makes anyway (its callback sender's polls)
+    live["followers_queries_per_second"] = round(live["api_queries_per_second"]
+                                                 - result["idle_api_queries_per_second"], 2)
     for task in busy_tasks:
         store.tasks.request_kill(task.id)
     wait_until(lambda: running(store) == 0, 120, "the busy tasks to end")
@@ -351,7 +355,7 @@ async def phases(n: int, db: FleetDatabase, api_server: ServeProcess, store: Sto
 def table(record: dict[str, Any]) -> str:
     rows = ["| N | idle tx/s | idle tx/s per worker | busy tx/s per worker | Run->accept p50 / p99 ms | "
             "Kill->interrupt p50 / p99 ms | Detail 32 pollers req/s, p99 ms | followers (following) | "
-            "API queries/s |",
+            "API queries/s (of which following) |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in record["results"]:
         if "error" in r:
@@ -363,7 +367,7 @@ def table(record: dict[str, Any]) -> str:
                     f"{r['idle_transactions_per_second_per_worker']} | {r['busy_transactions_per_second_per_worker']} "
                     f"| {run['p50_ms']} / {run['p99_ms']} | {kill['p50_ms']} / {kill['p99_ms']} | "
                     f"{detail['throughput_rps']}, {detail['p99_ms']} | {live['followers']} ({live['following']}) | "
-                    f"{live['api_queries_per_second']} |")
+                    f"{live['api_queries_per_second']} ({live.get('followers_queries_per_second', '?')}) |")
     return "\n".join(rows)
 
 

@@ -31,7 +31,7 @@ def test_a_short_soak_loses_nothing_makes_nothing_twice_and_only_goes_forward(tm
                                                     ["SIGKILL", "PostgreSQL restarted"]), result["chaos"]
     assert (result["queued"], result["in_store"], result["done"]) == (120, 120, 120), result["lost_examples"]
     assert result["lost"] == 0 and result["not_terminal"] == 0, result["lost_examples"]
-    assert result["made_twice"] == 0
+    assert result["made_twice"] == 0 and result["made_again_without_a_kill"] == []
     assert result["not_forward"] == 0, result["not_forward_examples"]
     killed = next(c for c in result["chaos"] if c["what"] == "SIGKILL")
     assert result["requeued_tasks"] >= len(killed["holding"]), "the killed worker's task was requeued, not lost"

@@ -141,6 +141,8 @@ class Fleet:
         """(Re)start child `index` under the same node name: a restarted worker finds its previous life's tasks."""
         child = self.children[index]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PARTICALIZE_")}
+        (self.data / "tmp").mkdir(exist_ok=True)
+        env["TMPDIR"] = str(self.data / "tmp")  # its scratch files apart from everything else on the machine
         log = (self.data / f"{child['node']}.log").open("ab")
         child["proc"] = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.fleet_sim", "--url", self.url, "--workers", str(child["workers"]),

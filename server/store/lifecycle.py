@@ -101,7 +101,7 @@ class TaskLifecycle:
         self.clock = clock
         self.changed: list[Callable[[int, str], None]] = []
         """Told (task id, status) after a Run's task is queued or a Kill is committed: `serve` wakes its own workers
-        with it on SQLite (server/wakeup.py). PostgreSQL announces every event itself (server/store/notify.py)."""
+        with it on SQLite (server/wakeup.py). PostgreSQL announces new statuses itself (server/store/notify.py)."""
 
     # --- into the queue and out of it ------------------------------------------------------------
 

@@ -6,7 +6,7 @@
 
 Every kernel is called through diffusers' attention dispatch (q, k, v as (batch, tokens, heads, dim)), the
 path the transformer takes, so a backend measured here is one the server can use. FlashAttention-4 is the local
-`flash-attn-4` wheel (pipeline.fa4). Kernels that are not installed or not supported here are listed as skipped
+`flash-attn-4` wheel (pipeline.speed.fa4). Kernels that are not installed or not supported here are listed as skipped
 with the reason. Writes benchmarks/results/attention-<cuda|cpu>[-small].json.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.timing import timed
-from pipeline import fa4
+from pipeline.speed import fa4
 
 # (name shown, diffusers backend); "native" is PyTorch SDPA's own pick (cuDNN attention on Hopper).
 KERNELS = (

@@ -25,11 +25,11 @@ import torch
 
 from benchmarks.memory import max_rss_bytes, peak_gib, reset_peak
 from benchmarks.timing import timed
-from pipeline.acceleration import SpeedOptions
 from pipeline.generator import GeneratorOptions, StepProgress, VideoGenerator
-from pipeline.lora import LoraStackOptions
+from pipeline.lora.stack import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
+from pipeline.speed.acceleration import SpeedOptions
 
 OPTIONS: dict[str, dict] = {
     "plain": {"attention_backend": "native", "compile": False, "encode_cache_size": 0},

@@ -1,6 +1,6 @@
 """Memory of each weight format for the real Wan2.1 I2V 14B transformer and UMT5-XXL text encoder, and which
 configuration fits which GPU at 480P. Computed on the meta device from the real configs (exact parameter bytes,
-by the rules the single-file loaders hold weights by: pipeline/weight_memory.py); nothing is allocated, no weights
+by the rules the single-file loaders hold weights by: pipeline/weight_files/memory.py); nothing is allocated, no weights
 are needed. Run:
 
     python -m benchmarks.bench_weight_formats [--out benchmarks/results/weight-formats.json]
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.weight_memory import (
+from pipeline.weight_files.memory import (
     GIB,
     HEADROOM_480P_GIB,
     LABELS,

@@ -49,23 +49,37 @@ class Made:
         self.params = params
         self.timings = {"generate": seconds}
         self.notes: list[str] = []
+        self.schedule = None
+
+
+class Points:
+    """Where a run stops: between "blocks" (the interrupt is waited on), as the real per-block hook does."""
+
+    blocks_hooked = True
+    blocks_entered = 1
 
 
 class SimulatedGenerator:
-    """The worker's Generator without a model: `steps` x `step_seconds` of waiting, interruptible at once."""
+    """The worker's Generator (server.worker.task_run.Generator) without a model: `steps` x `step_seconds` of
+    waiting, interruptible at once."""
 
     device = "simulated"
     load_seconds = 0.0
+    random_weights = False
 
     def __init__(self, step_seconds: float, record: Record) -> None:
+        from pipeline.resolve import Modes
+
         self.step_seconds = step_seconds
         self.record = record
-
-    def resolve(self, params: Any, image: Any) -> Any:
-        return params
+        self.modes = Modes()
+        self.interrupt_points = Points()
+        self.loras: list[Any] = []
+        self.loaded_files: list[Any] = []
+        self.degraded: list[str] = []
 
     def generate(self, params: Any, image: Any, progress: Any = None, should_stop: Any = None,
-                 interrupt: Any = None) -> Made:
+                 interrupt: Any = None, tool: str = "") -> Made:
         started = time.monotonic()
         # The run passes its interrupt Event's is_set: wait on the Event itself where it is one (no spinning).
         event = getattr(interrupt, "__self__", None)

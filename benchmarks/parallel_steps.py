@@ -1,6 +1,6 @@
 """Step time against the context-parallel degree: one video over N processes (NCCL, one GPU each; gloo on the CPU).
 
-For each degree, N ranks are spawned (as a parallel worker spawns them, pipeline/parallel_run.py), each builds the
+For each degree, N ranks are spawned (as a parallel worker spawns them, pipeline/parallel/run.py), each builds the
 model (the real size with random weights, or the tiny preset), and rank 0 times the denoising steps of one request
 (steps 2..N; the first carries the encoders). Used by benchmarks/device_check.py (its multi-GPU part).
 
@@ -41,11 +41,11 @@ def _rank(rank: int, degree: int, mode: str, params: GenerationParams, model: st
           report: Path) -> None:
     import torch
 
-    from pipeline.acceleration import SpeedOptions
     from pipeline.generator import GeneratorOptions, VideoGenerator
-    from pipeline.parallel import ParallelSetup, init_group
-    from pipeline.parallel_run import LeaderGenerator, control_group, follow
+    from pipeline.parallel.group import ParallelSetup, init_group
+    from pipeline.parallel.run import LeaderGenerator, control_group, follow
     from pipeline.presets import get_preset
+    from pipeline.speed.acceleration import SpeedOptions
 
     device = "cuda" if torch.cuda.is_available() and not small else "cpu"
     if device == "cpu":

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,8 +107,10 @@ def run_batch(
         manifest.write_csv([job.key for job in jobs])
 
 
-def batch_command(file: Path, out_dir: Path, settings: Settings, defaults: dict[str, Any]) -> int:
-    """The CLI's batch: 0 all done, 1 some jobs failed, 2 invalid rows (nothing run), 130 interrupted."""
+def batch_command(file: Path, out_dir: Path, settings: Settings, defaults: dict[str, Any],
+                  prompt_of: Callable[[str], str] | None = None) -> int:
+    """The CLI's batch: 0 all done, 1 some jobs failed, 2 invalid rows (nothing run), 130 interrupted.
+    `prompt_of`: each job's prompt as the tool runs it (its trigger word put before it)."""
     from particalize import compose
 
     try:
@@ -118,6 +120,9 @@ def batch_command(file: Path, out_dir: Path, settings: Settings, defaults: dict[
             print(f"{file}: {problem}", file=sys.stderr)
         print(f"error: {len(exc.problems)} problem(s) in {file}; nothing was generated", file=sys.stderr)
         return 2
+    if prompt_of is not None:
+        jobs = [replace(job, params=job.params.model_copy(update={"prompt": prompt_of(job.params.prompt)}))
+                for job in jobs]
     try:
         summary = run_batch(jobs, out_dir, lambda: compose.make_generator(settings), model=settings.model)
     except KeyboardInterrupt:

@@ -6,10 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from particalize.settings import Settings
 from pipeline.fast import MODES
 from pipeline.inputs import ToolInput, tool_inputs
+
+if TYPE_CHECKING:
+    from server.tool_info import Tool
 
 TOOL_FLAGS: list[ToolInput] = [spec for spec in tool_inputs() if not spec.advanced]
 """Every input of the hosted tool is a flag (`mode`, an advanced input, is `--mode`: the run's default mode)."""
@@ -28,7 +32,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=None,
                    help="refuse a LoRA with keys that change nothing (default); --no-lora-strict loads the rest")
     p.add_argument("--speed-lora", metavar="PATH[:STRENGTH]", help="step-distilled LoRA for fast mode")
-    p.add_argument("--mode", choices=MODES, help="default mode (fast needs --speed-lora)")
+    p.add_argument("--tools", dest="tools_file", type=Path, metavar="FILE",
+                   help="a TOML catalogue of further LoRA tools (PARTICALIZE_TOOLS_FILE)")
+    p.add_argument("--mode", choices=MODES, help="default mode (fast needs --speed-lora, cached --step-cache mag)")
+    p.add_argument("--step-cache", choices=["none", "first_block", "taylorseer", "mag"],
+                   help="reuse transformer outputs across steps; mag: calibrated step skipping for mode cached")
     p.add_argument("--random-weights", action="store_const", const=True, default=None,
                    help="build the real-size model with random weights (no download): videos are NOISE; "
                    "for measuring speed and memory")
@@ -64,12 +72,20 @@ def _settings(args: argparse.Namespace) -> Settings:
     keys = ("model", "weights_dir", "device", "lora_strength", "fuse_lora", "host", "port",
             "data_dir", "database_url", "workers", "public_base_url", "lora_strict", "speed_lora", "mode",
             "random_weights", "compile", "transformer_file", "text_encoder_file", "memory_check", "context_parallel",
-            "parallel_degree")
+            "parallel_degree", "step_cache", "tools_file")
     settings = Settings().with_overrides(**{k: getattr(args, k, None) for k in keys})
     if getattr(args, "lora", None):  # the --lora list is the whole stack
         return settings.model_copy(update={"lora_path": None, "lora_repo": None}).with_overrides(
             loras=",".join(args.lora))
     return settings
+
+
+def _tool_settings(args: argparse.Namespace) -> tuple[Settings, Tool]:
+    """`generate`'s and `batch`'s settings for one tool of the catalogue (--tool), and that tool."""
+    from particalize.tools import for_tool
+    from server.tool_info import DEFAULT_SLUG
+
+    return for_tool(_settings(args), args.tool or DEFAULT_SLUG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="make one video offline")
     gen.add_argument("--image", required=True, help="start image: a path or an http(s) URL")
     gen.add_argument("--out", type=Path, default=Path("out.mp4"))
+    gen.add_argument("--tool", metavar="OWNER/PROJECT", help="a tool of the catalogue (--tools): its LoRAs, defaults "
+                     "and trigger (default: codexq/Particalize)")
     _model_flags(gen)
     _tool_flags(gen)
     gen.set_defaults(func=cmd_generate)
@@ -87,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="many videos from a JSONL file, resumable (tool flags are row defaults)")
     batch.add_argument("file", type=Path, help="JSONL: one {\"image\": ..., tool inputs, \"id\"?} per line")
     batch.add_argument("--out", type=Path, required=True, help="folder for MP4s, contact sheets and the manifest")
+    batch.add_argument("--tool", metavar="OWNER/PROJECT", help="a tool of the catalogue (--tools): its LoRAs, "
+                       "defaults and trigger for every row (default: codexq/Particalize)")
     _model_flags(batch)
     _tool_flags(batch)
     batch.set_defaults(func=cmd_batch)
@@ -104,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--quick", action="store_true", help="sizes only, no sha256")
     verify.set_defaults(func=cmd_weights_verify)
 
+    from particalize.calibrate import add_calibrate_command
     from particalize.cli_server import add_server_commands
 
+    add_calibrate_command(sub, _model_flags, _tool_flags, _settings, _tool_values)
     add_server_commands(sub, _model_flags, _settings)
     return parser
 
@@ -115,11 +137,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from particalize import compose
     from particalize.image_source import read_image_source
+    from particalize.tools import defaults_by_name
     from pipeline.images import decode_image
     from pipeline.params import parse_params
 
-    settings = _settings(args)
-    params = parse_params(_tool_values(args), compose.limits(settings))
+    settings, tool = _tool_settings(args)
+    params = parse_params({**defaults_by_name(tool), **_tool_values(args)}, compose.limits(settings))
+    params = params.model_copy(update={"prompt": tool.triggered(params.prompt)})
     image = decode_image(read_image_source(args.image), field="--image")
     if settings.context_parallel != "none" or settings.parallel_degree > 1:
         refusal = compose.parallel_refusal(settings)
@@ -142,22 +166,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         video = generator.render(params, image, args.out, progress=progress)
     finally:
         bar.close()
-    print(json.dumps({"output": str(args.out), "parameters": video.params.wiro_inputs(),
+    recorded = video.schedule.record() if video.schedule is not None else {}  # cached mode: steps computed/skipped
+    print(json.dumps({"output": str(args.out), "parameters": {**video.params.wiro_inputs(), **recorded},
                       "timings": {k: round(v, 3) for k, v in video.timings.items()}}, indent=2))
     return 0
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from particalize.batch import batch_command
+    from particalize.tools import defaults_by_name
 
-    settings = _settings(args)
+    settings, tool = _tool_settings(args)
     if settings.context_parallel != "none" or settings.parallel_degree > 1:
         raise ValueError("batch runs its videos in one process: context parallelism is for generate, serve and worker")
-    return batch_command(args.file, args.out, settings, _tool_values(args))
+    return batch_command(args.file, args.out, settings, {**defaults_by_name(tool), **_tool_values(args)},
+                         tool.triggered)
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
     from particalize.compose import lora_sources
+    from particalize.tools import tool_set
     from pipeline.presets import get_preset
     from weights.fetch import fetch_lora, fetch_model
     from weights.locate import stack_sources
@@ -170,7 +198,9 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
         else:
             print(f"fetched {preset.repo_id} into {fetch_model(preset, settings.weights_dir, settings.hf_token)}")
     configured = lora_sources(settings)
-    sources = stack_sources(configured) + [s for s in [configured.speed_lora] if s]
+    tools = tool_set(settings, check_files=False)  # the catalogue's tools' LoRAs too (--tools)
+    sources = stack_sources(configured) + [s for s in [configured.speed_lora] if s] + [
+        s for stack in tools.loras.values() for s in stack]
     for source in sources:
         if source.is_hub:
             path = fetch_lora(source.repo, source.file, settings.weights_dir, source.revision, settings.hf_token)
@@ -203,6 +233,7 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     from pipeline.loader import preset_dir
     from pipeline.presets import get_preset
     from weights.locate import speed_lora_file, stack_files
+    from weights.manifest import read_manifest
     from weights.single_file import source_path, verify_source
     from weights.verify import Report, verify_directory
 
@@ -216,6 +247,9 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
         replaced = [report.directory / role for role in files]  # components a file replaces need no weights here
         report.problems = [p for p in report.problems if not _missing_under(p, replaced)]
         reports.append(report)
+    elif read_manifest(preset_dir(preset, settings.weights_dir)) is not None:  # what `calibrate` made for it
+        reports.append(verify_directory(preset_dir(preset, settings.weights_dir), full_hash=not args.quick,
+                                        is_model=False))
     loras = [path for _, path in stack_files(configured)]
     speed = speed_lora_file(configured)
     if speed is not None:

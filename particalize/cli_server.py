@@ -139,7 +139,7 @@ def weight_file_lines(settings: Settings, preset: Any) -> list[str]:
     from particalize.compose import weight_files
     from pipeline.devices import pick_device, serving_dtype_for
     from pipeline.errors import WeightFormatError
-    from pipeline.weight_file_summary import summarize
+    from pipeline.weight_files.summary import summarize
 
     files = weight_files(settings)  # WeightsMissing naming the setting (and the fetch command) when one is not there
     if not files.any:
@@ -155,7 +155,7 @@ def weight_file_lines(settings: Settings, preset: Any) -> list[str]:
         dtype = torch.float32
     else:
         from pipeline.loader import preset_dir
-        from pipeline.weight_files import directory_text_encoder_config, directory_transformer_config
+        from pipeline.weight_files.files import directory_text_encoder_config, directory_transformer_config
 
         model_dir = preset_dir(preset, settings.weights_dir)
         configs = {"transformer": directory_transformer_config(model_dir),
@@ -224,6 +224,13 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     if refusal:
         print(f"error: {refusal}", flush=True)
         return 2
+    from particalize.tools import CatalogueError, tool_set
+
+    try:
+        tools = tool_set(settings)
+    except CatalogueError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
     explicit = args.model is not None or bool(os.environ.get("PARTICALIZE_MODEL"))
     settings, lines, problem = describe_environment(settings, explicit)
     if problem is None and settings.workers:
@@ -243,6 +250,8 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
         "`particalize keys create` and start with PARTICALIZE_API_KEYS=key:secret"
     )
     print(f"auth: {auth}; database: {_redacted(settings.sqlalchemy_url)}; workers: {settings.workers}", flush=True)
+    if settings.tools_file is not None:
+        print(f"tools: {', '.join(tool.slug for tool in tools.catalogue.tools)}", flush=True)
     print(f"serving {settings.model} on http://{settings.host}:{settings.port}", flush=True)
     # JSON logs: uvicorn's own log config would print its lines as text, so its loggers go to ours instead.
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
@@ -275,8 +284,8 @@ def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
     shutdown_grace_seconds (else puts it back in the queue) and exits 0; a second signal ends the wait."""
     from particalize.compose_server import open_storage
     from particalize.core_options import GeneratorFactory, settings_given_by_serve, worker_options
-    from server.shutdown import StopRequest, stop_on_signals
-    from server.supervisor import PARENT_ENV, die_with_parent
+    from server.processes.parent import PARENT_ENV, die_with_parent
+    from server.processes.shutdown import StopRequest, stop_on_signals
     from server.wakeup import pipe_wakeup_from_env
     from server.worker import run_worker, worker_id_for
     from server.worker_reports import reporter_from_env
@@ -305,8 +314,8 @@ def _parallel_worker(settings: Settings, slot: int) -> int:
     from particalize.compose import parallel_refusal
     from particalize.compose_server import open_storage
     from particalize.core_options import rank_job
-    from server.shutdown import StopRequest, stop_on_signals
-    from server.worker import EXIT_LOAD_FAILED
+    from server.processes.exit_codes import EXIT_LOAD_FAILED
+    from server.processes.shutdown import StopRequest, stop_on_signals
     from server.worker.ranks import launch_ranks
 
     refusal = parallel_refusal(settings)

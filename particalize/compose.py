@@ -12,14 +12,17 @@ from typing import TYPE_CHECKING
 from particalize.settings import Settings
 from pipeline.fast import FastMode
 from pipeline.params import Limits, model_max_area
+from pipeline.resolve import Modes
 from weights.locate import LoraSources
 from weights.lora_sources import parse_lora_list, parse_lora_source
 
 if TYPE_CHECKING:
-    from pipeline.acceleration import SpeedOptions
+    from pathlib import Path
+
     from pipeline.generator import GeneratorOptions, VideoGenerator
-    from pipeline.lora import LoraStackOptions
-    from pipeline.weight_files import WeightFiles
+    from pipeline.lora.stack import LoraStackOptions
+    from pipeline.speed.acceleration import SpeedOptions
+    from pipeline.weight_files.files import WeightFiles
     from weights.single_file import FileSource
 
 WEIGHT_FILE_SETTINGS = {"transformer": ("transformer_file", "PARTICALIZE_TRANSFORMER_FILE", "--transformer-file"),
@@ -37,7 +40,15 @@ def limits(settings: Settings) -> Limits:
         max_work=settings.max_work,
         max_area=model_max_area(settings.model, settings.model_max_area),
         fast_mode=bool(settings.speed_lora),
+        cached_mode=settings.step_cache == "mag",
     )
+
+
+def modes(settings: Settings) -> Modes:
+    """The modes the workers run, as the API process resolves a Run with them: the default, fast mode with a speed
+    LoRA, cached mode with the MagCache step cache (a worker whose hooks fell back at start refuses it itself)."""
+    return Modes(settings.mode, fast_mode(settings) if settings.speed_lora else None,
+                 cached=settings.step_cache == "mag")
 
 
 def fast_mode(settings: Settings) -> FastMode:
@@ -70,7 +81,7 @@ def weight_files(settings: Settings) -> WeightFiles:
     """The configured weight files as local paths; WeightsMissing naming the setting, and for a hub file the command
     that fetches it, when one is not on disk (loading never reaches a hub)."""
     from pipeline.errors import WeightsMissing
-    from pipeline.weight_files import WeightFiles
+    from pipeline.weight_files.files import WeightFiles
     from weights.single_file import source_path
 
     paths = {}
@@ -90,7 +101,8 @@ def weight_files(settings: Settings) -> WeightFiles:
 
 
 def speed_options(settings: Settings) -> SpeedOptions:
-    from pipeline.acceleration import SpeedOptions
+    from pipeline.speed.acceleration import SpeedOptions
+    from pipeline.speed.step_cache_mag import MagSettings
 
     return SpeedOptions(
         attention_backend=settings.attention_backend,
@@ -101,6 +113,8 @@ def speed_options(settings: Settings) -> SpeedOptions:
         step_cache=settings.step_cache,
         step_cache_threshold=settings.step_cache_threshold,
         step_cache_interval=settings.step_cache_interval,
+        mag=MagSettings(threshold=settings.mag_threshold, max_skip_steps=settings.mag_max_skip_steps,
+                        retention_ratio=settings.mag_retention_ratio, calibration=settings.mag_calibration),
         memory_mode=settings.memory_mode,
         vae_tiling=settings.vae_tiling,
         float8=settings.float8,
@@ -115,14 +129,24 @@ def speed_options(settings: Settings) -> SpeedOptions:
 
 def lora_stack(settings: Settings) -> LoraStackOptions:
     """The configured LoRAs as files on disk; WeightsMissing naming the setting of one that is not there."""
-    from pipeline.lora import LoraStackOptions
-    from weights.locate import speed_lora_file, stack_files
+    from particalize.tools import tool_set
+    from pipeline.lora.stack import LoraStackOptions
+    from server.tool_info import DEFAULT_SLUG
+    from weights.locate import lora_source_file, speed_lora_file, stack_files
 
     sources = lora_sources(settings)
     speed = speed_lora_file(sources)
-    stack = stack_files(sources)
+    tools = tool_set(settings)
+
+    def files(slug: str) -> tuple[tuple[Path, float], ...]:
+        return tuple((lora_source_file(s, settings.weights_dir, f"{slug}'s loras"), s.strength)
+                     for s in tools.loras[slug])
+
+    stack = ([(path, source.strength) for source, path in stack_files(sources)] if tools.default_from_settings
+             else files(DEFAULT_SLUG))
     return LoraStackOptions(
-        loras=tuple((path, source.strength) for source, path in stack),
+        loras=tuple(stack),
+        tools=tuple((slug, files(slug)) for slug in tools.loras if slug != DEFAULT_SLUG),
         speed_lora=(speed[1], speed[0].strength) if speed is not None else None,
         fuse=settings.fuse_lora,
         strict=settings.lora_strict,
@@ -162,10 +186,14 @@ def parallel_refusal(settings: Settings) -> str | None:
             return (f"--parallel-degree {settings.parallel_degree} splits one video with context parallelism: set "
                     "--context-parallel ulysses (PARTICALIZE_CONTEXT_PARALLEL) too")
         return None
+    if settings.step_cache == "mag":
+        from pipeline.speed.step_cache_mag import refusal
+
+        return refusal(settings.context_parallel)
     import torch
 
     from pipeline.devices import pick_device
-    from pipeline.parallel import model_heads, parallel_refusal
+    from pipeline.parallel.group import model_heads, parallel_refusal
     from pipeline.presets import get_preset
 
     device = pick_device(settings.device)

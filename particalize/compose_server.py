@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from particalize.compose import fast_mode, limits
+from particalize.compose import fast_mode, limits, modes
 from particalize.settings import Settings, parse_json_object
+from particalize.tools import tool_set
 from server.app import create_app
 from server.auth import Authenticator, AuthOptions, load_api_keys
 from server.callbacks import CallbackOptions
@@ -21,7 +22,7 @@ from server.storage import Storage, StorageOptions
 from server.tool_info import ToolOptions
 
 if TYPE_CHECKING:
-    from server.supervisor import WorkerProcesses
+    from server.processes.supervisor import WorkerProcesses
     from server.worker_reports import WorkerReports
 
 
@@ -63,6 +64,7 @@ def auth_options(settings: Settings) -> AuthOptions:
 def request_limits(settings: Settings) -> RequestLimits:
     return RequestLimits(
         params=limits(settings),
+        modes=modes(settings),
         max_body_bytes=settings.max_body_bytes,
         max_image_bytes=settings.max_image_bytes,
         fetch_timeout_seconds=settings.fetch_timeout_seconds,
@@ -76,7 +78,7 @@ def server_options(settings: Settings) -> ServerOptions:
         auth=auth_options(settings),
         limits=request_limits(settings),
         tool=ToolOptions(model=settings.model, fast=fast_mode(settings), default_mode=settings.mode,
-                         cost_per_second=settings.cost_per_second),
+                         cost_per_second=settings.cost_per_second, catalogue=tool_set(settings).catalogue),
         callbacks=CallbackOptions(timeout_seconds=settings.callback_timeout_seconds,
                                   allow_private_urls=settings.allow_private_urls),
         rate_limit_per_minute=settings.rate_limit_per_minute,
@@ -104,7 +106,7 @@ def build_app(settings: Settings, *, services: Services | None = None) -> FastAP
 
     def start_workers(reports: WorkerReports) -> WorkerProcesses:
         from particalize.core_options import worker_process_options
-        from server.supervisor import WorkerProcesses
+        from server.processes.supervisor import WorkerProcesses
 
         return WorkerProcesses(worker_process_options(settings), reports=reports).start()
 

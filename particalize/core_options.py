@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from particalize import __version__
 from particalize.compose import limits
 from particalize.settings import Settings
+from server.processes.supervisor import WorkerProcessOptions
 from server.store import StoreOptions
-from server.supervisor import WorkerProcessOptions
 from server.worker import FetchOptions, Generator, WorkerOptions
 
 if TYPE_CHECKING:

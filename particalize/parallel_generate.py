@@ -1,6 +1,6 @@
 """`particalize generate --context-parallel ulysses --parallel-degree N`: one video over N processes started here.
 
-Rank 0 renders and writes the MP4 (pipeline/parallel_run.LeaderGenerator broadcasts the request to the others);
+Rank 0 renders and writes the MP4 (pipeline/parallel/run.LeaderGenerator broadcasts the request to the others);
 the other ranks follow until rank 0 tells them to stop. A rank that fails or dies ends the command (torch's
 process context stops the others)."""
 
@@ -38,8 +38,8 @@ def _rank_main(rank: int, settings: Settings, params: GenerationParams, image: I
     import torch
 
     from particalize.compose import make_generator
-    from pipeline.parallel import ParallelSetup, init_group
-    from pipeline.parallel_run import LeaderGenerator, control_group, follow
+    from pipeline.parallel.group import ParallelSetup, init_group
+    from pipeline.parallel.run import LeaderGenerator, control_group, follow
 
     if settings.worker_cpu_threads and device_type == "cpu":
         torch.set_num_threads(settings.worker_cpu_threads)

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         None, description="More LoRAs stacked after LORA_PATH, each with its strength: 'SOURCE[:STRENGTH],...' where "
         "SOURCE is a .safetensors path or hf://owner/repo/file.safetensors (e.g. /m/a.safetensors:0.8,/m/b.safetensors)"
     )
+    tools_file: Path | None = Field(
+        None, description="A TOML catalogue of further Wan2.1 LoRA tools served by the same workers ([[tools]] "
+        "tables: slug, loras, title, ...; README's 'More tools'); unset: codexq/Particalize only."
+    )
     lora_strict: bool = Field(
         True, description="Refuse a LoRA any key of which changes nothing; false: load what fits, log the rest."
     )
@@ -62,8 +66,9 @@ class Settings(BaseSettings):
         None, description="Step-distilled LoRA for fast mode, 'SOURCE[:STRENGTH]' (e.g. lightx2v's Wan2.1 I2V 480P "
         "StepDistill-CfgDistill LoRA); switched on per request, under the LoRAs above."
     )
-    mode: Literal["normal", "fast"] = Field(
-        "normal", description="Default mode of a request that names none; fast needs speed_lora."
+    mode: Literal["normal", "cached", "fast"] = Field(
+        "normal", description="Default mode of a request that names none; fast needs speed_lora, cached needs "
+        "step_cache mag."
     )
     fast_steps: int = Field(4, ge=1, description="Denoising steps in fast mode (the distilled LoRA's 4).")
     fast_scale: float = Field(1.0, ge=0.0, le=30.0, description="Guidance scale in fast mode (1: no guidance).")
@@ -107,8 +112,18 @@ class Settings(BaseSettings):
         "with what would fit when it has not (0: load anyway)."
     )
     cfg_batch: bool = Field(False, description="Batch the cond and uncond guidance branches in one forward.")
-    step_cache: Literal["none", "first_block", "taylorseer"] = Field(
-        "none", description="Reuse transformer outputs across denoising steps (approximate; off until measured)."
+    step_cache: Literal["none", "first_block", "taylorseer", "mag"] = Field(
+        "none", description="Reuse transformer outputs across denoising steps (approximate). first_block and "
+        "taylorseer: every run; mag: calibrated step skipping (MagCache) for requests in mode cached, every step "
+        "computed in mode normal."
+    )
+    mag_threshold: float = Field(0.24, gt=0, description="mag: accumulated error up to which a step is skipped "
+                                 "(LightX2V's published 0.24; diffusers' default 0.06 skips less).")
+    mag_max_skip_steps: int = Field(6, ge=0, description="mag: most steps skipped in a row (K; published 6).")
+    mag_retention_ratio: float = Field(0.2, ge=0, le=1, description="mag: first fraction of steps always computed.")
+    mag_calibration: Path | None = Field(
+        None, description="mag: a calibration file to use (default: the one `particalize calibrate` wrote next to "
+        "the weights, else the one shipped for the preset: Wan2.1-I2V-14B-480P's)."
     )
     step_cache_threshold: float = Field(0.05, gt=0, description="first_block: residual change that forces compute.")
     step_cache_interval: int = Field(3, ge=1, description="taylorseer: steps predicted between full computations.")
@@ -254,7 +269,7 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"PARTICALIZE_RATE_LIMIT_STORAGE: {exc}") from None
 
-    @field_validator("lora_path", "api_keys_file", mode="before")
+    @field_validator("lora_path", "api_keys_file", "tools_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -290,6 +305,9 @@ class Settings(BaseSettings):
         if self.mode == "fast" and not self.speed_lora:
             raise ValueError("PARTICALIZE_MODE=fast needs a step-distilled LoRA: set PARTICALIZE_SPEED_LORA "
                              "(see weights/README.md)")
+        if self.mode == "cached" and self.step_cache != "mag":
+            raise ValueError("PARTICALIZE_MODE=cached needs the MagCache step cache: set PARTICALIZE_STEP_CACHE=mag "
+                             "(--step-cache mag)")
         return self
 
     @field_validator("storage_options")

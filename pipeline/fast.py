@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pipeline.params import GenerationParams
 
 NORMAL = "normal"
+CACHED = "cached"
+"""Calibrated step skipping (MagCache, pipeline.speed.step_cache_mag): the request's own steps, scale and shift."""
 FAST = "fast"
-MODES = (NORMAL, FAST)
+MODES = (NORMAL, CACHED, FAST)
 
 
 @dataclass(frozen=True)

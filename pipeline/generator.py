@@ -13,7 +13,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.acceleration import (
+from pipeline.devices import pick_device
+from pipeline.embeddings import EmbeddingCache
+from pipeline.errors import Interrupted, LoraFuseRefused, OutOfMemory
+from pipeline.fast import CACHED, FAST, NORMAL, FastMode
+from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
+from pipeline.loader import load_base_pipeline, preset_dir
+from pipeline.lora.stack import LoraInfo, LoraStack, LoraStackOptions
+from pipeline.memory_check import check_memory
+from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
+from pipeline.params import GenerationParams, ResolvedParams, no_speed_lora, no_step_cache, resolve_size
+from pipeline.presets import ModelPreset
+from pipeline.resolve import Modes, with_mode
+from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
+from pipeline.speed.acceleration import (
     WARMUP_REVERT_ORDER,
     Applied,
     SpeedOptions,
@@ -22,21 +35,16 @@ from pipeline.acceleration import (
     resolve_compile,
     revert,
 )
-from pipeline.devices import pick_device
-from pipeline.embeddings import EmbeddingCache
-from pipeline.errors import Interrupted, OutOfMemory
-from pipeline.fast import FAST, NORMAL, FastMode
-from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
-from pipeline.loaded_file import LoadedFile, loaded_file_of
-from pipeline.loader import load_base_pipeline
-from pipeline.lora import LoraInfo, LoraStack, LoraStackOptions
-from pipeline.memory_check import check_memory
-from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
-from pipeline.params import GenerationParams, no_speed_lora, resolve_size
-from pipeline.presets import ModelPreset
-from pipeline.scheduler import ShiftedSchedulers, step_distill_scheduler
+from pipeline.speed.step_cache_mag import (
+    MagCacheUnavailable,
+    MagCalibration,
+    StepSchedule,
+    find_calibration,
+    refusal,
+)
 from pipeline.video import write_mp4
-from pipeline.weight_files import WeightFiles
+from pipeline.weight_files.files import WeightFiles
+from pipeline.weight_files.loaded_file import LoadedFile, loaded_file_of
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,8 @@ class Video:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     """What happened on the way worth telling (e.g. a decode retried with VAE tiling)."""
+    schedule: StepSchedule | None = None
+    """Cached mode: the steps each guidance pass computed (the others reused MagCache's residual)."""
 
 
 ProgressFn = Callable[[StepProgress], None]
@@ -99,10 +109,11 @@ class VideoGenerator:
         self.fast = options.fast
         self.device = pick_device(options.device)
         if speed.context_parallel != "none":
-            from pipeline.parallel import rank_device
+            from pipeline.speed.context_parallel import rank_device
 
             self.device = rank_device(self.device)
         offloaded = speed.memory_mode != "none"
+        mag_calibration = self._mag_calibration(options)
         self.random_weights = options.random_weights and not preset.is_tiny
         """Real-size model built with random values (pipeline.random_weights): every video is noise."""
         if options.memory_check:
@@ -117,7 +128,8 @@ class VideoGenerator:
         self.lora_stack = self._load_loras(options.loras)
         self.lora_stack.use(self.mode == FAST)
         self.applied: Applied = apply_speed_options(self.pipe, speed, self.device,
-                                                    float8_keep=self.lora_stack.switched_parameters())
+                                                    float8_keep=self.lora_stack.switched_parameters(),
+                                                    mag_calibration=mag_calibration)
         self.applied.notes.extend(self.load_notes)
         encode_device = torch.device("cpu") if self.applied.text_encoder_on_cpu else None
         self.embeddings = EmbeddingCache(self.pipe, speed.encode_cache_size, encode_device=encode_device)
@@ -138,6 +150,19 @@ class VideoGenerator:
         self.load_seconds = time.perf_counter() - started
         log.info("model %s ready on %s in %.1fs", preset.name, self.device, self.load_seconds)
 
+    def _mag_calibration(self, options: GeneratorOptions) -> MagCalibration | None:
+        """Cached mode's calibration, or why it cannot run here: refused at start, before any weights are read."""
+        if self.mode == CACHED and options.speed.step_cache != "mag":
+            raise MagCacheUnavailable("cached mode needs the MagCache step cache: set --step-cache mag "
+                                      "(PARTICALIZE_STEP_CACHE=mag)")
+        if options.speed.step_cache != "mag":
+            return None
+        reason = refusal(options.speed.context_parallel)
+        if reason is not None:
+            raise MagCacheUnavailable(reason)
+        return find_calibration(options.preset.name, preset_dir(options.preset, options.weights_dir),
+                                options.speed.mag)
+
     def _load_loras(self, options: LoraStackOptions) -> LoraStack:
         """The stack in order, fused when asked (always before compiling: compiled graphs should not carry adapter
         layers), then the speed LoRA as an adapter switched on per request."""
@@ -147,7 +172,15 @@ class VideoGenerator:
         for path, strength in options.loras:
             stack.load(path, strength)
         fuse = options.fuse
-        if options.loras and resolve_compile(self.speed, self.device)[0] and not fuse:
+        if options.tools:  # each tool's stack is switched per run: none may be fused into the weights
+            if fuse:
+                raise LoraFuseRefused("cannot fuse LoRAs with a tool catalogue (each run switches to its tool's "
+                                      "LoRAs, and a fused one could not be switched off): leave "
+                                      "PARTICALIZE_FUSE_LORA / --fuse-lora off")
+            for tool, files in options.tools:
+                for path, strength in files:
+                    stack.load(path, strength, tool=tool)
+        elif options.loras and resolve_compile(self.speed, self.device)[0] and not fuse:
             refusal = stack.fuse_refusal()
             if refusal is None:
                 log.info("fusing the LoRAs before compiling (compiled graphs should not carry adapter layers)")
@@ -193,15 +226,18 @@ class VideoGenerator:
 
     def warmup(self) -> None:
         """Short runs at start so that the first task does not pay for compilation: one per mode when a speed
-        LoRA is loaded (its active adapters are guarded Python state, so each mode has its own compiled graphs;
-        switching between warmed modes then compiles nothing)."""
+        LoRA is loaded, and one per catalogue tool (the active adapters are guarded Python state, so each mode and
+        each tool has its own compiled graphs; switching between warmed ones then compiles nothing)."""
         started = time.perf_counter()
         image = Image.new("RGB", (832, 480), (127, 127, 127))
         modes = (NORMAL, FAST) if self.lora_stack.has_speed else (None,)
-        for mode in modes:
-            self.generate(GenerationParams(numFrames=9, steps=2, seed=0, mode=mode), image)
-        log.info("warm-up run%s took %.1fs", "s (normal and fast)" if len(modes) > 1 else "",
-                 time.perf_counter() - started)
+        tools = sorted(self.lora_stack.tools)
+        for tool in tools:
+            for mode in modes:
+                self.generate(GenerationParams(numFrames=9, steps=2, seed=0, mode=mode), image, tool=tool)
+        self.lora_stack.use(self.mode == FAST)  # the default tool's stack again, as after loading
+        log.info("warm-up: %d run(s) (%s modes x %d tools) took %.1fs", len(modes) * len(tools),
+                 "normal and fast" if len(modes) > 1 else "one", len(tools), time.perf_counter() - started)
 
     @property
     def degraded(self) -> list[str]:
@@ -234,19 +270,25 @@ class VideoGenerator:
     def size_multiple(self) -> int:
         return self.pipe.vae_scale_factor_spatial * self.pipe.transformer.config.patch_size[1]
 
-    def resolve(self, params: GenerationParams, image: Image.Image) -> GenerationParams:
-        """Fix seed, size and mode before running, so the recorded parameters are the ones used."""
-        mode = params.mode or self.mode
-        if mode == FAST:
-            if not self.lora_stack.has_speed:
-                raise no_speed_lora()
-            params = self.fast.apply(params)
-        else:
-            params = params.model_copy(update={"mode": NORMAL})
+    @property
+    def modes(self) -> Modes:
+        """The modes this generator runs: its default, fast mode when a speed LoRA is loaded, and cached mode when
+        MagCache's hooks are on (configured, and not fallen back at start)."""
+        fell_back = self.speed.step_cache == "mag" and self.applied.mag is None
+        return Modes(self.mode, self.fast if self.lora_stack.has_speed else None, cached=self.applied.mag is not None,
+                     cached_note=" (its hooks fell back at start: see /ready)" if fell_back else "")
+
+    def resolve(self, params: GenerationParams, image: Image.Image) -> ResolvedParams:
+        """The one resolution for a caller without request limits (the CLI, a batch, the warm-up): mode, the size
+        the image implies within the preset's pixel budget, seed. Parameters already resolved (the server resolves
+        with its limits: pipeline.resolve) are returned as they are."""
+        if isinstance(params, ResolvedParams):
+            return params
+        params = with_mode(params, self.modes)
         width, height = resolve_size(
             image.size, params.width, params.height, self.preset.max_area, self.size_multiple
         )
-        return params.with_seed().model_copy(update={"width": width, "height": height})
+        return ResolvedParams.of(params.with_seed().model_copy(update={"width": width, "height": height}))
 
     def generate(
         self,
@@ -255,17 +297,28 @@ class VideoGenerator:
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
         interrupt: StopCheck | None = None,
+        tool: str = "",
     ) -> Video:
         """Run one video. `should_stop` is checked after every step (it may do I/O); `interrupt` before every
         transformer block and VAE decoder call (it must be cheap, e.g. `threading.Event.is_set`). When either
-        says stop, the run raises Interrupted (a run stopped in its last step never starts the VAE decode)."""
-        params = self.resolve(params, image.convert("RGB"))
-        image = image.convert("RGB")
+        says stop, the run raises Interrupted (a run stopped in its last step never starts the VAE decode).
+        Resolved parameters run as they are; others are resolved here, once (`resolve`). `tool`: whose LoRA stack
+        runs ("": the default stack; another, one of `options.loras.tools`)."""
+        params = self.resolve(params, image)
+        if params.mode == FAST and not self.lora_stack.has_speed:  # resolved elsewhere, for a speed LoRA not here
+            raise no_speed_lora(self.modes.offered)
+        if params.mode == CACHED and self.applied.mag is None:  # resolved elsewhere, for hooks not on here
+            raise no_step_cache(self.modes.offered, self.modes.cached_note)
+        if image.mode != "RGB":  # decode_image gives RGB already: no second conversion
+            image = image.convert("RGB")
         with self._lock:
             started = time.perf_counter()
             fast = params.mode == FAST
-            self.lora_stack.use(fast)
+            self.lora_stack.use(fast, tool)
             self.pipe.scheduler = (self.fast_schedulers if fast else self.schedulers).for_shift(params.flow_shift)
+            mag = self.applied.mag
+            if mag is not None:
+                mag.prepare(params.steps, "cached" if params.mode == CACHED else "exact")
             steps = {"done": 0}
 
             def on_step_end(pipe: object, i: int, t: object, kwargs: dict) -> dict:
@@ -320,8 +373,11 @@ class VideoGenerator:
                 self._release()
                 log.warning("%s", oom)
                 raise OutOfMemory(oom, phase)
+            schedule = mag.schedule() if mag is not None and params.mode == CACHED else None
+            if schedule is not None:
+                notes.append(schedule.describe())
             return Video(frames=np.asarray(frames, dtype=np.float32), params=params,
-                         timings={"generate": time.perf_counter() - started}, notes=notes)
+                         timings={"generate": time.perf_counter() - started}, notes=notes, schedule=schedule)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic.fields import FieldInfo
 
 from pipeline.fast import NORMAL, FastMode
-from pipeline.params import GenerationParams, Limits
+from pipeline.params import CACHED_MODE_HELP, FAST_MODE_HELP, GenerationParams, Limits
 
 Kind = Literal["textarea", "number", "float", "select"]
 FLOAT_STEP = 0.1
@@ -89,8 +89,11 @@ def _plain(value: Any) -> Any:
 
 def _context(limits: Limits, fast: FastMode, default_mode: str) -> dict[str, Any]:
     forwards = fast.steps if fast.scale <= 1 else 2 * fast.steps
-    return {**dataclasses.asdict(limits), "fast_steps": fast.steps, "fast_scale": fast.scale,
-            "fast_flow_shift": fast.flow_shift, "fast_forwards": forwards, "default_mode": default_mode}
+    context = {**dataclasses.asdict(limits), "fast_steps": fast.steps, "fast_scale": fast.scale,
+               "fast_flow_shift": fast.flow_shift, "fast_forwards": forwards, "default_mode": default_mode}
+    context["fast_help"] = FAST_MODE_HELP.format(**context) if limits.fast_mode else ""
+    context["cached_help"] = CACHED_MODE_HELP if limits.cached_mode else ""
+    return context
 
 
 def _resolved(value: Any, context: dict[str, Any]) -> Any:
@@ -119,9 +122,16 @@ def _tool_input(name: str, field: FieldInfo, context: dict[str, Any]) -> ToolInp
         step=_resolved(extra.get("step", 1 if kind == "number" else FLOAT_STEP), context) if numeric else None,
         max_length=_bound(field.metadata, "max_length") if kind == "textarea" else None,
         note=extra["note"].format(**context) if "note" in extra else None,
-        choices=choices,
+        choices=tuple(c for c in choices if _offered(extra.get("choice_needs", {}).get(c), context)),
         advanced=bool(extra.get("advanced")),
     )
+
+
+def _offered(needs: str | list[str] | None, context: dict[str, Any]) -> bool:
+    """No `needs`: always; a `Limits` flag: when set; a list of flags: when any is set."""
+    if needs is None:
+        return True
+    return any(context.get(flag) for flag in ([needs] if isinstance(needs, str) else needs))
 
 
 def tool_inputs(limits: Limits | None = None, fast: FastMode | None = None,
@@ -129,4 +139,4 @@ def tool_inputs(limits: Limits | None = None, fast: FastMode | None = None,
     """Every input this server offers (an advanced one only when the `Limits` flag it needs is set), in order."""
     context = _context(limits or Limits(), fast or FastMode(), default_mode)
     return [_tool_input(name, field, context) for name, field in GenerationParams.model_fields.items()
-            if context.get(_extra(name).get("needs"), True)]  # no `needs`: always offered
+            if _offered(_extra(name).get("needs"), context)]

@@ -13,7 +13,7 @@ from transformers import CLIPVisionModel
 from pipeline.devices import serving_dtype_for
 from pipeline.errors import WeightFormatError, WeightsMissing
 from pipeline.presets import ModelPreset
-from pipeline.weight_files import (
+from pipeline.weight_files.files import (
     WeightFiles,
     directory_text_encoder_config,
     directory_transformer_config,
@@ -101,7 +101,7 @@ def load_base_pipeline(
 
     `place=False` leaves the weights on the CPU for an offload mode to place them. `random_weights` builds the
     real-size model in code instead of reading it (pipeline.random_weights: its videos are noise). `weight_files`:
-    single files replacing the preset's transformer and/or text encoder (pipeline.weight_files); the preset's
+    single files replacing the preset's transformer and/or text encoder (pipeline.weight_files.files); the preset's
     directory then needs no weights for those components, and the tiny preset keeps its float32 compute.
     """
     files = weight_files or WeightFiles()

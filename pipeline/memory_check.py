@@ -2,12 +2,12 @@
 is refused in seconds with what would fit, instead of allocating until the kernel kills the process.
 
 What a configuration needs: the bytes of each component's parameters in the dtype it is held in (computed on the
-meta device by pipeline.weight_memory, the rules the loaders hold weights by), placed where the speed options put
-them, plus the activations of one video at the preset's resolution (ACTIVATIONS below). What the device has: free
-CUDA memory (torch.cuda.mem_get_info) on a GPU; available RAM (psutil, else /proc/meminfo MemAvailable) for what is
-held in RAM (the CPU device, offloaded weights, a text encoder on the CPU).
+meta device by pipeline.weight_files.memory, the rules the loaders hold weights by), placed where the speed options
+put them, plus the activations of one video at the preset's resolution (activation_bytes, from the model's own
+shape). What the device has: free CUDA memory (torch.cuda.mem_get_info) on a GPU; available RAM (psutil, else
+/proc/meminfo MemAvailable) for what is held in RAM (the CPU device, offloaded weights, a text encoder on the CPU).
 
-Placement, as pipeline.loader and pipeline.acceleration do it on CUDA: with no offload the loader places the whole
+Placement, as pipeline.loader and pipeline.speed.acceleration do it on CUDA: with no offload the loader places the whole
 pipeline on the GPU first (float8 quantizes, and the text encoder moves to the CPU, afterwards), so the need is the
 larger of that load and the run. model_cpu_offload holds one model at a time on the GPU, group_offload (leaf level)
 keeps only the VAE and the image encoder there, sequential_cpu_offload about nothing but the activations; with any
@@ -22,42 +22,96 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline.devices import serving_dtype_for
 from pipeline.errors import NotEnoughMemory
 from pipeline.presets import ModelPreset
-from pipeline.weight_files import WeightFiles
-from pipeline.weight_memory import GIB, HEADROOM_480P_GIB, LABELS, TRANSFORMER_FORMATS
+from pipeline.weight_files.files import WeightFiles
+from pipeline.weight_files.memory import GIB, HEADROOM_480P_GIB, LABELS, TRANSFORMER_FORMATS
 
 log = logging.getLogger(__name__)
 
 AREA_480P = 480 * 832
-# Activation headroom of one 81-frame video (the default numFrames) with CFG, beyond the parameters, per
-# resolution, in GiB for bf16 compute on CUDA. 480P is measured (shared/notes/h200-measurements.md: peak 51.0 GiB
-# minus the 42.0 GiB the parameters took). 720P is NOT measured: an estimate, 480P's scaled by the video tokens
-# (75,600 / 32,760: attention runs memory-efficient kernels, so activations grow linearly with the tokens); any
-# other pixel budget is scaled the same way from 480P.
-ACTIVATIONS = {
-    "480P (480x832)": (AREA_480P, HEADROOM_480P_GIB, "measured on an H200"),
-    "720P (720x1280)": (720 * 1280, HEADROOM_480P_GIB * 75_600 / 32_760, "estimate: 480P scaled by the tokens"),
-}
+DEFAULT_FRAMES = 81
+"""The memory check sizes one video of the default numFrames at the preset's pixel budget."""
 CPU_ACTIVATION_FACTOR = 2.0
-"""Estimate, not measured: on the CPU the activations are float32, twice the bytes of CUDA's bf16."""
+"""Estimate, not measured: on the CPU the transformer's activations are float32, twice the bytes of CUDA's bf16."""
 GROUP_OFFLOAD_STAGING_GIB = 1.0
 """Estimate: leaf-level group offload holds a leaf or two of the streamed models on the GPU besides the rest."""
 OFFLOAD_MODES = ("model_cpu_offload", "group_offload", "sequential_cpu_offload")
 FILE_HINT = "PARTICALIZE_TRANSFORMER_FILE or --transformer-file"
 
 
-def activation_bytes(max_area: int, device_type: str) -> tuple[int, str]:
-    """Headroom for one default video at a pixel budget, and how the figure was had (measured or estimated)."""
-    label, gib, how = next(((label, gib, how) for label, (area, gib, how) in ACTIVATIONS.items() if area == max_area),
-                           (f"{max_area} pixels", HEADROOM_480P_GIB * max_area / AREA_480P, "estimate: 480P scaled"))
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model's activations grow with: its transformer's widths and the latent grid its VAE and patch make."""
+
+    inner_dim: int
+    ffn_dim: int
+    patch: tuple[int, int, int]
+    spatial_factor: int = 8
+    temporal_factor: int = 4
+
+    @classmethod
+    def of(cls, transformer_config: dict[str, Any], vae_config: dict[str, Any] | None = None) -> ModelShape:
+        patch = tuple(int(v) for v in transformer_config.get("patch_size", (1, 2, 2)))
+        inner = int(transformer_config["num_attention_heads"]) * int(transformer_config["attention_head_dim"])
+        down = (vae_config or {}).get("temperal_downsample", [False, True, True])
+        return cls(inner, int(transformer_config["ffn_dim"]), patch,  # type: ignore[arg-type]
+                   spatial_factor=2 ** len(down), temporal_factor=2 ** sum(bool(d) for d in down))
+
+    @property
+    def token_width(self) -> int:
+        """Values one video token holds at a block's widest point: the attention half keeps the residual, the
+        normed input, q, k, v and the attention output (6 x inner); the feed-forward half the residual, its input
+        and the FFN's hidden layer before and after the activation (2 x inner + 2 x ffn)."""
+        return max(6 * self.inner_dim, 2 * self.inner_dim + 2 * self.ffn_dim)
+
+    def tokens(self, area: int, frames: int = DEFAULT_FRAMES) -> int:
+        latent_frames = (frames - 1) // self.temporal_factor + 1
+        per_frame = area / (self.spatial_factor ** 2 * self.patch[1] * self.patch[2])
+        return int(latent_frames / self.patch[0] * per_frame)
+
+
+WAN_14B_SHAPE = ModelShape(40 * 128, 13824, (1, 2, 2))
+"""Wan2.1 I2V 14B, whose 480P activations were measured (32,760 tokens for 81 frames at 480x832)."""
+VIDEO_COPIES = 2
+"""The decoded video in float32 as the VAE returns it, and the pipeline's postprocessed copy."""
+
+
+def video_bytes(area: int, frames: int = DEFAULT_FRAMES) -> int:
+    """The decoded float32 RGB video, times VIDEO_COPIES: exact arithmetic, whatever the model."""
+    return VIDEO_COPIES * frames * 3 * area * 4
+
+
+def activation_bytes(max_area: int, device_type: str, shape: ModelShape = WAN_14B_SHAPE) -> tuple[int, str]:
+    """Headroom for one default video (81 frames) at a pixel budget, and how the figure was had.
+
+    One figure was measured: Wan2.1 I2V 14B at 480P, bf16 on an H200, 9.0 GiB beyond the parameters
+    (HEADROOM_480P_GIB). It is split in two by arithmetic. The decoded video (video_bytes: frames x 3 x pixels x 4
+    bytes, twice) depends only on the pixels and frames. The rest is the transformer's (and the VAE decoder's)
+    working set, which grows with the video tokens (memory-efficient attention: linear in the tokens) times the
+    values one token holds at a block's widest point (ModelShape.token_width); it is scaled from the 14B's by
+    those two ratios. So the 14B keeps its measured 9.0 GiB at 480P (and 480P's figure scaled by the tokens at
+    720P, as before), while a small local model (a 1.3B-sized, pruned or tiny directory) is charged what its own
+    widths need. On the CPU the transformer's part is float32: twice the bytes (an estimate)."""
+    measured = HEADROOM_480P_GIB * GIB
+    reference_video = video_bytes(AREA_480P)
+    working = (measured - reference_video) * (shape.tokens(max_area) / WAN_14B_SHAPE.tokens(AREA_480P)) \
+        * (shape.token_width / WAN_14B_SHAPE.token_width)
+    if shape == WAN_14B_SHAPE and max_area == AREA_480P:
+        how = "measured on an H200"
+    elif shape == WAN_14B_SHAPE:
+        how = "estimate: 480P's measured figure scaled by the tokens"
+    else:
+        how = "estimate: the 14B's measured 480P figure scaled by this model's tokens and widths"
     if device_type != "cuda":
-        gib, how = gib * CPU_ACTIVATION_FACTOR, f"{how}, x{CPU_ACTIVATION_FACTOR:g} for float32 (estimate)"
-    return int(gib * GIB), f"activations at {label} ({how})"
+        working, how = working * CPU_ACTIVATION_FACTOR, f"{how}, x{CPU_ACTIVATION_FACTOR:g} for float32 (estimate)"
+    label = {AREA_480P: "480P (480x832)", 720 * 1280: "720P (720x1280)"}.get(max_area, f"{max_area} pixels")
+    return int(working + video_bytes(max_area)), f"activations at {label} ({how})"
 
 
 @dataclass(frozen=True)
@@ -109,11 +163,18 @@ class Sizes:
     def __init__(self, preset: ModelPreset, weights_dir: Path, compute_dtype: torch.dtype,
                  files: WeightFiles | None = None) -> None:
         from pipeline.loader import preset_dir
-        from pipeline.weight_files import directory_text_encoder_config, directory_transformer_config
+        from pipeline.weight_files.files import (
+            directory_component_config,
+            directory_text_encoder_config,
+            directory_transformer_config,
+        )
 
         directory = preset_dir(preset, weights_dir)  # its configs when on disk, else the real ones in code
         self.transformer_config = directory_transformer_config(directory)
         self.text_encoder_config = directory_text_encoder_config(directory)
+        self.image_encoder_config = directory_component_config(directory, "image_encoder")
+        self.vae_config = directory_component_config(directory, "vae")
+        self.shape = ModelShape.of(self.transformer_config, self.vae_config)
         self.compute_dtype = compute_dtype
         self.files = files or WeightFiles()
         self._transformer: dict[str, int] = {}
@@ -122,7 +183,7 @@ class Sizes:
 
     def transformer(self, fmt: str) -> int:
         if fmt not in self._transformer:
-            from pipeline.weight_memory import transformer_bytes_by_format
+            from pipeline.weight_files.memory import transformer_bytes_by_format
 
             missing = tuple(f for f in TRANSFORMER_FORMATS if f not in self._transformer)
             self._transformer.update(transformer_bytes_by_format(self.transformer_config, self.compute_dtype,
@@ -131,16 +192,16 @@ class Sizes:
 
     def text_encoder(self, fmt: str) -> int:
         if fmt not in self._text_encoder:
-            from pipeline.weight_memory import text_encoder_bytes
+            from pipeline.weight_files.memory import text_encoder_bytes
 
             self._text_encoder[fmt] = text_encoder_bytes(fmt, self.text_encoder_config, self.compute_dtype)
         return self._text_encoder[fmt]
 
     def clip_and_vae(self) -> int:
         if self._other is None:
-            from pipeline.weight_memory import clip_and_vae_bytes
+            from pipeline.weight_files.memory import clip_and_vae_bytes
 
-            self._other = clip_and_vae_bytes()
+            self._other = clip_and_vae_bytes(self.image_encoder_config, self.vae_config)
         return self._other
 
 
@@ -209,7 +270,7 @@ def free_device(device: torch.device) -> int:
 
 
 def float8_available(device: torch.device) -> bool:
-    """torchao float8 can be applied here (pipeline.acceleration.apply_float8's own conditions)."""
+    """torchao float8 can be applied here (pipeline.speed.acceleration.apply_float8's own conditions)."""
     return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
             and importlib.util.find_spec("torchao") is not None)
 
@@ -300,7 +361,7 @@ def judge(base: Setup, sizes: Sizes, activations: tuple[int, str], device_free: 
 
 def transformer_file_format(path: Path) -> str:
     """The weight_memory format a transformer file is held in, read from its header (no tensor data read)."""
-    from pipeline.weight_file_summary import file_format
+    from pipeline.weight_files.summary import file_format
 
     fmt = file_format(path)
     return fmt if fmt in TRANSFORMER_FORMATS else "gguf_Q8_0"  # another GGUF type: sized as Q8_0 (estimate)
@@ -322,7 +383,8 @@ def check_memory(preset: ModelPreset, weights_dir: Path, device: torch.device, *
                  text_encoder=_text_encoder_format(files.text_encoder) if files.text_encoder else "bf16",
                  float8=float8 and float8_available(device), text_encoder_on_cpu=text_encoder_on_cpu,
                  memory_mode=memory_mode if device.type == "cuda" else "none")
-    verdict = judge(base, Sizes(preset, weights_dir, compute, files), activation_bytes(preset.max_area, device.type),
+    sizes = Sizes(preset, weights_dir, compute, files)
+    verdict = judge(base, sizes, activation_bytes(preset.max_area, device.type, sizes.shape),
                     free_device(device), free_ram(), float8_available(device))
     if not verdict.ok:
         raise NotEnoughMemory(verdict.message(preset.name, device))

@@ -27,7 +27,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def out_of_memory_message(exc: BaseException, params: GenerationParams, phase: str, device: Any,
                           applied: Any = None) -> str:
     """What a user reads: the size asked, the phase, and what would need less memory (the options not already on,
-    from pipeline.acceleration.Applied)."""
+    from pipeline.speed.acceleration.Applied)."""
     what = "RAM" if getattr(device, "type", "cpu") != "cuda" else f"GPU memory ({device})"
     asked = (f"{params.width}x{params.height}, {params.num_frames} frames, {params.steps} steps")
     lower = "ask for a smaller width/height or fewer frames (numFrames)"

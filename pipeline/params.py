@@ -46,6 +46,13 @@ class Limits:
     """The model's pixel budget (the resolution it was trained at), aimed for when width and height are 0."""
     fast_mode: bool = False
     """A speed LoRA is configured: requests may ask for mode "fast"."""
+    cached_mode: bool = False
+    """The MagCache step cache is configured: requests may ask for mode "cached"."""
+
+    @property
+    def modes_offered(self) -> tuple[str, ...]:
+        """The values of `mode` a request may send (Tool/Detail lists them; a refusal names them)."""
+        return offered_modes(fast=self.fast_mode, cached=self.cached_mode)
 
 
 def _numeric(value: Any, *, integer: bool) -> Any:
@@ -73,11 +80,18 @@ def _numeric(value: Any, *, integer: bool) -> Any:
 
 
 SIDE_HELP = "0: from the input image's aspect ratio; else a multiple of {size_multiple}"
-MODE_HELP = (
+FAST_MODE_HELP = (
     "fast: the step-distilled speed LoRA with {fast_steps} steps, guidance scale {fast_scale:g} and flow shift "
     "{fast_flow_shift:g} (steps, scale and flowShift sent are not used; {fast_forwards} transformer forwards instead "
-    "of 2 x steps). normal: steps, scale and flowShift as sent. Empty: this server's default."
+    "of 2 x steps). "
 )
+CACHED_MODE_HELP = (
+    "cached: steps, scale and flowShift as sent, with calibrated step skipping (MagCache): the transformer runs only "
+    "on the steps the model's calibration marks (11 of 30 with the published 480P one), the others reuse its last "
+    "change; approximate; the task's parameters list the steps computed and skipped. "
+)
+MODE_HELP = "{fast_help}{cached_help}normal: steps, scale and flowShift as sent. Empty: this server's default."
+"""The help of the modes this server offers (pipeline.inputs fills in fast_help and cached_help)."""
 
 
 class GenerationParams(BaseModel):
@@ -113,11 +127,13 @@ class GenerationParams(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, title="seed",
                              description="empty or -1: random; the seed used is recorded in the task",
                              json_schema_extra={"min": -1})
-    mode: Literal["normal", "fast"] | None = Field(
+    mode: Literal["normal", "cached", "fast"] | None = Field(
         None, title="mode", description=MODE_HELP,
-        json_schema_extra={"advanced": True, "needs": "fast_mode", "default": "{default_mode}"},
+        json_schema_extra={"advanced": True, "needs": ["fast_mode", "cached_mode"], "default": "{default_mode}",
+                           "choice_needs": {"fast": "fast_mode", "cached": "cached_mode"}},
     )
-    """None: the server's mode. fast: the step-distilled speed LoRA with its own steps, scale and shift."""
+    """None: the server's mode. fast: the step-distilled speed LoRA with its own steps, scale and shift. cached:
+    MagCache step skipping (pipeline.speed.step_cache_mag)."""
 
     @field_validator("fps", "width", "height", "num_frames", "steps", mode="before")
     @classmethod
@@ -171,6 +187,23 @@ class GenerationParams(BaseModel):
     def wiro_inputs(self) -> dict[str, Any]:
         """The parameters under the hosted tool's names, as recorded with a task."""
         return self.model_dump(by_alias=True)
+
+
+class ResolvedParams(GenerationParams):
+    """One video's parameters as it runs, resolved once when its image is known (pipeline.resolve): the size set,
+    the seed fixed, the mode chosen and fast mode's schedule applied. The generator runs them as they are, so what a
+    task records is what ran."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResolvedParams:
+        if not (self.width and self.height) or self.seed is None or self.mode is None:
+            raise ValueError("resolved parameters have a width, a height, a seed and a mode")
+        return self
+
+    @classmethod
+    def of(cls, params: GenerationParams) -> ResolvedParams:
+        """`params` (size, seed and mode already fixed) as the resolved value."""
+        return cls.model_validate(params.model_dump())
 
 
 _WIRO_NAME = {
@@ -253,17 +286,43 @@ def model_max_area(model: str, max_area: int | None = None) -> int:
         return max_area or DEFAULT_MAX_AREA
 
 
-def no_speed_lora() -> InvalidParameter:
-    """The answer to a fast-mode request on a server without a speed LoRA (checked at Run and in the worker)."""
+def offered_modes(*, fast: bool, cached: bool) -> tuple[str, ...]:
+    """The values of `mode` a server offers, in the order Tool/Detail lists them."""
+    return ("normal", *(("cached",) if cached else ()), *(("fast",) if fast else ()))
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    """'a', 'a' or 'b', one of 'a', 'b' or 'c'."""
+    quoted = [f"'{value}'" for value in values]
+    if len(quoted) == 1:
+        return quoted[0]
+    return ("one of " if len(quoted) > 2 else "") + ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
+
+
+def no_speed_lora(offered: tuple[str, ...] = ("normal",)) -> InvalidParameter:
+    """The answer to a fast-mode request on a server without a speed LoRA (checked at Run and in the worker),
+    naming the modes the server offers."""
     return InvalidParameter(
-        "mode", "must be 'normal' on this server (fast mode needs a speed LoRA: PARTICALIZE_SPEED_LORA), got 'fast'."
+        "mode", f"must be {_one_of(offered)} on this server (fast mode needs a speed LoRA: PARTICALIZE_SPEED_LORA), "
+        "got 'fast'."
+    )
+
+
+def no_step_cache(offered: tuple[str, ...] = ("normal",), why: str = "") -> InvalidParameter:
+    """The answer to a cached-mode request on a server without the MagCache step cache (at Run and in the worker),
+    naming the modes the server offers; `why` says more (its hooks fell back at start)."""
+    return InvalidParameter(
+        "mode", f"must be {_one_of(offered)} on this server (cached mode needs the MagCache step cache: "
+        f"PARTICALIZE_STEP_CACHE=mag){why}, got 'cached'."
     )
 
 
 def check_limits(params: GenerationParams, limits: Limits) -> None:
     """This server's limits, in parse_params' voice."""
     if params.mode == "fast" and not limits.fast_mode:
-        raise no_speed_lora()
+        raise no_speed_lora(limits.modes_offered)
+    if params.mode == "cached" and not limits.cached_mode:
+        raise no_step_cache(limits.modes_offered)
     if params.num_frames > limits.max_num_frames:
         raise InvalidParameter("numFrames", f"must be at most {limits.max_num_frames}, got {params.num_frames}.")
     if params.steps > limits.max_steps:

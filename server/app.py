@@ -73,16 +73,18 @@ def create_app(
                 opened.close()
 
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.openapi = lambda: openapi_document(options)  # type: ignore[method-assign]  # the routes read raw bodies
+    app.openapi = lambda: openapi_document(app, options)  # type: ignore[method-assign]  # adds the request bodies
     app.state.rate_limiter = RateLimiter.per_minute(options.rate_limit_per_minute,
                                                     storage_url=options.rate_limit_storage,
                                                     key_prefix=options.rate_limit_key_prefix)
     app.state.worker_reports = WorkerReports()  # what this process's workers say of themselves (/ready)
     outages = ThrottledLog(log)
-    for module in (run, tasks, tool, files, live, metrics, playground, health):
+    for module in (run, tasks, tool, files):
         app.include_router(module.router)
+    for module in (live, metrics, playground, health):  # not Wiro's API: left out of /openapi.json
+        app.include_router(module.router, include_in_schema=False)
 
-    @app.get("/healthz")
+    @app.get("/healthz", include_in_schema=False)
     async def healthz(request: Request) -> JSONResponse:
         """The workers' state (not part of Wiro's API); /health and /ready are the probes."""
         store = request.app.state.services.store

@@ -23,6 +23,7 @@ from server.netguard import FetchError, UnsafeUrl, post_json
 from server.store import Store
 from server.store.models import Task
 from server.store.outage import StoreHealth, is_outage
+from server.task_record import record_of
 
 log = logging.getLogger("particalize.callbacks")
 
@@ -96,11 +97,12 @@ class CallbackDispatcher:
     def deliver(self, task_id: int) -> bool:
         """One attempt: POST, log, record the outcome. True if the receiver answered 2xx."""
         task = self.store.reads.get(task_id)
-        if task is None or not task.callbackurl:
+        url = "" if task is None else record_of(task).callback_url
+        if task is None or not url:
             return False
         try:
             status = self.post(
-                task.callbackurl, self.render(task), timeout=self.options.timeout_seconds,
+                url, self.render(task), timeout=self.options.timeout_seconds,
                 allow_private=self.options.allow_private_urls,
             )
             delivered = 200 <= status < 300
@@ -109,12 +111,12 @@ class CallbackDispatcher:
             delivered, outcome = False, str(exc)
         state, attempts, next_at = self.store.callbacks.record(task_id, delivered)
         if delivered:
-            log.info("callback task %s attempt %d to %s: delivered (%s)", task_id, attempts, task.callbackurl,
+            log.info("callback task %s attempt %d to %s: delivered (%s)", task_id, attempts, url,
                      outcome, extra={"task_id": task_id})
         elif state == "failed":
             log.warning("callback task %s attempt %d to %s: %s; giving up after %d attempts", task_id, attempts,
-                        task.callbackurl, outcome, attempts, extra={"task_id": task_id})
+                        url, outcome, attempts, extra={"task_id": task_id})
         else:
             log.warning("callback task %s attempt %d to %s: %s; retrying at %.0f", task_id, attempts,
-                        task.callbackurl, outcome, next_at or 0, extra={"task_id": task_id})
+                        url, outcome, next_at or 0, extra={"task_id": task_id})
         return delivered

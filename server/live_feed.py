@@ -4,7 +4,7 @@ A follower used to ask the store for its task's new events every 0.25 s: 1,000 f
 second. Here the followers of a process subscribe to one `EventFeed`, which reads the new events of every task that
 may have some in one query (each task from the last event its slowest follower has) and hands each follower its own.
 It reads when PostgreSQL says a task has a new status (server/store/notify.py), every `poll_seconds` for the
-followed tasks that are generating (their progress is not announced: see migration 0005), and every
+followed tasks that are generating (their progress is not announced: see migration 0006), and every
 `safety_seconds` for all followed tasks (a lost notification); at most one read per `batch_seconds`, so however many
 tasks and followers there are, following costs at most 4 reads a second, and 0.2 while nothing followed generates.
 Without notifications (SQLite, or the listening connection down) it reads every `poll_seconds` for all followed

@@ -27,7 +27,8 @@ class Services:
     def views(self, tasks: list[TaskLike], outputs: dict[int, list[OutputLike]] | None = None) -> list[dict[str, Any]]:
         outputs = outputs if outputs is not None else self.store.reads.outputs(t.id for t in tasks)
         cost_per_second = self.options.tool.cost_per_second
-        return [task_dict(t, outputs[t.id], self.storage, cost_per_second) for t in tasks]
+        catalogue = self.options.tool.catalogue
+        return [task_dict(t, outputs[t.id], self.storage, cost_per_second, catalogue) for t in tasks]
 
     def detail_body(self, task: TaskLike, outputs: list[OutputLike] | None = None) -> dict[str, Any]:
         """Task/Detail's answer for one task (also what callbackUrl receives)."""

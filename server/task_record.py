@@ -1,20 +1,18 @@
 """One task's typed record, from Run to the worker: validated once at Run, stored as data (the tasks table's
 `request` column), read by the worker as it was stored. The Wiro `parameters` a task answers with (every value a
-string) are rendered from it, and from the parameters the worker resolved once it had read the image.
-
-Tasks stored before this record existed (revision 0004) have only their `parameters` text, which Run validated
-when it stored them: `record_of` reads it into a record once, and they render from that text as they always did.
+string) are rendered from it, and from the parameters the worker resolved once it had read the image; its callback
+URL and owner are the record's too. `record_of` is the one way a stored task is read (migration 0005 gave the tasks
+stored before revision 0004 their record).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.params import GenerationParams
-from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD
+from pipeline.params import GenerationParams, ResolvedParams
+from server.tool_info import DEFAULT_SLUG, IMAGE_FIELD, IMAGE_URL_FIELD
 
 
 class ImageSource(BaseModel):
@@ -44,10 +42,17 @@ class TaskRecord(BaseModel):
     image: ImageSource
     callback_url: str = ""
     owner: str | None = None
+    resolved: ResolvedParams | None = None
+    """The parameters as they will run, resolved at Run when the image came with the request (pipeline.resolve);
+    None: the worker resolves them once it has fetched the image. Shown in `parameters` once the worker starts."""
+    tool: str = DEFAULT_SLUG
+    """The catalogue tool's slug ("owner/project") as Run matched it: the worker runs the task with that tool's
+    LoRAs. Records stored before tools existed are the default tool's."""
 
     def wiro_parameters(self, used: GenerationParams | None = None) -> dict[str, str]:
         """The recorded parameters: the inputs as sent, the default (and the chosen seed) of each one left out,
-        and, once the worker has resolved them, the seed, size and fast-mode values it used."""
+        and, once the worker has resolved them (`used`), the seed and size it used, and in fast mode the distilled
+        schedule's values, in cached mode the mode (a server default is not in the inputs)."""
         shown = dict(self.inputs)
         for name, value in self.params.wiro_inputs().items():
             if value is not None and not shown.get(name, "").strip():  # an unset mode: the worker records it
@@ -55,39 +60,32 @@ class TaskRecord(BaseModel):
         if self.image.attached:
             shown.pop(IMAGE_URL_FIELD, None)
             shown[IMAGE_FIELD] = self.image.url
-        return with_used(shown, used)
-
-
-def with_used(shown: dict[str, str], used: GenerationParams | None) -> dict[str, str]:
-    """`shown` with what the worker resolved: seed and size, and in fast mode the distilled schedule's values."""
-    if used is None:
+        if used is None:
+            return shown
+        shown.update(seed=str(used.seed), width=str(used.width), height=str(used.height))
+        if used.mode == "fast":
+            shown.update(mode="fast", steps=str(used.steps), scale=str(used.scale), flowShift=str(used.flow_shift))
+        elif used.mode == "cached":
+            shown.update(mode="cached")
         return shown
-    shown = {**shown, "seed": str(used.seed), "width": str(used.width), "height": str(used.height)}
-    if used.mode == "fast":
-        shown.update(mode="fast", steps=str(used.steps), scale=str(used.scale), flowShift=str(used.flow_shift))
-    return shown
+
+
+def recorded_of(task: Any) -> dict[str, str]:
+    """What the run recorded beyond its parameters (cached mode: computedSteps and skippedSteps)."""
+    recorded = (task.resolved or {}).get("recorded") if isinstance(task.resolved, dict) else None
+    return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {}
 
 
 def record_of(task: Any) -> TaskRecord:
-    """The record of a stored task (a tasks row or ORM object), as stored; for one stored before revision 0004,
-    read from its `parameters` text (which Run validated when it stored it)."""
-    if task.request is not None:
-        return TaskRecord.model_validate(task.request)
-    inputs = json.loads(task.parameters or "{}")
-    return TaskRecord(
-        params=GenerationParams.model_validate(inputs), inputs=inputs,
-        image=ImageSource(url=task.image_url or "", upload_id=task.upload_id),
-        callback_url=task.callbackurl or "", owner=task.owner,
-    )
+    """The record of a stored task (a tasks row or ORM object), as Run stored it."""
+    return TaskRecord.model_validate(task.request)
 
 
 def used_of(task: Any) -> GenerationParams | None:
+    """The parameters the worker resolved and ran with, once it has read the image."""
     return None if task.resolved is None else GenerationParams.model_validate(task.resolved)
 
 
 def parameters_of(task: Any) -> dict[str, str]:
     """The `parameters` Task/Detail answers for a stored task."""
-    used = used_of(task)
-    if task.request is None:  # stored before revision 0004: its inputs are the recorded text
-        return with_used(json.loads(task.parameters or "{}"), used)
-    return TaskRecord.model_validate(task.request).wiro_parameters(used)
+    return {**record_of(task).wiro_parameters(used_of(task)), **recorded_of(task)}

@@ -4,6 +4,7 @@ reached. Field order follows the published Kill/Cancel answers; `modeldescriptio
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -12,8 +13,8 @@ from sqlalchemy.engine import Row
 from server.progress import progress_text
 from server.storage import Storage
 from server.store.models import CANCEL, POSTPROCESS_END, QUEUED, Output, Task
-from server.task_record import parameters_of
-from server.tool_info import CATEGORIES_TEXT, DESCRIPTION, SLUG_OWNER, SLUG_PROJECT
+from server.task_record import record_of, recorded_of, used_of
+from server.tool_info import CATEGORIES_TEXT, Catalogue
 
 
 def _time(value: float) -> str:
@@ -67,13 +68,19 @@ def output_dict(out: OutputLike, task: TaskLike, storage: Storage) -> dict[str, 
     }
 
 
-def task_dict(task: TaskLike, outputs: list[OutputLike], storage: Storage, cps: float) -> dict[str, Any]:
+def task_dict(task: TaskLike, outputs: list[OutputLike], storage: Storage, cps: float,
+              catalogue: Catalogue | None = None) -> dict[str, Any]:
+    """One TASK; its model fields name the tool the record names (described from `catalogue` while it still
+    serves it)."""
+    record = record_of(task)
+    owner, _, project = record.tool.partition("/")
+    tool = (catalogue or Catalogue()).find(owner, project)
     return {
         "id": str(task.id),
         "uuid": task.uuid,
         "name": "",
         "socketaccesstoken": task.socketaccesstoken,
-        "parameters": parameters_of(task),
+        "parameters": {**record.wiro_parameters(used_of(task)), **recorded_of(task)},
         "debugoutput": debug_output(task),
         "debugerror": task.debugerror,
         "starttime": _time(task.starttime),
@@ -90,7 +97,7 @@ def task_dict(task: TaskLike, outputs: list[OutputLike], storage: Storage, cps: 
         "runtype": "model",
         "modelfolderid": "",
         "modelfileid": "",
-        "callbackurl": task.callbackurl,
+        "callbackurl": record.callback_url,
         "marketplaceid": None,
         "createtime": _time(task.createtime),
         "canceltime": _time(task.canceltime),
@@ -101,10 +108,10 @@ def task_dict(task: TaskLike, outputs: list[OutputLike], storage: Storage, cps: 
         "postprocessstarttime": _time(task.postprocessstarttime),
         "postprocessendtime": _time(task.postprocessendtime),
         "pexit": task.pexit,
-        "categories": CATEGORIES_TEXT,
+        "categories": CATEGORIES_TEXT if tool is None else json.dumps(list(tool.categories)),
         "outputs": [output_dict(o, task, storage) for o in outputs],
         "size": str(sum(o.size for o in outputs)),
-        "modeldescription": DESCRIPTION,
-        "modelslugowner": SLUG_OWNER,
-        "modelslugproject": SLUG_PROJECT,
+        "modeldescription": "" if tool is None else tool.description,
+        "modelslugowner": owner,
+        "modelslugproject": project,
     }

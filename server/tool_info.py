@@ -1,4 +1,5 @@
-"""The one tool this server runs, described as Wiro describes tools: names, defaults and limits.
+"""The tools this server runs (codexq/Particalize, and any of a catalogue), described as Wiro describes tools:
+names, defaults and limits.
 
 The inputs are the parameter model's (pipeline.inputs reads GenerationParams' fields: ids, labels, types,
 defaults, help), with this server's limits filled in, so Tool/Detail always says what Run will accept; the two
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.fast import NORMAL, FastMode
 from pipeline.images import MAX_IMAGE_PIXELS
@@ -43,6 +46,69 @@ ADVANCED_INPUTS = ADVANCED_IDS
 """Inputs the hosted tool does not have: Wiro clients may leave them out (Tool/Detail lists them as advanced)."""
 
 
+class Tool(BaseModel):
+    """One tool of the catalogue as the API describes it: its slug, texts and input defaults. Its LoRAs are the
+    worker's business (the server only records which tool a task is for)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    owner: str
+    project: str
+    title: str
+    description: str = ""
+    readme: str = ""
+    categories: tuple[str, ...] = tuple(CATEGORIES)
+    tags: tuple[str, ...] = ()
+    trigger: str = ""
+    """Put before the prompt when the prompt does not contain it (an effect LoRA's trigger word)."""
+    defaults: dict[str, str] = {}
+    """Tool inputs (Wiro ids) that default to other values than the parameter model's."""
+    inspire: tuple[dict[str, str], ...] = ()
+
+    @property
+    def slug(self) -> str:
+        return f"{self.owner}/{self.project}"
+
+    def triggered(self, prompt: str) -> str:
+        """The prompt with the trigger word before it, unless it holds it already (in any case)."""
+        if not self.trigger or self.trigger.lower() in prompt.lower():
+            return prompt
+        return f"{self.trigger} {prompt}"
+
+    def is_named(self, owner: str, project: str) -> bool:
+        """Slugs are matched case-insensitively, as Wiro does."""
+        return owner.lower() == self.owner.lower() and project.lower() == self.project.lower()
+
+
+PARTICALIZE = Tool(owner=SLUG_OWNER, project=SLUG_PROJECT, title=TITLE, description=DESCRIPTION, readme=README,
+                   tags=tuple(TAGS), inspire=INSPIRE)
+"""The hosted tool this server replaces: always served, and the default."""
+DEFAULT_SLUG = PARTICALIZE.slug
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The tools this server runs, the default (codexq/Particalize) first."""
+
+    tools: tuple[Tool, ...] = (PARTICALIZE,)
+
+    def __post_init__(self) -> None:
+        slugs = [tool.slug.lower() for tool in self.tools]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError(f"duplicate tool slugs in {[tool.slug for tool in self.tools]}")
+
+    @property
+    def default(self) -> Tool:
+        return self.tools[0]
+
+    def find(self, owner: str, project: str) -> Tool | None:
+        return next((tool for tool in self.tools if tool.is_named(owner, project)), None)
+
+    def find_slug(self, slug: str) -> Tool | None:
+        owner, _, project = slug.partition("/")
+        return self.find(owner, project)
+
+
 @dataclass(frozen=True)
 class ToolOptions:
     """What Tool/Detail says about this server beyond its request limits."""
@@ -52,16 +118,13 @@ class ToolOptions:
     """Fast mode's sampling, offered when the request limits allow fast mode (a speed LoRA is configured)."""
     default_mode: str = NORMAL
     cost_per_second: float = 0.0
+    catalogue: Catalogue = field(default_factory=Catalogue)
 
 
-def is_this_tool(owner: str, project: str) -> bool:
-    return owner.lower() == SLUG_OWNER.lower() and project.lower() == SLUG_PROJECT.lower()
-
-
-def names_this_tool(model: str) -> bool:
-    """A model filter (Task/List's `modelName`: "owner/project" or a part of it) that names this tool."""
+def named_tools(model: str, catalogue: Catalogue) -> list[Tool]:
+    """The tools a model filter (Task/List's `modelName`: "owner/project" or a part of it) names."""
     wanted = model.strip().lower()
-    return wanted in f"{SLUG_OWNER}/{SLUG_PROJECT}".lower()
+    return [tool for tool in catalogue.tools if wanted in tool.slug.lower()]
 
 
 def _item(id_: str, type_: str, label: str, description: str, default: str, **extra: Any) -> dict[str, Any]:
@@ -81,7 +144,7 @@ def _image_items(limits: RequestLimits) -> list[dict[str, Any]]:
     ]
 
 
-def _input_item(spec: ToolInput) -> dict[str, Any]:
+def _input_item(spec: ToolInput, defaults: dict[str, str] | None = None) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if spec.kind == "textarea":
         extra["max"] = spec.max_length
@@ -93,16 +156,18 @@ def _input_item(spec: ToolInput) -> dict[str, Any]:
         extra["note"] = spec.note
     if spec.advanced:
         extra["advanced"] = True
-    return _item(spec.id, spec.kind, spec.label, spec.help, spec.default, **extra)
+    return _item(spec.id, spec.kind, spec.label, spec.help, (defaults or {}).get(spec.id, spec.default), **extra)
 
 
 def _inputs(tool: ToolOptions, limits: RequestLimits) -> list[ToolInput]:
     return tool_inputs(limits.params, tool.fast, tool.default_mode)
 
 
-def input_items(tool: ToolOptions, limits: RequestLimits) -> list[dict[str, Any]]:
-    """Tool/Detail's "Input" group: the start image, then every input of the hosted tool."""
-    return [*_image_items(limits), *(_input_item(spec) for spec in _inputs(tool, limits) if not spec.advanced)]
+def input_items(tool: ToolOptions, limits: RequestLimits, which: Tool = PARTICALIZE) -> list[dict[str, Any]]:
+    """Tool/Detail's "Input" group: the start image, then every input of the hosted tool, with `which` tool's own
+    defaults."""
+    return [*_image_items(limits),
+            *(_input_item(spec, which.defaults) for spec in _inputs(tool, limits) if not spec.advanced)]
 
 
 def advanced_groups(tool: ToolOptions, limits: RequestLimits) -> list[dict[str, Any]]:
@@ -112,24 +177,28 @@ def advanced_groups(tool: ToolOptions, limits: RequestLimits) -> list[dict[str, 
     return [{"title": "Advanced", "items": items}] if items else []
 
 
-def tool_detail(tool: ToolOptions, limits: RequestLimits) -> dict[str, Any]:
-    """One element of Tool/Detail's `tool` list."""
+def _tool_id(tool: ToolOptions, which: Tool) -> str:
+    return str(tool.catalogue.tools.index(which) + 1)
+
+
+def tool_detail(tool: ToolOptions, limits: RequestLimits, which: Tool = PARTICALIZE) -> dict[str, Any]:
+    """One element of Tool/Detail's `tool` list: `which` tool of the catalogue."""
     return {
-        "id": "1",
-        "title": TITLE,
-        "slugowner": SLUG_OWNER,
-        "slugproject": SLUG_PROJECT,
-        "cleanslugowner": SLUG_OWNER,
-        "cleanslugproject": SLUG_PROJECT.lower(),
-        "description": DESCRIPTION,
-        "seodescription": DESCRIPTION,
+        "id": _tool_id(tool, which),
+        "title": which.title,
+        "slugowner": which.owner,
+        "slugproject": which.project,
+        "cleanslugowner": which.owner,
+        "cleanslugproject": which.project.lower(),
+        "description": which.description,
+        "seodescription": which.description,
         "image": "",
         "computingtime": "",
-        "readme": README,
-        "categories": list(CATEGORIES),
-        "tags": list(TAGS),
-        "parameters": [{"title": "Input", "items": input_items(tool, limits)}, *advanced_groups(tool, limits)],
-        "inspire": [dict(example) for example in INSPIRE],
+        "readme": which.readme,
+        "categories": list(which.categories),
+        "tags": list(which.tags),
+        "parameters": [{"title": "Input", "items": input_items(tool, limits, which)}, *advanced_groups(tool, limits)],
+        "inspire": [dict(example) for example in which.inspire],
         "samples": [],
         "marketplace": 0,
         "onlymembers": "0",
@@ -139,30 +208,35 @@ def tool_detail(tool: ToolOptions, limits: RequestLimits) -> dict[str, Any]:
     }
 
 
-SEARCH_DOCUMENT = Document.of([
-    ([TITLE, SLUG_OWNER, SLUG_PROJECT], 5.0),
-    (CATEGORIES, 3.0),
-    (TAGS, 3.0),
-    ([DESCRIPTION, README, "wan2.1 lora"], 2.0),
-    ([DEFAULT_PROMPT, *(example["prompt"] for example in INSPIRE if "prompt" in example)], 1.0),
-])
-"""What Tool/List's and Tool/Explore's `search` is matched against: title, categories, tags, description and the
-example prompts."""
+def search_document(which: Tool) -> Document:
+    """What Tool/List's and Tool/Explore's `search` is matched against: title, categories, tags, description and the
+    example prompts."""
+    prompt = which.defaults.get("prompt", DEFAULT_PROMPT)
+    return Document.of([
+        ([which.title, which.owner, which.project], 5.0),
+        (list(which.categories), 3.0),
+        (list(which.tags), 3.0),
+        ([which.description, which.readme, "wan2.1 lora"], 2.0),
+        ([prompt, *(example["prompt"] for example in which.inspire if "prompt" in example)], 1.0),
+    ])
 
 
-def in_catalogue(categories: list[str] | None = None, slugowner: str = "") -> bool:
-    """Whether this tool passes a catalogue query's filters: any of `categories`, its owner `slugowner`
-    (case-insensitive); `search` is ranked separately (SEARCH_DOCUMENT)."""
-    if categories and not {c.strip().lower() for c in categories} & {c.lower() for c in CATEGORIES}:
+SEARCH_DOCUMENT = search_document(PARTICALIZE)
+
+
+def in_catalogue(categories: list[str] | None = None, slugowner: str = "", which: Tool = PARTICALIZE) -> bool:
+    """Whether `which` tool passes a catalogue query's filters: any of `categories`, its owner `slugowner`
+    (case-insensitive); `search` is ranked separately (search_document)."""
+    if categories and not {c.strip().lower() for c in categories} & {c.lower() for c in which.categories}:
         return False
-    return not slugowner or slugowner.strip().lower() == SLUG_OWNER.lower()
+    return not slugowner or slugowner.strip().lower() == which.owner.lower()
 
 
-def explore_item() -> dict[str, Any]:
-    """This tool as one entry of Tool/Explore's `tools` lists."""
+def explore_item(tool: ToolOptions, which: Tool = PARTICALIZE) -> dict[str, Any]:
+    """`which` tool as one entry of Tool/Explore's `tools` lists."""
     return {
-        "id": "1", "title": TITLE, "slugowner": SLUG_OWNER, "slugproject": SLUG_PROJECT,
-        "cleanslugowner": SLUG_OWNER, "cleanslugproject": SLUG_PROJECT.lower(), "image": "",
-        "description": DESCRIPTION, "categories": list(CATEGORIES), "commentcount": "0", "ratedusercount": "0",
-        "averagepoint": "0", "discount": None,
+        "id": _tool_id(tool, which), "title": which.title, "slugowner": which.owner, "slugproject": which.project,
+        "cleanslugowner": which.owner, "cleanslugproject": which.project.lower(), "image": "",
+        "description": which.description, "categories": list(which.categories), "commentcount": "0",
+        "ratedusercount": "0", "averagepoint": "0", "discount": None,
     }

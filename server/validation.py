@@ -3,9 +3,9 @@ tool inputs, start image, callbackUrl.
 
 A bad request is refused here with the field it is about (code 0) and creates nothing. An image sent with the Run
 is decoded now, once (fail fast; its format and size taken from that decode), one uploaded earlier to File/Upload
-has its header read; either way a width/height left to the image (0) is resolved now and held to every size limit.
-An image URL is checked now (scheme, public address) and fetched by the worker at task_preprocess_start, which then
-does the same for its size.
+has its header read; either way the parameters are resolved now (pipeline.resolve: the size the image implies, held
+to every limit, the mode, the seed) and stored with the task, which the worker runs as they are. An image URL is
+checked now (scheme, public address) and fetched by the worker at task_preprocess_start, which resolves them then.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import InvalidParameter
 from pipeline.images import decode_image_with_format, image_size
-from pipeline.params import GenerationParams, Limits, parse_params, size_for_image
+from pipeline.params import GenerationParams, Limits, ResolvedParams, parse_params
+from pipeline.resolve import Modes, resolve_request
 from server.bodies import RequestFields, UploadedFile
 from server.errors import ApiError
 from server.limits import RequestLimits
@@ -25,7 +26,7 @@ from server.storage import Storage, safe_name
 from server.store import NewUpload, new_id
 from server.store.uploads import Uploads
 from server.task_record import ImageSource, TaskRecord
-from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD, TOOL_INPUTS
+from server.tool_info import IMAGE_FIELD, IMAGE_URL_FIELD, PARTICALIZE, TOOL_INPUTS, Tool
 
 __all__ = ["IMAGE_FIELD", "IMAGE_URL_FIELD", "MAX_URL_CHARS", "RunRequest", "check_public_url",
            "check_upload", "parse_run"]
@@ -47,12 +48,23 @@ def _as_text(name: str, value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _with_tool(values: dict[str, Any], tool: Tool) -> dict[str, Any]:
+    """The tool's own defaults in place of the inputs left out (or sent empty, as multipart clients do)."""
+    return {**values, **{k: v for k, v in tool.defaults.items() if not _as_text(k, values.get(k)).strip()}}
+
+
+def _triggered(params: GenerationParams, tool: Tool) -> GenerationParams:
+    """The prompt with the tool's trigger word before it, unless it is in the prompt already."""
+    prompt = tool.triggered(params.prompt)
+    return params if prompt == params.prompt else params.model_copy(update={"prompt": prompt})
+
+
 def parse_run(fields: RequestFields, options: RequestLimits, storage: Storage, uploads: Uploads,
-              owner: str | None = None) -> RunRequest:
+              owner: str | None = None, tool: Tool = PARTICALIZE) -> RunRequest:
     values = {k: v for k, v in fields.values.items() if k in TOOL_INPUTS or k == "callbackUrl"}
     inputs = {k: _as_text(k, v) for k, v in values.items() if k in TOOL_INPUTS}
-    try:
-        params = parse_params(values, options.params).with_seed()  # the seed is fixed now: it is recorded
+    try:  # the seed is fixed now: it is recorded
+        params = _triggered(parse_params(_with_tool(values, tool), options.params).with_seed(), tool)
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
 
@@ -80,21 +92,22 @@ def parse_run(fields: RequestFields, options: RequestLimits, storage: Storage, u
         else:
             check_public_url(field, image_url, options.allow_private_urls)
         image = ImageSource(url=image_url, upload_id=upload_id)
-    if size is not None:
-        check_size_for_image(params, size, options.params)
+    resolved = None if size is None else resolve_for_image(params, size, options.params, options.modes)
 
     callback_url = _as_text("callbackUrl", values.get("callbackUrl")).strip()
     if callback_url:
         check_public_url("callbackUrl", callback_url, options.allow_private_urls)
-    record = TaskRecord(params=params, inputs=inputs, image=image, callback_url=callback_url, owner=owner)
+    record = TaskRecord(params=params, inputs=inputs, image=image, callback_url=callback_url, owner=owner,
+                        resolved=resolved, tool=tool.slug)
     return RunRequest(record, new_upload)
 
 
-def check_size_for_image(params: GenerationParams, size: tuple[int, int], limits: Limits) -> None:
-    """A width/height left to the image (0) resolved now that the image's size is known, and refused (code 0) when
-    the size it implies breaks a limit. What is recorded stays as sent: the worker resolves it again, the same way."""
+def resolve_for_image(params: GenerationParams, size: tuple[int, int], limits: Limits,
+                      modes: Modes) -> ResolvedParams:
+    """The task's one resolution, now that the image's size is known; refused (code 0) when the size it implies
+    breaks a limit. The inputs recorded stay as sent; the worker runs the resolved value as it is."""
     try:
-        size_for_image(params, size, limits)
+        return resolve_request(params, size, limits, modes)
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
 

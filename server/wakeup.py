@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from server.processes.wake_pipes import WAKE_FD_ENV
 from server.store.db import Database
 from server.store.notify import CANCEL, QUEUE, Listener
 
@@ -31,8 +32,6 @@ KILL_POLL_SECONDS = 0.1
 """Without wake-ups: how often a running task's kill flag is read (as before wake-ups)."""
 STOP_CHECK_SECONDS = 0.25
 """An idle worker waiting for a wake-up still notices its stop request this often."""
-WAKE_FD_ENV = "_PARTICALIZE_WAKE_FD"
-"""The pipe (a file descriptor number) a `serve` process's worker reads its wake-ups from, one line each."""
 
 
 class Wakeup:
@@ -218,38 +217,3 @@ def wakeup_for(db: Database, poll_seconds: float, safety_seconds: float) -> Wake
     if db.is_postgres:
         return PostgresWakeup(db, poll_seconds, safety_seconds)
     return Polling(poll_seconds)
-
-
-class WakePipes:
-    """The `serve` side: one pipe to each worker process it starts; `send` writes a line to all of them without
-    ever blocking (a worker that does not read, or is gone, misses it: its safety poll covers that)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._fds: dict[int, int] = {}
-
-    def open(self, slot: int) -> int:
-        """A new pipe for worker `slot` (replacing its previous one); the read end, for the child to inherit."""
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        with self._lock:
-            old = self._fds.pop(slot, None)
-            self._fds[slot] = write_fd
-        if old is not None:
-            with contextlib.suppress(OSError):
-                os.close(old)
-        return read_fd
-
-    def close(self, slot: int) -> None:
-        with self._lock:
-            fd = self._fds.pop(slot, None)
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def send(self, task_id: int, status: str) -> None:
-        line = f"{status} {task_id}\n".encode()
-        with self._lock:  # held while writing: a pipe closed meanwhile must not have its number reused under us
-            for fd in self._fds.values():
-                with contextlib.suppress(OSError):  # full (BlockingIOError), or the reader gone (BrokenPipeError)
-                    os.write(fd, line)

@@ -2,7 +2,8 @@
 
 A worker records its state in the store; when the store cannot be written (SQLite on a full disk) that record goes
 stale, and /ready would call a worker ready that claims nothing. So a worker also tells its parent, over a pipe
-(server/supervisor.py), when it pauses and when it goes on; /ready takes the worker's own word over the store's.
+(server/processes/supervisor.py), when it pauses and when it goes on; /ready takes the worker's own word over the
+store's.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ def used_weight(model: torch.nn.Module, key: str) -> torch.Tensor:
     """The value a parameter computes with: a float8 or GGUF layer's weight dequantized, else the parameter."""
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
-    from pipeline.quantized_layers import Float8Linear, is_gguf_linear
+    from pipeline.weight_files.quantized_layers import Float8Linear, is_gguf_linear
 
     owner, _, leaf = key.rpartition(".")
     module = model.get_submodule(owner) if owner else model

@@ -39,6 +39,16 @@ def _root_logging_restored() -> Iterator[None]:
     root.setLevel(level)
 
 
+FREE_RAM_SEEN_BY_TESTS = 8 * 2**30
+
+
+@pytest.fixture(autouse=True)
+def _free_ram_is_a_fixed_figure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test passes or fails with the host's free memory: the memory check sees 8 GiB available (a small
+    newcomer's machine) unless a test of the check injects its own figure."""
+    monkeypatch.setattr("pipeline.memory_check.free_ram", lambda: FREE_RAM_SEEN_BY_TESTS)
+
+
 @pytest.fixture(scope="session")
 def postgres_database() -> Iterator[str]:
     """A database of its own for this test session, dropped at the end."""
@@ -106,6 +116,7 @@ def make_settings(tmp_path: Path, db_url: str | None = None, **overrides: Any) -
         callback_backoff_seconds=0.05,
         callback_timeout_seconds=2.0,
         node_name="testnode",
+        tools_file=None,
     )
     values.update(overrides)
     return Settings().with_overrides(**values).model_copy(update={k: v for k, v in values.items() if v is None})

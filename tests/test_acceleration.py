@@ -15,11 +15,11 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from pipeline import fa4
-from pipeline.acceleration import Applied, SpeedOptions, choose_attention, float8_filter, resolve_compile
 from pipeline.generator import GeneratorOptions, VideoGenerator
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
+from pipeline.speed import fa4
+from pipeline.speed.acceleration import Applied, SpeedOptions, choose_attention, float8_filter, resolve_compile
 from tests.images import noise_image
 
 PARAMS = GenerationParams(width=48, height=32, numFrames=9, steps=3, seed=7, prompt="crystal shards")
@@ -130,7 +130,7 @@ def test_the_compile_cache_is_written_and_a_restart_reads_it_back_instead_of_com
 
 
 def test_an_unreadable_compile_cache_is_ignored_and_replaced(tmp_path, monkeypatch):
-    from pipeline.compile_cache import CompileCache
+    from pipeline.speed.compile_cache import CompileCache
 
     cache = CompileCache(tmp_path, {"torch": torch.__version__, "x": 1})
     cache.path.write_bytes(b"half-written")

@@ -9,7 +9,7 @@ import os
 from benchmarks import device_check
 
 PARTS = ("build", "eager_step", "attention", "compile", "warm_restart", "default_step", "profile", "fast_mode",
-         "vae_decode", "text_encoder_cpu", "float8", "text_encoder_cpu_encode", "context_parallel")
+         "cached_mode", "vae_decode", "text_encoder_cpu", "float8", "text_encoder_cpu_encode", "context_parallel")
 
 
 def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monkeypatch, capsys):
@@ -41,5 +41,10 @@ def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monke
     assert "fast mode only" in fast["lora"] and "layers rank 4" in fast["lora"]
     assert (fast["steps"], fast["scale"]) == (4, 1.0) and fast["frames_shape"][0] == 9
     assert fast["graphs_compiled"] >= 1 and fast["recompiles_in_video"] == 0  # the adapter graph, compiled once
+    cached = body["parts"]["cached_mode"]  # MagCache with the published calibration, compiled beneath its hooks
+    assert cached["computed_per_pass"] == {"cond": 11, "uncond": 11} and cached["matches_plan"] is True
+    assert cached["first_run_compiling_s"] > 0 and cached["video_s"] > 0 and cached["frames_shape"][0] == 9
+    assert cached["planned"]["40"]["computedSteps"] == "0-7, 14, 20, 25, 30, 34, 37, 39"
+    assert rows["cached mode video (30 steps, CFG, MagCache, encoders + VAE)"]["value"] > 0
     printed = capsys.readouterr().out
     assert "device check" in printed and "forward, compiled" in printed

@@ -107,6 +107,8 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
                        client.post("/v1/Task/Kill", json={"taskid": str(task_id)})):
             assert answer.status_code == 503 and answer.headers["retry-after"], answer.text
             assert answer.json()["result"] is False and "task store is unavailable" in answer.text
+        health = client.get("/health")
+        assert health.status_code == 503 and "The database's disk is full" in health.text, health.text
         assert store.reads.get(task_id).status in RUNNING, "the worker has not been able to record the end yet"
         assert worker.health.down
 
@@ -130,6 +132,7 @@ def test_sqlite_on_a_full_disk_answers_503_and_leaves_no_stuck_or_lost_task(smal
         assert not any("lost" in e.message for e in events), [e.message for e in events]
         assert [e.status for e in events].count("task_postprocess_end") == 1
         assert client.post(RUN, data=SMALL, files=image).json()["result"] is True, "the API writes again"
+        assert client.get("/health").status_code == 200
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 30, what: str = "") -> None:

@@ -25,14 +25,14 @@ from diffusers.hooks import HookRegistry
 from diffusers.models.transformers.transformer_wan import WanAttention
 from fastapi.testclient import TestClient
 
-import pipeline.acceleration as acceleration
-from pipeline import fa4
-from pipeline.acceleration import SpeedOptions
+import pipeline.speed.acceleration as acceleration
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.guidance import HOOK_NAME
 from pipeline.interrupt import InterruptPoints
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
+from pipeline.speed import fa4
+from pipeline.speed.acceleration import SpeedOptions
+from pipeline.speed.guidance import HOOK_NAME
 from server.worker.entry import loaded_detail
 from tests.images import noise_image
 

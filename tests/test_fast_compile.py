@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.acceleration import SpeedOptions
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.lora import LoraStackOptions
+from pipeline.lora.stack import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
+from pipeline.speed.acceleration import SpeedOptions
 from tests.images import noise_image
 from tests.lora_files import make_diffs, make_weights, write_lora
 
@@ -64,7 +64,7 @@ def test_switching_modes_under_compile_compiles_nothing_after_the_warm_up(loras)
 
 def test_float8_with_a_speed_lora_quantizes_the_base_layers_only_and_keeps_switched_weights_in_bf16(loras):
     """torchao float8 needs CUDA: here the layer choice, made with what the LoRA stack switches per request."""
-    from pipeline.acceleration import Applied, apply_float8, float8_filter
+    from pipeline.speed.acceleration import Applied, apply_float8, float8_filter
 
     tmp, stack = loras
     gen = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, loras=replace(stack, fuse=True)))

@@ -5,6 +5,10 @@ From the ground up: `pipeline` (the model) imports nothing of the others; `serve
 worker) and `weights` (where weights live, fetch, verify) may import `pipeline`, and neither imports the other;
 `particalize` (settings, CLI, the composition of every layer's options) sits on top and may import them all.
 Every import counts, one inside a function or under TYPE_CHECKING too: a lazy import is still a dependency.
+
+Inside `pipeline` and `server` the same holds between subpackages: each subpackage counts as one node, each module at
+a package's top as one more, and that graph has no circle; `SUBPACKAGES` lists each package's subpackages from the
+ground up, and none reaches (through any chain of imports) one listed above it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,39 @@ def imports_of(name: str) -> set[str]:
 
 
 GRAPH = {name: imports_of(name) for name in MODULES}
+
+SUBPACKAGES = {
+    "pipeline": ("pipeline.weight_files", "pipeline.lora", "pipeline.speed", "pipeline.parallel"),
+    "server": ("server.processes", "server.store", "server.worker", "server.routes"),
+}
+"""Each package's subpackages, from the ground up: single weight files, LoRA stacks (on quantized layers), speed
+options (on both), then context parallelism (which drives the generator); processes, the task store, the worker
+(on both), the HTTP routes."""
+
+
+def unit(name: str) -> str:
+    """The node a module counts as: its subpackage (pipeline.lora for pipeline.lora.keys), else itself."""
+    parts = name.split(".")
+    if len(parts) >= 2:
+        top = ".".join(parts[:2])
+        if top in MODULES and MODULES[top].name == "__init__.py":
+            return top
+    return name
+
+
+UNIT_GRAPH: dict[str, set[str]] = {}
+for _name, _targets in GRAPH.items():
+    UNIT_GRAPH.setdefault(unit(_name), set()).update(unit(t) for t in _targets if unit(t) != unit(_name))
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target in graph.get(todo.pop(), set()) - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
 
 
 def _layer(name: str) -> str:
@@ -122,3 +159,27 @@ def test_the_graph_check_sees_lazy_relative_and_from_imports():
     assert "pipeline.params" in GRAPH["pipeline.inputs"]
     assert "server.store.store" in GRAPH["server.store"]  # a package's __init__ importing its modules
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_subpackage_has_its_place_in_the_order():
+    on_disk = {unit(name) for name in MODULES if unit(name) != name or MODULES[name].name == "__init__.py"}
+    listed = {sub for subs in SUBPACKAGES.values() for sub in subs}
+    inside = {sub for sub in on_disk if sub.split(".")[0] in SUBPACKAGES and "." in sub}
+    assert inside == listed
+
+
+def test_no_circle_between_subpackages_and_the_modules_around_them():
+    assert _cycles(UNIT_GRAPH) == []
+
+
+def test_no_subpackage_reaches_one_above_it():
+    upward = {(low, high) for subs in SUBPACKAGES.values() for i, low in enumerate(subs) for high in subs[i + 1:]
+              if high in _reaches(UNIT_GRAPH, low)}
+    assert upward == set()
+
+
+def test_the_subpackage_check_sees_through_modules_in_between():
+    assert unit("pipeline.lora.keys") == "pipeline.lora" and unit("pipeline.generator") == "pipeline.generator"
+    assert "pipeline.weight_files" in UNIT_GRAPH["pipeline.lora"]
+    assert "pipeline.speed" in _reaches(UNIT_GRAPH, "pipeline.parallel")  # through pipeline.generator
+    assert _reaches({"a": {"b"}, "b": {"c"}}, "a") == {"b", "c"}

@@ -109,7 +109,7 @@ def tiny_umt5() -> torch.nn.Module:
 # ============================== diffusers: names that set the floor ==============================
 
 @contract("diffusers.models.attention_dispatch.AttentionBackendName.FLASH_4_HUB",
-          "pipeline/fa4.py routes the local FlashAttention-4 kernel through diffusers' flash_4_hub entry (0.38+)")
+          "pipeline/speed/fa4.py routes the local FlashAttention-4 kernel through diffusers' flash_4_hub entry (0.38+)")
 def _():
     from diffusers.models.attention_dispatch import AttentionBackendName
 
@@ -117,7 +117,8 @@ def _():
 
 
 @contract("diffusers.ContextParallelConfig",
-          "pipeline/parallel.py: ContextParallelConfig(ring_degree=N) or (ulysses_degree=N), then enable_parallelism")
+          "pipeline/speed/context_parallel.py: ContextParallelConfig(ring_degree=N) or (ulysses_degree=N), then "
+          "enable_parallelism")
 def _():
     from diffusers import ContextParallelConfig
 
@@ -125,21 +126,23 @@ def _():
 
 
 @contract("diffusers.TaylorSeerCacheConfig",
-          "pipeline/acceleration.py step_cache=taylorseer: TaylorSeerCacheConfig(cache_interval, cache_identifiers)")
+          "pipeline/speed/acceleration.py step_cache=taylorseer: TaylorSeerCacheConfig(cache_interval, "
+          "cache_identifiers)")
 def _():
     from diffusers import TaylorSeerCacheConfig
 
     takes(TaylorSeerCacheConfig, "cache_interval", "cache_identifiers")
 
 
-@contract("diffusers.FirstBlockCacheConfig", "pipeline/acceleration.py step_cache=first_block: (threshold=)")
+@contract("diffusers.FirstBlockCacheConfig", "pipeline/speed/acceleration.py step_cache=first_block: (threshold=)")
 def _():
     from diffusers import FirstBlockCacheConfig
 
     takes(FirstBlockCacheConfig, "threshold")
 
 
-@contract("diffusers.ModelMixin.enable_parallelism", "pipeline/parallel.py: transformer.enable_parallelism(config=)")
+@contract("diffusers.ModelMixin.enable_parallelism",
+          "pipeline/speed/context_parallel.py: transformer.enable_parallelism(config=)")
 def _():
     from diffusers import ModelMixin
 
@@ -147,7 +150,7 @@ def _():
 
 
 @contract("diffusers.ModelMixin._resolve_parallel_config",
-          "pipeline/parallel.py _cpu_as_one_device: enable_parallelism places rank r on device "
+          "pipeline/speed/context_parallel.py _cpu_as_one_device: enable_parallelism places rank r on device "
           "`r % torch.accelerator.device_count()` (0 on the CPU, a ZeroDivisionError); on the CPU the count is "
           "reported as 1 during that call, so gloo ranks run on the one CPU")
 def _():
@@ -159,12 +162,13 @@ def _():
 
 
 @contract("diffusers.models.attention_dispatch._AttentionBackendRegistry._supports_context_parallel",
-          "pipeline/parallel.py CP_BACKENDS and LSE_BACKENDS: the backends refused or accepted at start under "
+          "pipeline/speed/context_parallel.py CP_BACKENDS and LSE_BACKENDS: the backends refused or accepted "
+          "at start under "
           "context parallelism (diffusers raises later, at enable_parallelism or the first forward)")
 def _():
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-    from pipeline.parallel import CP_BACKENDS, LSE_BACKENDS
+    from pipeline.speed.context_parallel import CP_BACKENDS, LSE_BACKENDS
 
     supported = set(_AttentionBackendRegistry._supports_context_parallel)
     assert supported >= CP_BACKENDS, sorted(CP_BACKENDS - supported)
@@ -186,7 +190,7 @@ def _():
 
 
 @contract("diffusers.models.attention_dispatch._check_attention_backend_requirements",
-          "pipeline/acceleration.py _try_backend: raises RuntimeError/ValueError/ImportError when a backend's "
+          "pipeline/speed/acceleration.py _try_backend: raises RuntimeError/ValueError/ImportError when a backend's "
           "kernels are not importable (the note shows its first sentence); passes for native")
 def _():
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
@@ -199,7 +203,8 @@ def _():
 
 
 @contract("diffusers.models.attention_dispatch._HUB_KERNELS_REGISTRY",
-          "pipeline/fa4.py enable, benchmarks/bench_attention.py: _HUB_KERNELS_REGISTRY[FLASH_4_HUB].kernel_fn is "
+          "pipeline/speed/fa4.py enable, benchmarks/bench_attention.py: "
+          "_HUB_KERNELS_REGISTRY[FLASH_4_HUB].kernel_fn is "
           "replaced by the local kernel, which diffusers' flash_4_hub function then calls with keywords q, k, v, "
           "softmax_scale, causal (returning out or (out, lse))")
 def _():
@@ -243,7 +248,8 @@ def _():
 
 
 @contract("diffusers.models.attention.AttentionModuleMixin",
-          "pipeline/fa4.py enable: the modules whose processor gets the backend are the AttentionModuleMixin ones")
+          "pipeline/speed/fa4.py enable: the modules whose processor gets the backend are the "
+          "AttentionModuleMixin ones")
 def _():
     from diffusers.models.attention import AttentionModuleMixin
 
@@ -252,7 +258,7 @@ def _():
 
 
 @contract("diffusers.models.transformers.transformer_wan.WanAttnProcessor._attention_backend",
-          "pipeline/fa4.py enable sets processor._attention_backend directly (as set_attention_backend does, "
+          "pipeline/speed/fa4.py enable sets processor._attention_backend directly (as set_attention_backend does, "
           "without its `kernels` check); the processor passes it to dispatch_attention_fn(backend=)")
 def _():
     from diffusers.models.attention_dispatch import AttentionBackendName
@@ -266,7 +272,7 @@ def _():
 
 
 @contract("diffusers.ModelMixin.set_attention_backend",
-          "pipeline/acceleration.py _try_backend: transformer.set_attention_backend(name)")
+          "pipeline/speed/acceleration.py _try_backend: transformer.set_attention_backend(name)")
 def _():
     from diffusers import ModelMixin
 
@@ -276,7 +282,7 @@ def _():
 # ============================== diffusers: hooks ==============================
 
 @contract("diffusers.hooks.ModelHook",
-          "pipeline/guidance.py BatchedGuidanceHook: a stateful ModelHook (_is_stateful, reset_state) whose "
+          "pipeline/speed/guidance.py BatchedGuidanceHook: a stateful ModelHook (_is_stateful, reset_state) whose "
           "new_forward calls self.fn_ref.original_forward")
 def _():
     from diffusers.hooks import HookRegistry, ModelHook
@@ -303,7 +309,8 @@ def _():
 
 
 @contract("diffusers.hooks.HookRegistry",
-          "pipeline/guidance.py: HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, name)")
+          "pipeline/speed/guidance.py: "
+          "HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, name)")
 def _():
     from diffusers.hooks import HookRegistry
 
@@ -314,7 +321,7 @@ def _():
 
 
 @contract("diffusers.hooks.apply_group_offloading",
-          "pipeline/acceleration.py memory_mode=group_offload for a module without enable_group_offload "
+          "pipeline/speed/acceleration.py memory_mode=group_offload for a module without enable_group_offload "
           "(the text encoder): apply_group_offloading(module, onload_device=, offload_type=, use_stream=)")
 def _():
     from diffusers.hooks import apply_group_offloading
@@ -323,7 +330,8 @@ def _():
 
 
 @contract("diffusers.ModelMixin.enable_group_offload",
-          "pipeline/acceleration.py memory_mode=group_offload: enable_group_offload(onload_device=, offload_type=, "
+          "pipeline/speed/acceleration.py memory_mode=group_offload: enable_group_offload(onload_device=, "
+          "offload_type=, "
           "use_stream=)")
 def _():
     from diffusers import ModelMixin
@@ -345,7 +353,7 @@ def _():
 
 
 @contract("diffusers.hooks.taylorseer_cache.TaylorSeerCacheConfig.cache_identifiers",
-          "pipeline/acceleration.py WAN_BLOCK_OUTPUTS: fullmatch patterns naming Wan's blocks.N.attn1/attn2/ffn "
+          "pipeline/speed/acceleration.py WAN_BLOCK_OUTPUTS: fullmatch patterns naming Wan's blocks.N.attn1/attn2/ffn "
           "(diffusers' defaults miss them): each named module gets a hook")
 def _():
     from diffusers import TaylorSeerCacheConfig
@@ -382,7 +390,7 @@ def _():
 
 
 @contract("diffusers.WanTransformer3DModel.forward",
-          "pipeline/guidance.py: the pipeline calls the transformer with keywords hidden_states, timestep, "
+          "pipeline/speed/guidance.py: the pipeline calls the transformer with keywords hidden_states, timestep, "
           "encoder_hidden_states, encoder_hidden_states_image, return_dict=False; the hook batches them")
 def _():
     from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
@@ -396,7 +404,7 @@ def _():
 
 
 @contract("diffusers.WanTransformer3DModel._repeated_blocks",
-          "pipeline/acceleration.py apply_compile: compile_repeated_blocks(fullgraph=, dynamic=, mode=) compiles "
+          "pipeline/speed/acceleration.py apply_compile: compile_repeated_blocks(fullgraph=, dynamic=, mode=) compiles "
           "each WanTransformerBlock")
 def _():
     from diffusers import WanTransformer3DModel
@@ -406,7 +414,8 @@ def _():
 
 
 @contract("diffusers.WanTransformer3DModel._keep_in_fp32_modules",
-          "pipeline/transformer_file.py (issue 18): a transformer file's tensors under these module names stay "
+          "pipeline/weight_files/transformer_file.py (issue 18): a transformer file's tensors under these "
+          "module names stay "
           "float32, as from_pretrained keeps them")
 def _():
     from diffusers import WanTransformer3DModel
@@ -420,7 +429,7 @@ def _():
 
 
 @contract("diffusers.models.transformers.transformer_wan.WanAttention.fused_projections",
-          "pipeline/acceleration.py apply_fuse_qkv: after fuse_qkv_projections, modules with fused_projections "
+          "pipeline/speed/acceleration.py apply_fuse_qkv: after fuse_qkv_projections, modules with fused_projections "
           "have to_qkv (self-attention) or to_kv and to_added_kv (cross-attention), whose rows are q|k|v, k|v, "
           "add_k_proj|add_v_proj")
 def _():
@@ -434,7 +443,8 @@ def _():
 
 
 @contract("diffusers.models.transformers.transformer_wan.WanAttention.unfuse_projections",
-          "pipeline/acceleration.py unfuse_qkv (a fused-QKV fallback or warm-up revert): fused_projections set True "
+          "pipeline/speed/acceleration.py unfuse_qkv (a fused-QKV fallback or warm-up revert): "
+          "fused_projections set True "
           "on a module holding to_qkv/to_kv/to_added_kv, then unfuse_projections() removes them and clears it")
 def _():
     transformer = tiny_transformer()
@@ -452,7 +462,8 @@ def _():
 
 
 @contract("diffusers.ModelMixin.reset_attention_backend",
-          "pipeline/acceleration.py choose_attention/reset_attention: an attention fallback sets every processor's "
+          "pipeline/speed/acceleration.py choose_attention/reset_attention: an attention fallback sets every "
+          "processor's "
           "_attention_backend back to None (diffusers' default: SDPA)")
 def _():
     transformer = tiny_transformer()
@@ -462,8 +473,81 @@ def _():
             and hasattr(m.processor, "_attention_backend")} == {None}
 
 
+@contract("diffusers.hooks.MagCacheConfig",
+          "pipeline/speed/step_cache_mag.py mag_config: MagCacheConfig(threshold, max_skip_steps, retention_ratio, "
+          "num_inference_steps, mag_ratios) interpolates mag_ratios to num_inference_steps (nearest) when built; "
+          "calibrate=True needs no ratios; enable_cache takes it")
+def _():
+    from diffusers.hooks import MagCacheConfig
+
+    takes(MagCacheConfig, "threshold", "max_skip_steps", "retention_ratio", "num_inference_steps", "mag_ratios",
+          "calibrate")
+    config = MagCacheConfig(num_inference_steps=3, mag_ratios=[1.0, 0.9, 0.8, 0.7, 0.6])
+    assert [round(float(r), 3) for r in config.mag_ratios] == [1.0, 0.8, 0.6]
+    MagCacheConfig(calibrate=True, num_inference_steps=4)
+    tiny_transformer().enable_cache(config)
+
+
+@contract("diffusers.hooks.mag_cache._MAG_CACHE_LEADER_BLOCK_HOOK",
+          "pipeline/speed/step_cache_mag.py: the head hook's name, under which the per-pass subclass replaces it (and "
+          "disable_cache removes it)")
+@contract("diffusers.hooks.mag_cache._MAG_CACHE_BLOCK_HOOK",
+          "pipeline/speed/step_cache_mag.py: the other blocks' hooks' name (the tail one replaced by a capturing "
+          "subclass)")
+@contract("diffusers.hooks.mag_cache.MagCacheHeadHook",
+          "pipeline/speed/step_cache_mag.py _PerPassHeadHook: MagCacheHeadHook(state_manager, config), "
+          "compiler-disabled new_forward deciding with self.config (read per call) and leaving state.should_compute; "
+          "state_manager._context.name is the pipeline's cache_context name")
+@contract("diffusers.hooks.mag_cache.MagCacheBlockHook",
+          "pipeline/speed/step_cache_mag.py: MagCacheBlockHook(state_manager, is_tail=, config=), .is_tail, "
+          ".config read per call (num_inference_steps, calibrate), _perform_calibration_step(state, residual) "
+          "appending to state.calibration_ratios; fn_ref.original_forward, the block's own forward, compiled under "
+          "the hooks")
+def _():
+    from diffusers.hooks import HookRegistry, MagCacheConfig
+    from diffusers.hooks.mag_cache import (
+        _MAG_CACHE_BLOCK_HOOK,
+        _MAG_CACHE_LEADER_BLOCK_HOOK,
+        MagCacheBlockHook,
+        MagCacheHeadHook,
+    )
+
+    takes(MagCacheHeadHook, "state_manager", "config")
+    takes(MagCacheBlockHook, "state_manager", "is_tail", "config")
+    takes(MagCacheBlockHook._perform_calibration_step, "state", "current_residual")
+    source_says(MagCacheHeadHook.new_forward, "self.config.mag_ratios", "state.should_compute = should_compute",
+                "self.config.retention_ratio", "self.config.max_skip_steps")
+    source_says(MagCacheHeadHook, "@torch.compiler.disable")  # why the blocks' own forwards are compiled instead
+    transformer = tiny_transformer()
+    transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=3))
+    head = transformer.blocks[0]._diffusers_hook.get_hook(_MAG_CACHE_LEADER_BLOCK_HOOK)
+    tail = transformer.blocks[1]._diffusers_hook.get_hook(_MAG_CACHE_BLOCK_HOOK)
+    assert isinstance(head, MagCacheHeadHook) and isinstance(tail, MagCacheBlockHook) and tail.is_tail
+    assert head.state_manager is tail.state_manager
+    assert tail.fn_ref.original_forward.__self__ is transformer.blocks[1]
+    for step in range(2):
+        with transformer.cache_context("cond"):
+            assert head.state_manager._context.name == "cond"
+            transformer(**tiny_inputs())
+            state = head.state_manager.get_state()
+            assert state.should_compute and len(state.calibration_ratios) == step + 1
+    transformer.disable_cache()
+    assert not transformer.blocks[0]._diffusers_hook.hooks and not transformer.blocks[1]._diffusers_hook.hooks
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+
+
+@contract("diffusers.WanImageToVideoPipeline.__call__.cache_context",
+          "pipeline/speed/step_cache_mag.py PASSES: the pipeline wraps its guidance passes in "
+          "cache_context('cond') and cache_context('uncond'); per-pass ratios are chosen by those names")
+def _():
+    from diffusers import WanImageToVideoPipeline
+
+    source_says(WanImageToVideoPipeline.__call__, 'cache_context("cond")', 'cache_context("uncond")')
+
+
 @contract("diffusers.models.cache_utils.CacheMixin._cache_config",
-          "pipeline/acceleration.py remove_step_cache: enable_cache records its config last; an enable that failed "
+          "pipeline/speed/acceleration.py remove_step_cache: enable_cache records its config last; an enable "
+          "that failed "
           "before that gets it set so that disable_cache removes the hooks it had registered")
 def _():
     from diffusers import FirstBlockCacheConfig
@@ -480,11 +564,11 @@ def _():
 
 
 @contract("diffusers.hooks.group_offloading._LAYER_EXECUTION_TRACKER",
-          "pipeline/acceleration.py undo_memory_mode: removed with the other group offloading hooks (below)")
+          "pipeline/speed/acceleration.py undo_memory_mode: removed with the other group offloading hooks (below)")
 @contract("diffusers.hooks.group_offloading._LAZY_PREFETCH_GROUP_OFFLOADING",
-          "pipeline/acceleration.py undo_memory_mode: removed with the other group offloading hooks (below)")
+          "pipeline/speed/acceleration.py undo_memory_mode: removed with the other group offloading hooks (below)")
 @contract("diffusers.hooks.group_offloading._GROUP_OFFLOADING",
-          "pipeline/acceleration.py undo_memory_mode: the hook names of group offloading (_GROUP_OFFLOADING, "
+          "pipeline/speed/acceleration.py undo_memory_mode: the hook names of group offloading (_GROUP_OFFLOADING, "
           "_LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING), removed with HookRegistry.remove_hook")
 def _():
     from diffusers.hooks import HookRegistry
@@ -506,7 +590,7 @@ def _():
 
 
 @contract("diffusers.DiffusionPipeline.remove_all_hooks",
-          "pipeline/acceleration.py undo_memory_mode: removes accelerate's model/sequential offload hooks")
+          "pipeline/speed/acceleration.py undo_memory_mode: removes accelerate's model/sequential offload hooks")
 def _():
     from diffusers import DiffusionPipeline
 
@@ -515,7 +599,7 @@ def _():
 
 
 @contract("torch.nn.Module._compiled_call_impl",
-          "pipeline/acceleration.py uncompile: nn.Module.compile stores the compiled call there; None runs the "
+          "pipeline/speed/acceleration.py uncompile: nn.Module.compile stores the compiled call there; None runs the "
           "module's own forward (a compile fallback or warm-up revert)")
 def _():
     layer = torch.nn.Linear(2, 2)
@@ -586,7 +670,8 @@ def _():
 
 
 @contract("diffusers.WanImageToVideoPipeline.load_lora_weights",
-          "pipeline/lora.py LoraStack: load_lora_weights(state_dict, adapter_name=), delete_adapters, set_adapters("
+          "pipeline/lora/stack.py LoraStack: load_lora_weights(state_dict, adapter_name=), delete_adapters, "
+          "set_adapters("
           "names, adapter_weights=), enable_lora, disable_lora, fuse_lora(components=, lora_scale=, adapter_names=),"
           " unload_lora_weights")
 def _():
@@ -601,7 +686,7 @@ def _():
 
 
 @contract("diffusers.WanImageToVideoPipeline.enable_model_cpu_offload",
-          "pipeline/acceleration.py memory modes: enable_model_cpu_offload(device=), "
+          "pipeline/speed/acceleration.py memory modes: enable_model_cpu_offload(device=), "
           "enable_sequential_cpu_offload(device=)")
 def _():
     from diffusers import WanImageToVideoPipeline as Pipe
@@ -656,7 +741,7 @@ def _():
 # ============================== diffusers: single files and GGUF (issue 18) ==============================
 
 @contract("diffusers.loaders.single_file_utils.convert_wan_transformer_to_diffusers",
-          "pipeline/transformer_file.py: original Wan / ComfyUI key names to diffusers names")
+          "pipeline/weight_files/transformer_file.py: original Wan / ComfyUI key names to diffusers names")
 def _():
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
@@ -670,7 +755,8 @@ def _():
 
 
 @contract("diffusers.FromOriginalModelMixin.from_single_file",
-          "pipeline/transformer_file.py _from_gguf: WanTransformer3DModel.from_single_file(state_dict, config=dir, "
+          "pipeline/weight_files/transformer_file.py _from_gguf: "
+          "WanTransformer3DModel.from_single_file(state_dict, config=dir, "
           "torch_dtype=, local_files_only=True, quantization_config=GGUFQuantizationConfig(compute_dtype=))")
 def _():
     from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
@@ -698,7 +784,8 @@ def _write_gguf(path: Path) -> torch.Tensor:
 
 
 @contract("diffusers.models.model_loading_utils.load_gguf_checkpoint",
-          "pipeline/checkpoint_read.py: load_gguf_checkpoint(path) -> {name: tensor}, quantized tensors as "
+          "pipeline/weight_files/checkpoint_read.py: load_gguf_checkpoint(path) -> {name: tensor}, quantized "
+          "tensors as "
           "GGUFParameter with quant_type (a gguf.GGMLQuantizationType) and quant_shape (the logical shape)")
 def _():
     import tempfile
@@ -716,7 +803,8 @@ def _():
 
 
 @contract("diffusers.quantizers.gguf.utils.dequantize_gguf_tensor",
-          "pipeline/quantized_layers.py, transformer_file.py: dequantize_gguf_tensor(GGUFParameter) -> the values")
+          "pipeline/weight_files/quantized_layers.py, transformer_file.py: "
+          "dequantize_gguf_tensor(GGUFParameter) -> the values")
 def _():
     import tempfile
 
@@ -732,7 +820,8 @@ def _():
 
 
 @contract("diffusers.quantizers.gguf.utils.GGUFLinear.compute_dtype",
-          "pipeline/quantized_layers.py: a GGUF layer computes in module.compute_dtype (and PEFT puts a LoRA's "
+          "pipeline/weight_files/quantized_layers.py: a GGUF layer computes in module.compute_dtype (and PEFT "
+          "puts a LoRA's "
           "weights in it)")
 def _():
     from diffusers.quantizers.gguf.utils import GGUFLinear
@@ -742,7 +831,8 @@ def _():
 
 
 @contract("gguf.GGML_QUANT_SIZES",
-          "pipeline/weight_memory.py (issue 18): gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.X] = (block, bytes)")
+          "pipeline/weight_files/memory.py (issue 18): gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.X] = "
+          "(block, bytes)")
 def _():
     import gguf
 
@@ -752,7 +842,7 @@ def _():
 # ============================== torch ==============================
 
 @contract("torch._dynamo.utils.counters",
-          "pipeline/compile_cache.py (counters['inductor']['fxgraph_cache_miss']: was anything compiled), "
+          "pipeline/speed/compile_cache.py (counters['inductor']['fxgraph_cache_miss']: was anything compiled), "
           "benchmarks/device_check.py (counters['stats']['unique_graphs']), tests")
 def _():
     from torch._dynamo.utils import counters
@@ -774,7 +864,7 @@ def _():
 
 
 @contract("torch.fx.experimental._config.use_duck_shape",
-          "pipeline/acceleration.py apply_compile: set False with dynamic shapes (no duck sizing)")
+          "pipeline/speed/acceleration.py apply_compile: set False with dynamic shapes (no duck sizing)")
 def _():
     import torch.fx.experimental._config as fx_config
 
@@ -788,7 +878,7 @@ def _():
     assert isinstance(cache_dir(), str)
 
 
-@contract("torch.Tensor._base", "pipeline/acceleration.py float8_filter: weight._base is not None for the views "
+@contract("torch.Tensor._base", "pipeline/speed/acceleration.py float8_filter: weight._base is not None for the views "
           "that fused QKV leaves")
 def _():
     whole = torch.zeros(6, 2)
@@ -796,13 +886,14 @@ def _():
 
 
 @contract("torch.compiler.save_cache_artifacts",
-          "pipeline/compile_cache.py: save_cache_artifacts() -> (bytes, info) | None; load_cache_artifacts(bytes)")
+          "pipeline/speed/compile_cache.py: save_cache_artifacts() -> (bytes, info) | None; "
+          "load_cache_artifacts(bytes)")
 def _():
     takes(torch.compiler.load_cache_artifacts, "serialized_artifacts")
     assert callable(torch.compiler.save_cache_artifacts)
 
 
-@contract("torch.library.custom_op", "pipeline/fa4.py: the FA4 kernel as an opaque op "
+@contract("torch.library.custom_op", "pipeline/speed/fa4.py: the FA4 kernel as an opaque op "
           "(custom_op(name, mutates_args=()), .register_fake) that torch.compile does not trace into")
 def _():
     takes(torch.library.custom_op, "mutates_args")
@@ -819,7 +910,8 @@ def _():
 
 
 @contract("torch.nn.Module._apply",
-          "pipeline/quantized_layers.py Float8Linear (issue 18) overrides _apply(fn, recurse=True): .to(device) and "
+          "pipeline/weight_files/quantized_layers.py Float8Linear (issue 18) overrides _apply(fn, "
+          "recurse=True): .to(device) and "
           ".to(dtype) of a model reach it for each module")
 def _():
     takes(torch.nn.Module._apply, "fn", "recurse")
@@ -835,7 +927,7 @@ def _():
     assert calls and model[0].weight.dtype == torch.float64
 
 
-@contract("torch.nn.Module.set_submodule", "pipeline/transformer_file.py, quantized_layers.py (issue 18): "
+@contract("torch.nn.Module.set_submodule", "pipeline/weight_files/transformer_file.py, quantized_layers.py (issue 18): "
           "set_submodule(name, layer); load_state_dict(strict=False, assign=True) onto meta tensors")
 def _():
     takes(torch.nn.Module.load_state_dict, "strict", "assign")
@@ -849,7 +941,8 @@ def _():
 # ============================== peft ==============================
 
 @contract("peft.tuners.tuners_utils.BaseTunerLayer._get_base_layer_device_and_dtype",
-          "pipeline/quantized_layers.py (issue 18): PEFT puts a LoRA's weights in the base layer's compute_dtype "
+          "pipeline/weight_files/quantized_layers.py (issue 18): PEFT puts a LoRA's weights in the base "
+          "layer's compute_dtype "
           "when it has one (Float8Linear, GGUFLinear), so an unfused LoRA on a quantized base is exact (peft 0.19+)")
 def _():
     from peft import LoraConfig, inject_adapter_in_model
@@ -869,7 +962,8 @@ def _():
 
 
 @contract("peft.tuners.lora.LoraLayer.lora_A",
-          "pipeline/lora.py, lora_keys.py, lora_diffs.py, acceleration.py: a wrapped Linear keeps base_layer, and "
+          "pipeline/lora/stack.py, lora_keys.py, lora_diffs.py, acceleration.py: a wrapped Linear keeps "
+          "base_layer, and "
           "per adapter lora_A/lora_B (ModuleDicts of Linear), lora_alpha and r (dicts)")
 def _():
     from peft import LoraConfig, inject_adapter_in_model
@@ -886,7 +980,7 @@ def _():
 
 
 @contract("peft.tuners.tuners_utils.BaseTuner.__init__",
-          "pipeline/lora.py filters the warning 'Already found a `peft_config` attribute' for a second adapter")
+          "pipeline/lora/stack.py filters the warning 'Already found a `peft_config` attribute' for a second adapter")
 def _():
     from peft.tuners.tuners_utils import BaseTuner
 
@@ -896,7 +990,8 @@ def _():
 # ============================== transformers ==============================
 
 @contract("transformers.PreTrainedModel.dtype",
-          "pipeline/text_encoder_file.py (issue 18): a model's dtype is its first floating parameter's (the shared "
+          "pipeline/weight_files/text_encoder_file.py (issue 18): a model's dtype is its first floating "
+          "parameter's (the shared "
           "embedding), so that one stays in the compute dtype when Linear weights are float8")
 def _():
     model = tiny_umt5()
@@ -908,7 +1003,8 @@ def _():
 
 
 @contract("transformers.models.umt5.modeling_umt5.UMT5DenseGatedActDense.wo",
-          "pipeline/text_encoder_file.py (issue 18): T5's feed-forward casts wo's input to wo.weight.dtype, so the "
+          "pipeline/weight_files/text_encoder_file.py (issue 18): T5's feed-forward casts wo's input to "
+          "wo.weight.dtype, so the "
           "wo layers stay in the compute dtype rather than float8")
 def _():
     model = tiny_umt5()
@@ -953,7 +1049,8 @@ def _():
 # ============================== torchao (the float8 extra) ==============================
 
 @contract("torchao.quantization.quantize_",
-          "pipeline/acceleration.py apply_float8: quantize_(transformer, config, filter_fn=(module, fqn) -> bool)",
+          "pipeline/speed/acceleration.py apply_float8: quantize_(transformer, config, filter_fn=(module, fqn) "
+          "-> bool)",
           needs="torchao")
 def _():
     from torchao.quantization import quantize_
@@ -962,7 +1059,7 @@ def _():
 
 
 @contract("torchao.quantization.Float8DynamicActivationFloat8WeightConfig",
-          "pipeline/acceleration.py apply_float8: the config, built with no arguments", needs="torchao")
+          "pipeline/speed/acceleration.py apply_float8: the config, built with no arguments", needs="torchao")
 def _():
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
 

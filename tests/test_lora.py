@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from pipeline.errors import LoraMismatch
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.lora import LoraStackOptions
+from pipeline.lora.stack import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from tests.images import noise_image
@@ -211,7 +211,7 @@ def test_not_strict_loads_what_fits_and_warns_with_the_count(tmp_path, weights, 
              "diffusion_model.blocks.7.self_attn.q.lora_up.weight": torch.randn(24, 4),
              "diffusion_model.blocks.0.norm3.diff": torch.randn(48)}
     path = _with(tmp_path, weights, extra)
-    with caplog.at_level(logging.WARNING, logger="pipeline.lora"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.lora.stack"):
         gen = tiny(tmp_path, path, strength=0.5, lora_strict=False)
     assert gen.lora.skipped == 3 and gen.lora.modules == len(weights)
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)

@@ -14,7 +14,7 @@ from particalize.compose_server import build_app
 from particalize.settings import Settings
 from pipeline.errors import WeightsMissing
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.lora import LoraStackOptions
+from pipeline.lora.stack import LoraStackOptions
 from pipeline.presets import get_preset
 from pipeline.video import read_mp4
 from tests.conftest import make_settings

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.lora import LoraStack
-from pipeline.lora_diffs import WeightDiffs
-from pipeline.lora_keys import ModelParts, original_name, plan_lora
+from pipeline.lora.diffs import WeightDiffs
+from pipeline.lora.keys import ModelParts, original_name, plan_lora
+from pipeline.lora.stack import LoraStack
 from pipeline.tiny import build_tiny_pipeline
 from tests.lora_files import target_modules
 

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.errors import InvalidParameter
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.lora import LoraStackOptions
+from pipeline.lora.stack import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
 from pipeline.video import read_mp4

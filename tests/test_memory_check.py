@@ -13,9 +13,22 @@ import pytest
 import torch
 
 from pipeline.errors import NotEnoughMemory
-from pipeline.memory_check import Setup, activation_bytes, check_memory, judge, need_of, transformer_file_format
+from pipeline.memory_check import (
+    WAN_14B_SHAPE,
+    ModelShape,
+    Setup,
+    Sizes,
+    activation_bytes,
+    check_memory,
+    judge,
+    need_of,
+    transformer_file_format,
+    video_bytes,
+)
 from pipeline.presets import get_preset
-from pipeline.weight_memory import GIB, HEADROOM_480P_GIB, text_encoder_bytes
+from pipeline.random_weights import WAN_I2V_14B_TRANSFORMER
+from pipeline.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_pipeline
+from pipeline.weight_files.memory import GIB, HEADROOM_480P_GIB, text_encoder_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +51,14 @@ class FakeSizes:
 
 
 ACT = (9 * GIB, "activations")
+
+
+@pytest.fixture(scope="module")
+def tiny_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model saved as a local diffusers directory (what `--model /path` points at)."""
+    target = tmp_path_factory.mktemp("tiny") / "wan-local"
+    build_tiny_pipeline().save_pretrained(target)
+    return target
 
 
 def gib(n: float) -> int:
@@ -118,12 +139,50 @@ def test_when_nothing_fits_the_message_says_so_with_the_smallest():
     assert "PARTICALIZE_MEMORY_CHECK=0" in message
 
 
-def test_activations_480p_measured_720p_estimated_cpu_doubled():
+def test_activations_480p_measured_720p_estimated_cpu_doubled_but_the_video():
     assert activation_bytes(480 * 832, "cuda")[0] == int(HEADROOM_480P_GIB * GIB)
     assert "measured" in activation_bytes(480 * 832, "cuda")[1]
     big, how = activation_bytes(720 * 1280, "cuda")
     assert big == int(HEADROOM_480P_GIB * 75_600 / 32_760 * GIB) and "estimate" in how
-    assert activation_bytes(480 * 832, "cpu")[0] == 2 * int(HEADROOM_480P_GIB * GIB)
+    video = video_bytes(480 * 832)
+    assert video == 2 * 81 * 3 * 480 * 832 * 4
+    assert activation_bytes(480 * 832, "cpu")[0] == int(2 * (HEADROOM_480P_GIB * GIB - video) + video), \
+        "on the CPU the transformer's working set is float32 (x2); the float32 video is the same bytes"
+
+
+def test_the_14b_shape_gives_the_measured_token_count():
+    assert WAN_14B_SHAPE.tokens(480 * 832) == 32_760 and WAN_14B_SHAPE.tokens(720 * 1280) == 75_600
+    assert ModelShape.of(WAN_I2V_14B_TRANSFORMER, None) == WAN_14B_SHAPE
+
+
+def test_a_small_model_is_charged_its_own_activations_not_the_14bs():
+    tiny = ModelShape.of(TINY_TRANSFORMER_CONFIG, {"temperal_downsample": [False, True, True]})
+    assert tiny.tokens(480 * 832) == 32_760, "same patch and VAE compression: the same tokens"
+    need, how = activation_bytes(480 * 832, "cpu", tiny)
+    assert need < 1 * GIB, f"the tiny model at 480P needs {need / GIB:.2f} GiB"
+    assert need > video_bytes(480 * 832), "the decoded video is charged whatever the model"
+    assert "this model's tokens and widths" in how
+    wan_1_3b = ModelShape(12 * 128, 8960, (1, 2, 2))  # Wan2.1 1.3B: 12 heads of 128, FFN 8960
+    ratio = activation_bytes(480 * 832, "cuda", wan_1_3b)[0] / activation_bytes(480 * 832, "cuda")[0]
+    assert 0.4 < ratio < 0.7, ratio
+
+
+def test_a_local_directory_is_sized_from_its_own_configs(tmp_path: Path, tiny_directory: Path):
+    sizes = Sizes(get_preset(str(tiny_directory)), tmp_path, torch.float32)
+    assert sizes.shape.inner_dim == 24 and sizes.shape.ffn_dim == 32
+    assert sizes.clip_and_vae() < 16 * 2**20, "the directory's own image encoder and VAE, not ViT-H and Wan's VAE"
+    real = Sizes(get_preset("wan2.1-i2v-14b-480p"), tmp_path, torch.float32)
+    assert real.shape == WAN_14B_SHAPE and real.clip_and_vae() > 2 * GIB
+
+
+def test_a_local_tiny_directory_passes_with_8_gib_free_and_the_14b_does_not(monkeypatch, tmp_path: Path,
+                                                                            tiny_directory: Path):
+    monkeypatch.setattr("pipeline.memory_check.free_ram", lambda: gib(8))
+    verdict = check_memory(get_preset(str(tiny_directory)), tmp_path, torch.device("cpu"))
+    assert verdict is not None and verdict.ok and verdict.need.total_gib < 2, verdict.need
+    with pytest.raises(NotEnoughMemory) as refused:
+        check_memory(get_preset("wan2.1-i2v-14b-480p"), tmp_path, torch.device("cpu"))
+    assert "activations at 480P" in str(refused.value) and "8.0 GiB is available" in str(refused.value)
 
 
 def test_the_text_encoder_in_float32_takes_twice_its_bf16_bytes():
@@ -177,7 +236,7 @@ def test_generate_refuses_the_real_preset_in_seconds_without_a_traceback(tmp_pat
 def test_a_transformer_file_is_counted_in_its_format(monkeypatch, tmp_path: Path):
     from safetensors.torch import save_file
 
-    from pipeline.weight_files import WeightFiles
+    from pipeline.weight_files.files import WeightFiles
 
     save_file({"blocks.0.attn1.to_q.weight": torch.zeros(16, 16).to(torch.float8_e4m3fn)}, tmp_path / "t.safetensors")
     monkeypatch.setattr("pipeline.memory_check.free_ram", lambda: gib(22))

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from benchmarks.harness import ServeProcess
-from pipeline.parallel import parallel_refusal
+from pipeline.parallel.group import parallel_refusal
 from pipeline.params import GenerationParams
 from pipeline.video import read_mp4
 from server.store.models import TERMINAL
@@ -46,8 +46,8 @@ def _rank(rank: int, init_method: str, out: str, stop_after: int | None, fail_at
     step it finished."""
     from pipeline.errors import Interrupted
     from pipeline.generator import GeneratorOptions, VideoGenerator
-    from pipeline.parallel import ParallelSetup, init_group
-    from pipeline.parallel_run import LeaderGenerator, control_group, run_request
+    from pipeline.parallel.group import ParallelSetup, init_group
+    from pipeline.parallel.run import LeaderGenerator, control_group, run_request
     from pipeline.presets import get_preset
 
     torch.set_num_threads(1)
@@ -72,8 +72,8 @@ def _rank(rank: int, init_method: str, out: str, stop_after: int | None, fail_at
 
             box = [None]
             dist.broadcast_object_list(box, src=0, group=control)
-            _, params, image = box[0]
-            run_request(generator, params, image, progress=record)
+            _, params, image, tool = box[0]
+            run_request(generator, params, image, progress=record, tool=tool)
     except Interrupted:
         pass
     except RuntimeError as exc:
@@ -83,7 +83,7 @@ def _rank(rank: int, init_method: str, out: str, stop_after: int | None, fail_at
 
 
 def _cp_speed():
-    from pipeline.acceleration import SpeedOptions
+    from pipeline.speed.acceleration import SpeedOptions
 
     return SpeedOptions(context_parallel="ulysses")
 
@@ -119,6 +119,21 @@ def test_an_error_on_rank_0_mid_run_ends_the_run_on_every_rank(tmp_path: Path) -
     assert (out / "rank0.error").read_text() == "the store refused step 1"
     assert not (out / "rank1.error").exists() and not (out / "frames.npy").exists()
     assert (out / "rank0.steps").read_text() == (out / "rank1.steps").read_text() == "1"
+
+
+def test_a_broken_group_is_told_in_words_naming_the_rank_whose_process_ended() -> None:
+    from pipeline.parallel.run import broken_group_message, dead_ranks
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    pids = [os.getpid(), ended.pid]
+    assert dead_ranks(pids) == [1]
+    raw = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1")
+    said = broken_group_message(raw, pids)
+    assert said.startswith("rank 1 of the 2-process context-parallel group stopped (its process ended)"), said
+    assert "gloo" not in said and "127.0.0.1" not in said and "send the task again once /ready answers" in said
+    unknown = broken_group_message(raw, [os.getpid(), os.getpid()])
+    assert "a rank of the 2-process context-parallel group stopped answering" in unknown, unknown
 
 
 def test_only_combinations_that_can_run_are_accepted() -> None:
@@ -172,7 +187,7 @@ CP_ENV = {"PARTICALIZE_CONTEXT_PARALLEL": "ulysses", "PARTICALIZE_PARALLEL_DEGRE
 
 
 def test_a_worker_refuses_an_impossible_degree_with_the_code_that_is_not_restarted(tmp_path: Path) -> None:
-    from server.worker import EXIT_LOAD_FAILED
+    from server.processes.exit_codes import EXIT_LOAD_FAILED
 
     done = particalize("worker", "--model", "tiny", "--data-dir", str(tmp_path / "data"),
                        env={**CP_ENV, "PARTICALIZE_PARALLEL_DEGREE": "4"})
@@ -256,7 +271,9 @@ def test_a_rank_killed_with_sigkill_ends_the_task_and_the_group_restarts(cp_serv
     os.kill(follower, signal.SIGKILL)
     ended = cp_server.wait_status(long["taskid"], TERMINAL, timeout=90)
     assert ended["status"] == "task_postprocess_end" and ended["pexit"] != "0", ended
-    assert "context-parallel group" in ended["debugerror"], ended["debugerror"]
+    said = ended["debugerror"]
+    assert "rank 1 of the 2-process context-parallel group stopped" in said and "send the task again" in said, said
+    assert "gloo" not in said.lower() and ".cc" not in said and ".cpp" not in said, "in words, not the transport's"
     assert process_gone(leader, timeout=30), "rank 0 of the broken group exited"
     restarted = cp_server.wait_ready(not_pid=worker["pid"], timeout=180)
     assert restarted["pid"] != worker["pid"]

@@ -18,10 +18,10 @@ import pytest
 from particalize.cli_server import drain_seconds
 from particalize.compose_server import open_storage
 from particalize.core_options import worker_options, worker_process_options
-from server import supervisor
-from server.shutdown import StopRequest, stop_on_signals
+from server.processes import supervisor
+from server.processes.shutdown import StopRequest, stop_on_signals
+from server.processes.supervisor import WorkerProcesses
 from server.store import Store
-from server.supervisor import WorkerProcesses
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes

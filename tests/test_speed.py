@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.acceleration import SpeedOptions
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.lora import LoraStackOptions
+from pipeline.lora.stack import LoraStackOptions
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
+from pipeline.speed.acceleration import SpeedOptions
 from tests.images import noise_image
 from tests.lora_files import make_weights, write_lora
 

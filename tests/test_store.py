@@ -40,6 +40,7 @@ from server.store.models import (
     START,
     Base,
 )
+from server.task_record import record_of
 from tests.tasks import create_task
 
 
@@ -79,7 +80,7 @@ def test_migrations_create_exactly_the_models_schema(db: Database):
 
     from server.store.migrate import alembic_config
 
-    assert current_revision(db) == ScriptDirectory.from_config(alembic_config()).get_current_head() == "0005"
+    assert current_revision(db) == ScriptDirectory.from_config(alembic_config()).get_current_head() == "0006"
     upgrade(db)  # idempotent
     with db.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -278,7 +279,7 @@ def test_list_is_newest_first_and_pages(store: Store):
 def test_upload_sent_with_a_run_belongs_to_the_task_and_goes_with_its_files(store: Store):
     upload = NewUpload(new_id(), "dog.png", "image/png", b"\x89PNG...")
     task = make_task(store, image_url="http://testserver/files/uploads/x/dog.png", new_upload=upload)
-    assert task.upload_id == upload.id and store.uploads.get(upload.id).data == b"\x89PNG..."
+    assert record_of(task).image.upload_id == upload.id and store.uploads.get(upload.id).data == b"\x89PNG..."
     assert store.uploads.delete_task_files(task.id) == []
     assert store.uploads.get(upload.id) is None
 

@@ -293,7 +293,7 @@ def test_right_after_an_outage_a_worker_gives_others_one_lease_before_requeueing
 
 
 def test_a_video_made_when_the_grace_period_ends_during_an_outage_is_still_recorded(store, settings, tiny_generator):
-    from server.shutdown import StopRequest
+    from server.processes.shutdown import StopRequest
 
     flaky = FlakyStore(store)
     task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
@@ -473,7 +473,7 @@ def test_an_outage_after_the_last_step_costs_nothing_the_video_is_stored_once_an
 def test_a_stopping_worker_whose_finishing_time_ends_in_an_outage_neither_requeues_nor_deletes_its_video(
     store, tmp_path: Path, db_url: str, tiny_generator, caplog
 ):
-    from server.shutdown import StopRequest
+    from server.processes.shutdown import StopRequest
 
     caplog.set_level(logging.INFO)
     settings = make_settings(tmp_path, db_url, shutdown_finish_seconds=0.5)

@@ -15,14 +15,14 @@ from transformers import T5Config, T5EncoderModel, UMT5EncoderModel
 
 from pipeline.errors import WeightFormatError
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.loaded_file import loaded_file_of
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
-from pipeline.quantized_layers import Float8Linear, module_bytes
-from pipeline.text_encoder_file import load_text_encoder_file
 from pipeline.tiny import build_tiny_components
-from pipeline.weight_files import WeightFiles
-from pipeline.weight_memory import text_encoder_bytes
+from pipeline.weight_files.files import WeightFiles
+from pipeline.weight_files.loaded_file import loaded_file_of
+from pipeline.weight_files.memory import text_encoder_bytes
+from pipeline.weight_files.quantized_layers import Float8Linear, module_bytes
+from pipeline.weight_files.text_encoder_file import load_text_encoder_file
 from tests.checkpoint_files import dequantized_fp8, write_text_encoder
 from tests.images import noise_image
 

@@ -16,15 +16,15 @@ from safetensors.torch import save_file
 
 from pipeline.errors import WeightFormatError, WeightsMissing
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.loaded_file import loaded_file_of
 from pipeline.loader import load_base_pipeline
 from pipeline.params import GenerationParams
 from pipeline.presets import ModelPreset, get_preset
-from pipeline.quantized_layers import Float8Linear, module_bytes, quantized_layers
 from pipeline.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_components
-from pipeline.transformer_file import load_transformer_file
-from pipeline.weight_files import WeightFiles
-from pipeline.weight_memory import transformer_bytes
+from pipeline.weight_files.files import WeightFiles
+from pipeline.weight_files.loaded_file import loaded_file_of
+from pipeline.weight_files.memory import transformer_bytes
+from pipeline.weight_files.quantized_layers import Float8Linear, module_bytes, quantized_layers
+from pipeline.weight_files.transformer_file import load_transformer_file
 from tests.checkpoint_files import (
     COMFY_PREFIX,
     dequantized_fp8,
@@ -357,7 +357,7 @@ def test_a_diffusers_directory_without_transformer_weights_loads_with_a_transfor
 
 def test_a_directorys_own_configs_are_the_ones_files_load_with(tmp_path):
     from pipeline.random_weights import WAN_I2V_14B_TRANSFORMER
-    from pipeline.weight_files import directory_text_encoder_config, directory_transformer_config
+    from pipeline.weight_files.files import directory_text_encoder_config, directory_transformer_config
 
     assert directory_transformer_config(None) == WAN_I2V_14B_TRANSFORMER  # a preset not fetched: the real config
     assert directory_text_encoder_config(tmp_path).d_model == 4096
@@ -369,7 +369,7 @@ def test_a_directorys_own_configs_are_the_ones_files_load_with(tmp_path):
 # --- speed options that would undo a quantized base ----------------------------------------------------------------
 
 def test_fused_qkv_and_torchao_float8_leave_a_quantized_transformer_as_it_is(tmp_path, files):
-    from pipeline.acceleration import Applied, apply_fuse_qkv, float8_filter
+    from pipeline.speed.acceleration import Applied, apply_fuse_qkv, float8_filter
 
     for name in ("fp8_scaled", "gguf"):
         pipe = load_base_pipeline(get_preset("tiny"), tmp_path, torch.device("cpu"),

@@ -20,10 +20,11 @@ import pytest
 from benchmarks.fleet_sim import SimulatedGenerator
 from particalize.compose_server import open_storage
 from particalize.core_options import worker_options
+from server.processes.wake_pipes import WakePipes
 from server.store import Database, Store, upgrade
 from server.store.models import TERMINAL
 from server.store.notify import CANCEL, EVENTS, QUEUE, Listener
-from server.wakeup import Notified, PipeWakeup, PostgresWakeup, WakePipes
+from server.wakeup import Notified, PipeWakeup, PostgresWakeup
 from server.worker import Worker
 from tests.conftest import make_settings
 from tests.images import png_bytes

@@ -12,13 +12,13 @@ import torch
 
 from pipeline.errors import LoraFuseRefused
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.lora import LoraStackOptions, fuse_refusal
+from pipeline.lora.stack import LoraStackOptions, fuse_refusal
 from pipeline.params import GenerationParams
 from pipeline.presets import get_preset
-from pipeline.quantized_layers import quantized_layers
 from pipeline.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_components
-from pipeline.transformer_file import load_transformer_file
-from pipeline.weight_files import WeightFiles
+from pipeline.weight_files.files import WeightFiles
+from pipeline.weight_files.quantized_layers import quantized_layers
+from pipeline.weight_files.transformer_file import load_transformer_file
 from tests.checkpoint_files import (
     gguf_quantized_keys,
     linear_weights,

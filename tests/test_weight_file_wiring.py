@@ -24,12 +24,12 @@ from particalize.compose_server import build_app
 from particalize.settings import Settings
 from pipeline.errors import WeightsMissing
 from pipeline.generator import GeneratorOptions, VideoGenerator
-from pipeline.loaded_file import loaded_file_of
-from pipeline.lora import LoraStackOptions
+from pipeline.lora.stack import LoraStackOptions
 from pipeline.presets import get_preset
 from pipeline.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_components
 from pipeline.video import read_mp4
-from pipeline.weight_files import WeightFiles
+from pipeline.weight_files.files import WeightFiles
+from pipeline.weight_files.loaded_file import loaded_file_of
 from tests.checkpoint_files import (
     gguf_quantized_keys,
     linear_weights,
@@ -220,7 +220,7 @@ def test_the_banner_names_each_file_its_format_and_memory(tmp_path, files):
 
 
 def test_the_banners_memory_is_what_the_loaded_file_takes(tmp_path, files):
-    from pipeline.weight_file_summary import summarize
+    from pipeline.weight_files.summary import summarize
 
     for name in ("fp8_scaled", "gguf_q8_0", "comfyui_bf16"):
         gen = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp_path,
@@ -234,7 +234,8 @@ def test_the_banners_memory_is_what_the_loaded_file_takes(tmp_path, files):
 def test_ready_names_the_loaded_files_and_a_worker_that_cannot_load_says_why(tmp_path, files):
     from particalize.compose_server import open_storage
     from particalize.core_options import GeneratorFactory, worker_options
-    from server.worker import EXIT_LOAD_FAILED, run_worker
+    from server.processes.exit_codes import EXIT_LOAD_FAILED
+    from server.worker import run_worker
 
     good = make_settings(tmp_path / "good", transformer_file=str(files["gguf_q8_0"]))
     stop = threading.Event()

@@ -9,9 +9,7 @@ import torch
 from transformers import UMT5Config
 
 from pipeline.random_weights import UMT5_XXL, WAN_I2V_14B_TRANSFORMER
-from pipeline.text_encoder_file import empty_text_encoder
-from pipeline.transformer_file import empty_transformer, keeps_float32
-from pipeline.weight_memory import (
+from pipeline.weight_files.memory import (
     GIB,
     HEADROOM_480P_GIB,
     TRANSFORMER_FORMATS,
@@ -20,6 +18,8 @@ from pipeline.weight_memory import (
     best_fit,
     configurations_480p,
 )
+from pipeline.weight_files.text_encoder_file import empty_text_encoder
+from pipeline.weight_files.transformer_file import empty_transformer, keeps_float32
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_a_24_gb_card_at_480p_takes_a_q4_k_gguf_transformer_with_the_text_encode
 
 
 def test_unknown_formats_are_refused():
-    from pipeline.weight_memory import text_encoder_bytes, transformer_bytes
+    from pipeline.weight_files.memory import text_encoder_bytes, transformer_bytes
 
     with pytest.raises(ValueError, match="unknown format 'int4'"):
         transformer_bytes("int4", compute_dtype=torch.float32)

@@ -43,6 +43,14 @@ def test_a_local_directory_loads_through_from_pretrained_and_matches_the_in_code
     np.testing.assert_allclose(from_disk, in_code, atol=1e-5)
 
 
+def test_a_small_local_model_generates_where_only_8_gib_are_free(snapshot, tmp_path, monkeypatch):
+    """The newcomer's case: the memory check charges a local directory its own model's needs, not the 14B's."""
+    monkeypatch.setattr("pipeline.memory_check.free_ram", lambda: 8 * 2**30)
+    generator = VideoGenerator(GeneratorOptions(get_preset(str(snapshot)), tmp_path, memory_check=True))
+    video = generator.generate(PARAMS, noise_image(32, 32))
+    assert video.frames.shape[:3] == (5, 32, 32)
+
+
 def test_loading_never_reaches_a_hub(snapshot, tmp_path, monkeypatch):
     import socket
 

@@ -54,6 +54,15 @@ class Spy:
         self.steps: list[int] = []
         self.calls = 0
 
+    # What the worker reads of its generator (server.worker.task_run.Generator), the real one's.
+    load_seconds = property(lambda self: self.inner.load_seconds)
+    random_weights = property(lambda self: self.inner.random_weights)
+    loras = property(lambda self: self.inner.loras)
+    loaded_files = property(lambda self: self.inner.loaded_files)
+    degraded = property(lambda self: self.inner.degraded)
+    interrupt_points = property(lambda self: self.inner.interrupt_points)
+    modes = property(lambda self: self.inner.modes)
+
     def resolve(self, params, image):
         return self.inner.resolve(params, image)
 

@@ -8,7 +8,7 @@ from pipeline.errors import WeightsMissing
 from pipeline.loader import preset_dir
 from pipeline.presets import ModelPreset
 from weights.locate import lora_dir
-from weights.manifest import FileRecord, read_manifest, write_manifest
+from weights.manifest import FileRecord, local_records, read_manifest, write_manifest
 from weights.single_file import FileSource, files_dir
 
 # The pipeline reads only these: skip the original (non-diffusers) checkpoints some repos carry too.
@@ -41,7 +41,8 @@ def fetch_model(preset: ModelPreset, weights_dir: Path, token: str | None = None
     )
     present = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and ".cache" not in p.parts}
     _, records = _records(preset.repo_id, revision, token, wanted=present)
-    write_manifest(target, preset.repo_id, revision, records)
+    local = [r for r in local_records(read_manifest(target)) if r.path not in {h.path for h in records}]
+    write_manifest(target, preset.repo_id, revision, records + local, local_files=[r.path for r in local])
     return target
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.errors import WeightsMissing
 from weights.lora_sources import LoraSource
+from weights.single_file import hub_folder, source_path
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,8 @@ class LoraSources:
 
 
 def lora_dir(weights_dir: Path, repo_id: str) -> Path:
-    return weights_dir / "lora" / repo_id.replace("/", "--")
+    """Where `weights fetch` puts the LoRAs of one hub repo (apart from single weight files: `files_dir`)."""
+    return hub_folder(weights_dir / "lora", repo_id)
 
 
 def first_lora_file(sources: LoraSources) -> Path | None:
@@ -61,26 +63,23 @@ def stack_sources(sources: LoraSources) -> list[LoraSource]:
     """The LoRA stack, in order: the single LORA_PATH (or LORA_REPO + LORA_FILE) first, then PARTICALIZE_LORAS."""
     first: list[LoraSource] = []
     if sources.lora_path is not None:
-        first.append(LoraSource(str(sources.lora_path), sources.lora_strength,
-                                path=Path(sources.lora_path).expanduser()))
+        first.append(LoraSource(str(sources.lora_path), path=Path(sources.lora_path).expanduser(),
+                                strength=sources.lora_strength))
     elif sources.lora_repo and sources.lora_file:
-        first.append(LoraSource(f"hf://{sources.lora_repo}/{sources.lora_file}", sources.lora_strength,
-                                repo=sources.lora_repo, file=sources.lora_file, revision=sources.lora_revision))
+        first.append(LoraSource(f"hf://{sources.lora_repo}/{sources.lora_file}", repo=sources.lora_repo,
+                                file=sources.lora_file, revision=sources.lora_revision, strength=sources.lora_strength))
     return first + list(sources.loras)
 
 
 def lora_source_file(source: LoraSource, weights_dir: Path, setting: str = "PARTICALIZE_LORAS") -> Path:
     """Where `source` is on disk; WeightsMissing naming the setting and the command that fetches it."""
-    if source.path is not None:
-        if not source.path.is_file():
-            raise WeightsMissing(f"{setting} names {source.path}, which is not a file")
-        return source.path
-    assert source.repo is not None and source.file is not None
-    path = lora_dir(weights_dir, source.repo) / source.file
-    if not path.is_file():
-        raise WeightsMissing(f"LoRA {source.text} ({setting}) is not on disk at {path}: "
-                             "run `particalize weights fetch`")
-    return path
+    path = source_path(source, weights_dir, lora_dir)
+    if path.is_file():
+        return path
+    if not source.is_hub:
+        raise WeightsMissing(f"{setting} names {path}, which is not a file")
+    raise WeightsMissing(f"LoRA {source.text} ({setting}) is not on disk at {path}: "
+                         "run `particalize weights fetch`")
 
 
 def speed_lora_file(sources: LoraSources) -> tuple[LoraSource, Path] | None:

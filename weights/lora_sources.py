@@ -1,32 +1,25 @@
 """The operator's LoRA list as written in settings and on the command line: `SOURCE[:STRENGTH]`, comma-separated.
 
-SOURCE is a local `.safetensors` path, or a hub file as `hf://owner/repo/path/in/repo.safetensors` (optionally
-`hf://owner/repo@revision/...`), fetched by `particalize weights fetch`. No torch here: settings validate with it.
+SOURCE is a weights file as `weights.single_file` reads one: a local `.safetensors` path, or a hub file as
+`hf://owner/repo/path/in/repo.safetensors` (optionally `hf://owner/repo@revision/...`) or a huggingface.co file URL,
+fetched by `particalize weights fetch`. No torch here: settings validate with it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
-HUB_SCHEME = "hf://"
+from weights.single_file import FileSource, parse_file_source
+
 MAX_STRENGTH = 4.0
 
 
 @dataclass(frozen=True)
-class LoraSource:
-    text: str
-    """The source as written (without the strength)."""
-    strength: float
-    path: Path | None = None
-    repo: str | None = None
-    file: str | None = None
-    revision: str | None = None
+class LoraSource(FileSource):
+    """A weights file with the strength its adapter is applied at."""
 
-    @property
-    def is_hub(self) -> bool:
-        return self.repo is not None
+    strength: float = 1.0
 
 
 def _strength(text: str, entry: str) -> float:
@@ -46,16 +39,8 @@ def parse_lora_source(entry: str, default_strength: float = 1.0) -> LoraSource:
     head, sep, tail = entry.rpartition(":")
     if sep and head and "/" not in tail and not tail.startswith("//"):
         source, strength = head, _strength(tail, entry)
-    if not source:
-        raise ValueError("empty LoRA entry: give a .safetensors path or hf://owner/repo/file.safetensors")
-    if not source.startswith(HUB_SCHEME):
-        return LoraSource(source, strength, path=Path(source).expanduser())
-    parts = source[len(HUB_SCHEME):].split("/")
-    if len(parts) < 3 or not all(parts):
-        raise ValueError(f"LoRA entry {entry!r}: a hub file is written hf://owner/repo/file.safetensors")
-    repo_name, _, revision = parts[1].partition("@")
-    return LoraSource(source, strength, repo=f"{parts[0]}/{repo_name}", file="/".join(parts[2:]),
-                      revision=revision or None)
+    where = parse_file_source(source, what="LoRA entry", example="hf://owner/repo/file.safetensors")
+    return LoraSource(**asdict(where), strength=strength)
 
 
 def parse_lora_list(text: str | None, default_strength: float = 1.0) -> list[LoraSource]:

@@ -1,11 +1,12 @@
-"""Single weight files (a transformer or text encoder checkpoint, issue 18) as an operator names them: a local path,
-`hf://owner/repo[@revision]/path/in/repo`, or a huggingface.co file URL; where a fetched one lives; and the offline
-check of one file (size and sha256 from the manifest `weights fetch` wrote, readable header). No torch here."""
+"""Weight files as an operator names them (a transformer or text encoder checkpoint, issue 18, and each LoRA): a local
+path, `hf://owner/repo[@revision]/path/in/repo`, or a huggingface.co file URL; where a fetched one lives; and the
+offline check of one file (size and sha256 from the manifest `weights fetch` wrote, readable header). No torch here."""
 
 from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,11 @@ GGUF_MAGIC = b"GGUF"
 
 @dataclass(frozen=True)
 class FileSource:
+    """One weights file as an operator names it: a local path, or a hub file that `weights fetch` downloads.
+    A LoRA is the same with a strength (`weights.lora_sources.LoraSource`)."""
+
     text: str
-    """As written."""
+    """As written (a LoRA's without its strength)."""
     path: Path | None = None
     repo: str | None = None
     file: str | None = None
@@ -30,38 +34,45 @@ class FileSource:
         return self.repo is not None
 
 
-def parse_file_source(text: str) -> FileSource:
+def parse_file_source(text: str, *, what: str = "weights file",
+                      example: str = "hf://owner/repo/path/to/file") -> FileSource:
     """A local path, `hf://owner/repo[@rev]/file`, or `https://huggingface.co/owner/repo/blob|resolve/rev/file`;
-    ValueError saying what to write instead."""
+    ValueError naming `what` was given and showing `example` for what to write instead."""
     text = text.strip()
     if not text:
-        raise ValueError("empty weights file: give a local path or hf://owner/repo/file")
+        raise ValueError(f"empty {what}: give a local path or {example}")
     url = HUB_URL.match(text.split("?", 1)[0])
     if url:
         return FileSource(text, repo=url["repo"], file=url["file"], revision=url["rev"])
     if text.startswith(("http://", "https://")):
-        raise ValueError(f"{text!r}: only huggingface.co file URLs (…/blob/<revision>/<file>) or hf://owner/repo/file "
+        raise ValueError(f"{what} {text!r}: only huggingface.co file URLs (…/blob/<revision>/<file>) or {example} "
                          "can be fetched")
     if not text.startswith(HUB_SCHEME):
         return FileSource(text, path=Path(text).expanduser())
     parts = text[len(HUB_SCHEME):].split("/")
     if len(parts) < 3 or not all(parts):
-        raise ValueError(f"{text!r}: a hub file is written hf://owner/repo/path/to/file")
+        raise ValueError(f"{what} {text!r}: a hub file is written {example}")
     name, _, revision = parts[1].partition("@")
     return FileSource(text, repo=f"{parts[0]}/{name}", file="/".join(parts[2:]), revision=revision or None)
 
 
+def hub_folder(root: Path, repo_id: str) -> Path:
+    """The folder under `root` that holds the fetched files of one hub repo (with its manifest)."""
+    return root / repo_id.replace("/", "--")
+
+
 def files_dir(weights_dir: Path, repo_id: str) -> Path:
-    """Where `weights fetch` puts single files of one hub repo (with its manifest)."""
-    return weights_dir / "files" / repo_id.replace("/", "--")
+    """Where `weights fetch` puts single files of one hub repo (LoRAs have their own: `weights.locate.lora_dir`)."""
+    return hub_folder(weights_dir / "files", repo_id)
 
 
-def source_path(source: FileSource, weights_dir: Path) -> Path:
-    """Where the file is (or will be, once fetched) on disk."""
+def source_path(source: FileSource, weights_dir: Path,
+                folder: Callable[[Path, str], Path] = files_dir) -> Path:
+    """Where the file is (or will be, once fetched into `folder(weights_dir, repo)`) on disk."""
     if source.path is not None:
         return source.path
     assert source.repo is not None and source.file is not None
-    return files_dir(weights_dir, source.repo) / source.file
+    return folder(weights_dir, source.repo) / source.file
 
 
 def _header_problem(path: Path) -> str | None:

@@ -40,6 +40,7 @@ def verify_directory(directory: Path, *, full_hash: bool = True, is_model: bool 
         report.problems.extend(f"{p}: missing" for p in missing_files(directory))
     manifest = read_manifest(directory)
     if manifest is not None:
+        local = set(manifest.get("local_files", []))
         for rel, meta in manifest["files"].items():
             path = directory / rel
             report.checked += 1
@@ -50,7 +51,8 @@ def verify_directory(directory: Path, *, full_hash: bool = True, is_model: bool 
                 report.problems.append(f"{path}: size {path.stat().st_size}, expected {meta['size']}")
                 continue
             if full_hash and meta.get("sha256") and sha256_of(path) != meta["sha256"]:
-                report.problems.append(f"{path}: sha256 differs from the hub's")
+                made_here = "the one recorded when it was made here" if rel in local else "the hub's"
+                report.problems.append(f"{path}: sha256 differs from {made_here}")
     for path in sorted(directory.rglob("*.safetensors")):
         if ".cache" in path.parts:
             continue

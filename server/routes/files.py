@@ -11,8 +11,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
+from server.answers import UploadAnswer
 from server.bodies import RequestFields
 from server.errors import ApiError, error_body
+from server.openapi import UploadFields, operation
 from server.routes.common import answer, services_of
 from server.services import Services
 from server.storage import content_type_of
@@ -24,7 +26,8 @@ router = APIRouter()
 UPLOAD_FIELDS = ("file", "inputImage")
 
 
-@router.post("/v1/File/Upload")
+@router.post("/v1/File/Upload", **operation("Store an input image; answers a URL usable as inputImageUrl", UploadAnswer,
+                                            UploadFields))
 async def upload(request: Request) -> JSONResponse:
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         part = next((fields.files[name] for name in UPLOAD_FIELDS if name in fields.files), None)
@@ -51,7 +54,7 @@ def _not_found() -> JSONResponse:
     return JSONResponse(error_body([(0, "Error parsing url.")]), status_code=404)
 
 
-@router.api_route("/files/uploads/{upload_id}/{name}", methods=["GET", "HEAD"])
+@router.api_route("/files/uploads/{upload_id}/{name}", methods=["GET", "HEAD"], include_in_schema=False)
 async def uploaded_file(request: Request, upload_id: str, name: str) -> Response:
     services = services_of(request)
     if not services.storage.is_upload_id(upload_id):
@@ -62,7 +65,7 @@ async def uploaded_file(request: Request, upload_id: str, name: str) -> Response
     return Response(row.data, media_type=row.contenttype)
 
 
-@router.api_route("/files/{task_uuid}/{name}", methods=["GET", "HEAD"])
+@router.api_route("/files/{task_uuid}/{name}", methods=["GET", "HEAD"], include_in_schema=False)
 async def output_file(request: Request, task_uuid: str, name: str) -> Response:
     """An output from the storage: a local file as a FileResponse (ranges, HEAD), a remote one streamed."""
     storage = services_of(request).storage

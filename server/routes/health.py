@@ -1,6 +1,7 @@
 """Probes for orchestrators (not part of Wiro's API; not authenticated, as /healthz and /metrics).
 
-GET /health (liveness): this process answers and the database answers a trivial query.
+GET /health (liveness): this process answers, the database answers a trivial query, and a SQLite database's disk
+has room to write (a full disk still reads: Run would answer 503 while a plain query says ok).
 GET /ready (readiness): the database answers AND at least one worker is alive with its model loaded
 (state ready or busy, heartbeat within one lease) and not paused, i.e. a task sent now will be run; `loaded` lists
 each such worker's model and LoRAs. 503 otherwise, in the API's error shape, saying why. A worker this process runs
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -57,6 +59,26 @@ def check_database(store: Store) -> None:
             f"The database does not answer ({type(exc).__name__}); check that it is up and reachable at "
             "PARTICALIZE_DATABASE_URL (the server log has the details)."
         ) from None
+
+
+DATABASE_DISK_FLOOR = 2**20
+"""Below this much free space on a SQLite database's disk its writes fail: Run answers 503, and so does /health."""
+
+
+def database_disk_problem(store: Store) -> str | None:
+    """Why a SQLite database cannot be written (its disk is full: a read still answers there), or None."""
+    path = store.db.sqlite_file
+    if path is None:
+        return None
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return None  # the read before this answered: the folder is there; nothing more to tell
+    if free >= DATABASE_DISK_FLOOR:
+        return None
+    _down_log.warning("a probe found the database's disk full (%d bytes free at %s)", free, path.parent)
+    return (f"The database's disk is full ({free} bytes free): nothing can be written, so Run answers 503. Free some "
+            "space on the disk that holds PARTICALIZE_DATABASE_URL's file.")
 
 
 def is_serving(store: Store, worker: Any, now: float) -> bool:
@@ -115,6 +137,9 @@ async def _probe(request: Request, work: Any) -> JSONResponse:
 
 def _live(services: Any, reports: WorkerReports) -> dict[str, Any]:
     check_database(services.store)
+    problem = database_disk_problem(services.store)
+    if problem:
+        raise Unhealthy(problem)
     return {"database": "ok"}
 
 
@@ -122,9 +147,9 @@ def _ready(services: Any, reports: WorkerReports) -> dict[str, Any]:
     store: Store = services.store
     check_database(store)
     workers, now, paused = store.workers.all(), time.time(), reports.paused()
-    reason = not_ready_reason(store, workers, now, paused)
-    if reason is not None:
-        raise Unhealthy(reason)
+    reasons = [r for r in (not_ready_reason(store, workers, now, paused), database_disk_problem(store)) if r]
+    if reasons:
+        raise Unhealthy(" ".join(reasons))
     serving = serving_workers(store, workers, now, paused)
     answer: dict[str, Any] = {"database": "ok", "workers": str(len(serving)),
                               "loaded": [{"worker": w.id, "model": w.model, "detail": redact_paths(w.detail)}

@@ -8,12 +8,14 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from server.answers import EmptyAnswer, TaskListAnswer, TaskListTotalAnswer
 from server.bodies import RequestFields
 from server.errors import NOT_FOUND, ApiError
+from server.openapi import DetailFields, ListFields, TaskFields, operation
 from server.routes.common import answer, choice_field, find_task, identifiers, int_field, text_field
 from server.services import Services
 from server.store.models import TERMINAL, Task
-from server.tool_info import names_this_tool
+from server.tool_info import named_tools
 
 router = APIRouter()
 
@@ -22,7 +24,7 @@ CONTROL_TOKENS = ("socketaccesstoken", "tasktoken")
 MAX_LIST_LIMIT = 100
 
 
-@router.post("/v1/Task/Detail")
+@router.post("/v1/Task/Detail", **operation("A task by taskid or tasktoken", TaskListTotalAnswer, DetailFields))
 async def detail(request: Request) -> JSONResponse:
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         found = services.store.reads.find_with_outputs(*identifiers(fields, DETAIL_TOKENS), owner)
@@ -37,7 +39,7 @@ def _tasklist(services: Services, task: Task) -> dict[str, Any]:
     return {"errors": [], "tasklist": services.views([task]), "result": True}
 
 
-@router.post("/v1/Task/Cancel")
+@router.post("/v1/Task/Cancel", **operation("Remove a queued task", TaskListAnswer, TaskFields))
 async def cancel(request: Request) -> JSONResponse:
     """Removes a task still in the queue (it ends in task_cancel); a running task needs Task/Kill."""
 
@@ -58,7 +60,7 @@ async def cancel(request: Request) -> JSONResponse:
     return await answer(request, handler)
 
 
-@router.post("/v1/Task/Kill")
+@router.post("/v1/Task/Kill", **operation("Stop a running task", TaskListAnswer, TaskFields))
 async def kill(request: Request) -> JSONResponse:
     """Stops a running task: it is task_cancel in the answer (as the seed's Kill answer shows); its worker stops
     within one transformer block and writes no output."""
@@ -75,12 +77,12 @@ async def kill(request: Request) -> JSONResponse:
     return await answer(request, handler)
 
 
-@router.post("/v1/Task/List")
+@router.post("/v1/Task/List", **operation("This API key's tasks, newest first", TaskListTotalAnswer, ListFields))
 async def task_list(request: Request) -> JSONResponse:
     """This server's tasks (of the calling API key), newest first; `start`/`limit` page through them. The official
     client's filters are honoured: `type` (model; this server runs no other kind of task), `sort` (id or
-    createtime), `order` (DESC or ASC) and `modelName` (this tool's "owner/project" or a part of it; another
-    name lists nothing)."""
+    createtime), `order` (DESC or ASC) and `modelName` (a tool's "owner/project" or a part of it: the tasks of the
+    tools it names; a name of no tool lists nothing)."""
 
     def handler(services: Services, owner: str | None, fields: RequestFields) -> dict[str, Any]:
         start = int_field(fields, "start", 0, 0, 10**9)
@@ -89,15 +91,18 @@ async def task_list(request: Request) -> JSONResponse:
         choice_field(fields, "sort", ("id", "createtime"))
         order = choice_field(fields, "order", ("desc", "asc"))
         model = text_field(fields, "modelName", "model")
-        if kind not in ("model", "all") or (model is not None and not names_this_tool(model[1])):
+        catalogue = services.options.tool.catalogue
+        named = None if model is None else named_tools(model[1], catalogue)
+        if kind not in ("model", "all") or named == []:
             return {"total": "0", "errors": [], "tasklist": [], "result": True}
-        total, tasks = services.store.reads.list(owner, start, limit, ascending=order == "asc")
+        tools = None if named is None or len(named) == len(catalogue.tools) else [tool.slug for tool in named]
+        total, tasks = services.store.reads.list(owner, start, limit, ascending=order == "asc", tools=tools)
         return {"total": str(total), "errors": [], "tasklist": services.views(tasks), "result": True}
 
     return await answer(request, handler)
 
 
-@router.post("/v1/Task/InputOutputDelete")
+@router.post("/v1/Task/InputOutputDelete", **operation("Delete a finished task's files", EmptyAnswer, TaskFields))
 async def input_output_delete(request: Request) -> JSONResponse:
     """Deletes a finished task's output files and uploaded input; the task and its parameters stay.
     Idempotent."""

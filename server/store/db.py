@@ -34,9 +34,12 @@ class Database:
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self.is_postgres = parsed.get_backend_name() == "postgresql"
         self._write_lock = threading.Lock()
+        self.sqlite_file: Path | None = None
+        """The SQLite database's file (None for PostgreSQL or an in-memory database)."""
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                self.sqlite_file = Path(parsed.database)
+                self.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(self.url, pool_size=8, max_overflow=32, pool_timeout=30)
             _sqlite_setup(self.engine)
         else:

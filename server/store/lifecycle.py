@@ -14,7 +14,6 @@ record over it (see `_owned`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 import uuid
@@ -129,10 +128,6 @@ class TaskLifecycle:
                 owner=record.owner,
                 status=QUEUED,
                 request=record.model_dump(mode="json"),
-                parameters=json.dumps(record.wiro_parameters()),
-                image_url=record.image.url,
-                upload_id=record.image.upload_id,
-                callbackurl=record.callback_url,
                 debugoutput=waiting_note(s, now, self.lease_seconds),
                 debugerror="",
                 pexit="0",
@@ -223,12 +218,14 @@ class TaskLifecycle:
         *,
         debugoutput: str | None = None,
         resolved: GenerationParams | None = None,
+        recorded: dict[str, str] | None = None,
         claimed_attempt: int | None = None,
     ) -> bool:
         """Move an owned task forward to `status` (stamping its time, renewing the lease); a task already there
         or further (a retry whose first answer was lost) keeps its status. True if a kill was asked.
-        `resolved`: the parameters the run uses. `claimed_attempt`: the worker has finished the video and takes
-        the task back if it lost it (`_owned`)."""
+        `resolved`: the parameters the run uses. `recorded`: what the run recorded beyond them (cached mode: the steps
+        computed and skipped), kept with them and shown in `parameters`. `claimed_attempt`: the worker has finished
+        the video and takes the task back if it lost it (`_owned`)."""
         now = self.clock()
         with self.db.session(write=True) as s:
             task = self._owned(s, task_id, worker_id, claimed_attempt, reaching=status)
@@ -239,6 +236,8 @@ class TaskLifecycle:
                 say(task, debugoutput)
             if resolved is not None:
                 task.resolved = resolved.model_dump(mode="json")
+            if recorded:
+                task.resolved = {**(task.resolved or {}), "recorded": dict(recorded)}
             return task.kill_requested
 
     def progress(self, task_id: int, worker_id: str, step: int, total: int, elapsed: float) -> bool:

@@ -86,19 +86,15 @@ class Task(Base):
     uuid: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
     socketaccesstoken: Mapped[str] = mapped_column(String(30), unique=True, nullable=False)
     owner: Mapped[str | None] = mapped_column(String(200))
-    """The API key that created the task (None when the server runs without keys)."""
+    """The API key that created the task (None when the server runs without keys): the record's `owner`, copied
+    here once when the task is made (`lifecycle.create`) so that List and the per-key limit seek it by index."""
     status: Mapped[str] = mapped_column(String(32), nullable=False, default=QUEUED)
-    parameters: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
-    """JSON text of the recorded Wiro parameters. Before revision 0004 the only record of a task's inputs; since then
-    written once at creation, for workers of older versions during a rolling upgrade (nothing here reads it back
-    for a task that has `request`)."""
     request: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    """The typed record Run validated (server.task_record.TaskRecord as JSON); None on tasks made before 0004."""
+    """The typed record Run validated (server.task_record.TaskRecord as JSON): the parameters, the image, the
+    callback URL and the owner, read only through `server.task_record.record_of`. Every row has one (migration 0005
+    made those of tasks stored before 0004); nullable only because SQLite cannot tighten a column in place."""
     resolved: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     """The GenerationParams the worker ran with (seed, size and mode resolved), once it has read the image."""
-    image_url: Mapped[str | None] = mapped_column(Text)
-    upload_id: Mapped[str | None] = mapped_column(String(32))
-    callbackurl: Mapped[str] = mapped_column(Text, nullable=False, default="")
     debugoutput: Mapped[str] = mapped_column(Text, nullable=False, default="")
     debugerror: Mapped[str] = mapped_column(Text, nullable=False, default="")
     pexit: Mapped[str] = mapped_column(String(16), nullable=False, default="0")

@@ -1,7 +1,7 @@
 """PostgreSQL LISTEN/NOTIFY: the database tells a process when a task is queued, cancelled, or has a new status,
 instead of the process asking it every few milliseconds.
 
-The notifications are sent by a trigger on task_events (migration 0005), in the transaction that writes the event,
+The notifications are sent by a trigger on task_events (migration 0006), in the transaction that writes the event,
 and delivered at its commit: a woken process always finds what it was told about. They are hints, never the record:
 whoever is woken reads the store, as it did when it polled, so nothing at-least-once or forward-only depends on
 them. A notification can be lost (the listening connection dropped, the process busy), so every user keeps a slow

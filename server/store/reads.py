@@ -3,13 +3,14 @@ recorded events that live progress and the metrics follow. Nothing here writes."
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Integer, and_, bindparam, column, func, or_, select, values
 from sqlalchemy.engine import Row
 
 from server.store.db import Database
 from server.store.models import ACTIVE, Output, Task, TaskEvent
+from server.tool_info import DEFAULT_SLUG
 
 _TASKS, _OUTPUTS = Task.__table__, Output.__table__
 _TASK_BY_ID = select(_TASKS).where(_TASKS.c.id == bindparam("id"))
@@ -61,11 +62,15 @@ class TaskReads:
             return task, list(conn.execute(_OUTPUTS_OF_TASK, {"task_id": task.id}))
 
     def list(
-        self, owner: str | None = None, start: int = 0, limit: int = 20, *, ascending: bool = False
+        self, owner: str | None = None, start: int = 0, limit: int = 20, *, ascending: bool = False,
+        tools: Sequence[str] | None = None,
     ) -> tuple[int, list[Task]]:
-        """Newest first (oldest first when `ascending`)."""
+        """Newest first (oldest first when `ascending`); only the tasks of `tools` (slugs as the records hold them)
+        when given (a record without a tool is the default tool's)."""
         with self.db.session() as s:
             where = [] if owner is None else [Task.owner == owner]
+            if tools is not None:
+                where.append(func.coalesce(Task.request["tool"].as_string(), DEFAULT_SLUG).in_(list(tools)))
             total = s.scalar(select(func.count()).select_from(Task).where(*where)) or 0
             order = Task.id.asc() if ascending else Task.id.desc()
             rows = s.scalars(select(Task).where(*where).order_by(order).offset(start).limit(limit))

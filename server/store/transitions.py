@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from server.store.models import CANCEL, LIFECYCLE, QUEUED, STAMPS, TERMINAL, Task, TaskEvent
+from server.task_record import record_of
 
 
 def is_before(status: str, other: str) -> bool:
@@ -34,7 +35,7 @@ def set_status(s: Session, task: Task, status: str, now: float, message: str = "
         task.endtime = now  # a cancelled or killed task has ended too (canceltime says how)
     if status in TERMINAL:
         task.lease_expires_at = None
-        if task.callbackurl:
+        if record_of(task).callback_url:
             task.callback_state, task.callback_next_at = "pending", now
     add_event(s, task.id, status, now, message, step=step, total=total)
 

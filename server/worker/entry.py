@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from server.processes.exit_codes import EXIT_LOAD_FAILED
 from server.storage import Storage
 from server.store import open_store
 from server.store.outage import StoreHealth
@@ -21,20 +22,15 @@ from server.worker_reports import Report
 
 log = logging.getLogger("particalize.worker")
 
-EXIT_LOAD_FAILED = 3
-"""`particalize worker` exits with this when the model cannot be loaded (restarting would not help)."""
-
-
-def loaded_detail(generator: Any) -> tuple[str, bool]:
+def loaded_detail(generator: Generator) -> tuple[str, bool]:
     """What the worker registers about its model (the detail /ready lists: load time, each LoRA, its strength and
     whether fast mode is there), and whether it is random weights."""
-    loaded = f"loaded in {getattr(generator, 'load_seconds', 0.0):.1f}s"
-    loras = getattr(generator, "loras", [])
-    if loras:
-        loaded += "; LoRAs: " + "; ".join(info.describe() for info in loras)
+    loaded = f"loaded in {generator.load_seconds:.1f}s"
+    if generator.loras:
+        loaded += "; LoRAs: " + "; ".join(info.describe() for info in generator.loras)
     loaded += files_detail(generator)
-    loaded += "".join(f"; {part}" for part in degraded_parts(generator))
-    random_weights = bool(getattr(generator, "random_weights", False))
+    loaded += "".join(f"; {part}" for part in generator.degraded)
+    random_weights = generator.random_weights
     if random_weights:
         from pipeline.random_weights import NOISE_WARNING
 
@@ -42,15 +38,9 @@ def loaded_detail(generator: Any) -> tuple[str, bool]:
     return loaded, random_weights
 
 
-def degraded_parts(generator: Any) -> list[str]:
-    """The parts of the detail that say what runs other than configured (pipeline.generator's `degraded`: speed
-    options that fell back to their default path, interrupt points that could not be installed)."""
-    return list(getattr(generator, "degraded", []))
-
-
-def files_detail(generator: Any) -> str:
+def files_detail(generator: Generator) -> str:
     """The part of the detail naming the single weight files loaded (format, how held, memory), or ''."""
-    files = getattr(generator, "loaded_files", [])
+    files = generator.loaded_files
     return "; weight files: " + "; ".join(info.describe() for info in files) if files else ""
 
 
@@ -65,10 +55,11 @@ def run_worker(
     report: Report | None = None,
     wakeup: Wakeup | None = None,
 ) -> int:
-    """Load the model once (`make_generator`), then serve tasks until `stop_event` (a server.shutdown.StopRequest
-    gives the running task its grace period; a plain Event stops it at once). `report`: the pipe to the serve
-    process that started this worker, if one did. `wakeup`: how it is woken (serve's pipe); by default PostgreSQL's
-    notifications, or polling on SQLite (server/wakeup.py). Returns the process exit code."""
+    """Load the model once (`make_generator`), then serve tasks until `stop_event` (a
+    server.processes.shutdown.StopRequest gives the running task its grace period; a plain Event stops it at once).
+    `report`: the pipe to the serve process that started this worker, if one did. `wakeup`: how it is woken (serve's
+    pipe); by default PostgreSQL's notifications, or polling on SQLite (server/wakeup.py). Returns the process exit
+    code."""
     health = StoreHealth(log)  # a worker started during a store outage waits for the store, it does not crash
 
     def when_up(action: Callable[[], Any]) -> Any:
@@ -87,7 +78,7 @@ def run_worker(
         when_up(store.tasks.note_waiting)  # if no worker can serve now, queued tasks say why (server/store/waiting)
         return EXIT_LOAD_FAILED
     detail, random_weights = loaded_detail(generator)
-    for part in degraded_parts(generator):
+    for part in generator.degraded:
         log.warning("worker %s: %s", worker_id, part)
     if random_weights:
         from pipeline.random_weights import NOISE_WARNING

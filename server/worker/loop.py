@@ -1,7 +1,7 @@
 """The claiming loop: one worker per GPU takes the oldest queued task, runs it (server/worker/task_run.py), and
 takes the next; a heartbeat thread renews its lease meanwhile. Either way the model stays loaded.
 
-A graceful stop (SIGTERM, see server/shutdown.py) claims nothing more at once and lets the running task finish
+A graceful stop (SIGTERM, see server/processes/shutdown.py) claims nothing more at once and lets the running task finish
 within its grace period (past it the run is interrupted and requeued); then the loop ends. A store outage (see
 server/store/outage.py) fails nothing: the loop claims nothing while it lasts, and the running task keeps what it
 has made and records it when the store answers again; one log line when the outage starts, one when it ends. The
@@ -28,6 +28,7 @@ from server.store.models import Task
 from server.store.outage import StoreHealth, is_outage
 from server.wakeup import Polling, Wakeup
 from server.worker.options import WorkerOptions
+from server.worker.scratch import remove_abandoned
 from server.worker.task_run import Fetch, Generator, TaskRun
 from server.worker_reports import Report
 
@@ -75,11 +76,12 @@ class Worker:
     def run(self, stop_event: threading.Event, parent_pid: int | None = None) -> None:
         """Until `stop_event`: take the oldest queued task, do it, repeat (when idle, waiting for a wake-up or
         polling: server/wakeup.py). Once it is set no task is claimed; the running one goes on until the stop is
-        due (see server/shutdown.py)."""
+        due (see server/processes/shutdown.py)."""
         self.stop_event = stop_event
         self._finished.clear()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
+        remove_abandoned()
         self.recover(own=True)
         sweep_every = max(1.0, min(10.0, self.lease_seconds / 4))
         next_sweep = time.monotonic() + sweep_every

@@ -2,7 +2,7 @@
 
 The launcher spawns the ranks (torch.multiprocessing, start method spawn) and watches them. Rank 0 is the normal
 worker (claims, runs and records tasks, server/worker/loop.py) whose generator broadcasts each request to the other
-ranks (pipeline/parallel_run.py); the followers run what it sends. The launcher forwards its stop signals to rank 0
+ranks (pipeline/parallel/run.py); the followers run what it sends. The launcher forwards its stop signals to rank 0
 and, when a rank dies, ends the group: a dead follower gets rank 0 a SIGTERM (its running task fails as the group's
 collectives fail, and it claims nothing more), then the launcher exits non-zero so that its supervisor starts the
 group again; a dead rank 0 takes the followers with it (its task is requeued by the restarted worker, within its
@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from server.processes.exit_codes import EXIT_LOAD_FAILED
 from server.storage import Storage
-from server.worker.entry import EXIT_LOAD_FAILED, run_worker
+from server.worker.entry import run_worker
 from server.worker.options import WorkerOptions
 from server.worker.task_run import Generator
 
@@ -102,7 +103,7 @@ def watch_ranks(processes: list[Any], stop: threading.Event, job: RankJob, poll_
 
 def _rank_main(rank: int, job: RankJob, init_method: str, launcher_pid: int) -> None:
     """One rank, in its own spawned process: join the group, load the model, serve (rank 0) or follow."""
-    from server.supervisor import die_with_parent
+    from server.processes.parent import die_with_parent
 
     die_with_parent(launcher_pid)
     code = 1
@@ -118,9 +119,9 @@ def _rank_main(rank: int, job: RankJob, init_method: str, launcher_pid: int) -> 
 
 
 def _rank(rank: int, job: RankJob, init_method: str, launcher_pid: int) -> int:
-    from pipeline.parallel import ParallelSetup, init_group
-    from pipeline.parallel_run import LeaderGenerator, ParallelGroupBroken, control_group, follow
-    from server.shutdown import StopRequest, stop_on_signals
+    from pipeline.parallel.group import ParallelSetup, init_group
+    from pipeline.parallel.run import LeaderGenerator, ParallelGroupBroken, control_group, follow
+    from server.processes.shutdown import StopRequest, stop_on_signals
 
     init_group(ParallelSetup(job.mode, job.degree, rank, init_method, job.timeout_seconds), job.device_type)
     control = control_group()

@@ -20,22 +20,21 @@ stored files only of a task the store confirms is still its own and not done (se
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.errors import Interrupted, InvalidParameter
+from pipeline.errors import Interrupted, InvalidParameter, LoraMismatch
 from pipeline.images import decode_image
-from pipeline.params import GenerationParams, check_limits, size_for_image
+from pipeline.params import GenerationParams, ResolvedParams
+from pipeline.resolve import Modes, resolve_request
 from pipeline.video import write_mp4
 from server.netguard import FetchError, UnsafeUrl
-from server.shutdown import finish_overdue, stop_due
+from server.processes.shutdown import finish_overdue, stop_due
 from server.storage import OUTPUT_NAME, OUTPUT_TYPE, Storage, StorageError
 from server.store import NewOutput, Store, TaskKilled, TaskLost
 from server.store.models import (
@@ -50,8 +49,16 @@ from server.store.models import (
 )
 from server.store.outage import StoreHealth, is_outage
 from server.task_record import ImageSource, record_of
+from server.tool_info import DEFAULT_SLUG
 from server.worker.options import WorkerOptions
 from server.worker.outcomes import HANDLING, Ending, Outcome, TaskEnd, ending_of
+from server.worker.scratch import output_folder
+
+if TYPE_CHECKING:
+    from pipeline.generator import Video
+    from pipeline.interrupt import InterruptPoints
+    from pipeline.lora.stack import LoraInfo
+    from pipeline.weight_files.loaded_file import LoadedFile
 
 log = logging.getLogger("particalize.worker")
 
@@ -65,12 +72,34 @@ Fetch = Callable[..., tuple[bytes, str]]
 
 
 class Generator(Protocol):
-    device: Any
+    """Everything the worker and its start-up report read of the warm model (pipeline.generator.VideoGenerator, or
+    pipeline.parallel.run.LeaderGenerator for a context-parallel group); nothing else is asked of it."""
 
-    def resolve(self, params: GenerationParams, image: Image.Image) -> GenerationParams: ...
+    @property
+    def device(self) -> Any: ...
+    @property
+    def load_seconds(self) -> float: ...
+    @property
+    def random_weights(self) -> bool:
+        """Real-size model with random values: every video is noise."""
+    @property
+    def loras(self) -> list[LoraInfo]: ...
+    @property
+    def loaded_files(self) -> list[LoadedFile]:
+        """The single weight files the model came from (format, memory)."""
+    @property
+    def degraded(self) -> list[str]:
+        """What runs other than configured (speed option fallbacks, interrupt points not installed)."""
+    @property
+    def interrupt_points(self) -> InterruptPoints:
+        """Where a run can be stopped (the worker says where a kill stopped it)."""
+    @property
+    def modes(self) -> Modes:
+        """The modes it runs: what a request's parameters are resolved with."""
 
-    def generate(self, params: GenerationParams, image: Image.Image, progress: Any = None,
-                 should_stop: Any = None, interrupt: Any = None) -> Any: ...
+    def generate(self, params: ResolvedParams, image: Image.Image, progress: Any = None,
+                 should_stop: Any = None, interrupt: Any = None, tool: str = "") -> Video:
+        """`tool`: the catalogue tool whose LoRAs run ("": the default tool's); passed only for another tool."""
 
 
 class TaskRun:
@@ -128,10 +157,8 @@ class TaskRun:
         self._step(PREPROCESS_START)
         record = record_of(task)
         image = self._load_image(record.image)
-        try:
-            check_limits(record.params, limits)
-            params = size_for_image(record.params, image.size, limits)  # a size of 0 is only known now
-            params = self.generator.resolve(params, image)
+        try:  # resolved once: at Run when the image came with it, else now that it is here
+            params = record.resolved or resolve_request(record.params, image.size, limits, self.generator.modes)
         except InvalidParameter as exc:
             raise TaskEnd(Outcome.BAD_INPUT, str(exc)) from None
         self._step(PREPROCESS_END, resolved=params,
@@ -140,7 +167,7 @@ class TaskRun:
         self._step(ASSIGN, debugoutput=f"assigned to {self.worker_id} ({self.generator.device})")
         self._step(START)
 
-        video = self._generate(params, image)
+        video = self._generate(params, image, "" if record.tool == DEFAULT_SLUG else record.tool)
         try:
             self._finish(video, params)
         except SQLAlchemyError as exc:
@@ -148,13 +175,15 @@ class TaskRun:
                 raise
             raise TaskEnd(Outcome.UNRECORDED) from exc
 
-    def _finish(self, video: Any, params: GenerationParams) -> None:
+    def _finish(self, video: Video, params: GenerationParams) -> None:
         """The video is made: store and record it. From here a stop does not throw it away (bounded by
         shutdown_finish_seconds), and every store call waits out an outage."""
         task = self.task
+        schedule = video.schedule  # cached mode: the steps MagCache computed and skipped
         self._step(OUTPUT_FULL, finishing=True, debugoutput=f"generated {video.frames.shape[0]} frames "
                                                             f"{params.width}x{params.height} in "
-                                                            f"{video.timings.get('generate', 0.0):.2f}s")
+                                                            f"{video.timings.get('generate', 0.0):.2f}s",
+                   recorded=schedule.record() if schedule is not None else None)
         self._step(END, finishing=True)
         self._step(POSTPROCESS_START, finishing=True)
         relpath = self.storage.output_relpath(task.uuid, OUTPUT_NAME)
@@ -162,7 +191,7 @@ class TaskRun:
         cost = self.options.cost_per_second * max(0.0, time.time() - task.accepttime)
         outputs = [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)]
         done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)" + "".join(
-            f"; {note}" for note in getattr(video, "notes", []))  # e.g. the decode was retried with VAE tiling
+            f"; {note}" for note in video.notes)  # e.g. the decode was retried with VAE tiling
         try:
             self._through_outage(
                 lambda: self.store.tasks.complete(task.id, self.worker_id, outputs, totalcost=cost, debugoutput=done,
@@ -210,7 +239,7 @@ class TaskRun:
         except InvalidParameter as exc:
             raise TaskEnd(Outcome.BAD_INPUT, str(exc)) from None
 
-    def _generate(self, params: GenerationParams, image: Image.Image) -> Any:
+    def _generate(self, params: ResolvedParams, image: Image.Image, tool: str = "") -> Video:
         """Run the pipeline; progress is recorded (at most every progress_interval_seconds, and the last step
         always). A kill, or a stop once its grace period is over, stops it before the next transformer block
         (`interrupt`, set by the kill watcher) or at the end of the step it arrives in, whichever is first."""
@@ -239,9 +268,12 @@ class TaskRun:
                 self.interrupt.set()  # mid-denoise: requeued
             return self.interrupt.is_set()
 
+        which = {"tool": tool} if tool else {}  # the default tool's run is called as before tools existed
         try:
             return self.generator.generate(params, image, progress=progress, should_stop=should_stop,
-                                           interrupt=self.interrupt.is_set)
+                                           interrupt=self.interrupt.is_set, **which)
+        except LoraMismatch as exc:  # a tool this worker has not loaded (the catalogue changed since Run)
+            raise TaskEnd(Outcome.BAD_INPUT, str(exc)) from None
         except Interrupted as stopped:
             if self.kill_seen.is_set() or self._through_outage(lambda: self.store.tasks.kill_requested(task.id),
                                                                finishing=self.denoised.is_set()):
@@ -251,13 +283,13 @@ class TaskRun:
     def _where(self, stopped: Interrupted) -> str:
         if stopped.step >= stopped.total:
             return f"after the last step ({stopped.total}); the VAE decode was skipped or cut short"
-        points = getattr(self.generator, "interrupt_points", None)  # unknown: assume a block was entered
-        if points is not None and not getattr(points, "blocks_hooked", True):
+        points = self.generator.interrupt_points
+        if not points.blocks_hooked:
             if stopped.step == 0:  # only the VAE encoder's check stops a run before its first step ends
                 return "before the first step (while its inputs were encoded)"
             return (f"at the end of step {stopped.step} of {stopped.total} (per-step interrupt: the per-block hook "
                     "could not be installed)")
-        if stopped.step == 0 and points is not None and points.blocks_entered == 0:
+        if stopped.step == 0 and points.blocks_entered == 0:
             return "before the first step (while its inputs were encoded)"
         return f"during step {stopped.step + 1} of {stopped.total}"
 
@@ -267,8 +299,8 @@ class TaskRun:
         problem = self.space_problem()
         if problem:
             raise TaskEnd(Outcome.DISK_FULL, problem)
-        with tempfile.TemporaryDirectory(prefix="particalize-output-", dir=Path(tempfile.gettempdir())) as tmp:
-            path = write_mp4(frames, Path(tmp) / OUTPUT_NAME, fps=fps)
+        with output_folder() as tmp:
+            path = write_mp4(frames, tmp / OUTPUT_NAME, fps=fps)
             size = path.stat().st_size
             self._confirm_before_storing()
             try:

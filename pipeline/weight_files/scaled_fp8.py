@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.errors import WeightFormatError
-from pipeline.quantized_layers import FLOAT8_DTYPES
+from pipeline.weight_files.quantized_layers import FLOAT8_DTYPES
 
 MARKER = "scaled_fp8"
 WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")

@@ -42,6 +42,14 @@ def directory_transformer_config(model_dir: Path | None) -> dict[str, Any]:
     return dict(WAN_I2V_14B_TRANSFORMER)
 
 
+def directory_component_config(model_dir: Path | None, component: str) -> dict[str, Any] | None:
+    """<component>/config.json of a diffusers directory when it has one; None: the real model's (in code)."""
+    path = None if model_dir is None else model_dir / component / "config.json"
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
 def directory_text_encoder_config(model_dir: Path | None) -> UMT5Config:
     """text_encoder/config.json of a diffusers directory when it has one, else UMT5-XXL's encoder."""
     if model_dir is not None and (model_dir / "text_encoder" / "config.json").is_file():
@@ -56,12 +64,12 @@ def load_weight_files(files: WeightFiles, transformer_config: dict[str, Any], te
     """The components the files replace, by pipeline component name."""
     loaded: dict[str, torch.nn.Module] = {}
     if files.transformer is not None:
-        from pipeline.transformer_file import load_transformer_file
+        from pipeline.weight_files.transformer_file import load_transformer_file
 
         with _naming(files.transformer, "transformer"):
             loaded["transformer"] = load_transformer_file(Path(files.transformer), transformer_config, compute_dtype)
     if files.text_encoder is not None:
-        from pipeline.text_encoder_file import load_text_encoder_file
+        from pipeline.weight_files.text_encoder_file import load_text_encoder_file
 
         with _naming(files.text_encoder, "text encoder"):
             loaded["text_encoder"] = load_text_encoder_file(Path(files.text_encoder), text_encoder_config,

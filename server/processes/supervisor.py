@@ -15,7 +15,6 @@ drains its HTTP requests and then signals them once (a second signal would cut t
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -26,28 +25,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from server.wakeup import WAKE_FD_ENV, WakePipes
-from server.worker import EXIT_LOAD_FAILED
+from server.processes.exit_codes import EXIT_LOAD_FAILED
+from server.processes.parent import PARENT_ENV
+from server.processes.wake_pipes import WAKE_FD_ENV, WakePipes
 from server.worker_reports import REPORT_FD_ENV, WorkerReports
 
 log = logging.getLogger("particalize.supervisor")
 
-PARENT_ENV = "_PARTICALIZE_PARENT_PID"
-_PR_SET_PDEATHSIG = 1
 STOP_MARGIN_SECONDS = 10.0
 """Beyond the grace period, what a stopping worker may take to requeue its task and exit before SIGKILL."""
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Called first thing in a child worker: be SIGKILLed when the serve process dies (Linux), and exit
-    now if it died before this call."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            log.warning("could not ask to die with the parent process; relying on the parent check")
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -55,7 +41,7 @@ class WorkerProcessOptions:
     count: int
     """Worker processes to run, one per GPU."""
     grace_seconds: float = 1200.0
-    """A stopping worker's grace period for its running task (see server/shutdown.py)."""
+    """A stopping worker's grace period for its running task (see server/processes/shutdown.py)."""
     finish_seconds: float = 120.0
     """The time past it that a finished video still gets to be stored and recorded."""
     child_env: Mapping[str, str] = field(default_factory=dict)

@@ -13,8 +13,8 @@ event (the lifecycle, a worker's sweep, any replica) announces it in the same tr
 The schema in the channel name keeps two deployments sharing one database (each in its own schema) apart. SQLite
 has no NOTIFY: nothing to do there.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-04
 """
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -1,15 +1,15 @@
 """LoRAs on the transformer: every key of a file applied or the file refused; several at once; a switchable speed LoRA.
 
-Which path each kind of key takes (the plan is made from the file's own keys, see pipeline/lora_keys.py):
+Which path each kind of key takes (the plan is made from the file's own keys, see pipeline/lora/keys.py):
 
 - LoRA pairs on Linear layers (attention q/k/v/o, k_img/v_img, FFN, embedders, head), with or without alpha:
   diffusers/PEFT, one adapter per file; the keys are handed over in diffusers names, alpha / rank folded into lora_B.
 - `diff` (norms, patch embedding, img_emb, any weight), `diff_b` (biases), `diff_m` (modulation tables), PEFT
-  `lora_B.bias`, and pairs on layers that are not Linear: pipeline/lora_diffs.py, switched with the same strengths.
+  `lora_B.bias`, and pairs on layers that are not Linear: pipeline/lora/diffs.py, switched with the same strengths.
 
-On a quantized base (float8 or GGUF transformer files, pipeline/quantized_layers.py) pairs stay unfused adapters
-in the compute dtype on top of the quantized layers (exact); a full difference on a quantized weight makes that one
-layer a plain Linear holding its dequantized weight (exact); fusing into quantized weights is refused
+On a quantized base (float8 or GGUF transformer files, pipeline/weight_files/quantized_layers.py) pairs stay unfused
+adapters in the compute dtype on top of the quantized layers (exact); a full difference on a quantized weight makes
+that one layer a plain Linear holding its dequantized weight (exact); fusing into quantized weights is refused
 (LoraFuseRefused): it would round the LoRA's change away, or is not possible for GGUF blocks.
 
 After diffusers has loaded a file, each pair is looked up again in the layer it wraps (the adapter's lora_A and
@@ -30,9 +30,9 @@ import torch
 from diffusers import WanImageToVideoPipeline
 
 from pipeline.errors import LoraFuseRefused, LoraMismatch, WeightsMissing
-from pipeline.lora_diffs import WeightDiffs
-from pipeline.lora_keys import LoraPlan, ModelParts, plan_lora
-from pipeline.quantized_layers import quantized_layers, unquantize
+from pipeline.lora.diffs import WeightDiffs
+from pipeline.lora.keys import LoraPlan, ModelParts, plan_lora
+from pipeline.weight_files.quantized_layers import quantized_layers, unquantize
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ class LoraStackOptions:
     """(file, strength) in order: the Particalize LoRA first, then any stacked after it."""
     speed_lora: tuple[Path, float] | None = None
     """Fast mode's step-distilled LoRA: loaded last, active only in fast mode."""
+    tools: tuple[tuple[str, tuple[tuple[Path, float], ...]], ...] = ()
+    """Further tools' stacks (tool name, its (file, strength) in order): each loaded once as adapters of its own, and
+    active instead of `loras` while a run asks for that tool. With any, nothing is fused: a fused stack could not
+    be switched off."""
     fuse: bool = False
     """Fuse the stack into the weights at load (no per-step LoRA cost); the speed LoRA stays an adapter."""
     strict: bool = True
@@ -71,6 +75,8 @@ class LoraInfo:
     fused: bool = False
     speed: bool = False
     """The fast mode's step-distilled LoRA: active only in fast mode."""
+    tool: str = ""
+    """The tool whose stack it is part of ("": the default stack); active only in that tool's runs."""
 
     def describe(self) -> str:
         parts = [f"{self.path.name} as {self.name!r}", f"strength {self.strength:g}",
@@ -81,6 +87,8 @@ class LoraInfo:
             parts.append("fused")
         if self.speed:
             parts.append("fast mode only")
+        if self.tool:
+            parts.append(f"tool {self.tool}")
         return ", ".join(parts)
 
 
@@ -122,6 +130,8 @@ class LoraStack:
         self.diffs = WeightDiffs(pipe.transformer)
         self.fast: bool | None = None
         """The mode last applied (None: not yet)."""
+        self.tool = ""
+        """The tool whose stack was last applied."""
 
     @property
     def has_speed(self) -> bool:
@@ -131,10 +141,16 @@ class LoraStack:
         """Parameters that unfused LoRAs change by a full difference, rewritten in place when modes switch."""
         return {name for info in self.loras if not info.fused for name in self.diffs.names(info.name)}
 
+    @property
+    def tools(self) -> set[str]:
+        """The tools whose stacks are loaded ("" the default one, always)."""
+        return {""} | {info.tool for info in self.loras}
+
     def load(self, path: Path, strength: float = 1.0, *, speed: bool = False,
-             state_dict: dict[str, torch.Tensor] | None = None) -> LoraInfo:
-        """Load one file as a new adapter (active at `strength` now unless it is the speed LoRA). `state_dict`:
-        the file's keys already in memory, on any device (benchmarks build them in code); `path` then names it."""
+             state_dict: dict[str, torch.Tensor] | None = None, tool: str = "") -> LoraInfo:
+        """Load one file as a new adapter (active at `strength` now unless it is the speed LoRA or another tool's).
+        `state_dict`: the file's keys already in memory, on any device (benchmarks build them in code); `path` then
+        names it."""
         path = Path(path)
         if state_dict is None and not path.is_file():
             raise WeightsMissing(
@@ -142,7 +158,7 @@ class LoraStack:
                 ".safetensors file, or a hub file and run `particalize weights fetch`"
             )
         state_dict = read_lora_file(path) if state_dict is None else state_dict
-        name = _adapter_name(path, speed, (info.name for info in self.loras))
+        name = _adapter_name(Path(f"{tool}_{path.stem}") if tool else path, speed, (info.name for info in self.loras))
         plan = plan_lora(state_dict, ModelParts.of(self.pipe.transformer))
         self._check(plan, path, "")
         if not plan.pairs and not plan.deltas:
@@ -164,10 +180,10 @@ class LoraStack:
         if plan.deltas:
             self.diffs.add(name, plan.deltas, 0.0)
         info = LoraInfo(name, path, strength, modules=len(plan.pairs), diffs=len(plan.deltas), rank=plan.rank,
-                        keys=plan.keys, skipped=len(plan.problems), speed=speed)
+                        keys=plan.keys, skipped=len(plan.problems), speed=speed, tool=tool)
         self.loras.append(info)
         fast, self.fast = bool(self.fast), None  # loading made diffusers activate the new adapter alone
-        self.use(fast)
+        self.use(fast, self.tool)
         log.info("LoRA %s", info.describe())
         return info
 
@@ -209,13 +225,20 @@ class LoraStack:
         adapters = [info.name for info in self.loras if info.modules and not info.fused]
         return fuse_refusal(self.pipe.transformer, adapters)
 
-    def use(self, fast: bool) -> None:
-        """Activate the stack, plus the speed LoRA when `fast`; nothing is done when that is already so."""
+    def use(self, fast: bool, tool: str = "") -> None:
+        """Activate `tool`'s stack (and only it), plus the speed LoRA when `fast`; nothing is done when that is
+        already so. Switching tools only sets adapter weights (diffusers' set_adapters) and rewrites the full
+        differences from their originals: nothing is loaded again, and no value drifts."""
         if fast and not self.has_speed:
             raise ValueError("fast mode needs a speed LoRA (PARTICALIZE_SPEED_LORA), and none is loaded")
-        if self.fast == fast:
+        if tool not in self.tools:
+            raise LoraMismatch(f"the LoRAs of tool {tool} are not loaded in this worker (it has "
+                               f"{', '.join(sorted(t for t in self.tools if t)) or 'no other tool'}): restart it "
+                               "with the catalogue that names the tool")
+        if self.fast == fast and self.tool == tool:
             return
-        active = [info for info in self.loras if not info.fused and (fast or not info.speed)]
+        active = [info for info in self.loras
+                  if not info.fused and (info.speed if info.speed else info.tool == tool) and (fast or not info.speed)]
         adapters = [info for info in active if info.modules]
         if adapters:
             self.pipe.enable_lora()
@@ -223,7 +246,7 @@ class LoraStack:
         elif any(info.modules and not info.fused for info in self.loras):
             self.pipe.disable_lora()
         self.diffs.set_weights({info.name: info.strength for info in active})
-        self.fast = fast
+        self.fast, self.tool = fast, tool
 
 
 def fuse_refusal(transformer: torch.nn.Module, adapters: Iterable[str] | None = None) -> str | None:

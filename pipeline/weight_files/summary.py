@@ -1,6 +1,6 @@
 """What a single weight file holds, read from its header only (no tensor is loaded): for the start-up banner, which
-is printed before the workers load the model. The memory figure is weight_memory's, on the meta device, for the
-format the header shows; the worker reports the exact figure once loaded (pipeline.loaded_file, in /ready)."""
+is printed before the workers load the model. The memory figure is `memory`'s, on the meta device, for the format
+the header shows; the worker reports the exact figure once loaded (`loaded_file`, in /ready)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint_read import container_of, describe_counts
-from pipeline.loaded_file import size_text
+from pipeline.weight_files.checkpoint_read import container_of, describe_counts
+from pipeline.weight_files.loaded_file import size_text
 
 SCALE_LEAVES = ("scale_weight", "weight_scale")
 SAFETENSORS_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "BF16": "bfloat16", "F16": "float16",
@@ -78,7 +78,7 @@ def summarize(path: Path, role: str, config: Mapping[str, Any] | Any | None,
     """The file at `path` as the `role` ('transformer' or 'text_encoder') loader would hold it. WeightsMissing or
     WeightFormatError as the loader raises them for a missing file or another extension."""
     from pipeline.errors import WeightFormatError
-    from pipeline.weight_memory import TEXT_ENCODER_FORMATS, text_encoder_bytes, transformer_bytes
+    from pipeline.weight_files.memory import TEXT_ENCODER_FORMATS, text_encoder_bytes, transformer_bytes
 
     path = Path(path)
     container = container_of(path, role.replace("_", " "))

@@ -1,8 +1,8 @@
 """Memory each weight format takes in memory, from the model's parameters on the meta device (no allocation), by the
 same rules the single-file loaders hold them by; and which combination fits a GPU at 480P.
 
-Rules (pipeline/transformer_file.py, text_encoder_file.py and diffusers' GGUF loader): diffusers' float32 modules
-(rope, time embedder, modulation tables, norms) stay float32; fp8 keeps every other Linear weight in 1 byte (+ a
+Rules (pipeline/weight_files/transformer_file.py, text_encoder_file.py and diffusers' GGUF loader): diffusers' float32
+modules (rope, time embedder, modulation tables, norms) stay float32; fp8 keeps every other Linear weight in 1 byte (+ a
 4-byte scale per layer when scaled); GGUF keeps every other Linear weight whose rows are a multiple of the format's
 block in its blocks. Everything else is in the compute dtype. The fp8 and GGUF figures assume the file quantizes
 every Linear weight it may (what ComfyUI's fp8 and city96's GGUF files of Wan2.1 do for the blocks' layers, which
@@ -49,7 +49,7 @@ def transformer_bytes_by_format(config: Mapping[str, Any] | None = None, compute
     """Bytes the transformer takes held in each format (TRANSFORMER_FORMATS) with `config` (default: Wan2.1 I2V
     14B) and `compute_dtype` (bf16 on CUDA, float32 on CPU), parameters and buffers."""
     from pipeline.random_weights import WAN_I2V_14B_TRANSFORMER
-    from pipeline.transformer_file import empty_transformer, keeps_float32
+    from pipeline.weight_files.transformer_file import empty_transformer, keeps_float32
 
     unknown = [f for f in formats if f not in TRANSFORMER_FORMATS]
     if unknown:
@@ -86,9 +86,9 @@ def text_encoder_bytes(fmt: str, config: object | None = None, compute_dtype: to
     """Bytes UMT5-XXL (or `config`) takes on the GPU in `fmt` (one of TEXT_ENCODER_FORMATS; 'cpu': none)."""
     from transformers import UMT5Config
 
-    from pipeline.quantized_layers import module_bytes
     from pipeline.random_weights import UMT5_XXL
-    from pipeline.text_encoder_file import empty_text_encoder, keeps_float8
+    from pipeline.weight_files.quantized_layers import module_bytes
+    from pipeline.weight_files.text_encoder_file import empty_text_encoder, keeps_float8
 
     if fmt not in TEXT_ENCODER_FORMATS:
         raise ValueError(f"unknown format {fmt!r}: one of {', '.join(TEXT_ENCODER_FORMATS)}")
@@ -108,16 +108,21 @@ def text_encoder_bytes(fmt: str, config: object | None = None, compute_dtype: to
     return total
 
 
-def clip_and_vae_bytes() -> int:
-    """CLIP ViT-H/14 image encoder and Wan's VAE in float32, as the pipeline holds them."""
+def clip_and_vae_bytes(image_encoder_config: Mapping[str, Any] | None = None,
+                       vae_config: Mapping[str, Any] | None = None) -> int:
+    """The image encoder and the VAE in float32, as the pipeline holds them: a directory's own configs when given,
+    else CLIP ViT-H/14 and Wan's VAE."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from pipeline.random_weights import CLIP_VIT_H_14
 
+    clip = CLIPVisionConfig.from_dict(dict(image_encoder_config)) if image_encoder_config else \
+        CLIPVisionConfig(**CLIP_VIT_H_14)
     with init_empty_weights():
-        models = [CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H_14)), AutoencoderKLWan()]
+        vae = AutoencoderKLWan.from_config(dict(vae_config)) if vae_config else AutoencoderKLWan()
+        models = [CLIPVisionModel(clip), vae]
     return sum(p.numel() * 4 for m in models for p in m.parameters())
 
 

@@ -27,15 +27,16 @@ from typing import Literal
 import torch
 from diffusers import WanImageToVideoPipeline
 
-from pipeline import fa4
-from pipeline.compile_cache import CompileCache, cache_key
-from pipeline.guidance import BatchedGuidanceHook, disable_batched_guidance, enable_batched_guidance
-from pipeline.quantized_layers import is_quantized_linear, quantized_layers
+from pipeline.speed import fa4
+from pipeline.speed.compile_cache import CompileCache, cache_key
+from pipeline.speed.guidance import BatchedGuidanceHook, disable_batched_guidance, enable_batched_guidance
+from pipeline.speed.step_cache_mag import MagCalibration, MagSettings, MagStepCache
+from pipeline.weight_files.quantized_layers import is_quantized_linear, quantized_layers
 
 log = logging.getLogger(__name__)
 
 AttentionChoice = str
-StepCache = Literal["none", "first_block", "taylorseer"]
+StepCache = Literal["none", "first_block", "taylorseer", "mag"]
 MemoryMode = Literal["none", "model_cpu_offload", "group_offload", "sequential_cpu_offload"]
 
 # Tried in this order by "auto" on CUDA, exact kernels only: FlashAttention-4 (local wheel; Hopper/Blackwell),
@@ -62,6 +63,9 @@ class SpeedOptions:
     step_cache: StepCache = "none"
     step_cache_threshold: float = 0.05
     step_cache_interval: int = 3
+    mag: MagSettings = MagSettings()
+    """step_cache "mag": the decision rule's settings and an optional calibration file
+    (pipeline.speed.step_cache_mag)."""
     memory_mode: MemoryMode = "none"
     vae_tiling: bool = False
     float8: bool = False
@@ -85,6 +89,8 @@ class Applied:
     attention_max_abs_error: float | None = None
     """|kernel - SDPA| on random inputs, for kernels checked before use (FlashAttention-4)."""
     guidance_hook: BatchedGuidanceHook | None = None
+    mag: MagStepCache | None = None
+    """The MagCache hooks (step_cache "mag"), set per run by the generator: exact, cached or calibrating."""
     fallbacks: list[str] = field(default_factory=list)
     """Speed options that failed (while enabling or in the warm-up) and run their default path instead, each
     "<option> (<when>): <error type>: <message>"."""
@@ -160,7 +166,7 @@ def _choose_attention(pipe: WanImageToVideoPipeline, requested: str, device: tor
     if requested == "auto":
         candidates = list(AUTO_CUDA_BACKENDS) if device.type == "cuda" else ["native"]
         if context_parallel != "none" and device.type == "cuda":  # diffusers refuses FA4 and FA3 there
-            from pipeline.parallel import AUTO_CP_BACKENDS
+            from pipeline.speed.context_parallel import AUTO_CP_BACKENDS
 
             candidates = list(AUTO_CP_BACKENDS[context_parallel])
             applied.note(f"attention auto under context parallelism ({context_parallel}): trying "
@@ -204,7 +210,7 @@ def float8_unsupported(device: torch.device) -> str | None:
 def apply_float8(
     pipe: WanImageToVideoPipeline, device: torch.device, applied: Applied, keep: Collection[str] = ()
 ) -> None:
-    """`keep`: parameters an unfused LoRA switches by a full difference (pipeline.lora_diffs rewrites them in
+    """`keep`: parameters an unfused LoRA switches by a full difference (pipeline.lora.diffs rewrites them in
     place per request): their Linear layers stay in bf16, since a float8 weight cannot take that copy.
 
     Guarded twice: a copy of the first layer is quantized and run first (torchao's config, its hardware check and
@@ -389,7 +395,14 @@ def step_cache_config(options: SpeedOptions) -> object:
 
 
 def apply_step_cache(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied: Applied,
-                     config: object | None = None) -> None:
+                     config: object | None = None, calibration: MagCalibration | None = None) -> None:
+    if options.step_cache == "mag":
+        applied.mag = MagStepCache(pipe.transformer, calibration, options.mag)
+        applied.step_cache = "mag"
+        source = calibration.short_source if calibration is not None else "none (calibration runs only)"
+        applied.note(f"step cache: mag (diffusers MagCache hooks; threshold {options.mag.threshold:g}, K "
+                     f"{options.mag.max_skip_steps}, retention {options.mag.retention_ratio:g}; calibration: {source})")
+        return
     pipe.transformer.enable_cache(config if config is not None else step_cache_config(options))
     applied.step_cache = options.step_cache
     applied.note(f"step cache: {options.step_cache}")
@@ -417,7 +430,9 @@ def apply_memory_mode(pipe: WanImageToVideoPipeline, mode: MemoryMode, device: t
 
 
 def apply_compile(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied: Applied) -> None:
-    """Regional compilation: each repeated transformer block once, not the whole model (fast to compile).
+    """Regional compilation: each repeated transformer block once, not the whole model (fast to compile). Under
+    MagCache's hooks (compiler-disabled: a compiled block around them would run eager) the blocks' own forwards are
+    compiled instead (pipeline.speed.step_cache_mag).
 
     With dynamic shapes, duck sizing would tie dimensions that merely happened to be equal in the warm-up
     run (e.g. latent frames == a rotary table dim) and force a recompile on the next size: turn it off.
@@ -426,7 +441,11 @@ def apply_compile(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied:
         import torch.fx.experimental._config as fx_config
 
         fx_config.use_duck_shape = False
-    pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=options.compile_dynamic, mode=options.compile_mode)
+    if applied.mag is not None:
+        applied.mag.compile(fullgraph=True, dynamic=options.compile_dynamic, mode=options.compile_mode)
+    else:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=options.compile_dynamic,
+                                                 mode=options.compile_mode)
     applied.compiled = True
     applied.note(f"transformer blocks compiled (dynamic={options.compile_dynamic}, mode={options.compile_mode})")
 
@@ -465,9 +484,11 @@ def compile_cache_for(
 
 
 def apply_speed_options(
-    pipe: WanImageToVideoPipeline, options: SpeedOptions, device: torch.device, float8_keep: Collection[str] = ()
+    pipe: WanImageToVideoPipeline, options: SpeedOptions, device: torch.device, float8_keep: Collection[str] = (),
+    mag_calibration: MagCalibration | None = None,
 ) -> Applied:
-    """`float8_keep`: parameters switched in place per request (see apply_float8)."""
+    """`float8_keep`: parameters switched in place per request (see apply_float8). `mag_calibration`: the ratios of
+    step_cache "mag" (found by the generator before loading)."""
     applied = Applied()
     choose_attention(pipe, options.attention_backend, device, applied, options.context_parallel)
     if options.fuse_qkv:
@@ -475,7 +496,7 @@ def apply_speed_options(
     if options.float8:
         apply_float8(pipe, device, applied, float8_keep)
     if options.step_cache != "none":
-        _guard_step_cache(pipe, options, applied)
+        _guard_step_cache(pipe, options, applied, mag_calibration)
     if options.cfg_batch:
         if options.step_cache != "none":
             applied.note("batched guidance not applied: step caches keep cond and uncond state apart")
@@ -495,7 +516,7 @@ def apply_speed_options(
     if options.vae_tiling:
         guarded(applied, "VAE tiling", lambda: _tile_vae(pipe, applied), lambda: untile_vae(pipe, applied))
     if options.context_parallel != "none":
-        from pipeline.parallel import enable_context_parallel
+        from pipeline.speed.context_parallel import enable_context_parallel
 
         degree = enable_context_parallel(pipe, options.context_parallel, device)
         applied.note(f"context parallelism: {options.context_parallel} over {degree} processes")
@@ -507,11 +528,15 @@ def apply_speed_options(
     return applied
 
 
-def _guard_step_cache(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied: Applied) -> None:
+def _guard_step_cache(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied: Applied,
+                      mag_calibration: MagCalibration | None = None) -> None:
     """The config is built inside the guard (a renamed parameter fails there) and kept for the undo."""
     built: list[object] = []
 
     def enable() -> None:
+        if options.step_cache == "mag":  # MagStepCache builds diffusers' configs itself
+            apply_step_cache(pipe, options, applied, calibration=mag_calibration)
+            return
         built.append(step_cache_config(options))
         apply_step_cache(pipe, options, applied, built[0])
 
@@ -560,6 +585,10 @@ def remove_step_cache(pipe: WanImageToVideoPipeline, applied: Applied, config: o
     """Remove the step cache's hooks, also those of an `enable_cache` (of `config`) that stopped before recording
     its config on the model."""
     transformer = pipe.transformer
+    if applied.mag is not None:
+        applied.compiled = applied.compiled and not applied.mag.compiled  # its compiled forwards go with it
+        applied.mag.remove()
+        applied.mag = None
     if transformer._cache_config is None and config is not None:
         transformer._cache_config = config  # diffusers' disable_cache removes the hooks of the recorded config
     if transformer._cache_config is not None:
@@ -593,6 +622,8 @@ def uncompile(pipe: WanImageToVideoPipeline, applied: Applied) -> None:
     for module in pipe.transformer.modules():
         if module._compiled_call_impl is not None:
             module._compiled_call_impl = None
+    if applied.mag is not None:
+        applied.mag.uncompile()
     applied.compiled = False
 
 

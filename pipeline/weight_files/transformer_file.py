@@ -30,12 +30,18 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 
-from pipeline.checkpoint_fit import compare, expected_shapes
-from pipeline.checkpoint_read import container_of, describe_counts, read_checkpoint, storage_counts, strip_prefix
 from pipeline.errors import WeightFormatError
-from pipeline.loaded_file import LoadedFile, attach
-from pipeline.quantized_layers import FLOAT8_DTYPES, Float8Linear, module_bytes, quantized_layers
-from pipeline.scaled_fp8 import dequantize, split_scales
+from pipeline.weight_files.checkpoint_fit import compare, expected_shapes
+from pipeline.weight_files.checkpoint_read import (
+    container_of,
+    describe_counts,
+    read_checkpoint,
+    storage_counts,
+    strip_prefix,
+)
+from pipeline.weight_files.loaded_file import LoadedFile, attach
+from pipeline.weight_files.quantized_layers import FLOAT8_DTYPES, Float8Linear, module_bytes, quantized_layers
+from pipeline.weight_files.scaled_fp8 import dequantize, split_scales
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,7 @@ def _to_diffusers_names(tensors: dict[str, torch.Tensor], layout: str) -> tuple[
 
 def _shape_hint(tensors: dict[str, torch.Tensor], config: Mapping[str, Any]) -> str:
     """What model the file holds, next to what the preset wants (a 1.3B or T2V file in a 14B I2V preset)."""
-    from pipeline.checkpoint_fit import tensor_shape
+    from pipeline.weight_files.checkpoint_fit import tensor_shape
 
     def describe(width: object, blocks: int, i2v: bool) -> str:
         return f"width {width}, {blocks} blocks, {'image-to-video' if i2v else 'text-to-video (no image layers)'}"

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from transformers import UMT5Config, UMT5EncoderModel
 
-from pipeline.checkpoint_fit import compare, expected_shapes
-from pipeline.checkpoint_read import container_of, describe_counts, read_checkpoint, storage_counts
 from pipeline.errors import WeightFormatError
-from pipeline.loaded_file import LoadedFile, attach
-from pipeline.quantized_layers import FLOAT8_DTYPES, Float8Linear, module_bytes
-from pipeline.scaled_fp8 import dequantize, split_scales
+from pipeline.weight_files.checkpoint_fit import compare, expected_shapes
+from pipeline.weight_files.checkpoint_read import container_of, describe_counts, read_checkpoint, storage_counts
+from pipeline.weight_files.loaded_file import LoadedFile, attach
+from pipeline.weight_files.quantized_layers import FLOAT8_DTYPES, Float8Linear, module_bytes
+from pipeline.weight_files.scaled_fp8 import dequantize, split_scales
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Rank 0 holds a `LeaderGenerator`: the warm generator's interface (what the worke
 `generate` first broadcasts the request (the resolved parameters and the image) to the follower ranks over a gloo
 control group, then runs its own part. Follower ranks sit in `follow`: receive a request, run the same generate,
 drop the output (every rank decodes; only rank 0's video is used). Stops are collective: the ranks reduce their stop
-flags once per step (pipeline.parallel.agree_stop), so every rank raises Interrupted at the same step; the
+flags once per step (pipeline.parallel.group.agree_stop), so every rank raises Interrupted at the same step; the
 per-block check of a single process is not used (a rank leaving mid-step would leave the others in a collective).
 After each run the ranks gather how it ended, so an error on any rank ends the run on every rank; a collective that
 fails (a rank died, or one did not answer within the group's timeout) means the group is broken: the run fails
@@ -18,13 +18,19 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from PIL import Image
 
 from pipeline.errors import Interrupted
 from pipeline.generator import ProgressFn, StopFn, Video, VideoGenerator
-from pipeline.parallel import agree_stop
-from pipeline.params import GenerationParams
+from pipeline.interrupt import InterruptPoints
+from pipeline.lora.stack import LoraInfo
+from pipeline.parallel.group import agree_stop
+from pipeline.params import GenerationParams, ResolvedParams
+from pipeline.resolve import Modes
+from pipeline.speed.acceleration import Applied
+from pipeline.weight_files.loaded_file import LoadedFile
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +43,64 @@ class ParallelGroupBroken(RuntimeError):
     """A collective failed: a rank died or did not answer in time. No more runs on this group."""
 
 
+RANK_PIDS: list[int] = []
+"""Each rank's process id, by rank, as control_group gathered them: how rank 0 tells which rank died."""
+DEATH_WAIT_SECONDS = 2.0
+"""How long rank 0 looks for a dead rank's process after a collective failed (its peer may be dying still)."""
+
+
 def control_group() -> Any:
-    """A gloo group over the same ranks for requests (called by every rank, in the same order, after joining)."""
-    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    """A gloo group over the same ranks for requests (called by every rank, in the same order, after joining); every
+    rank's process id is gathered over it once (RANK_PIDS)."""
+    import os
+
+    group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    pids: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(pids, os.getpid(), group=group)
+    RANK_PIDS[:] = [int(pid) for pid in pids]
+    return group
+
+
+def _process_ended(pid: int) -> bool:
+    """The process is gone or a zombie (a dead child its launcher has not reaped yet); False where /proc is not."""
+    from pathlib import Path
+
+    stat = Path(f"/proc/{pid}/stat")
+    if not Path("/proc/self/stat").exists():
+        return False
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def dead_ranks(pids: list[int], wait_seconds: float = DEATH_WAIT_SECONDS) -> list[int]:
+    """The ranks whose process has ended, looking for up to `wait_seconds` (none found: [])."""
+    import time
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        dead = [rank for rank, pid in enumerate(pids) if _process_ended(pid)]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
+
+
+def broken_group_message(error: BaseException, pids: list[int] | None = None) -> str:
+    """What a broken group means, in words for the task's debugerror: which rank, and what to do. The transport's
+    own text (gloo's, with its source paths and peer addresses) goes to the log only."""
+    log.warning("a collective of the context-parallel group failed: %s", error)
+    pids = RANK_PIDS if pids is None else pids
+    dead = dead_ranks(pids) if pids else []
+    size = f"{len(pids)}-process " if pids else ""
+    if dead:
+        who = ", ".join(f"rank {r}" for r in dead)
+        what = f"{who} of the {size}context-parallel group stopped (its process ended) while this task ran"
+    else:
+        what = (f"a rank of the {size}context-parallel group stopped answering (its process died, hung or lost its "
+                "connection) while this task ran")
+    return (f"{what}. The task failed and the worker starts its group again (the worker log has that rank's last "
+            "lines): send the task again once /ready answers.")
 
 
 def _ended(error: BaseException | None) -> str | None:
@@ -51,7 +112,7 @@ def _ended(error: BaseException | None) -> str | None:
 
 
 def run_request(generator: VideoGenerator, params: GenerationParams, image: Image.Image,
-                progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> Video:
+                progress: ProgressFn | None = None, should_stop: StopFn | None = None, tool: str = "") -> Video:
     """This rank's part of one run; raises what ended it on any rank (the same on every rank)."""
     device = generator.device
 
@@ -61,15 +122,14 @@ def run_request(generator: VideoGenerator, params: GenerationParams, image: Imag
     error: BaseException | None = None
     video = None
     try:
-        video = generator.generate(params, image, progress=progress, should_stop=collective_stop)
+        video = generator.generate(params, image, progress=progress, should_stop=collective_stop, tool=tool)
     except Exception as exc:  # noqa: BLE001 - every rank must reach the verdict below
         error = exc
     endings: list[str | None] = [None] * dist.get_world_size()
     try:
         dist.all_gather_object(endings, _ended(error))
     except Exception as exc:
-        raise ParallelGroupBroken(f"the {len(endings)} processes of the context-parallel group could not agree on "
-                                  f"how the run ended (a rank died or did not answer): {exc}") from error or exc
+        raise ParallelGroupBroken(broken_group_message(exc)) from error or exc
     if error is not None:
         raise error
     failed = [(r, e) for r, e in enumerate(endings) if e is not None]
@@ -83,8 +143,8 @@ def run_request(generator: VideoGenerator, params: GenerationParams, image: Imag
 
 
 class LeaderGenerator:
-    """Rank 0's generator: broadcasts each request to the followers, then runs its own part. Every other attribute
-    is the warm generator's (resolve, device, loras, applied, ...)."""
+    """Rank 0's generator: broadcasts each request to the followers, then runs its own part. What a caller reads of
+    the warm model (the worker's Generator protocol) is the inner generator's, named one by one below."""
 
     def __init__(self, inner: VideoGenerator, control: Any, on_broken: Callable[[], None] | None = None) -> None:
         self.inner = inner
@@ -92,18 +152,55 @@ class LeaderGenerator:
         self.on_broken = on_broken
         self.broken: str | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def load_seconds(self) -> float:
+        return self.inner.load_seconds
+
+    @property
+    def random_weights(self) -> bool:
+        return self.inner.random_weights
+
+    @property
+    def loras(self) -> list[LoraInfo]:
+        return self.inner.loras
+
+    @property
+    def loaded_files(self) -> list[LoadedFile]:
+        return self.inner.loaded_files
+
+    @property
+    def degraded(self) -> list[str]:
+        return self.inner.degraded
+
+    @property
+    def interrupt_points(self) -> InterruptPoints:
+        return self.inner.interrupt_points
+
+    @property
+    def modes(self) -> Modes:
+        return self.inner.modes
+
+    @property
+    def applied(self) -> Applied:
+        return self.inner.applied
+
+    def resolve(self, params: GenerationParams, image: Image.Image) -> ResolvedParams:
+        return self.inner.resolve(params, image)
 
     def generate(self, params: GenerationParams, image: Image.Image, progress: ProgressFn | None = None,
-                 should_stop: StopFn | None = None, interrupt: Callable[[], bool] | None = None) -> Video:
-        """As VideoGenerator.generate; `interrupt` is read once per step with `should_stop` (not per block)."""
+                 should_stop: StopFn | None = None, interrupt: Callable[[], bool] | None = None,
+                 tool: str = "") -> Video:
+        """As VideoGenerator.generate; `interrupt` is read once per step with `should_stop` (not per block); every
+        rank switches to `tool`'s LoRAs."""
         if self.broken:
             raise ParallelGroupBroken(self.broken)
-        image = image.convert("RGB")
-        params = self.inner.resolve(params, image)  # the seed is fixed here, so every rank uses the same one
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        params = self.inner.resolve(params, image)  # as is when resolved; the seed is fixed, every rank uses it
 
         # An error in rank 0's own callbacks (a store write) must not leave it alone mid-step: it becomes a stop,
         # agreed at this step's end by every rank, and is raised here once the run has ended everywhere.
@@ -126,8 +223,8 @@ class LeaderGenerator:
             return bool(failures)
 
         try:
-            dist.broadcast_object_list([("generate", params, image)], src=0, group=self.control)
-            return run_request(self.inner, params, image, progress=report, should_stop=stop)
+            dist.broadcast_object_list([("generate", params, image, tool)], src=0, group=self.control)
+            return run_request(self.inner, params, image, progress=report, should_stop=stop, tool=tool)
         except Interrupted:
             if failures:
                 raise failures[0] from None
@@ -136,7 +233,7 @@ class LeaderGenerator:
             self._broke(str(exc))
             raise
         except dist.DistError as exc:
-            self._broke(f"the context-parallel group broke (a rank died or did not answer): {exc}")
+            self._broke(broken_group_message(exc))
             raise ParallelGroupBroken(self.broken) from exc
 
     def render(self, params: GenerationParams, image: Image.Image, out: Any, progress: ProgressFn | None = None,
@@ -175,9 +272,9 @@ def follow(generator: VideoGenerator, control: Any) -> None:
         dist.broadcast_object_list(box, src=0, group=control)
         if box[0] == STOP:
             return
-        _, params, image = box[0]
+        _, params, image, tool = box[0]
         try:
-            run_request(generator, params, image)
+            run_request(generator, params, image, tool=tool)
         except ParallelGroupBroken:
             raise
         except Exception as exc:  # noqa: BLE001 - rank 0 records it; this rank waits for the next request

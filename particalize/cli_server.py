@@ -286,6 +286,7 @@ def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
     from particalize.core_options import GeneratorFactory, settings_given_by_serve, worker_options
     from server.processes.parent import PARENT_ENV, die_with_parent
     from server.processes.shutdown import StopRequest, stop_on_signals
+    from server.wakeup import pipe_wakeup_from_env
     from server.worker import run_worker, worker_id_for
     from server.worker_reports import reporter_from_env
 
@@ -297,10 +298,11 @@ def cmd_worker(args: argparse.Namespace, settings_of: Callable) -> int:
         exit_now(_parallel_worker(settings, args.slot))
     options = worker_options(settings)
     report = reporter_from_env(worker_id_for(options.node_name, args.slot))
+    wakeup = pipe_wakeup_from_env(options.poll_seconds, options.safety_poll_seconds)  # serve's own, on SQLite
     stop = StopRequest(settings.shutdown_grace_seconds)
     stop_on_signals(stop)
     code = run_worker(options, open_storage(settings), GeneratorFactory(settings), stop, slot=args.slot,
-                      parent_pid=int(parent) if parent else None, report=report)
+                      parent_pid=int(parent) if parent else None, report=report, wakeup=wakeup)
     exit_now(code)
 
 

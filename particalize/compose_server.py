@@ -82,6 +82,8 @@ def server_options(settings: Settings) -> ServerOptions:
         callbacks=CallbackOptions(timeout_seconds=settings.callback_timeout_seconds,
                                   allow_private_urls=settings.allow_private_urls),
         rate_limit_per_minute=settings.rate_limit_per_minute,
+        rate_limit_storage=settings.rate_limit_storage,
+        rate_limit_key_prefix=settings.rate_limit_key_prefix,
     )
 
 

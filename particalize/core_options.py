@@ -52,6 +52,7 @@ def worker_options(settings: Settings) -> WorkerOptions:
         fetch=FetchOptions(max_image_bytes=settings.max_image_bytes, timeout_seconds=settings.fetch_timeout_seconds,
                            allow_private_urls=settings.allow_private_urls),
         poll_seconds=settings.worker_poll_seconds,
+        safety_poll_seconds=settings.worker_safety_poll_seconds,
         progress_interval_seconds=settings.progress_interval_seconds,
         shutdown_finish_seconds=settings.shutdown_finish_seconds,
         min_free_disk_bytes=settings.min_free_disk_bytes,
@@ -67,7 +68,8 @@ def worker_process_options(settings: Settings) -> WorkerProcessOptions:
     return WorkerProcessOptions(count=settings.workers, grace_seconds=settings.shutdown_grace_seconds,
                                 gpus_per_worker=settings.parallel_degree if settings.context_parallel != "none" else 1,
                                 finish_seconds=settings.shutdown_finish_seconds,
-                                child_env={SETTINGS_ENV: json.dumps(data)})
+                                child_env={SETTINGS_ENV: json.dumps(data)},
+                                wake_pipes=settings.sqlalchemy_url.startswith("sqlite"))
 
 
 def settings_given_by_serve() -> Settings | None:

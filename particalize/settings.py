@@ -195,7 +195,17 @@ class Settings(BaseSettings):
     )
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Requests one API key (with no keys: one client address) may make per minute to one "
-        "API process (0: no limit); over it: error code 96. Counted per replica: N replicas allow N x this."
+        "API process (0: no limit); over it: error code 96. Counted where rate_limit_storage says."
+    )
+    rate_limit_storage: str = Field(
+        "memory://", description="Where rate limits are counted: memory:// (this API process; N replicas allow N x "
+        "the limit) or a Redis URL (redis://host:6379/0, rediss://..., redis+unix://...) that every replica shares, "
+        "so the limit holds for the fleet. Redis down: requests are let through uncounted (fail open), logged once "
+        "per outage, in /metrics."
+    )
+    rate_limit_key_prefix: str = Field(
+        "particalize", min_length=1, description="Prefix of the rate limit keys in a shared storage (two deployments "
+        "sharing one Redis give each its own)."
     )
     storage_url: str | None = Field(
         None, description="fsspec URL of the outputs (file:///shared/outputs, s3://bucket/prefix, ...); "
@@ -229,7 +239,13 @@ class Settings(BaseSettings):
         description="This machine's name in worker ids (<node>/gpu<N>); unique per machine sharing a database.",
     )
     worker_poll_seconds: float = Field(
-        0.05, gt=0, description="How often an idle worker looks for a queued task (bounds Run-to-start)."
+        0.05, gt=0, description="How often an idle worker looks for a queued task when nothing wakes it (a worker "
+        "on SQLite that serve did not start; any worker while its wake-ups are down)."
+    )
+    worker_safety_poll_seconds: float = Field(
+        5.0, gt=0, description="With wake-ups (PostgreSQL's LISTEN/NOTIFY, or serve's own workers on SQLite): how "
+        "often an idle worker still looks for a queued task, and a running one reads its kill flag, by itself "
+        "(covers a lost notification)."
     )
     progress_interval_seconds: float = Field(
         0.25, ge=0, description="Least time between two progress (task_output) writes of a running task."
@@ -242,6 +258,16 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or one JSON object per line (time, level, logger, message, task_id)."
     )
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _rate_limit_storage_known(cls, value: str) -> str:
+        from server.ratelimit import check_storage_url
+
+        try:
+            return check_storage_url(value.strip())
+        except ValueError as exc:
+            raise ValueError(f"PARTICALIZE_RATE_LIMIT_STORAGE: {exc}") from None
 
     @field_validator("lora_path", "api_keys_file", "tools_file", mode="before")
     @classmethod

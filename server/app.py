@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse
 
 from server.callbacks import CallbackDispatcher
 from server.errors import ApiError, error_body, redact_paths
+from server.live_feed import EventFeed
 from server.openapi import openapi_document
 from server.options import ServerOptions
 from server.ratelimit import RateLimiter
@@ -55,9 +56,16 @@ def create_app(
         app.state.services = opened
         callbacks = CallbackDispatcher(opened.store, opened.detail_body, options.callbacks).start()
         workers = None if start_workers is None else await run_in_threadpool(start_workers, app.state.worker_reports)
+        wake = getattr(workers, "wake", None)
+        if wake is not None:  # serve's own workers, woken directly (on SQLite: server/wakeup.py)
+            opened.store.tasks.changed.append(wake)
+        feed = app.state.live_feed = await run_in_threadpool(EventFeed.open, opened.store)
         try:
             yield
         finally:
+            await feed.close()
+            if wake is not None:
+                opened.store.tasks.changed.remove(wake)
             if workers is not None:
                 await run_in_threadpool(workers.stop)
             callbacks.stop()
@@ -66,7 +74,9 @@ def create_app(
 
     app = FastAPI(title="particalize", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: openapi_document(app, options)  # type: ignore[method-assign]  # adds the request bodies
-    app.state.rate_limiter = RateLimiter.per_minute(options.rate_limit_per_minute)
+    app.state.rate_limiter = RateLimiter.per_minute(options.rate_limit_per_minute,
+                                                    storage_url=options.rate_limit_storage,
+                                                    key_prefix=options.rate_limit_key_prefix)
     app.state.worker_reports = WorkerReports()  # what this process's workers say of themselves (/ready)
     outages = ThrottledLog(log)
     for module in (run, tasks, tool, files):

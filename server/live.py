@@ -1,15 +1,15 @@
 """Following one task live, for the WebSocket and Server-Sent Events.
 
 Workers are separate processes (possibly on other machines) and the database is the only channel, so a
-follower polls the store: one indexed query for the task's events newer than the last one sent, every
-`poll_seconds`, off the event loop. It first replays what is recorded (a late client gets the current
-state), then follows, and stops after a terminal status. At most `MAX_FOLLOWERS` run per process.
+follower gets its task's events from the store, through the process's one `EventFeed` (server/live_feed.py):
+woken by PostgreSQL's notifications, one read for all followers (SQLite: one read every 0.25 s for all of them).
+It first replays what is recorded (a late client gets the current state), then follows, and stops after a terminal
+status. At most `MAX_FOLLOWERS` run per process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,15 +17,18 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
+from server.live_feed import EventFeed, Subscription
 from server.progress import SocketMessages
 from server.services import Services
-from server.store.models import TERMINAL, Task
+from server.store.models import POSTPROCESS_END, TERMINAL, Task, TaskEvent
 from server.store.outage import is_outage
 
-POLL_SECONDS = 0.25
 IDLE_TICK_SECONDS = 15.0
 """A follower that has sent nothing for this long yields None (SSE sends a keep-alive comment)."""
-MAX_FOLLOWERS = 256
+RETRY_SECONDS = 0.25
+"""The store could not render an event (its outputs, at the end): tried again this much later."""
+MAX_FOLLOWERS = 2048
+"""Followers cost a connection and a subscription each, not queries (server/live_feed.py)."""
 
 
 class TooManyFollowers(Exception):
@@ -77,14 +80,12 @@ def find_by_token(services: Services, token: str) -> Task | None:
 
 
 class TaskFollower:
-    def __init__(self, services: Services, task: Task, *, after_id: int = 0,
-                 poll_seconds: float = POLL_SECONDS) -> None:
+    def __init__(self, services: Services, task: Task, feed: EventFeed, *, after_id: int = 0) -> None:
         self.services = services
         self.task = task
+        self.feed = feed
         self.after_id = after_id
-        self.poll_seconds = poll_seconds
         self._messages = SocketMessages(task.id, task.socketaccesstoken)
-        self._seen = 0
         self.finished = False
 
     def _outputs(self) -> tuple[str, list[dict[str, Any]]]:
@@ -92,45 +93,56 @@ class TaskFollower:
         (view,) = self.services.views([task])
         return task.pexit, view["outputs"]
 
-    def poll(self) -> list[LiveEvent]:
-        """New events as messages (blocking: runs in a worker thread). Events up to `after_id` only update
-        the translation state (an SSE client resuming with Last-Event-ID gets nothing twice)."""
+    def render(self, events: list[TaskEvent]) -> tuple[list[LiveEvent], list[TaskEvent]]:
+        """Events as messages, and those left unrendered (the store could not read the outputs now: they are
+        rendered again later). Events up to `after_id` only update the translation state (an SSE client resuming
+        with Last-Event-ID gets nothing twice)."""
         found: list[LiveEvent] = []
-        try:  # a store outage is a pause in the stream (keep-alives go on), not its end
-            events = self.services.store.reads.events(self.task.id, self._seen)
-        except SQLAlchemyError as exc:
-            if not is_outage(exc):
-                raise
-            return found
-        for event in events:
+        for index, event in enumerate(events):
             try:
                 message = self._messages.message(event, self._outputs)
             except SQLAlchemyError as exc:
                 if not is_outage(exc):
                     raise
-                break  # this event is read again once the store answers
-            self._seen = event.id
+                return found, events[index:]
             if event.id > self.after_id:
                 found.append(LiveEvent(event.id, message, event.status in TERMINAL))
             if event.status in TERMINAL:
                 self.finished = True
                 break
-        return found
+        return found, []
 
     async def events(self, stop: asyncio.Event | None = None) -> AsyncIterator[LiveEvent | None]:
         """Every event from the first (or after `after_id`) to the terminal one; None after each idle
         `IDLE_TICK_SECONDS`. Ends early when `stop` is set (the client went away)."""
         stop = stop or asyncio.Event()
-        idle = 0.0
-        while not stop.is_set():
-            batch = await run_in_threadpool(self.poll)
-            for item in batch:
-                yield item
-            if self.finished:
-                return
-            idle = 0.0 if batch else idle + self.poll_seconds
-            if idle >= IDLE_TICK_SECONDS:
-                idle = 0.0
-                yield None
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
+        sub = self.feed.subscribe(self.task.id)
+        relay = asyncio.create_task(_wake_on(stop, sub))
+        try:
+            while not stop.is_set():
+                events = sub.take()
+                if events:
+                    # The end's outputs come from the store: off the event loop. Progress is rendered in place.
+                    ending = any(e.status == POSTPROCESS_END for e in events)
+                    batch, left = await run_in_threadpool(self.render, events) if ending else self.render(events)
+                    for item in batch:
+                        yield item
+                    if self.finished:
+                        return
+                    if left:
+                        sub.put_back(left)
+                        await asyncio.sleep(RETRY_SECONDS)
+                        continue
+                try:
+                    await asyncio.wait_for(sub.wake.wait(), timeout=IDLE_TICK_SECONDS)
+                except asyncio.TimeoutError:
+                    yield None
+        finally:
+            self.feed.unsubscribe(sub)
+            relay.cancel()
+
+
+async def _wake_on(stop: asyncio.Event, sub: Subscription) -> None:
+    """The follower waits on its subscription only: wake it when the client goes away too."""
+    await stop.wait()
+    sub.wake.set()

@@ -20,4 +20,7 @@ class ServerOptions:
     tool: ToolOptions = field(default_factory=ToolOptions)
     callbacks: CallbackOptions = field(default_factory=CallbackOptions)
     rate_limit_per_minute: int = 0
-    """Requests one API key (with no keys: one client address) may make per minute to this process; 0: no limit."""
+    """Requests one API key (with no keys: one client address) may make per minute; 0: no limit."""
+    rate_limit_storage: str = "memory://"
+    """Where the rate limit counts live: this process's memory, or a Redis URL the replicas share."""
+    rate_limit_key_prefix: str = "particalize"

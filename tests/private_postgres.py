@@ -37,7 +37,9 @@ def unavailable_reason() -> str | None:
 
 
 class PrivateCluster:
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        """`settings`: server settings given at start (`-c name=value`), e.g. max_connections for a large fleet."""
+        self.settings = dict(settings or {})
         self.bin = postgres_bin()
         assert self.bin is not None
         self.dir = Path(tempfile.mkdtemp(prefix="particalize-pg-"))
@@ -57,7 +59,8 @@ class PrivateCluster:
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off" + "".join(
+            f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "-t", "60", "start")
 
     def stop(self) -> None:

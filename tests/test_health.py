@@ -136,7 +136,7 @@ def test_the_version_migration_keeps_the_workers_registered_before_it(db_url: st
             "VALUES ('old/gpu0', 'ready', 1, 'tiny', 'cpu', '', 1.0, 1.0)"
         )
     upgrade(db)
-    assert current_revision(db) == "0005"
+    assert current_revision(db) == "0006"
     (row,) = Store(db).workers.all()
     assert (row.id, row.version) == ("old/gpu0", "")
     db.dispose()

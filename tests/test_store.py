@@ -80,7 +80,7 @@ def test_migrations_create_exactly_the_models_schema(db: Database):
 
     from server.store.migrate import alembic_config
 
-    assert current_revision(db) == ScriptDirectory.from_config(alembic_config()).get_current_head() == "0005"
+    assert current_revision(db) == ScriptDirectory.from_config(alembic_config()).get_current_head() == "0006"
     upgrade(db)  # idempotent
     with db.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)

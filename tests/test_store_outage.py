@@ -355,27 +355,46 @@ def test_a_bug_answers_500_and_says_the_connection_closes(tmp_path: Path, monkey
 
 
 def test_a_live_follower_pauses_through_an_outage_and_misses_no_event(tmp_path: Path):
+    import asyncio
+
     from particalize.compose_server import open_services
     from server.live import TaskFollower
+    from server.live_feed import EventFeed
     from server.store import NewOutput
 
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'tasks.db'}")
     services = open_services(settings)
-    try:
-        store = services.store
+    store = services.store
+    got: list[str] = []
+
+    async def scenario() -> None:
         task = create_task(store, parameters={"inputImageUrl": IMAGE_URL, **SMALL}, image_url=IMAGE_URL)
         flaky = FlakyStore(store)
-        follower = TaskFollower(services, task)
-        assert [e.message["type"] for e in follower.poll()] == ["task_queue"]
-        claimed = store.tasks.claim_next(WORKER)
-        store.tasks.complete(task.id, WORKER, [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")],
-                       totalcost=0.0, debugoutput="done", claimed_attempt=claimed.attempts)
-        services.store = flaky  # type: ignore[misc]
+        services.store = flaky  # type: ignore[misc]  # the follower's reads (and the feed's) go through it
+        feed = EventFeed(flaky, None, poll_seconds=0.05, batch_seconds=0.01)  # type: ignore[arg-type]
+
+        async def follow() -> None:
+            async for item in TaskFollower(services, task, feed).events():
+                if item is not None:
+                    got.append(item.message["type"])
+
+        following = asyncio.create_task(follow())
+        while got != ["task_queue"]:
+            await asyncio.sleep(0.02)
         flaky.down.set()
-        assert follower.poll() == [] and not follower.finished, "an outage is a pause, not the end"
+        claimed = store.tasks.claim_next(WORKER)  # the worker's writes, to the real store
+        store.tasks.complete(task.id, WORKER, [NewOutput("0.mp4", "video/mp4", 10, f"{task.uuid}/0.mp4")],
+                             totalcost=0.0, debugoutput="done", claimed_attempt=claimed.attempts)
+        while flaky.failed_calls == 0:  # the feed tried to read them, and could not
+            await asyncio.sleep(0.02)
+        assert got == ["task_queue"] and not following.done(), "an outage is a pause, not the end"
         flaky.down.clear()
-        types = [e.message["type"] for e in follower.poll()]
-        assert types == ["task_accept", "task_postprocess_end"] and follower.finished
+        await asyncio.wait_for(following, 20)
+        await feed.close()
+
+    try:
+        asyncio.run(scenario())
+        assert got == ["task_queue", "task_accept", "task_postprocess_end"]
     finally:
         services.store = store  # type: ignore[misc]
         services.close()

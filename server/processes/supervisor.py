@@ -1,9 +1,10 @@
 """The workers `particalize serve` runs: child processes running `particalize worker --slot N`.
 
 A child process keeps the model (and the GIL it holds while generating) away from the API's event
-loop; the database is the only channel between them. A child dies with the serve process (Linux
-PDEATHSIG, set by the child itself; it also checks its parent), is stopped gracefully on shutdown
-(SIGTERM: it claims nothing more and finishes its running task within its grace period,
+loop; the database is the channel between them. On SQLite, which cannot notify, the serve process also wakes its
+workers itself (`wake`, over a pipe to each: server/wakeup.py) when a Run queues a task or a Kill ends one.
+A child dies with the serve process (Linux PDEATHSIG, set by the child itself; it also checks its parent), is
+stopped gracefully on shutdown (SIGTERM: it claims nothing more and finishes its running task within its grace period,
 else puts it back in the queue; SIGKILL only after that, its finishing time and STOP_MARGIN_SECONDS), and is
 restarted if it crashes, unless it could not load the model. What a child needs to configure itself (the
 settings the serve process runs with) is put in its environment by the entry point (`child_env`).
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 from server.processes.exit_codes import EXIT_LOAD_FAILED
 from server.processes.parent import PARENT_ENV
+from server.processes.wake_pipes import WAKE_FD_ENV, WakePipes
 from server.worker_reports import REPORT_FD_ENV, WorkerReports
 
 log = logging.getLogger("particalize.supervisor")
@@ -49,6 +51,8 @@ class WorkerProcessOptions:
     restart_delay: float = 2.0
     max_restarts: int = 5
     """Crashes of one slot within 5 minutes after which it is not restarted."""
+    wake_pipes: bool = False
+    """Give each worker a pipe that `wake` writes to (SQLite: no database notifications to wake them)."""
 
 
 class WorkerProcesses:
@@ -64,6 +68,7 @@ class WorkerProcesses:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
         self._started = threading.Event()
+        self._wake = WakePipes() if options.wake_pipes else None
 
     def start(self) -> WorkerProcesses:
         self._thread.start()
@@ -85,16 +90,21 @@ class WorkerProcesses:
         # Spawned from the supervisor thread, which lives as long as the children (PDEATHSIG is per thread).
         read_fd, write_fd = os.pipe()  # the child's reports (server/worker_reports.py)
         env = {**self._env(slot), REPORT_FD_ENV: str(write_fd)}
+        passed = [write_fd]
+        if self._wake is not None:  # and its wake-ups (server/wakeup.py)
+            passed.append(self._wake.open(slot))
+            env[WAKE_FD_ENV] = str(passed[-1])
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "particalize.cli", "worker", "--slot", str(slot)],
-                env=env, stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(write_fd,),
+                env=env, stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=tuple(passed),
             )
         except BaseException:
             os.close(read_fd)
             raise
         finally:
-            os.close(write_fd)
+            for fd in passed:
+                os.close(fd)
         threading.Thread(target=self.reports.read_pipe, args=(read_fd,), name=f"worker-{slot}-reports",
                          daemon=True).start()
         self.processes[slot] = proc
@@ -110,6 +120,8 @@ class WorkerProcesses:
                 if code is None or self._stopping.is_set():
                     continue
                 del self.processes[slot]
+                if self._wake is not None:
+                    self._wake.close(slot)
                 if code == EXIT_LOAD_FAILED:
                     log.error("worker slot %d could not load the model (see above); it is not restarted", slot)
                     continue
@@ -143,6 +155,12 @@ class WorkerProcesses:
                 log.warning("worker slot %d did not stop in %.0fs; killing it", slot, timeout)
                 proc.kill()
                 proc.wait()
+
+    def wake(self, task_id: int, status: str) -> None:
+        """Tell every worker that `task_id` reached `status` (queued: an idle one claims it; cancelled: the one
+        running it stops), if they were given wake-up pipes; never blocks, never fails."""
+        if self._wake is not None:
+            self._wake.send(task_id, status)
 
     def stop(self) -> None:
         """Stop every worker: SIGTERM (a running task finishes within the grace period, else is requeued),

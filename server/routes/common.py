@@ -41,7 +41,11 @@ async def authorized(request: Request, handler: Handler) -> Any:
     event loop (one hop), check strict replay protection and run `handler`."""
     services = services_of(request)
     owner = services.auth.authenticate(request.headers)
-    rate_limit(request, owner)
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    if limiter is not None and limiter.shared:  # a network call: off the event loop
+        await run_in_threadpool(rate_limit, request, owner)
+    else:
+        rate_limit(request, owner)
     max_bytes = services.options.limits.max_body_bytes
     body = await read_body(request, max_bytes)
     fields = await parse_fields(request, body, max_bytes)

@@ -93,7 +93,7 @@ async def task_socket(ws: WebSocket) -> None:
     gone = asyncio.Event()
     watcher = asyncio.create_task(_watch_disconnect(ws, gone))
     try:
-        async for item in TaskFollower(services, task).events(gone):
+        async for item in TaskFollower(services, task, ws.app.state.live_feed).events(gone):
             if item is not None:
                 await ws.send_json(item.message)
         if ws.client_state == WebSocketState.CONNECTED:
@@ -125,7 +125,7 @@ async def task_events(request: Request, tasktoken: str = "", socketaccesstoken: 
         return JSONResponse(error_message(UNKNOWN_TOKEN), status_code=404)
     if SLOTS.full:
         return JSONResponse(error_message(SLOTS.refusal), status_code=503)
-    follower = TaskFollower(services, task, after_id=_resume_after(request))
+    follower = TaskFollower(services, task, request.app.state.live_feed, after_id=_resume_after(request))
 
     async def stream() -> AsyncIterator[str]:
         SLOTS.take(check=False)  # checked above; counted here so a body that never starts holds no slot

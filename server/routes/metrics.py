@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server.metrics import StoreCollector
+from server.ratelimit import RateLimitCollector
 from server.routes.common import services_of
 
 router = APIRouter()
@@ -24,6 +25,9 @@ def registry_of(request: Request) -> CollectorRegistry:
     if registry is None:
         registry = CollectorRegistry()
         registry.register(StoreCollector(services_of(request).store))
+        limiter = getattr(request.app.state, "rate_limiter", None)
+        if limiter is not None:
+            registry.register(RateLimitCollector(limiter))
         ProcessCollector(registry=registry)
         request.app.state.metrics_registry = registry
     return registry

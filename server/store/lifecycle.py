@@ -14,6 +14,7 @@ record over it (see `_owned`).
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from server.store.transitions import add_event, is_before, requeue, say, set_sta
 from server.store.uploads import NewUpload, upload_row
 from server.store.waiting import WAITING_NOTE, no_worker_reason, waiting_note
 from server.task_record import TaskRecord
+
+log = logging.getLogger("particalize.store")
 
 _ACTIVE_LOCK_NAMESPACE = 7_301_244_191
 """With a hash of the API key, the PostgreSQL advisory lock that makes one key's Runs count and insert in turn."""
@@ -95,6 +98,9 @@ class TaskLifecycle:
         self.max_queue_length = max_queue_length
         self.max_active_per_key = max_active_per_key
         self.clock = clock
+        self.changed: list[Callable[[int, str], None]] = []
+        """Told (task id, status) after a Run's task is queued or a Kill is committed: `serve` wakes its own workers
+        with it on SQLite (server/wakeup.py). PostgreSQL announces new statuses itself (server/store/notify.py)."""
 
     # --- into the queue and out of it ------------------------------------------------------------
 
@@ -137,7 +143,16 @@ class TaskLifecycle:
             if new_upload is not None:
                 s.add(upload_row(new_upload, record.owner, now, task_id=task.id))
             add_event(s, task.id, QUEUED, now)
+        self._tell(task.id, QUEUED)
         return task
+
+    def _tell(self, task_id: int, status: str) -> None:
+        """After the commit: whoever listens (`changed`) is told; a listener's failure is no failure of the call."""
+        for listener in self.changed:
+            try:
+                listener(task_id, status)
+            except Exception:
+                log.exception("could not tell of task %s reaching %s", task_id, status)
 
     def _check_active(self, s: Session, owner: str) -> None:
         """TooManyActive when `owner` is at its limit. Counted in this write transaction, which creates the task
@@ -386,7 +401,8 @@ class TaskLifecycle:
             say(task, f"Task killed by request at {task.status}.")
             task.totalcost = 0.0
             set_status(s, task, CANCEL, now, message="killed by request")
-            return KillOutcome(task, True)
+        self._tell(task.id, CANCEL)
+        return KillOutcome(task, True)
 
     # ---------------------------------------------------------------------------------------------
 

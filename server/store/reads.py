@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import bindparam, func, or_, select
+from sqlalchemy import Integer, and_, bindparam, column, func, or_, select, values
 from sqlalchemy.engine import Row
 
 from server.store.db import Database
@@ -120,3 +120,13 @@ class TaskReads:
             wanted = or_(wanted, TaskEvent.id.in_(extra))
         with self.db.session() as s:
             return list(s.scalars(select(TaskEvent).where(wanted).order_by(TaskEvent.id).limit(limit)))
+
+    def events_since(self, cursors: dict[int, int], limit: int) -> list[TaskEvent]:
+        """The events of each task in `cursors` newer than the id given for it, in id order (at most `limit`: then
+        what is answered is, for each task, the oldest of its new events): what the live followers of several tasks
+        have not got yet, in one query. A task's ids never go back (see `events`)."""
+        after = values(column("task_id", Integer), column("after", Integer), name="cursors").data(
+            list(cursors.items())).cte("cursors")
+        stmt = select(TaskEvent).join(after, and_(TaskEvent.task_id == after.c.task_id, TaskEvent.id > after.c.after))
+        with self.db.session() as s:
+            return list(s.scalars(stmt.order_by(TaskEvent.id).limit(limit)))

@@ -14,6 +14,7 @@ from server.processes.exit_codes import EXIT_LOAD_FAILED
 from server.storage import Storage
 from server.store import open_store
 from server.store.outage import StoreHealth
+from server.wakeup import Wakeup, wakeup_for
 from server.worker.loop import Worker
 from server.worker.options import WorkerOptions, worker_id_for
 from server.worker.task_run import Generator
@@ -52,10 +53,13 @@ def run_worker(
     slot: int = 0,
     parent_pid: int | None = None,
     report: Report | None = None,
+    wakeup: Wakeup | None = None,
 ) -> int:
     """Load the model once (`make_generator`), then serve tasks until `stop_event` (a
     server.processes.shutdown.StopRequest gives the running task its grace period; a plain Event stops it at once).
-    `report`: the pipe to the serve process that started this worker, if one did. Returns the process exit code."""
+    `report`: the pipe to the serve process that started this worker, if one did. `wakeup`: how it is woken (serve's
+    pipe); by default PostgreSQL's notifications, or polling on SQLite (server/wakeup.py). Returns the process exit
+    code."""
     health = StoreHealth(log)  # a worker started during a store outage waits for the store, it does not crash
 
     def when_up(action: Callable[[], Any]) -> Any:
@@ -86,11 +90,13 @@ def run_worker(
                                            version=options.version, random_weights=random_weights))
     when_up(store.tasks.note_waiting)
     log.info("worker %s ready: model %s on %s", worker_id, options.model, generator.device)
-    worker = Worker(store, storage, generator, options, worker_id=worker_id, report=report)
+    wakeup = wakeup or wakeup_for(store.db, options.poll_seconds, options.safety_poll_seconds)
+    worker = Worker(store, storage, generator, options, worker_id=worker_id, report=report, wakeup=wakeup)
     try:
         worker.run(stop_event, parent_pid=parent_pid)
     finally:
         try:
+            wakeup.close()
             store.workers.set_state(worker_id, "stopped")
         finally:
             store.db.dispose()

@@ -26,6 +26,7 @@ from server.storage import Storage, disk_space_problem
 from server.store import Store
 from server.store.models import Task
 from server.store.outage import StoreHealth, is_outage
+from server.wakeup import Polling, Wakeup
 from server.worker.options import WorkerOptions
 from server.worker.scratch import remove_abandoned
 from server.worker.task_run import Fetch, Generator, TaskRun
@@ -45,6 +46,7 @@ class Worker:
         worker_id: str,
         fetch: Fetch = fetch_url,
         report: Report | None = None,
+        wakeup: Wakeup | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -64,14 +66,17 @@ class Worker:
         self._state_unwritten = False
         """The store has not taken the last pause or resume yet (it could not be written): retried, quietly."""
         self._next_state_try = 0.0
+        self.wakeup: Wakeup = wakeup or Polling(options.poll_seconds)
+        """How it learns of a queued task or a kill: woken (PostgreSQL's notifications, serve's pipe), or polling."""
 
     @property
     def lease_seconds(self) -> float:
         return self.store.options.lease_seconds
 
     def run(self, stop_event: threading.Event, parent_pid: int | None = None) -> None:
-        """Until `stop_event`: take the oldest queued task, do it, repeat (polling when idle). Once it is set
-        no task is claimed; the running one goes on until the stop is due (see server/processes/shutdown.py)."""
+        """Until `stop_event`: take the oldest queued task, do it, repeat (when idle, waiting for a wake-up or
+        polling: server/wakeup.py). Once it is set no task is claimed; the running one goes on until the stop is
+        due (see server/processes/shutdown.py)."""
         self.stop_event = stop_event
         self._finished.clear()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
@@ -80,6 +85,7 @@ class Worker:
         self.recover(own=True)
         sweep_every = max(1.0, min(10.0, self.lease_seconds / 4))
         next_sweep = time.monotonic() + sweep_every
+        look_at, woken = 0.0, True  # when it looks for a task by itself next; whether something says to look now
         while not stop_event.is_set():
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.error("the serve process that started this worker is gone; exiting")
@@ -87,27 +93,37 @@ class Worker:
             try:
                 # Right after an outage, leases look expired only because no heartbeat could be written: give
                 # every live worker one lease to renew its own before taking any task away from it.
-                if time.monotonic() >= max(next_sweep, self.health.back_at + self.lease_seconds):
-                    self.health.call(lambda: self.recover(own=False))
-                    next_sweep = time.monotonic() + sweep_every
-                # Paused, the worker touches the store only to record that (which may fail quietly): that is no
-                # news of the store's health, so it is not counted as such.
-                worked = False if self._paused() else self.health.call(self._claim_and_process)
+                sweep_at = max(next_sweep, self.health.back_at + self.lease_seconds)
+                requeued = 0
+                if time.monotonic() >= sweep_at:
+                    requeued = self.health.call(lambda: self.recover(own=False))
+                    next_sweep = sweep_at = time.monotonic() + sweep_every
+                worked = False
+                if woken or requeued or time.monotonic() >= look_at:
+                    self.wakeup.clear()  # a task queued from here on wakes the wait below
+                    look_at = time.monotonic() + self.wakeup.idle_seconds()
+                    # Paused, the worker touches the store only to record that (which may fail quietly): that is no
+                    # news of the store's health, so it is not counted as such.
+                    worked = False if self._paused() else self.health.call(self._claim_and_process)
             except SQLAlchemyError as exc:
                 if not is_outage(exc):
                     log.exception("database error in the worker loop; retrying in 1 s")
                 stop_event.wait(1.0)  # an outage was logged once by self.health; the next try is the probe
+                woken = True
                 continue
-            if not worked:
-                stop_event.wait(self.options.poll_seconds)
+            # Woken (a task queued, the stop), or at its next own look or sweep, whichever comes first.
+            woken = worked or self.wakeup.wait(max(0.0, min(look_at, sweep_at) - time.monotonic()), stop_event)
         self._finished.set()
         heartbeat.join(timeout=2)
 
-    def recover(self, own: bool) -> None:
-        """Requeue (or fail) tasks whose worker died: at start our own previous life's, then expired leases."""
-        for item in self.store.tasks.recover_orphans(worker_id=self.worker_id if own else None):
+    def recover(self, own: bool) -> int:
+        """Requeue (or fail) tasks whose worker died: at start our own previous life's, then expired leases. Answers
+        how many were requeued."""
+        found = self.store.tasks.recover_orphans(worker_id=self.worker_id if own else None)
+        for item in found:
             log.warning("task %s %s (it was held by %s, which stopped)", item.task_id, item.action, item.worker_id,
                         extra={"task_id": item.task_id})
+        return sum(1 for item in found if item.action == "requeued")
 
     def run_once(self) -> bool:
         """Claim and do one task; False when the queue is empty or the disks are below their floor."""
@@ -135,9 +151,11 @@ class Worker:
         return True
 
     def process(self, task: Task) -> None:
-        TaskRun(task, store=self.store, storage=self.storage, generator=self.generator, options=self.options,
-                worker_id=self.worker_id, health=self.health, stop_event=self.stop_event, fetch=self.fetch,
-                space_problem=self.resources_problem).execute()
+        run = TaskRun(task, store=self.store, storage=self.storage, generator=self.generator, options=self.options,
+                      worker_id=self.worker_id, health=self.health, stop_event=self.stop_event, fetch=self.fetch,
+                      space_problem=self.resources_problem, kill_read_seconds=self.wakeup.kill_read_seconds)
+        with self.wakeup.watching(task.id, run.kill_hint.set):
+            run.execute()
 
     def resources_problem(self) -> str | None:
         """Why an output could not be written now (a disk below min_free_disk_bytes), or None. The message names

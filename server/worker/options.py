@@ -29,7 +29,10 @@ class WorkerOptions:
     limits: Limits = Limits()
     fetch: FetchOptions = FetchOptions()
     poll_seconds: float = 0.05
-    """How often an idle worker looks for a queued task."""
+    """How often an idle worker looks for a queued task when nothing wakes it (server/wakeup.py)."""
+    safety_poll_seconds: float = 5.0
+    """With wake-ups (PostgreSQL's notifications, or serve's pipe on SQLite): how often an idle worker still looks
+    for a task, and a running one reads its kill flag, by itself (covering a lost wake-up)."""
     progress_interval_seconds: float = 0.25
     """Least time between two progress writes of a running task (the last step is always written)."""
     shutdown_finish_seconds: float = 120.0

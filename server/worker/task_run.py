@@ -63,8 +63,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("particalize.worker")
 
 KILL_POLL_SECONDS = 0.1
-"""How often the kill watcher reads the task's kill flag while a task runs (bounds kill-to-stop with the time of
-one transformer block)."""
+"""How often the kill watcher looks at the run (its end, a stop that is due) and, without wake-ups, reads the task's
+kill flag (bounds kill-to-stop with the time of one transformer block)."""
 
 IMAGE_TYPES_REFUSED = ("text/", "application/json", "application/xml", "application/javascript")
 
@@ -116,6 +116,7 @@ class TaskRun:
         stop_event: threading.Event,
         fetch: Fetch,
         space_problem: Callable[[], str | None],
+        kill_read_seconds: Callable[[], float] = lambda: KILL_POLL_SECONDS,
     ) -> None:
         self.task = task
         self.store, self.storage, self.generator = store, storage, generator
@@ -127,6 +128,10 @@ class TaskRun:
         """Set once the last denoising step is done (the video is then finished, not requeued)."""
         self.kill_seen = threading.Event()
         """A kill was seen (by the watcher or a progress write): no need to ask the store again."""
+        self.kill_hint = threading.Event()
+        """Set by a wake-up (server/wakeup.py): the task may have been killed; the watcher reads the flag now."""
+        self.kill_read_seconds = kill_read_seconds
+        """How often the watcher reads the kill flag without a hint (0.1 s when polling, seconds with wake-ups)."""
 
     def execute(self) -> Outcome:
         """Run the task and record how it ended; the outcome. Raises only a store error that is not an outage."""
@@ -141,6 +146,7 @@ class TaskRun:
             ending = ending_of(exc)
         finally:
             self.interrupt.set()  # the watcher ends at its next wake-up; nothing waits for it
+            self.kill_hint.set()
         self._end(ending, time.monotonic() - started)
         return ending.outcome
 
@@ -327,15 +333,25 @@ class TaskRun:
 
     def _watch_kill(self) -> None:
         """While the task runs: set `interrupt` once it is killed, or once the worker's stop is due while it is
-        still denoising (a finished generation is decoded and stored instead, within shutdown_finish_seconds)."""
-        while not self.interrupt.wait(KILL_POLL_SECONDS):
+        still denoising (a finished generation is decoded and stored instead, within shutdown_finish_seconds).
+        The kill flag is read when a wake-up hints at a kill, and every `kill_read_seconds()` regardless."""
+        next_read = time.monotonic() + self.kill_read_seconds()
+        while not self.interrupt.is_set():
+            hinted = self.kill_hint.wait(KILL_POLL_SECONDS)
+            if self.interrupt.is_set():
+                return
             if stop_due(self.stop_event) and not self.denoised.is_set():
                 self.interrupt.set()
                 return
+            if not hinted and time.monotonic() < next_read:
+                continue
+            self.kill_hint.clear()
+            next_read = time.monotonic() + self.kill_read_seconds()
             try:  # not through self.health: a read that works while writes fail (a full disk) is no recovery
                 if self.store.tasks.kill_requested(self.task.id):
                     self._killed()
             except SQLAlchemyError as exc:
+                next_read = time.monotonic() + KILL_POLL_SECONDS  # a hint must not be lost to a failed read
                 if not is_outage(exc):  # an outage is logged once, by the task's own store calls
                     log.warning("could not read the kill flag of task %s (%s); retrying", self.task.id, exc)
 

@@ -4,6 +4,7 @@
 # the default path does not already measure, within what is left of LIMIT_S seconds. Logs and JSON go to $OUT.
 #   bash benchmarks/device_session.sh                  # on the GPU machine, wheels in .whl (the device tool's carry)
 #   SMALL=1 OUT=/tmp/out bash benchmarks/device_session.sh   # the same steps on the tiny preset, on a CPU
+# STEPS_START / STEPS_RESTART (4) and TIMEOUT_START_S / TIMEOUT_RESTART_S (200) size the two starts' requests.
 set -uo pipefail
 started=$(date +%s)
 limit="${LIMIT_S:-560}"
@@ -24,9 +25,11 @@ quiet() { grep -v -e "Attention backends are an experimental" -e "CLIPImageProce
 data=/tmp/particalize-device-session
 rm -rf "$data"
 for label in start restart; do  # a fresh inductor cache each: the restart finds only what the compile cache holds
+  steps_var="STEPS_${label^^}" timeout_var="TIMEOUT_${label^^}_S"
   TORCHINDUCTOR_CACHE_DIR="/tmp/inductor-$label" TRITON_CACHE_DIR="/tmp/triton-$label" \
-    timeout "${DEFAULT_PATH_TIMEOUT_S:-200}" "$py" -m benchmarks.default_path "${small[@]}" --data-dir "$data" \
-    --label "$label" --out "$out/default-path-$label.json" 2>&1 | quiet | tee "$out/default-path-$label.log"
+    timeout "${!timeout_var:-200}" "$py" -m benchmarks.default_path "${small[@]}" --data-dir "$data" \
+    --label "$label" --steps "${!steps_var:-4}" --out "$out/default-path-$label.json" 2>&1 | quiet \
+    | tee "$out/default-path-$label.log"
 done
 budget=$(( limit - ($(date +%s) - started) - 45 ))
 echo "device_check budget: ${budget} s"

@@ -73,3 +73,47 @@ def test_task_detail_shows_the_prompt_sent_and_the_generator_runs_it_with_the_tr
         done = detail(client, taskid)
         assert done["pexit"] == "0", done["debugerror"]
         assert done["parameters"]["prompt"] == prompt, "after the run too"
+
+
+def samples(collector) -> dict[str, float]:
+    """Every sample a collector gives, as {'name{label="v",...}': value}."""
+    found = {}
+    for family in collector.collect():
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
+def test_the_metrics_count_each_tools_tasks_under_the_catalogues_slugs_only(tmp_path, db_url, tiny_generator):
+    from server.metrics import StoreCollector
+
+    settings = make_settings(tmp_path, db_url, allow_private_urls=True,
+                             tools_file=write(tmp_path, two_tools(tmp_path)))
+    with TestClient(build_app(settings)) as client:
+        for slug in ("remade/Squish", "remade/Squish", "remade/Inflate"):
+            assert client.post(f"/v1/Run/{slug}", json={**SMALL, "steps": "3"}).json()["result"] is True
+        queued = client.post("/v1/Run/remade/Squish", json=SMALL).json()["taskid"]
+        services = client.app.state.services
+        worker = Worker(services.store, services.storage, PromptsSeen(tiny_generator), worker_options(settings),
+                        worker_id="testnode/gpu0", fetch=lambda url, **kw: (png_bytes(32, 32), "image/png"))
+        assert [worker.run_once() for _ in range(3)] == [True, True, True]
+        scraped = client.get("/metrics").text
+        assert 'particalize_tasks_finished{outcome="succeeded",tool="remade/Squish"} 2.0' in scraped
+        assert 'particalize_tasks_finished{outcome="succeeded",tool="remade/Inflate"} 1.0' in scraped
+        assert 'particalize_tasks_finished{outcome="succeeded",tool="codexq/Particalize"} 0.0' in scraped
+        assert 'particalize_tasks{status="task_queue",tool="remade/Squish"} 1.0' in scraped
+        assert 'particalize_queue_depth 1.0' in scraped, "the queue's depth stays a total"
+        assert 'particalize_step_seconds_count{tool="remade/Squish"} 6.0' in scraped
+        assert 'particalize_step_seconds_count{tool="remade/Inflate"} 3.0' in scraped
+        assert 'particalize_step_seconds_count{tool="codexq/Particalize"} 0.0' in scraped
+        assert 'particalize_video_seconds_count{tool="remade/Inflate"} 1.0' in scraped
+        assert 'particalize_queue_wait_seconds_count{tool="remade/Squish"} 2.0' in scraped
+
+        # A catalogue without Inflate (changed since its task ran): that task counts as `other`, no new label.
+        found = samples(StoreCollector(services.store, ["codexq/Particalize", "remade/Squish"]))
+        tools = {label.split('tool="')[1].split('"')[0] for label in found if 'tool="' in label}
+        assert tools == {"codexq/Particalize", "remade/Squish", "other"}
+        assert found['particalize_tasks_finished{outcome="succeeded",tool="other"}'] == 1
+        assert found['particalize_step_seconds_count{tool="other"}'] == 3
+        assert client.post("/v1/Task/Cancel", json={"taskid": queued}).json()["result"] is True

@@ -64,9 +64,10 @@ def parse_run(fields: RequestFields, options: RequestLimits, storage: Storage, u
     values = {k: v for k, v in fields.values.items() if k in TOOL_INPUTS or k == "callbackUrl"}
     inputs = {k: _as_text(k, v) for k, v in values.items() if k in TOOL_INPUTS}
     try:  # the seed is fixed now: it is recorded
-        params = _triggered(parse_params(_with_tool(values, tool), options.params).with_seed(), tool)
+        sent = parse_params(_with_tool(values, tool), options.params).with_seed()
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
+    params = _triggered(sent, tool)
 
     new_upload: NewUpload | None = None
     size: tuple[int, int] | None = None  # the image's, when it is here already (else the worker fetches it)
@@ -97,8 +98,9 @@ def parse_run(fields: RequestFields, options: RequestLimits, storage: Storage, u
     callback_url = _as_text("callbackUrl", values.get("callbackUrl")).strip()
     if callback_url:
         check_public_url("callbackUrl", callback_url, options.allow_private_urls)
+    trigger = tool.trigger if params.prompt != sent.prompt else ""  # the generator's prompt has it, not `parameters`
     record = TaskRecord(params=params, inputs=inputs, image=image, callback_url=callback_url, owner=owner,
-                        resolved=resolved, tool=tool.slug)
+                        resolved=resolved, tool=tool.slug, trigger=trigger)
     return RunRequest(record, new_upload)
 
 

@@ -48,3 +48,19 @@ def test_device_check_small_runs_every_part_and_writes_its_table(tmp_path, monke
     assert rows["cached mode video (30 steps, CFG, MagCache, encoders + VAE)"]["value"] > 0
     printed = capsys.readouterr().out
     assert "device check" in printed and "forward, compiled" in printed
+
+
+def test_default_path_small_makes_the_video_a_worker_would_and_records_its_times(tmp_path):
+    """benchmarks.default_path (the server's default path, end to end) on the tiny preset: the MP4 has every frame,
+    each phase is timed, nothing fell back."""
+    from benchmarks import default_path
+
+    out = tmp_path / "default-path.json"
+    code = default_path.main(["--small", "--data-dir", str(tmp_path / "data"), "--steps", "3", "--out", str(out)])
+    body = json.loads(out.read_text())
+    assert code == 0
+    assert body["mp4"]["frames"] == 9 and body["mp4"]["size"] == [48, 32]
+    assert len(body["steps_s"]) == 2 and body["step_s"] > 0
+    assert body["load_s"] > 0 and body["request_s"] >= body["first_step_s"] > 0
+    assert body["applied"]["fallbacks"] == [] and body["degraded"] == []
+    assert any("ready on cpu" in line for line in body["log"])

@@ -180,15 +180,16 @@ class TaskRun:
             self._step(START)
             video = self._generate(params, image, "" if record.tool == DEFAULT_SLUG else record.tool, loras.files)
         try:
-            self._finish(video, params)
+            self._finish(video, params, loras.describe())
         except SQLAlchemyError as exc:
             if not is_outage(exc):
                 raise
             raise TaskEnd(Outcome.UNRECORDED) from exc
 
-    def _finish(self, video: Video, params: GenerationParams) -> None:
+    def _finish(self, video: Video, params: GenerationParams, lora_note: str = "") -> None:
         """The video is made: store and record it. From here a stop does not throw it away (bounded by
-        shutdown_finish_seconds), and every store call waits out an outage."""
+        shutdown_finish_seconds), and every store call waits out an outage. `lora_note`: ends the last debugoutput
+        (the request LoRAs used)."""
         task = self.task
         schedule = video.schedule  # cached mode: the steps MagCache computed and skipped
         self._step(OUTPUT_FULL, finishing=True, debugoutput=f"generated {video.frames.shape[0]} frames "
@@ -202,7 +203,7 @@ class TaskRun:
         cost = self.options.cost_per_second * max(0.0, time.time() - task.accepttime)
         outputs = [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)]
         done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)" + "".join(
-            f"; {note}" for note in video.notes)  # e.g. the decode was retried with VAE tiling
+            f"; {note}" for note in video.notes) + lora_note  # e.g. the decode was retried with VAE tiling
         try:
             self._through_outage(
                 lambda: self.store.tasks.complete(task.id, self.worker_id, outputs, totalcost=cost, debugoutput=done,

@@ -18,8 +18,8 @@ import torch
 
 from pipeline.errors import LoraMismatch
 from pipeline.lora.keys import ModelParts, plan_lora
+from pipeline.lora.removal import delta_refusal, unwrap_bare_layers
 from pipeline.lora.stack import SHOWN_PROBLEMS, LoraInfo, LoraStack, read_lora_file
-from pipeline.weight_files.quantized_layers import FLOAT8_DTYPES, is_quantized_linear
 
 
 def check_lora_file(transformer: torch.nn.Module, path: Path) -> None:
@@ -37,34 +37,6 @@ def check_lora_file(transformer: torch.nn.Module, path: Path) -> None:
     refusal = delta_refusal(transformer, plan.deltas)
     if refusal:
         raise LoraMismatch(refusal)
-
-
-def delta_refusal(transformer: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> str | None:
-    """Why a request LoRA's full differences cannot be switched on and off on this transformer (they touch a
-    quantized weight), or None."""
-    for name in deltas:
-        owner, _, leaf = name.rpartition(".")
-        module = transformer.get_submodule(owner) if owner else transformer
-        base = getattr(module, "base_layer", module)
-        param = getattr(base, leaf, None)
-        quantized = is_quantized_linear(base) or (
-            isinstance(param, torch.Tensor) and (param.dtype in FLOAT8_DTYPES or type(param.data) is not torch.Tensor))
-        if quantized:
-            return (f"it changes {name} by a full difference, and that weight is quantized on this server: a "
-                    "request LoRA may change quantized layers by LoRA pairs only")
-    return None
-
-
-def unwrap_bare_layers(transformer: torch.nn.Module) -> list[str]:
-    """Give every LoRA wrapper that holds no adapter any more its own layer back (PEFT keeps the wrapper after
-    deleting its last adapter); the names of the layers unwrapped."""
-    from peft.tuners.lora import LoraLayer
-
-    bare = [name for name, module in transformer.named_modules()
-            if isinstance(module, LoraLayer) and not any(getattr(module, attr) for attr in module.adapter_layer_names)]
-    for name in bare:
-        transformer.set_submodule(name, transformer.get_submodule(name).get_base_layer())
-    return bare
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from diffusers import WanImageToVideoPipeline
 from pipeline.errors import LoraFuseRefused, LoraMismatch, WeightsMissing
 from pipeline.lora.diffs import WeightDiffs
 from pipeline.lora.keys import LoraPlan, ModelParts, plan_lora
+from pipeline.lora.removal import delta_refusal, unwrap_bare_layers
 from pipeline.weight_files.quantized_layers import quantized_layers, unquantize
 
 log = logging.getLogger(__name__)
@@ -171,8 +172,6 @@ class LoraStack:
         if not plan.pairs and not plan.deltas:
             raise LoraMismatch(f"no key of {path.name} fits this model: {_problem_text(plan.problems)}")
         if request:
-            from pipeline.lora.request import delta_refusal
-
             refusal = delta_refusal(self.pipe.transformer, plan.deltas)
             if refusal:
                 raise LoraMismatch(f"{path.name}: {refusal}")
@@ -265,8 +264,6 @@ class LoraStack:
         """Unload request LoRAs (`load(..., request=True)`): their adapters deleted, their full differences taken
         out (the weights rewritten from their originals), and every layer left without an adapter given back its
         own Linear, so that the model is again what it was before they were loaded."""
-        from pipeline.lora.request import unwrap_bare_layers
-
         gone = [info for info in infos if info in self.loras]
         if not gone:
             return

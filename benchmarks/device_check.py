@@ -124,6 +124,7 @@ class Check:
 
     def row(self, what: str, value: float | None, unit: str, note: str = "") -> None:
         self.rows.append({"what": what, "value": value, "unit": unit, "note": note})
+        print(f"[{self.elapsed():6.1f} s] {what}: {value} {unit} {note}", flush=True)  # a run cut short still shows
 
     def part(self, name: str, estimate_s: float, fn: Callable[[], Any]) -> None:
         if name in self.skip:
@@ -652,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in PARTS:
         if part.ready(run):
             run.check.part(part.name, part.small_s if run.small else part.real_s, lambda p=part: p.measure(run))
+            _write(run)  # after every part: a run stopped by its time limit keeps what it measured
     context_parallel(run)
     return _finish(run)
 
@@ -677,6 +679,18 @@ def context_parallel_steps(check: Check, args: argparse.Namespace, gpus: int, sm
     return {"degrees": results}
 
 
+def _write(run: Run) -> Path:
+    """The JSON of what is measured so far."""
+    check, args = run.check, run.args
+    out = args.out or Path(f"benchmarks/results/device-check-{'cpu-small' if run.small else check.device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "device": run.device_name, "versions": _versions(),
+            "small": run.small, "inputs": run.params.wiro_inputs(), "total_s": check.elapsed(), "rows": check.rows,
+            "parts": check.parts}
+    out.write_text(json.dumps(body, indent=2, default=str))
+    return out
+
+
 def _finish(run: Run) -> int:
     """Prints the table, writes the JSON; 1 when a part failed."""
     check, args, params, small = run.check, run.args, run.params, run.small
@@ -688,13 +702,7 @@ def _finish(run: Run) -> int:
     for r in check.rows:
         value = "-" if r["value"] is None else f"{r['value']:.3f}" if r["value"] < 100 else f"{r['value']:.1f}"
         print(f"{r['what']:<58}{value:>12}  {r['unit']:<9} {r['note']}")
-    out = args.out or Path(f"benchmarks/results/device-check-{'cpu-small' if small else check.device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    body = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "device": run.device_name, "versions": _versions(),
-            "small": small, "inputs": params.wiro_inputs(), "total_s": total, "rows": check.rows,
-            "parts": check.parts}
-    out.write_text(json.dumps(body, indent=2, default=str))
-    print(f"wrote {out}")
+    print(f"wrote {_write(run)}")
     failed = [k for k, v in check.parts.items() if "error" in v]
     return 1 if failed else 0
 

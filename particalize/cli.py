@@ -230,6 +230,7 @@ def fetch_weight_files(settings: Settings) -> None:
 
 def cmd_weights_verify(args: argparse.Namespace) -> int:
     from particalize.compose import lora_sources, weight_file_sources
+    from particalize.tools import check_loras, tool_set
     from pipeline.loader import preset_dir
     from pipeline.presets import get_preset
     from weights.locate import speed_lora_file, stack_files
@@ -254,6 +255,8 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     speed = speed_lora_file(configured)
     if speed is not None:
         loras.append(speed[1])
+    tool_loras = check_loras(tool_set(settings, check_files=False), settings)  # the catalogue's (--tools)
+    loras += [Path(check.file) for check in tool_loras if not check.missing]
     for folder in dict.fromkeys(path.parent for path in loras):  # every LoRA's folder, once
         reports.append(verify_directory(folder, full_hash=not args.quick, is_model=False))
     for source in files.values():
@@ -267,7 +270,12 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"  {problem}")
         ok &= report.ok
-    if not reports:
+    for check in tool_loras:  # each tool's LoRA against the base's shapes, from its header
+        print(f"tool {check.slug}: {check.file}: {'ok' if check.problem is None else 'FAILED'}")
+        if check.problem is not None:
+            print(f"  {check.problem}")
+        ok &= check.problem is None
+    if not reports and not tool_loras:
         print(f"model {preset.name} has no files to verify")
     return 0 if ok else 1
 

@@ -224,7 +224,7 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
     if refusal:
         print(f"error: {refusal}", flush=True)
         return 2
-    from particalize.tools import CatalogueError, tool_set
+    from particalize.tools import CatalogueError, check_fit, tool_set
 
     try:
         tools = tool_set(settings)
@@ -241,6 +241,11 @@ def cmd_serve(args: argparse.Namespace, settings_of: Callable) -> int:
         print(line, flush=True)
     if problem is not None:
         print(f"error: cannot serve {settings.model}: {problem}", flush=True)
+        return 2
+    try:  # each tool's LoRAs against the base's shapes, from their headers: a misfit stops the start, not a worker
+        check_fit(tools, settings)
+    except CatalogueError as exc:
+        print(f"error: {exc}", flush=True)
         return 2
     settings, limits_line = tiny_limits(settings)
     if limits_line:

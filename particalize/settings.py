@@ -280,7 +280,7 @@ class Settings(BaseSettings):
     @field_validator("rate_limit_storage")
     @classmethod
     def _rate_limit_storage_known(cls, value: str) -> str:
-        from server.ratelimit import check_storage_url
+        from server.rate_limit_storage import check_storage_url
 
         try:
             return check_storage_url(value.strip())

@@ -88,6 +88,8 @@ class ToolSet:
     default_from_settings: bool = True
     """The default tool's LoRAs are the settings' stack (PARTICALIZE_LORA_PATH, PARTICALIZE_LORAS), not its entry
     in `loras` (empty then)."""
+    path: Path | None = None
+    """The tools file it was read from (None: no file)."""
 
 
 def _tool_name(raw: Any, index: int) -> str:
@@ -181,7 +183,7 @@ def read_tools_file(path: Path, settings: Settings, *, check_files: bool = True)
     else:
         tools.remove(own_default)
         tools.insert(0, own_default)
-    return ToolSet(Catalogue(tuple(tools)), loras, default_from_settings=own_default is None)
+    return ToolSet(Catalogue(tuple(tools)), loras, default_from_settings=own_default is None, path=path)
 
 
 def tool_set(settings: Settings, *, check_files: bool = True) -> ToolSet:
@@ -189,6 +191,55 @@ def tool_set(settings: Settings, *, check_files: bool = True) -> ToolSet:
     if settings.tools_file is None:
         return ToolSet(Catalogue(), {PARTICALIZE.slug: ()})
     return read_tools_file(settings.tools_file, settings, check_files=check_files)
+
+
+@dataclass(frozen=True)
+class LoraCheck:
+    """One catalogue LoRA checked against the base: `problem` None when it is on disk, readable and fits."""
+
+    slug: str
+    index: int
+    """Its place in the tool's `loras`."""
+    file: str
+    """Its path on disk (or, when it is not there, its source as written)."""
+    problem: str | None
+    missing: bool = False
+
+
+def check_loras(tools: ToolSet, settings: Settings) -> list[LoraCheck]:
+    """Every catalogue tool's LoRA (the settings' stack is not the catalogue's: the default tool's LoRAs are listed
+    only when the file describes it) checked from its safetensors header against the base's shapes
+    (pipeline.lora.fit): what loading it would refuse, found before anything is loaded."""
+    if not any(tools.loras.values()):
+        return []
+    from pipeline.loader import transformer_config
+    from pipeline.lora.fit import base_parts, misfit
+    from pipeline.presets import get_preset
+
+    parts = base_parts(transformer_config(get_preset(settings.model, max_area=settings.model_max_area),
+                                          settings.weights_dir))
+    checks = []
+    for slug, stack in tools.loras.items():
+        for index, source in enumerate(stack):
+            try:
+                path = lora_source_file(source, settings.weights_dir, f"{slug}'s loras[{index}]")
+            except WeightsMissing as exc:
+                checks.append(LoraCheck(slug, index, source.text, str(exc), missing=True))
+                continue
+            checks.append(LoraCheck(slug, index, str(path), misfit(path, parts, strict=settings.lora_strict)))
+    return checks
+
+
+def check_fit(tools: ToolSet, settings: Settings) -> None:
+    """CatalogueError (one line) naming the first catalogue tool whose LoRA would be refused at load (`check_loras`):
+    `serve` stops at start on it instead of its workers failing to load."""
+    for check in check_loras(tools, settings):
+        if check.missing:
+            raise CatalogueError(f"{tools.path}: tool {check.slug!r}: {check.problem}")
+        if check.problem is not None:
+            raise CatalogueError(f"{tools.path}: tool {check.slug!r}: loras[{check.index}] {check.file} "
+                                 f"does not fit {settings.model}: {check.problem}. Use a LoRA made for Wan2.1 I2V "
+                                 "14B, or remove it from the tool")
 
 
 def for_tool(settings: Settings, slug: str) -> tuple[Settings, Tool]:

@@ -32,6 +32,7 @@ from pipeline.speed.acceleration import (
     WARMUP_REVERT_ORDER,
     Applied,
     SpeedOptions,
+    allow_graphs,
     apply_speed_options,
     compile_cache_for,
     resolve_compile,
@@ -142,6 +143,8 @@ class VideoGenerator:
             log.warning("interrupt: %s", problem)
         self.max_sequence_length = min(getattr(self.pipe.tokenizer, "model_max_length", 512), 512)
         self._lock = threading.RLock()  # generate holds it around _generate's own
+        if self.applied.compiled:  # each tool (and mode) compiles graphs of its own: room for all of them
+            allow_graphs(len(self.lora_stack.tools) * (2 if self.lora_stack.has_speed else 1))
         if self._needs_warmup():
             cache = compile_cache_for(self.pipe, speed, self.applied, self.device)
             if cache is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
@@ -28,6 +29,16 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 def preset_dir(preset: ModelPreset, weights_dir: Path) -> Path:
     """Where a preset's diffusers snapshot lives on disk."""
     return preset.local_dir or (weights_dir / preset.name)
+
+
+def transformer_config(preset: ModelPreset, weights_dir: Path) -> dict[str, Any]:
+    """The config the preset's transformer is built from: the tiny model's, else its directory's (the real Wan2.1
+    I2V 14B config when the directory is not on disk yet): what a LoRA's shapes are checked against."""
+    if preset.is_tiny:
+        from pipeline.tiny import TINY_TRANSFORMER_CONFIG
+
+        return dict(TINY_TRANSFORMER_CONFIG)
+    return directory_transformer_config(preset_dir(preset, weights_dir))
 
 
 def missing_files(model_dir: Path) -> list[Path]:

@@ -2,11 +2,15 @@
 
 Workers are other processes (maybe other machines); the database is what they share, so every value
 comes from it and is the same whichever API replica is scraped (scrape one, or use max() across them):
-- gauges: tasks queued, tasks by status, finished tasks by outcome, alive workers by state;
-- histograms built from the recorded task events: seconds per denoising step, seconds to make one
+- gauges: tasks queued, tasks by status and tool, finished tasks by outcome and tool, alive workers by state;
+- histograms built from the recorded task events, by tool: seconds per denoising step, seconds to make one
   video (task_start to a successful task_postprocess_end), seconds waiting in the queue. Events are read
   incrementally (those newer than the last one read, plus ids seen skipped that a slower transaction may
   still commit), at most `MAX_EVENTS_PER_SCRAPE` per scrape.
+
+The `tool` label is a catalogue slug (`codexq/Particalize`, ...), or `other` for a task of a tool the catalogue no
+longer has: its values are bounded by the catalogue, never by what is stored. The queue depth and the running count
+stay totals (what an autoscaler reads); `sum without (tool)` gives the others' totals.
 
 GPU memory is not exported: workers do not record it in the workers table.
 """
@@ -50,26 +54,70 @@ class WeightedHistogram:
         self.sum += value * times
         self.count += times
 
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+    def cumulative(self) -> list[tuple[str, float]]:
         cumulative, running = [], 0
         for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
             running += count
-            cumulative.append((bound, running))
-        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.sum)
+            cumulative.append((bound, float(running)))
+        return cumulative
+
+
+OTHER_TOOL = "other"
+"""The label of a task whose tool is not in the catalogue (it changed since the task was run)."""
+
+
+class ToolLabels:
+    """The `tool` label's values: the catalogue's slugs, anything else `other` (bounded cardinality)."""
+
+    def __init__(self, slugs: Sequence[str]) -> None:
+        self.slugs = tuple(slugs)
+        self._known = frozenset(self.slugs)
+
+    def of(self, tool: str | None) -> str:
+        return tool if tool in self._known else OTHER_TOOL
+
+
+class ToolHistograms:
+    """One WeightedHistogram per tool label, made when a tool first observes (every catalogue slug is shown)."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = buckets
+        self.by_tool: dict[str, WeightedHistogram] = {}
+
+    def observe(self, tool: str, value: float, times: int = 1) -> None:
+        if tool not in self.by_tool:
+            self.by_tool[tool] = WeightedHistogram(self.buckets)
+        self.by_tool[tool].observe(value, times)
+
+    @property
+    def count(self) -> int:
+        return sum(h.count for h in self.by_tool.values())
+
+    @property
+    def sum(self) -> float:
+        return sum(h.sum for h in self.by_tool.values())
+
+    def family(self, name: str, documentation: str, labels: ToolLabels) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, documentation, labels=["tool"])
+        for tool in dict.fromkeys([*labels.slugs, *self.by_tool]):
+            histogram = self.by_tool.get(tool) or WeightedHistogram(self.buckets)
+            family.add_metric([tool], histogram.cumulative(), sum_value=histogram.sum)
+        return family
 
 
 class EventTimings:
     """Durations from the task events, read incrementally; per-task state is kept only while a task runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, labels: ToolLabels | None = None) -> None:
+        self.labels = labels or ToolLabels(())
         self.cursor = 0
         self.gaps: dict[int, float] = {}
         self.queued_at: dict[int, float] = {}
         self.started_at: dict[int, float] = {}
         self.last_step: dict[int, tuple[float, int]] = {}
-        self.step = WeightedHistogram(STEP_BUCKETS)
-        self.video = WeightedHistogram(VIDEO_BUCKETS)
-        self.queue_wait = WeightedHistogram(WAIT_BUCKETS)
+        self.step = ToolHistograms(STEP_BUCKETS)
+        self.video = ToolHistograms(VIDEO_BUCKETS)
+        self.queue_wait = ToolHistograms(WAIT_BUCKETS)
         self.lock = threading.Lock()
 
     def update(self, store: TaskReads, now: float) -> None:
@@ -79,13 +127,14 @@ class EventTimings:
             read = 0
             while read < MAX_EVENTS_PER_SCRAPE:
                 events = store.events_after(self.cursor, BATCH, also_ids=list(self.gaps))
+                tools = store.tools_of({event.task_id for event in events})
                 for event in events:
                     if event.id > self.cursor:
                         self._note_gap(event.id, now)
                         self.cursor = event.id
                     elif self.gaps.pop(event.id, None) is None:
                         continue
-                    self._take(event)
+                    self._take(event, self.labels.of(tools.get(event.task_id)))
                 read += len(events)
                 if len(events) < BATCH:
                     return
@@ -97,7 +146,7 @@ class EventTimings:
                 if len(self.gaps) < MAX_GAPS:
                     self.gaps[missing] = now
 
-    def _take(self, event: TaskEvent) -> None:
+    def _take(self, event: TaskEvent, tool: str) -> None:
         task = event.task_id
         if event.status == QUEUED:
             self.queued_at[task] = event.at
@@ -106,7 +155,7 @@ class EventTimings:
         elif event.status == ACCEPT:
             queued = self.queued_at.pop(task, None)
             if queued is not None:
-                self.queue_wait.observe(max(0.0, event.at - queued))
+                self.queue_wait.observe(tool, max(0.0, event.at - queued))
         elif event.status == START:
             self.started_at[task] = event.at
             self.last_step[task] = (event.at, 0)
@@ -114,12 +163,12 @@ class EventTimings:
             step, previous = event.step, self.last_step.get(task)
             if step is not None and event.total and previous is not None and step > previous[1]:
                 done = step - previous[1]
-                self.step.observe(max(0.0, event.at - previous[0]) / done, done)
+                self.step.observe(tool, max(0.0, event.at - previous[0]) / done, done)
                 self.last_step[task] = (event.at, step)
         elif event.status in (POSTPROCESS_END, CANCEL):
             started = self.started_at.pop(task, None)
             if event.status == POSTPROCESS_END and started is not None and _succeeded(event.message):
-                self.video.observe(max(0.0, event.at - started))
+                self.video.observe(tool, max(0.0, event.at - started))
             self.last_step.pop(task, None)
             self.queued_at.pop(task, None)
 
@@ -129,54 +178,65 @@ def _succeeded(message: str) -> bool:
     return message.split(":")[0].strip() == "pexit 0"
 
 
-def outcome_counts(counts: dict[tuple[str, str], int]) -> dict[str, int]:
-    """Finished tasks: succeeded (pexit 0), failed (any other pexit), cancelled (cancelled or killed)."""
-    found = {"succeeded": 0, "failed": 0, "cancelled": 0}
-    for (status, pexit), count in counts.items():
-        if status == POSTPROCESS_END:
-            found["succeeded" if pexit == "0" else "failed"] += count
-        elif status == CANCEL:
-            found["cancelled"] += count
+OUTCOMES = ("succeeded", "failed", "cancelled")
+
+
+def outcome_counts(counts: dict[tuple[str, str, str], int], labels: ToolLabels) -> dict[tuple[str, str], int]:
+    """Finished tasks by (outcome, tool): succeeded (pexit 0), failed (any other pexit), cancelled (cancelled or
+    killed); every catalogue tool's three outcomes are there, at 0 when none."""
+    found = {(outcome, tool): 0 for tool in labels.slugs for outcome in OUTCOMES}
+    for (status, pexit, tool), count in counts.items():
+        outcome = {POSTPROCESS_END: "succeeded" if pexit == "0" else "failed", CANCEL: "cancelled"}.get(status)
+        if outcome is not None:
+            key = (outcome, labels.of(tool))
+            found[key] = found.get(key, 0) + count
     return found
 
 
 class StoreCollector(Collector):
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, tools: Sequence[str] = (), clock: Callable[[], float] = time.time) -> None:
+        """`tools`: the catalogue's slugs, the `tool` label's values (any other tool is `other`)."""
         self.store = store
         self.clock = clock
-        self.timings = EventTimings()
+        self.labels = ToolLabels(tools)
+        self.timings = EventTimings(self.labels)
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
         counts = self.store.reads.status_counts()
         by_status: dict[str, int] = {}
-        for (status, _pexit), count in counts.items():
+        by_status_tool: dict[tuple[str, str], int] = {}
+        for (status, _pexit, tool), count in counts.items():
             by_status[status] = by_status.get(status, 0) + count
+            key = (status, self.labels.of(tool))
+            by_status_tool[key] = by_status_tool.get(key, 0) + count
 
-        yield GaugeMetricFamily("particalize_queue_depth", "Tasks waiting in the queue (task_queue).",
+        yield GaugeMetricFamily("particalize_queue_depth", "Tasks waiting in the queue (task_queue), all tools.",
                                 value=by_status.get(QUEUED, 0))
         yield GaugeMetricFamily("particalize_tasks_running", "Tasks owned by a worker (task_accept up to "
-                                "task_postprocess_start).", value=sum(by_status.get(s, 0) for s in RUNNING))
-        status_family = GaugeMetricFamily("particalize_tasks", "Tasks by current status.", labels=["status"])
-        for status, count in sorted(by_status.items()):
-            status_family.add_metric([status], count)
+                                "task_postprocess_start), all tools.", value=sum(by_status.get(s, 0) for s in RUNNING))
+        status_family = GaugeMetricFamily("particalize_tasks", "Tasks by current status and tool.",
+                                          labels=["status", "tool"])
+        for (status, tool), count in sorted(by_status_tool.items()):
+            status_family.add_metric([status, tool], count)
         yield status_family
         finished = GaugeMetricFamily(
-            "particalize_tasks_finished", "Finished tasks by outcome (only grows while tasks are kept).",
-            labels=["outcome"],
+            "particalize_tasks_finished", "Finished tasks by outcome and tool (only grows while tasks are kept).",
+            labels=["outcome", "tool"],
         )
-        for outcome, count in outcome_counts(counts).items():
-            finished.add_metric([outcome], count)
+        for (outcome, tool), count in outcome_counts(counts, self.labels).items():
+            finished.add_metric([outcome, tool], count)
         yield finished
         yield self._workers(now)
 
         self.timings.update(self.store.reads, now)
-        yield self.timings.step.family("particalize_step_seconds", "Seconds per denoising step.")
+        yield self.timings.step.family("particalize_step_seconds", "Seconds per denoising step, by tool.",
+                                       self.labels)
         yield self.timings.video.family(
             "particalize_video_seconds", "Seconds from task_start to a successful task_postprocess_end: making "
-            "one video (denoising, decoding, encoding, storing).")
+            "one video (denoising, decoding, encoding, storing), by tool.", self.labels)
         yield self.timings.queue_wait.family("particalize_queue_wait_seconds",
-                                             "Seconds from task_queue to task_accept.")
+                                             "Seconds from task_queue to task_accept, by tool.", self.labels)
 
     def _workers(self, now: float) -> GaugeMetricFamily:
         """Workers alive: in a working state with a heartbeat within one lease (they beat 4 times a lease)."""

@@ -32,26 +32,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server.errors import QUEUE_FULL, ApiError
+from server.rate_limit_storage import MEMORY, check_storage_url
 from server.store.outage import describe
 
 log = logging.getLogger("particalize.server")
 
 RATE_LIMITED = QUEUE_FULL
 """Wiro's code for a full queue or a concurrency limit (96)."""
-MEMORY = "memory://"
-SHARED_SCHEMES = ("redis://", "rediss://", "redis+unix://")
-"""The storages a fleet of replicas can share (limits' Redis storage)."""
 STORAGE_TIMEOUT_SECONDS = 0.5
 """Connect and read timeout of one call to a shared storage: an unreachable host costs a request at most this."""
-
-
-def check_storage_url(url: str) -> str:
-    """`url` if it names a storage the limiter supports (memory://, redis://, rediss://, redis+unix://); ValueError
-    saying which otherwise."""
-    if url == MEMORY or url.startswith(SHARED_SCHEMES):
-        return url
-    raise ValueError(f"the rate limit storage must be {MEMORY} or a Redis URL ({', '.join(SHARED_SCHEMES)}...), "
-                     f"got {url.split('://', 1)[0]!r}")
 
 
 class StorageHealth:

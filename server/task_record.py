@@ -62,6 +62,9 @@ class TaskRecord(BaseModel):
     tool: str = DEFAULT_SLUG
     """The catalogue tool's slug ("owner/project") as Run matched it: the worker runs the task with that tool's
     LoRAs. Records stored before tools existed are the default tool's."""
+    trigger: str = ""
+    """The tool's trigger word as Run put it before the prompt ("": none was): `params` (what the generator runs)
+    holds the prompt with it, `parameters` shows the prompt without it, as it was sent or as the tool's default."""
     loras: tuple[RequestLora, ...] = ()
     """LoRAs sent with the request, in order, on top of the tool's (server/request_loras.py): the worker runs
     exactly these."""
@@ -74,6 +77,8 @@ class TaskRecord(BaseModel):
         for name, value in self.params.wiro_inputs().items():
             if value is not None and not shown.get(name, "").strip():  # an unset mode: the worker records it
                 shown[name] = str(value)
+        if self.trigger and not self.inputs.get("prompt", "").strip():  # the tool's default, as the tool has it
+            shown["prompt"] = self.params.prompt.removeprefix(f"{self.trigger} ")
         if self.image.attached:
             shown.pop(IMAGE_URL_FIELD, None)
             shown[IMAGE_FIELD] = self.image.url

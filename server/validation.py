@@ -65,9 +65,10 @@ def parse_run(fields: RequestFields, options: RequestLimits, storage: Storage, u
     values = {k: v for k, v in fields.values.items() if k in TOOL_INPUTS or k == "callbackUrl"}
     inputs = {k: _as_text(k, v) for k, v in values.items() if k in TOOL_INPUTS}
     try:  # the seed is fixed now: it is recorded
-        params = _triggered(parse_params(_with_tool(values, tool), options.params).with_seed(), tool)
+        sent = parse_params(_with_tool(values, tool), options.params).with_seed()
     except InvalidParameter as exc:
         raise ApiError(str(exc)) from None
+    params = _triggered(sent, tool)
 
     new_upload: NewUpload | None = None
     size: tuple[int, int] | None = None  # the image's, when it is here already (else the worker fetches it)
@@ -99,8 +100,10 @@ def parse_run(fields: RequestFields, options: RequestLimits, storage: Storage, u
     if callback_url:
         check_public_url("callbackUrl", callback_url, options.allow_private_urls)
     loras = parse_request_loras(fields, tool, options)
+    trigger = tool.trigger if params.prompt != sent.prompt else ""  # the generator's prompt has it, not `parameters`
     record = TaskRecord(params=params, inputs=inputs, image=image, callback_url=callback_url, owner=owner,
-                        resolved=resolved, tool=tool.slug, loras=loras)
+                        resolved=resolved, tool=tool.slug, trigger=trigger,
+                        loras=loras)
     return RunRequest(record, new_upload)
 
 

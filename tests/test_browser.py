@@ -84,9 +84,31 @@ def chromium() -> Path:
     return CHROMIUM
 
 
+SQUISH = {"prompt": "a cat is squished flat", "scale": "6.0", "steps": "20"}
+"""The catalogue's second tool's own defaults (the picker shows them when it is chosen)."""
+
+
+def catalogue(folder: Path) -> Path:
+    """A catalogue of one more tool, remade/Squish, with a LoRA made for the tiny base and defaults of its own."""
+    from diffusers import WanTransformer3DModel
+
+    from pipeline.tiny import TINY_TRANSFORMER_CONFIG
+    from tests.lora_files import make_weights, write_lora
+
+    lora = write_lora(folder / "squish.safetensors", make_weights(WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG)),
+                      "kohya")
+    defaults = "\n".join(f"{k} = {v}" if k != "prompt" else f'{k} = "{v}"' for k, v in SQUISH.items())
+    path = folder / "tools.toml"
+    path.write_text(f'[[tools]]\nslug = "remade/Squish"\ntitle = "Squish"\ndescription = "Squishes the subject."\n'
+                    f'trigger = "sq41sh"\nloras = ["{lora}"]\n[tools.defaults]\n{defaults}\n', encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, chromium: Path) -> Iterator[ServeProcess]:
-    serve = ServeProcess(tmp_path_factory.mktemp("browser-serve"), env={"PARTICALIZE_API_KEYS": f"{KEY}:{SECRET}"})
+    folder = tmp_path_factory.mktemp("browser-serve")
+    serve = ServeProcess(folder, env={"PARTICALIZE_API_KEYS": f"{KEY}:{SECRET}",
+                                      "PARTICALIZE_TOOLS_FILE": str(catalogue(folder))})
     try:
         serve.wait_ready(timeout=120)
         yield serve
@@ -202,6 +224,36 @@ def test_the_page_offers_every_hosted_input_with_its_default_and_the_hosted_exam
         expect(page.locator(button)).to_be_visible()
     expect(page.locator("#progress")).to_be_visible()
     expect(page.locator("#tasks")).to_be_visible()
+
+
+def test_the_tool_picker_lists_the_served_tools_and_runs_the_chosen_one_with_its_defaults(
+    page: Page, server: ServeProcess
+) -> None:
+    picker = page.locator("#tool")
+    expect(picker).to_have_value("codexq/Particalize")
+    options = picker.locator("option").evaluate_all("items => items.map(o => [o.value, o.textContent])")
+    assert options == [["codexq/Particalize", "codexq/Particalize"], ["remade/Squish", "remade/Squish"]], options
+    upload(page, "squish.png")
+    image = page.locator("#in-inputImageUrl").input_value()
+    page.select_option("#tool", "remade/Squish")
+    expect(page.locator("#tool-about")).to_have_text("Squishes the subject.")
+    for name, default in SQUISH.items():
+        expect(page.locator(f"#in-{name}")).to_have_value(default)
+    expect(page.locator("#in-negativePrompt")).to_have_value(HOSTED_DEFAULTS["negativePrompt"])
+    expect(page.locator("#in-inputImageUrl")).to_have_value(image)  # the image stays when the tool changes
+    shot(page, "09-tool-chosen")
+    fill(page, QUICK)
+    page.click("#run")
+    expect(page.locator("#outcome")).to_have_text("succeeded", timeout=120_000)
+    task = task_detail(server, shown_taskid(page))
+    assert (task["modelslugowner"], task["modelslugproject"]) == ("remade", "Squish"), task
+    assert task["parameters"]["prompt"] == SQUISH["prompt"] and task["parameters"]["scale"] == "6.0", task
+    expect(page.locator(f"#tasks tr[data-taskid='{task['id']}']")).to_contain_text("remade/Squish")
+    page.click("#reset")
+    expect(page.locator("#in-prompt")).to_have_value(SQUISH["prompt"])
+    page.select_option("#tool", "codexq/Particalize")
+    for name, default in HOSTED_DEFAULTS.items():
+        expect(page.locator(f"#in-{name}")).to_have_value(image if name == "inputImageUrl" else default)
 
 
 def test_a_run_from_an_uploaded_image_shows_progress_to_the_end_and_a_playable_downloadable_video(

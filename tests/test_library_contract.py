@@ -863,6 +863,45 @@ def _():
     assert isinstance(torch._dynamo.config.error_on_recompile, bool)
 
 
+@contract("torch._dynamo.config.recompile_limit",
+          "pipeline/speed/acceleration.py allow_graphs: the graphs kept per compiled function (8 by default, "
+          "GRAPHS_PER_STACK), raised for a catalogue's tools; past it a function runs eagerly")
+def _():
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    from pipeline.speed.acceleration import GRAPHS_PER_STACK
+
+    assert dynamo_config._config["recompile_limit"].default == GRAPHS_PER_STACK, "its default (a generator with "\
+        "tools raises the value itself for the process)"
+    assert dynamo_config.cache_size_limit == dynamo_config.recompile_limit, "the old name is an alias"
+    assert isinstance(dynamo_config.accumulated_recompile_limit, int)
+
+    class Adapters:
+        active = "t0"
+
+    scale = {f"t{i}": float(i + 1) for i in range(10)}
+
+    def graphs(limit: int) -> int:
+        """Graphs compiled for one function called with 10 values of guarded Python state (as PEFT's active
+        adapters are), and whether every call still gave the right answer."""
+        torch._dynamo.reset()
+        before = counters["stats"]["unique_graphs"]
+        compiled = torch.compile(lambda x: x * scale[Adapters.active], backend="eager")
+        try:
+            with dynamo_config.patch(recompile_limit=limit):
+                for name in scale:
+                    Adapters.active = name
+                    assert compiled(torch.ones(2)).tolist() == [scale[name]] * 2
+        finally:
+            torch._dynamo.reset()
+        return counters["stats"]["unique_graphs"] - before
+
+    assert graphs(GRAPHS_PER_STACK) == GRAPHS_PER_STACK, "past the limit, the function runs eagerly"
+    assert graphs(2 * GRAPHS_PER_STACK) == 10
+
+
 @contract("torch.fx.experimental._config.use_duck_shape",
           "pipeline/speed/acceleration.py apply_compile: set False with dynamic shapes (no duck sizing)")
 def _():

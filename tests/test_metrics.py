@@ -23,6 +23,8 @@ from tests.images import png_bytes
 RUN = "/v1/Run/codexq/Particalize"
 SMALL = {"numFrames": "5", "steps": "3", "width": "32", "height": "32"}
 GOOD, BROKEN = "http://images.test/dog.png", "http://images.test/broken.png"
+TOOL = 'tool="codexq/Particalize"'
+"""The default tool's label: the only tool of this server (tests/test_tool_tasks.py has several)."""
 
 
 def fetch(url: str, **_: object) -> tuple[bytes, str]:
@@ -71,7 +73,7 @@ def test_metrics_move_by_exactly_what_happened(client, settings, tiny_generator)
     assert scrape(client)["particalize_queue_depth"] == 4, "queue depth is read from the database"
     assert client.post("/v1/Task/Cancel", json={"taskid": ids[3]}).json()["result"] is True
     queued = scrape(client)
-    assert queued["particalize_queue_depth"] == 3 and queued['particalize_tasks{status="task_queue"}'] == 3
+    assert queued["particalize_queue_depth"] == 3 and queued[f'particalize_tasks{{status="task_queue",{TOOL}}}'] == 3
 
     store.workers.register("testnode/gpu0", pid=1, model="tiny", device="cpu", state="ready")
     store.clock = lambda: time.time() - 10 * store.options.lease_seconds
@@ -83,28 +85,29 @@ def test_metrics_move_by_exactly_what_happened(client, settings, tiny_generator)
     after = scrape(client)
 
     assert after["particalize_queue_depth"] == 0 and after["particalize_tasks_running"] == 0
-    assert moved(after, before, 'particalize_tasks_finished{outcome="succeeded"}') == 2
-    assert moved(after, before, 'particalize_tasks_finished{outcome="failed"}') == 1
-    assert moved(after, before, 'particalize_tasks_finished{outcome="cancelled"}') == 1
-    assert after['particalize_tasks{status="task_postprocess_end"}'] == 3
+    assert moved(after, before, f'particalize_tasks_finished{{outcome="succeeded",{TOOL}}}') == 2
+    assert moved(after, before, f'particalize_tasks_finished{{outcome="failed",{TOOL}}}') == 1
+    assert moved(after, before, f'particalize_tasks_finished{{outcome="cancelled",{TOOL}}}') == 1
+    assert after[f'particalize_tasks{{status="task_postprocess_end",{TOOL}}}'] == 3
     assert after['particalize_workers{state="ready"}'] == 1, "the stale worker is not counted"
     assert after['particalize_workers{state="busy"}'] == 0
 
-    assert moved(after, before, "particalize_step_seconds_count") == 6, "3 steps each of the 2 tasks that ran"
-    assert moved(after, before, "particalize_video_seconds_count") == 2, "the two videos made"
-    assert moved(after, before, "particalize_queue_wait_seconds_count") == 3, "the three tasks a worker took"
-    assert after['particalize_step_seconds_bucket{le="+Inf"}'] == after["particalize_step_seconds_count"]
+    step_count, step_sum = f"particalize_step_seconds_count{{{TOOL}}}", f"particalize_step_seconds_sum{{{TOOL}}}"
+    assert moved(after, before, step_count) == 6, "3 steps each of the 2 tasks that ran"
+    assert moved(after, before, f"particalize_video_seconds_count{{{TOOL}}}") == 2, "the two videos made"
+    assert moved(after, before, f"particalize_queue_wait_seconds_count{{{TOOL}}}") == 3, "the three tasks taken"
+    assert after[f'particalize_step_seconds_bucket{{le="+Inf",{TOOL}}}'] == after[step_count]
 
     denoising = 0.0
     for taskid in ids[:2]:
         events = store.reads.events(int(taskid))
         start = next(e.at for e in events if e.status == START)
         denoising += [e.at for e in events if e.status == OUTPUT][-1] - start
-    assert after["particalize_step_seconds_sum"] == pytest.approx(denoising, abs=1e-6), "steps add up"
-    assert after["particalize_video_seconds_sum"] > 0
+    assert after[step_sum] == pytest.approx(denoising, abs=1e-6), "steps add up"
+    assert after[f"particalize_video_seconds_sum{{{TOOL}}}"] > 0
 
     again = scrape(client)
-    assert again["particalize_step_seconds_count"] == after["particalize_step_seconds_count"], "nothing twice"
+    assert again[step_count] == after[step_count], "nothing twice"
     assert "process_cpu_seconds_total" in again
 
 
@@ -119,6 +122,9 @@ class FakeStore:
         message = f"step {step}/{total}" if step is not None else ""
         self.committed.append(SimpleNamespace(id=id_, task_id=task, status=status, at=at, message=message,
                                               step=step, total=total))
+
+    def tools_of(self, task_ids) -> dict[int, str]:
+        return {}
 
     def events_after(self, after_id: int, limit: int, also_ids=()) -> list[SimpleNamespace]:
         extra = set(also_ids)

@@ -187,7 +187,7 @@ def test_switching_tools_under_compile_compiles_nothing_after_the_warm_up(files)
     from torch._dynamo.utils import counters
 
     from pipeline.params import GenerationParams
-    from pipeline.speed.acceleration import SpeedOptions
+    from pipeline.speed.acceleration import GRAPHS_PER_STACK, SpeedOptions
 
     tmp, stacks = files
     tools = ("remade/Squish", "remade/Inflate")
@@ -199,6 +199,7 @@ def test_switching_tools_under_compile_compiles_nothing_after_the_warm_up(files)
         compiled = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, speed=SpeedOptions(compile=True),
                                                    loras=options))
         assert compiled.applied.compiled and not any(info.fused for info in compiled.loras)
+        assert torch._dynamo.config.recompile_limit >= 3 * GRAPHS_PER_STACK, "room for each tool's graphs"
         warmed = counters["stats"]["unique_graphs"]
         assert warmed >= 1
         torch._dynamo.config.error_on_recompile = True
@@ -212,3 +213,19 @@ def test_switching_tools_under_compile_compiles_nothing_after_the_warm_up(files)
     eager = generator(tmp, stacks, tools)
     for tool, got in frames.items():
         np.testing.assert_allclose(got, eager.generate(small, IMAGE, tool=tool).frames, atol=2e-3)
+
+
+def test_compile_keeps_room_for_every_tools_graphs():
+    """Each tool (x each mode) compiles graphs of its own, and dynamo keeps 8 per function by default: past that a
+    tool would run eagerly. The limit is raised to 8 per tool and mode (never lowered)."""
+    import torch._dynamo.config as dynamo_config
+
+    from pipeline.speed.acceleration import GRAPHS_PER_STACK, allow_graphs
+
+    # dynamo's own patch (monkeypatch's undo would delete a config entry the test did not create)
+    with dynamo_config.patch(recompile_limit=GRAPHS_PER_STACK, accumulated_recompile_limit=256):
+        assert allow_graphs(1) == GRAPHS_PER_STACK
+        assert allow_graphs(10 * 2) == 20 * GRAPHS_PER_STACK == dynamo_config.recompile_limit
+        assert allow_graphs(3) == 20 * GRAPHS_PER_STACK, "never lowered"
+        assert allow_graphs(40) == 320 == dynamo_config.accumulated_recompile_limit
+    assert hasattr(dynamo_config, "recompile_limit") and hasattr(dynamo_config, "accumulated_recompile_limit")

@@ -450,6 +450,28 @@ def apply_compile(pipe: WanImageToVideoPipeline, options: SpeedOptions, applied:
     applied.note(f"transformer blocks compiled (dynamic={options.compile_dynamic}, mode={options.compile_mode})")
 
 
+GRAPHS_PER_STACK = 8
+"""The compiled graphs dynamo keeps per function for one adapter stack: the default of
+`torch._dynamo.config.recompile_limit` (torch 2.13; `cache_size_limit`, its name before 2.6, is an alias). Past the
+limit a function runs eagerly from then on, with one warning."""
+
+
+def allow_graphs(stacks: int) -> int:
+    """Room for the compiled graphs of `stacks` adapter stacks (catalogue tools x modes): PEFT's active adapters are
+    guarded state, so each stack has graphs of its own (one per function on the tiny model, dynamic shapes), and
+    each keeps the room one stack had by default (GRAPHS_PER_STACK, for other guards such as static sizes). The
+    limits are the process's: raised, never lowered. Returns the per-function limit in effect."""
+    import torch._dynamo.config as dynamo_config
+
+    needed = GRAPHS_PER_STACK * max(1, stacks)
+    if dynamo_config.recompile_limit < needed:
+        log.info("compile: %d adapter stacks (tools x modes): dynamo's recompile_limit raised from %d to %d",
+                 stacks, dynamo_config.recompile_limit, needed)
+        dynamo_config.recompile_limit = needed
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, needed)
+    return dynamo_config.recompile_limit
+
+
 def resolve_compile(options: SpeedOptions, device: torch.device) -> tuple[bool, str | None]:
     """Compile or not, and why when the default (None) decides: on CUDA it is the fastest exact option
     (2.89 vs 3.35 s a forward on an H200); off on the CPU (where 20+ s of compilation rarely pays) and with

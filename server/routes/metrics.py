@@ -24,7 +24,9 @@ def registry_of(request: Request) -> CollectorRegistry:
     registry = getattr(request.app.state, "metrics_registry", None)
     if registry is None:
         registry = CollectorRegistry()
-        registry.register(StoreCollector(services_of(request).store))
+        services = services_of(request)
+        slugs = [tool.slug for tool in services.options.tool.catalogue.tools]
+        registry.register(StoreCollector(services.store, slugs))
         limiter = getattr(request.app.state, "rate_limiter", None)
         if limiter is not None:
             registry.register(RateLimitCollector(limiter))

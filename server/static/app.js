@@ -1,5 +1,6 @@
-// The playground page: the tool's inputs (from Tool/Detail), an image upload, Run, live status and
-// progress, the video, Kill/Cancel, and the recent tasks. Everything goes through the public API.
+// The playground page: a picker of the served tools (Tool/List), the chosen tool's inputs with its own defaults
+// (Tool/Detail), an image upload, Run on that tool's route, live status and progress, the video, Kill/Cancel, and
+// the recent tasks. Everything goes through the public API.
 
 import { call, follow, setCredentials, SLUG, TERMINAL } from "./api.js";
 
@@ -7,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const RUNNING = ["task_accept", "task_preprocess_start", "task_preprocess_end", "task_assign", "task_start",
   "task_output", "task_output_full", "task_end", "task_postprocess_start"];
 
-const state = { items: [], current: null, follower: null, lastStatus: "" };
+const state = { items: [], tool: SLUG, current: null, follower: null, lastStatus: "" };
 
 function say(text, kind = "") {
   $("message").textContent = text;
@@ -70,9 +71,41 @@ function buildForm(tool) {
   $("run").disabled = false;
 }
 
-async function loadTool() {
-  const answer = await call("/v1/Tool/Detail", SLUG);
-  buildForm(answer.tool[0]);
+const slugOf = (tool) => `${tool.slugowner}/${tool.slugproject}`;
+
+async function loadTool(slug) {
+  // The form is rebuilt with this tool's own defaults and examples; the image (a URL) is kept.
+  const image = $("in-inputImageUrl") ? $("in-inputImageUrl").value : "";
+  const tool = (await call("/v1/Tool/Detail", slug)).tool[0];
+  state.tool = { slugowner: tool.slugowner, slugproject: tool.slugproject };
+  buildForm(tool);
+  $("in-inputImageUrl").value = image;
+  $("tool-about").textContent = tool.description || "";
+}
+
+async function loadTools() {
+  // Every tool this server runs (the catalogue, codexq/Particalize first): one Run route each.
+  const tools = (await call("/v1/Tool/List", { start: "0", limit: "100", search: "", categories: [] })).tool;
+  const picker = $("tool");
+  picker.replaceChildren(...tools.map((tool) => {
+    const option = new Option(slugOf(tool), slugOf(tool));
+    option.title = tool.title;
+    return option;
+  }));
+  picker.value = slugOf(state.tool);
+  picker.onchange = async () => {
+    const [slugowner, slugproject] = picker.value.split("/");
+    picker.disabled = true;
+    try {
+      await loadTool({ slugowner, slugproject });
+      say("");
+    } catch (error) {
+      say(error.message, "bad");
+    } finally {
+      picker.disabled = false;
+    }
+  };
+  await loadTool(state.tool);
 }
 
 // --- the input image -----------------------------------------------------------------------------------
@@ -118,7 +151,7 @@ async function run(event) {
   if (!body.inputImageUrl) { say("Pick or drop an image first (or give an inputImageUrl).", "bad"); return; }
   $("run").disabled = true;
   try {
-    const answer = await call(`/v1/Run/${SLUG.slugowner}/${SLUG.slugproject}`, body);
+    const answer = await call(`/v1/Run/${state.tool.slugowner}/${state.tool.slugproject}`, body);
     say("");
     watch(answer.taskid, answer.socketaccesstoken);
   } catch (error) {
@@ -255,12 +288,12 @@ async function refreshTasks() {
     const row = document.createElement("tr");
     row.dataset.taskid = task.id;
     const [text, kind] = outcomeOf(task);
-    const cells = [task.id, text, new Date(Number(task.createtime) * 1000).toLocaleString(),
+    const cells = [task.id, `${task.modelslugowner}/${task.modelslugproject}`, text, new Date(Number(task.createtime) * 1000).toLocaleString(),
       `${p.width || "?"}x${p.height || "?"}, ${p.numFrames || "81"} frames`, p.steps || "30"];
     cells.forEach((value, i) => {
       const cell = document.createElement("td");
       cell.textContent = value;
-      if (i === 1) cell.className = `task-state ${kind}`;
+      if (i === 2) cell.className = `task-state ${kind}`;
       row.append(cell);
     });
     const open = document.createElement("button");
@@ -275,7 +308,7 @@ async function refreshTasks() {
   if (!rows.length) {
     const row = document.createElement("tr");
     const cell = document.createElement("td");
-    cell.colSpan = 6;
+    cell.colSpan = 7;
     cell.className = "muted";
     cell.textContent = "No tasks yet.";
     row.append(cell);
@@ -307,7 +340,7 @@ async function start() {
   const config = await (await fetch("/playground/config.json")).json();
   const ready = async () => {
     try {
-      await loadTool();
+      await loadTools();
       await refreshTasks();
       say("");
       document.body.dataset.ready = "1";

@@ -18,6 +18,8 @@ _TASK_BY_TOKEN = select(_TASKS).where(_TASKS.c.socketaccesstoken == bindparam("t
 ACTIVE_OF_OWNER = select(func.count()).select_from(_TASKS).where(
     _TASKS.c.owner == bindparam("owner"), _TASKS.c.status.in_(ACTIVE))
 """How many of one API key's tasks are between task_queue and a terminal status (the per-key limit counts them)."""
+_TOOL = func.coalesce(Task.request["tool"].as_string(), DEFAULT_SLUG)
+"""A task's tool, read from its record in SQL (records stored before tools existed are the default tool's)."""
 _OUTPUTS_OF_TASK = select(_OUTPUTS).where(_OUTPUTS.c.task_id == bindparam("task_id")).order_by(_OUTPUTS.c.name)
 
 
@@ -70,7 +72,7 @@ class TaskReads:
         with self.db.session() as s:
             where = [] if owner is None else [Task.owner == owner]
             if tools is not None:
-                where.append(func.coalesce(Task.request["tool"].as_string(), DEFAULT_SLUG).in_(list(tools)))
+                where.append(_TOOL.in_(list(tools)))
             total = s.scalar(select(func.count()).select_from(Task).where(*where)) or 0
             order = Task.id.asc() if ascending else Task.id.desc()
             rows = s.scalars(select(Task).where(*where).order_by(order).offset(start).limit(limit))
@@ -98,11 +100,22 @@ class TaskReads:
         with self.db.session() as s:
             return s.scalar(ACTIVE_OF_OWNER, {"owner": owner}) or 0
 
-    def status_counts(self) -> dict[tuple[str, str], int]:
-        """How many tasks are in each (status, pexit) now: one grouped count, for metrics at scrape time."""
+    def status_counts(self) -> dict[tuple[str, str, str], int]:
+        """How many tasks are in each (status, pexit, tool) now: one grouped count, for metrics at scrape time (the
+        tool as the records hold it; a record without one is the default tool's)."""
         with self.db.session() as s:
-            rows = s.execute(select(Task.status, Task.pexit, func.count()).group_by(Task.status, Task.pexit))
-            return {(status, pexit): count for status, pexit, count in rows}
+            tool = _TOOL.label("tool")  # grouped by its name: PostgreSQL would see two expressions (bound params)
+            rows = s.execute(select(Task.status, Task.pexit, tool, func.count()).group_by(Task.status, Task.pexit,
+                                                                                         tool))
+            return {(status, pexit, tool): count for status, pexit, tool, count in rows}
+
+    def tools_of(self, task_ids: Iterable[int]) -> dict[int, str]:
+        """The tool of each task still stored (the metrics label the events they read by it)."""
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        with self.db.session() as s:
+            return {task_id: tool for task_id, tool in s.execute(select(Task.id, _TOOL).where(Task.id.in_(ids)))}
 
     def events(self, task_id: int, after_id: int = 0) -> list[TaskEvent]:
         """One task's events newer than `after_id`, in order (all of them by default): what a live follower has

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from particalize.compose import fast_mode, limits, modes
+from particalize.core_options import request_lora_options
 from particalize.settings import Settings, parse_json_object
 from particalize.tools import tool_set
 from server.app import create_app
@@ -69,6 +70,7 @@ def request_limits(settings: Settings) -> RequestLimits:
         max_image_bytes=settings.max_image_bytes,
         fetch_timeout_seconds=settings.fetch_timeout_seconds,
         allow_private_urls=settings.allow_private_urls,
+        request_loras=request_lora_options(settings),
     )
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from particalize import __version__
 from particalize.compose import limits
 from particalize.settings import Settings
+from server.limits import RequestLoraOptions
 from server.processes.supervisor import WorkerProcessOptions
 from server.store import StoreOptions
 from server.worker import FetchOptions, Generator, WorkerOptions
@@ -42,6 +43,20 @@ def store_options(settings: Settings) -> StoreOptions:
     )
 
 
+def request_lora_options(settings: Settings) -> RequestLoraOptions:
+    """Request LoRAs: whether Run takes them and from where, and how the workers download and cache them."""
+    return RequestLoraOptions(
+        enabled=settings.request_loras,
+        hosts=settings.request_lora_host_list,
+        max_count=settings.request_lora_max_count,
+        max_bytes=settings.request_lora_max_bytes,
+        cache_dir=(settings.request_lora_cache_dir or settings.data_dir / "request-loras").resolve(),
+        cache_bytes=settings.request_lora_cache_bytes,
+        timeout_seconds=settings.request_lora_timeout_seconds,
+        allow_private_urls=settings.allow_private_urls,
+    )
+
+
 def worker_options(settings: Settings) -> WorkerOptions:
     return WorkerOptions(
         node_name=settings.node_name,
@@ -51,6 +66,7 @@ def worker_options(settings: Settings) -> WorkerOptions:
         limits=limits(settings),
         fetch=FetchOptions(max_image_bytes=settings.max_image_bytes, timeout_seconds=settings.fetch_timeout_seconds,
                            allow_private_urls=settings.allow_private_urls),
+        request_loras=request_lora_options(settings),
         poll_seconds=settings.worker_poll_seconds,
         safety_poll_seconds=settings.worker_safety_poll_seconds,
         progress_interval_seconds=settings.progress_interval_seconds,

@@ -188,6 +188,24 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     fetch_timeout_seconds: float = Field(20.0, gt=0)
     max_queue_length: int = Field(1000, ge=1)
+    request_loras: bool = Field(
+        False, description="Let a Run add LoRAs of its own (`loras`: URL and strength) on a tool that takes them (the "
+        "default tool, and catalogue tools with request_loras = true); off: a Run sending `loras` is refused (code 0)."
+    )
+    request_lora_hosts: str | None = Field(
+        None, description="Comma-separated hosts request LoRAs (and every redirect) may come from: huggingface.co "
+        "exactly, *.hf.co any subdomain (e.g. 'huggingface.co,*.hf.co'); needed with request_loras."
+    )
+    request_lora_max_count: int = Field(2, ge=1, le=16, description="Most LoRAs one request may add.")
+    request_lora_max_bytes: int = Field(
+        1024**3, ge=1024, description="Largest request LoRA file downloaded; a bigger one fails its task."
+    )
+    request_lora_cache_bytes: int = Field(
+        10 * 1024**3, ge=1024, description="The workers' disk cache of request LoRAs (by content hash), held to this "
+        "size by evicting the least recently used files no running task holds."
+    )
+    request_lora_cache_dir: Path | None = Field(None, description="Default: data_dir/request-loras.")
+    request_lora_timeout_seconds: float = Field(600.0, gt=0, description="Longest one request LoRA download may take.")
     max_active_tasks_per_key: int = Field(
         0, ge=0, description="Most tasks one API key may have between task_queue and a terminal status (0: no "
         "limit); a Run over it gets error code 96, as on Wiro. Counted in the task store: it holds across API "
@@ -269,7 +287,7 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"PARTICALIZE_RATE_LIMIT_STORAGE: {exc}") from None
 
-    @field_validator("lora_path", "api_keys_file", "tools_file", mode="before")
+    @field_validator("lora_path", "api_keys_file", "tools_file", "request_lora_cache_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -309,6 +327,20 @@ class Settings(BaseSettings):
             raise ValueError("PARTICALIZE_MODE=cached needs the MagCache step cache: set PARTICALIZE_STEP_CACHE=mag "
                              "(--step-cache mag)")
         return self
+
+    @model_validator(mode="after")
+    def _request_loras_have_hosts(self) -> Settings:
+        if self.request_loras and not self.request_lora_host_list:
+            raise ValueError("PARTICALIZE_REQUEST_LORAS=1 needs the hosts request LoRAs may come from: set "
+                             "PARTICALIZE_REQUEST_LORA_HOSTS (e.g. huggingface.co,*.hf.co)")
+        if self.request_lora_cache_bytes < self.request_lora_max_bytes:
+            raise ValueError("PARTICALIZE_REQUEST_LORA_CACHE_BYTES must be at least PARTICALIZE_REQUEST_LORA_MAX_BYTES "
+                             "(the cache holds the largest file a request may send)")
+        return self
+
+    @property
+    def request_lora_host_list(self) -> tuple[str, ...]:
+        return tuple(host.strip() for host in (self.request_lora_hosts or "").split(",") if host.strip())
 
     @field_validator("storage_options")
     @classmethod

@@ -68,6 +68,8 @@ class ToolEntry(BaseModel):
     trigger: str = ""
     defaults: ToolDefaults = ToolDefaults()
     inspire: list[dict[str, str]] = []
+    request_loras: bool = False
+    """Runs on this tool may add LoRAs of their own (`loras`), when the server allows them at all."""
 
 
 class ToolsFile(BaseModel):
@@ -146,7 +148,8 @@ def _tool(entry: ToolEntry, path: Path, settings: Settings) -> Tool:
     owner, _, project = entry.slug.partition("/")
     return Tool(owner=owner, project=project, title=entry.title or project, description=entry.description,
                 readme=entry.readme or entry.description, categories=tuple(entry.categories), tags=tuple(entry.tags),
-                trigger=entry.trigger.strip(), defaults=defaults, inspire=tuple(entry.inspire))
+                trigger=entry.trigger.strip(), defaults=defaults, inspire=tuple(entry.inspire),
+                request_loras=entry.request_loras)
 
 
 def read_tools_file(path: Path, settings: Settings, *, check_files: bool = True) -> ToolSet:

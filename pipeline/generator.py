@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipeline.errors import Interrupted, LoraFuseRefused, OutOfMemory
 from pipeline.fast import CACHED, FAST, NORMAL, FastMode
 from pipeline.interrupt import BlockInterrupt, InterruptPoints, StopCheck
 from pipeline.loader import load_base_pipeline, preset_dir
+from pipeline.lora.request import check_lora_file, request_loras
 from pipeline.lora.stack import LoraInfo, LoraStack, LoraStackOptions
 from pipeline.memory_check import check_memory
 from pipeline.out_of_memory import is_out_of_memory, out_of_memory_message
@@ -140,7 +142,7 @@ class VideoGenerator:
         for problem in self.interrupt_points.problems:
             log.warning("interrupt: %s", problem)
         self.max_sequence_length = min(getattr(self.pipe.tokenizer, "model_max_length", 512), 512)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # generate holds it around _generate's own
         if self.applied.compiled:  # each tool (and mode) compiles graphs of its own: room for all of them
             allow_graphs(len(self.lora_stack.tools) * (2 if self.lora_stack.has_speed else 1))
         if self._needs_warmup():
@@ -293,7 +295,35 @@ class VideoGenerator:
         )
         return ResolvedParams.of(params.with_seed().model_copy(update={"width": width, "height": height}))
 
+    def check_loras(self, files: Sequence[Path]) -> None:
+        """LoraMismatch (saying why) unless each file is a LoRA for this base, every key fitting it (names and
+        shapes): checked before a task with request LoRAs starts, nothing is loaded."""
+        for path in files:
+            check_lora_file(self.pipe.transformer, path)
+
     def generate(
+        self,
+        params: GenerationParams,
+        image: Image.Image,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+        interrupt: StopCheck | None = None,
+        tool: str = "",
+        loras: Sequence[tuple[Path, float]] = (),
+    ) -> Video:
+        """`_generate`, with `loras` ((file, strength) sent with this request) loaded on top of the tool's for
+        this run only, then dropped: the next run is bit-equal to a fresh process's (pipeline.lora.request). A
+        file that does not fit raises LoraMismatch before anything runs. Compiled, the run is eager
+        (torch.compiler's force_eager stance): the adapters would change the compiled blocks' guarded modules,
+        so nothing is compiled for them and the warm graphs stay as they are."""
+        if not loras:
+            return self._generate(params, image, progress, should_stop, interrupt, tool)
+        with self._lock, request_loras(self.lora_stack, loras):
+            eager = torch.compiler.set_stance("force_eager") if self.applied.compiled else nullcontext()
+            with eager:
+                return self._generate(params, image, progress, should_stop, interrupt, tool)
+
+    def _generate(
         self,
         params: GenerationParams,
         image: Image.Image,

@@ -14,8 +14,8 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO
 
 import httpcore
 import httpx
@@ -43,6 +43,10 @@ class UnresolvableHost(UnsafeUrl):
 
 class FetchError(ValueError):
     """The URL was allowed but fetching it failed (HTTP error, too large, timeout, connection)."""
+
+
+class TooLarge(FetchError):
+    """The file is larger than the caller takes (`download_url`)."""
 
 
 def _translated_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -249,6 +253,47 @@ def fetch_url(
                         raise FetchError(f"{current} answered HTTP {response.status_code}.")
                     data = _read_limited(response, current, max_bytes, deadline)
                     return data, response.headers.get("content-type", "")
+            except httpx.TimeoutException as exc:
+                raise FetchError(f"Fetching {current} timed out.") from exc
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                raise FetchError(f"Could not fetch {current}: {exc}") from exc
+    raise FetchError(f"Too many redirects (more than {max_redirects}) fetching {url}.")
+
+
+def download_url(
+    url: str, out: BinaryIO, *, max_bytes: int, timeout: float, allow_private: bool,
+    allow_host: Callable[[str], bool] | None = None, max_redirects: int = 5,
+) -> int:
+    """GET `url` into `out` chunk by chunk (nothing held in memory), following up to `max_redirects` checked
+    redirects, each hop's host also held to `allow_host` when given (UnsafeUrl naming it); the bytes written.
+    FetchError when it answers an error, is larger than `max_bytes` or takes longer than `timeout` in all."""
+    deadline = time.monotonic() + timeout
+    current = url
+    with _client(timeout, allow_private) as client:
+        for _hop in range(max_redirects + 1):
+            target = _parse(current)
+            host = target.host
+            if allow_host is not None and not allow_host(host):
+                raise UnsafeUrl(f"{current} is on host {host}, which is not on this server's list of allowed hosts.")
+            try:
+                with client.stream("GET", target) as response:
+                    if response.is_redirect:
+                        current = str(response.url.join(response.headers["location"]))
+                        continue
+                    if not response.is_success:
+                        raise FetchError(f"{current} answered HTTP {response.status_code}.")
+                    declared = response.headers.get("content-length", "").strip()
+                    if declared.isdigit() and int(declared) > max_bytes:
+                        raise TooLarge(f"{current} is larger than {max_bytes} bytes ({declared} bytes).")
+                    size = 0
+                    for chunk in response.iter_bytes():
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise TooLarge(f"{current} is larger than {max_bytes} bytes.")
+                        if time.monotonic() > deadline:
+                            raise FetchError(f"Fetching {current} took too long.")
+                        out.write(chunk)
+                    return size
             except httpx.TimeoutException as exc:
                 raise FetchError(f"Fetching {current} timed out.") from exc
             except (httpx.HTTPError, httpx.InvalidURL) as exc:

@@ -7,6 +7,7 @@ stored before revision 0004 their record).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -31,6 +32,19 @@ class ImageSource(BaseModel):
         return IMAGE_FIELD if self.upload_id else IMAGE_URL_FIELD
 
 
+class RequestLora(BaseModel):
+    """A LoRA sent with the Run (PARTICALIZE_REQUEST_LORAS): the worker downloads it (server/lora_cache.py) and
+    runs the task with it on top of the tool's LoRAs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    strength: float = 1.0
+    sha256: str | None = None
+    """The file's content hash when the request named it: the download must match it, and a cached file with it
+    is used without downloading."""
+
+
 class TaskRecord(BaseModel):
     """What Run accepted: the validated parameters (the seed fixed), the image, the callback and the caller."""
 
@@ -51,6 +65,9 @@ class TaskRecord(BaseModel):
     trigger: str = ""
     """The tool's trigger word as Run put it before the prompt ("": none was): `params` (what the generator runs)
     holds the prompt with it, `parameters` shows the prompt without it, as it was sent or as the tool's default."""
+    loras: tuple[RequestLora, ...] = ()
+    """LoRAs sent with the request, in order, on top of the tool's (server/request_loras.py): the worker runs
+    exactly these."""
 
     def wiro_parameters(self, used: GenerationParams | None = None) -> dict[str, str]:
         """The recorded parameters: the inputs as sent, the default (and the chosen seed) of each one left out,
@@ -65,6 +82,8 @@ class TaskRecord(BaseModel):
         if self.image.attached:
             shown.pop(IMAGE_URL_FIELD, None)
             shown[IMAGE_FIELD] = self.image.url
+        if self.loras:
+            shown["loras"] = json.dumps([lora.model_dump(exclude_none=True) for lora in self.loras])
         if used is None:
             return shown
         shown.update(seed=str(used.seed), width=str(used.width), height=str(used.height))

@@ -64,6 +64,8 @@ class Tool(BaseModel):
     defaults: dict[str, str] = {}
     """Tool inputs (Wiro ids) that default to other values than the parameter model's."""
     inspire: tuple[dict[str, str], ...] = ()
+    request_loras: bool = False
+    """A Run may add LoRAs of its own (`loras`), when the server allows them (PARTICALIZE_REQUEST_LORAS)."""
 
     @property
     def slug(self) -> str:
@@ -81,8 +83,9 @@ class Tool(BaseModel):
 
 
 PARTICALIZE = Tool(owner=SLUG_OWNER, project=SLUG_PROJECT, title=TITLE, description=DESCRIPTION, readme=README,
-                   tags=tuple(TAGS), inspire=INSPIRE)
-"""The hosted tool this server replaces: always served, and the default."""
+                   tags=tuple(TAGS), inspire=INSPIRE, request_loras=True)
+"""The hosted tool this server replaces: always served, and the default. It takes request LoRAs when the server
+allows them (PARTICALIZE_REQUEST_LORAS=1), unless a tools file describes it without `request_loras = true`."""
 DEFAULT_SLUG = PARTICALIZE.slug
 
 

@@ -1,5 +1,5 @@
 """A Run request's fields checked before anything is stored, into the task's typed record (server.task_record):
-tool inputs, start image, callbackUrl.
+tool inputs, start image, callbackUrl, the request's own LoRAs (server.request_loras).
 
 A bad request is refused here with the field it is about (code 0) and creates nothing. An image sent with the Run
 is decoded now, once (fail fast; its format and size taken from that decode), one uploaded earlier to File/Upload
@@ -22,6 +22,7 @@ from server.bodies import RequestFields, UploadedFile
 from server.errors import ApiError
 from server.limits import RequestLimits
 from server.netguard import PrivateAddress, UnresolvableHost, UnsafeUrl, check_url
+from server.request_loras import parse_request_loras
 from server.storage import Storage, safe_name
 from server.store import NewUpload, new_id
 from server.store.uploads import Uploads
@@ -98,9 +99,11 @@ def parse_run(fields: RequestFields, options: RequestLimits, storage: Storage, u
     callback_url = _as_text("callbackUrl", values.get("callbackUrl")).strip()
     if callback_url:
         check_public_url("callbackUrl", callback_url, options.allow_private_urls)
+    loras = parse_request_loras(fields, tool, options)
     trigger = tool.trigger if params.prompt != sent.prompt else ""  # the generator's prompt has it, not `parameters`
     record = TaskRecord(params=params, inputs=inputs, image=image, callback_url=callback_url, owner=owner,
-                        resolved=resolved, tool=tool.slug, trigger=trigger)
+                        resolved=resolved, tool=tool.slug, trigger=trigger,
+                        loras=loras)
     return RunRequest(record, new_upload)
 
 

@@ -1018,6 +1018,48 @@ def _():
     assert "0.base_layer.weight" in dict(model.named_parameters())
 
 
+@contract("peft.tuners.lora.LoraLayer.adapter_layer_names",
+          "pipeline/lora/removal.py unwrap_bare_layers: after diffusers' delete_adapters removes a request LoRA, a "
+          "LoraLayer whose adapter_layer_names attributes are all empty is replaced by get_base_layer() (PEFT keeps "
+          "the wrapper), so the module tree is the warm model's again")
+def _():
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    model = tiny_transformer()
+    linear = model.blocks[0].attn1.to_q
+    model.add_adapter(LoraConfig(r=2, target_modules=["blocks.0.attn1.to_q"]), adapter_name="request")
+    layer = model.blocks[0].attn1.to_q
+    assert isinstance(layer, LoraLayer) and layer.get_base_layer() is linear
+    assert "lora_A" in layer.adapter_layer_names and layer.lora_A
+    model.delete_adapters(["request"])
+    assert model.blocks[0].attn1.to_q is layer  # the wrapper stays ...
+    assert not any(getattr(layer, attr) for attr in layer.adapter_layer_names)  # ... holding no adapter
+    assert not getattr(model, "peft_config", None)
+
+
+@contract("torch.compiler.set_stance",
+          "pipeline/generator.py: a run with request LoRAs on a compiled model runs under "
+          "set_stance('force_eager') as a context manager: compiled functions run their Python code, compiling nothing")
+def _():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    calls = []
+
+    @torch.compile(backend="eager")
+    def double(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return x * 2
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.compiler.set_stance("force_eager"):
+        assert torch.equal(double(torch.ones(2)), torch.full((2,), 2.0))
+    assert calls == [1] and counters["stats"]["unique_graphs"] == 0
+    torch._dynamo.reset()
+
+
 @contract("peft.tuners.tuners_utils.BaseTuner.__init__",
           "pipeline/lora/stack.py filters the warning 'Already found a `peft_config` attribute' for a second adapter")
 def _():

@@ -109,7 +109,7 @@ def test_serve_stops_at_start_on_a_bad_file(tmp_path: Path, capsys: pytest.Captu
     assert main(["serve", "--model", "tiny", "--workers", "0", "--tools", str(path)]) == 2
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
     assert lines == [f"error: {path}: tool 'remade/Squish': titel: unknown key (known: slug, loras, title, "
-                     "description, readme, categories, tags, trigger, defaults, inspire)"]
+                     "description, readme, categories, tags, trigger, defaults, inspire, request_loras)"]
 
 
 @pytest.fixture

@@ -51,6 +51,17 @@ class WeightDiffs:
             touched.update(self._diffs[adapter])
         self._refresh(touched)
 
+    def remove(self, adapter: str) -> None:
+        """Take `adapter`'s differences out: each parameter they touch is rewritten as original + the other
+        adapters' (exact), and the copy of one no other adapter changes is freed (its value is the original)."""
+        diffs = self._diffs.pop(adapter, {})
+        self._weights.pop(adapter, None)
+        self._refresh(diffs)
+        still_used = {n for other in self._diffs.values() for n in other}
+        for name in diffs:
+            if name not in still_used:
+                del self._original[name]
+
     def fold(self, adapters: list[str]) -> None:
         """Make `adapters`' differences part of the originals at their current strength (fusing): they can no
         longer be switched, and their copies are freed."""

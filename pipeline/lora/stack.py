@@ -32,6 +32,7 @@ from diffusers import WanImageToVideoPipeline
 from pipeline.errors import LoraFuseRefused, LoraMismatch, WeightsMissing
 from pipeline.lora.diffs import WeightDiffs
 from pipeline.lora.keys import LoraPlan, ModelParts, plan_lora
+from pipeline.lora.removal import delta_refusal, unwrap_bare_layers
 from pipeline.weight_files.quantized_layers import quantized_layers, unquantize
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class LoraInfo:
     """The fast mode's step-distilled LoRA: active only in fast mode."""
     tool: str = ""
     """The tool whose stack it is part of ("": the default stack); active only in that tool's runs."""
+    request: bool = False
+    """Sent with one request (pipeline.lora.request): active in that run whatever its tool, then dropped."""
 
     def describe(self) -> str:
         parts = [f"{self.path.name} as {self.name!r}", f"strength {self.strength:g}",
@@ -89,6 +92,8 @@ class LoraInfo:
             parts.append("fast mode only")
         if self.tool:
             parts.append(f"tool {self.tool}")
+        if self.request:
+            parts.append("this request only")
         return ", ".join(parts)
 
 
@@ -147,10 +152,11 @@ class LoraStack:
         return {""} | {info.tool for info in self.loras}
 
     def load(self, path: Path, strength: float = 1.0, *, speed: bool = False,
-             state_dict: dict[str, torch.Tensor] | None = None, tool: str = "") -> LoraInfo:
+             state_dict: dict[str, torch.Tensor] | None = None, tool: str = "", request: bool = False) -> LoraInfo:
         """Load one file as a new adapter (active at `strength` now unless it is the speed LoRA or another tool's).
         `state_dict`: the file's keys already in memory, on any device (benchmarks build them in code); `path` then
-        names it."""
+        names it. `request`: a LoRA sent with one request, active in every run until `drop` (always strict: a key
+        that changes nothing refuses it)."""
         path = Path(path)
         if state_dict is None and not path.is_file():
             raise WeightsMissing(
@@ -158,11 +164,17 @@ class LoraStack:
                 ".safetensors file, or a hub file and run `particalize weights fetch`"
             )
         state_dict = read_lora_file(path) if state_dict is None else state_dict
-        name = _adapter_name(Path(f"{tool}_{path.stem}") if tool else path, speed, (info.name for info in self.loras))
+        strict = self.strict or request
+        stem = f"request_{path.stem}" if request else f"{tool}_{path.stem}" if tool else ""
+        name = _adapter_name(Path(stem) if stem else path, speed, (info.name for info in self.loras))
         plan = plan_lora(state_dict, ModelParts.of(self.pipe.transformer))
-        self._check(plan, path, "")
+        self._check(plan, path, "", strict)
         if not plan.pairs and not plan.deltas:
             raise LoraMismatch(f"no key of {path.name} fits this model: {_problem_text(plan.problems)}")
+        if request:
+            refusal = delta_refusal(self.pipe.transformer, plan.deltas)
+            if refusal:
+                raise LoraMismatch(f"{path.name}: {refusal}")
         dequantized = unquantize(self.pipe.transformer, plan.deltas)
         if dequantized:
             log.info("LoRA %s changes %d quantized layers by full differences: those layers now hold their "
@@ -174,24 +186,24 @@ class LoraStack:
             missed = _pairs_not_loaded(self.pipe.transformer, plan, name)
             if missed:
                 plan.drop(missed, "diffusers did not load it into the layer")
-                if self.strict:
+                if strict:
                     self.pipe.delete_adapters(name)
-                self._check(plan, path, " after loading")
+                self._check(plan, path, " after loading", strict)
         if plan.deltas:
             self.diffs.add(name, plan.deltas, 0.0)
         info = LoraInfo(name, path, strength, modules=len(plan.pairs), diffs=len(plan.deltas), rank=plan.rank,
-                        keys=plan.keys, skipped=len(plan.problems), speed=speed, tool=tool)
+                        keys=plan.keys, skipped=len(plan.problems), speed=speed, tool=tool, request=request)
         self.loras.append(info)
         fast, self.fast = bool(self.fast), None  # loading made diffusers activate the new adapter alone
         self.use(fast, self.tool)
         log.info("LoRA %s", info.describe())
         return info
 
-    def _check(self, plan: LoraPlan, path: Path, when: str) -> None:
+    def _check(self, plan: LoraPlan, path: Path, when: str, strict: bool) -> None:
         if not plan.problems:
             return
         text = _problem_text(plan.problems)
-        if self.strict:
+        if strict:
             raise LoraMismatch(
                 f"{path.name} does not fit this model{when}: {len(plan.problems)} of {plan.keys} keys would change "
                 f"nothing ({text}). Use a LoRA made for Wan2.1 I2V 14B, or set PARTICALIZE_LORA_STRICT=false to "
@@ -237,8 +249,8 @@ class LoraStack:
                                "with the catalogue that names the tool")
         if self.fast == fast and self.tool == tool:
             return
-        active = [info for info in self.loras
-                  if not info.fused and (info.speed if info.speed else info.tool == tool) and (fast or not info.speed)]
+        active = [info for info in self.loras if not info.fused and (fast or not info.speed) and (
+            info.request or (info.speed if info.speed else info.tool == tool))]
         adapters = [info for info in active if info.modules]
         if adapters:
             self.pipe.enable_lora()
@@ -247,6 +259,23 @@ class LoraStack:
             self.pipe.disable_lora()
         self.diffs.set_weights({info.name: info.strength for info in active})
         self.fast, self.tool = fast, tool
+
+    def drop(self, infos: Iterable[LoraInfo]) -> None:
+        """Unload request LoRAs (`load(..., request=True)`): their adapters deleted, their full differences taken
+        out (the weights rewritten from their originals), and every layer left without an adapter given back its
+        own Linear, so that the model is again what it was before they were loaded."""
+        gone = [info for info in infos if info in self.loras]
+        if not gone:
+            return
+        adapters = [info.name for info in gone if info.modules]
+        if adapters:
+            self.pipe.transformer.delete_adapters(adapters)
+        for info in gone:
+            self.diffs.remove(info.name)
+        unwrap_bare_layers(self.pipe.transformer)
+        self.loras = [info for info in self.loras if info not in gone]
+        fast, self.fast = bool(self.fast), None
+        self.use(fast, self.tool)
 
 
 def fuse_refusal(transformer: torch.nn.Module, adapters: Iterable[str] | None = None) -> str | None:

@@ -14,8 +14,9 @@ saying so and the group must be started again (the caller's `on_broken`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,7 +113,8 @@ def _ended(error: BaseException | None) -> str | None:
 
 
 def run_request(generator: VideoGenerator, params: GenerationParams, image: Image.Image,
-                progress: ProgressFn | None = None, should_stop: StopFn | None = None, tool: str = "") -> Video:
+                progress: ProgressFn | None = None, should_stop: StopFn | None = None, tool: str = "",
+                loras: Sequence[tuple[Path, float]] = ()) -> Video:
     """This rank's part of one run; raises what ended it on any rank (the same on every rank)."""
     device = generator.device
 
@@ -122,7 +124,8 @@ def run_request(generator: VideoGenerator, params: GenerationParams, image: Imag
     error: BaseException | None = None
     video = None
     try:
-        video = generator.generate(params, image, progress=progress, should_stop=collective_stop, tool=tool)
+        video = generator.generate(params, image, progress=progress, should_stop=collective_stop, tool=tool,
+                                   loras=loras)
     except Exception as exc:  # noqa: BLE001 - every rank must reach the verdict below
         error = exc
     endings: list[str | None] = [None] * dist.get_world_size()
@@ -191,11 +194,15 @@ class LeaderGenerator:
     def resolve(self, params: GenerationParams, image: Image.Image) -> ResolvedParams:
         return self.inner.resolve(params, image)
 
+    def check_loras(self, files: Sequence[Path]) -> None:
+        self.inner.check_loras(files)
+
     def generate(self, params: GenerationParams, image: Image.Image, progress: ProgressFn | None = None,
                  should_stop: StopFn | None = None, interrupt: Callable[[], bool] | None = None,
-                 tool: str = "") -> Video:
+                 tool: str = "", loras: Sequence[tuple[Path, float]] = ()) -> Video:
         """As VideoGenerator.generate; `interrupt` is read once per step with `should_stop` (not per block); every
-        rank switches to `tool`'s LoRAs."""
+        rank switches to `tool`'s LoRAs, and loads the request's `loras` from the same files (the ranks share one
+        machine; the caller holds the files until the run is over)."""
         if self.broken:
             raise ParallelGroupBroken(self.broken)
         if image.mode != "RGB":
@@ -223,8 +230,9 @@ class LeaderGenerator:
             return bool(failures)
 
         try:
-            dist.broadcast_object_list([("generate", params, image, tool)], src=0, group=self.control)
-            return run_request(self.inner, params, image, progress=report, should_stop=stop, tool=tool)
+            request = ("generate", params, image, tool, tuple(loras)) if loras else ("generate", params, image, tool)
+            dist.broadcast_object_list([request], src=0, group=self.control)
+            return run_request(self.inner, params, image, progress=report, should_stop=stop, tool=tool, loras=loras)
         except Interrupted:
             if failures:
                 raise failures[0] from None
@@ -272,9 +280,9 @@ def follow(generator: VideoGenerator, control: Any) -> None:
         dist.broadcast_object_list(box, src=0, group=control)
         if box[0] == STOP:
             return
-        _, params, image, tool = box[0]
+        _, params, image, tool, *rest = box[0]
         try:
-            run_request(generator, params, image, tool=tool)
+            run_request(generator, params, image, tool=tool, loras=rest[0] if rest else ())
         except ParallelGroupBroken:
             raise
         except Exception as exc:  # noqa: BLE001 - rank 0 records it; this rank waits for the next request

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.params import Limits
+from server.limits import RequestLoraOptions
 from server.store import StoreOptions
 
 
@@ -28,6 +29,8 @@ class WorkerOptions:
     store: StoreOptions = StoreOptions()
     limits: Limits = Limits()
     fetch: FetchOptions = FetchOptions()
+    request_loras: RequestLoraOptions = RequestLoraOptions()
+    """LoRAs sent with a request: downloaded, cached and checked by the worker (server/worker/request_loras.py)."""
     poll_seconds: float = 0.05
     """How often an idle worker looks for a queued task when nothing wakes it (server/wakeup.py)."""
     safety_poll_seconds: float = 5.0

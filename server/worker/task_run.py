@@ -1,8 +1,8 @@
 """One claimed task, walked through Wiro's lifecycle and recorded as it ended (server/worker/outcomes.py).
 
-task_accept (claimed) -> preprocess_start (fetch and check the image) -> preprocess_end -> assign -> start ->
-output (the current step, repeated) -> output_full -> end -> postprocess_start (encode the MP4, store it) ->
-postprocess_end (pexit 0 and the output).
+task_accept (claimed) -> preprocess_start (fetch and check the image, and the request's LoRAs) -> preprocess_end ->
+assign -> start -> output (the current step, repeated) -> output_full -> end -> postprocess_start (encode the MP4,
+store it) -> postprocess_end (pexit 0 and the output).
 
 Task/Kill ends the task in task_cancel at once (server/store); the run notices within one transformer block (a
 watcher thread turns the store's flag into an event the pipeline checks before every block and every VAE encoder
@@ -23,6 +23,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
@@ -52,6 +54,7 @@ from server.task_record import ImageSource, record_of
 from server.tool_info import DEFAULT_SLUG
 from server.worker.options import WorkerOptions
 from server.worker.outcomes import HANDLING, Ending, Outcome, TaskEnd, ending_of
+from server.worker.request_loras import ready_loras
 from server.worker.scratch import output_folder
 
 if TYPE_CHECKING:
@@ -98,8 +101,13 @@ class Generator(Protocol):
         """The modes it runs: what a request's parameters are resolved with."""
 
     def generate(self, params: ResolvedParams, image: Image.Image, progress: Any = None,
-                 should_stop: Any = None, interrupt: Any = None, tool: str = "") -> Video:
-        """`tool`: the catalogue tool whose LoRAs run ("": the default tool's); passed only for another tool."""
+                 should_stop: Any = None, interrupt: Any = None, tool: str = "",
+                 loras: tuple[tuple[Path, float], ...] = ()) -> Video:
+        """`tool`: the catalogue tool whose LoRAs run ("": the default tool's); passed only for another tool.
+        `loras`: the request's LoRA files on top of them, for this run only; passed only when there are any."""
+
+    def check_loras(self, files: list[Path]) -> None:
+        """LoraMismatch unless each file is a LoRA for this base (asked only of a task with request LoRAs)."""
 
 
 class TaskRun:
@@ -161,23 +169,27 @@ class TaskRun:
             params = record.resolved or resolve_request(record.params, image.size, limits, self.generator.modes)
         except InvalidParameter as exc:
             raise TaskEnd(Outcome.BAD_INPUT, str(exc)) from None
-        self._step(PREPROCESS_END, resolved=params,
-                   debugoutput=f"input image {image.width}x{image.height}; video {params.width}x{params.height}, "
-                               f"{params.num_frames} frames, {params.steps} steps, seed {params.seed}")
-        self._step(ASSIGN, debugoutput=f"assigned to {self.worker_id} ({self.generator.device})")
-        self._step(START)
-
-        video = self._generate(params, image, "" if record.tool == DEFAULT_SLUG else record.tool)
+        with ExitStack() as held:  # the request's LoRA files stay in the cache until the run is over
+            loras = ready_loras(record.loras, self.options.request_loras,
+                                lambda files: self.generator.check_loras(files), held)
+            self._step(PREPROCESS_END, resolved=params,
+                       debugoutput=f"input image {image.width}x{image.height}; video {params.width}x"
+                                   f"{params.height}, {params.num_frames} frames, {params.steps} steps, seed "
+                                   f"{params.seed}{loras.describe()}")
+            self._step(ASSIGN, debugoutput=f"assigned to {self.worker_id} ({self.generator.device})")
+            self._step(START)
+            video = self._generate(params, image, "" if record.tool == DEFAULT_SLUG else record.tool, loras.files)
         try:
-            self._finish(video, params)
+            self._finish(video, params, loras.describe())
         except SQLAlchemyError as exc:
             if not is_outage(exc):
                 raise
             raise TaskEnd(Outcome.UNRECORDED) from exc
 
-    def _finish(self, video: Video, params: GenerationParams) -> None:
+    def _finish(self, video: Video, params: GenerationParams, lora_note: str = "") -> None:
         """The video is made: store and record it. From here a stop does not throw it away (bounded by
-        shutdown_finish_seconds), and every store call waits out an outage."""
+        shutdown_finish_seconds), and every store call waits out an outage. `lora_note`: ends the last debugoutput
+        (the request LoRAs used)."""
         task = self.task
         schedule = video.schedule  # cached mode: the steps MagCache computed and skipped
         self._step(OUTPUT_FULL, finishing=True, debugoutput=f"generated {video.frames.shape[0]} frames "
@@ -191,7 +203,7 @@ class TaskRun:
         cost = self.options.cost_per_second * max(0.0, time.time() - task.accepttime)
         outputs = [NewOutput(OUTPUT_NAME, OUTPUT_TYPE, size, relpath)]
         done = f"done: {OUTPUT_NAME} ({size} bytes, {params.num_frames} frames at {params.fps} fps)" + "".join(
-            f"; {note}" for note in video.notes)  # e.g. the decode was retried with VAE tiling
+            f"; {note}" for note in video.notes) + lora_note  # e.g. the decode was retried with VAE tiling
         try:
             self._through_outage(
                 lambda: self.store.tasks.complete(task.id, self.worker_id, outputs, totalcost=cost, debugoutput=done,
@@ -239,7 +251,8 @@ class TaskRun:
         except InvalidParameter as exc:
             raise TaskEnd(Outcome.BAD_INPUT, str(exc)) from None
 
-    def _generate(self, params: ResolvedParams, image: Image.Image, tool: str = "") -> Video:
+    def _generate(self, params: ResolvedParams, image: Image.Image, tool: str = "",
+                  loras: tuple[tuple[Path, float], ...] = ()) -> Video:
         """Run the pipeline; progress is recorded (at most every progress_interval_seconds, and the last step
         always). A kill, or a stop once its grace period is over, stops it before the next transformer block
         (`interrupt`, set by the kill watcher) or at the end of the step it arrives in, whichever is first."""
@@ -268,11 +281,13 @@ class TaskRun:
                 self.interrupt.set()  # mid-denoise: requeued
             return self.interrupt.is_set()
 
-        which = {"tool": tool} if tool else {}  # the default tool's run is called as before tools existed
+        which: dict[str, Any] = {"tool": tool} if tool else {}  # a run without them is called as before they existed
+        if loras:
+            which["loras"] = loras
         try:
             return self.generator.generate(params, image, progress=progress, should_stop=should_stop,
                                            interrupt=self.interrupt.is_set, **which)
-        except LoraMismatch as exc:  # a tool this worker has not loaded (the catalogue changed since Run)
+        except LoraMismatch as exc:  # a tool not loaded here (the catalogue changed since Run), a request LoRA
             raise TaskEnd(Outcome.BAD_INPUT, str(exc)) from None
         except Interrupted as stopped:
             if self.kill_seen.is_set() or self._through_outage(lambda: self.store.tasks.kill_requested(task.id),

@@ -173,11 +173,24 @@ def input_items(tool: ToolOptions, limits: RequestLimits, which: Tool = PARTICAL
             *(_input_item(spec, which.defaults) for spec in _inputs(tool, limits) if not spec.advanced)]
 
 
-def advanced_groups(tool: ToolOptions, limits: RequestLimits) -> list[dict[str, Any]]:
+def advanced_groups(tool: ToolOptions, limits: RequestLimits, which: Tool = PARTICALIZE) -> list[dict[str, Any]]:
     """The inputs the hosted tool does not have, when this server offers them (`mode`: with a speed LoRA; without
-    one, a request for fast mode is refused, naming the setting)."""
+    one, a request for fast mode is refused, naming the setting; `loras`: when request LoRAs are on and `which`
+    tool takes them)."""
     items = [_input_item(spec) for spec in _inputs(tool, limits) if spec.advanced]
+    if limits.request_loras.enabled and which.request_loras:
+        items.append(_request_loras_item(limits))
     return [{"title": "Advanced", "items": items}] if items else []
+
+
+def _request_loras_item(limits: RequestLimits) -> dict[str, Any]:
+    options = limits.request_loras
+    return _item("loras", "text", "loras",
+                 "LoRAs to add to this tool's for this video: a JSON list of {\"url\", \"strength\", \"sha256\"} "
+                 "(strength and sha256 optional) or 'URL[:STRENGTH],URL[:STRENGTH]'; .safetensors files made for "
+                 "this base", "", advanced=True,
+                 note=f"at most {options.max_count}, each at most {options.max_bytes} bytes, from "
+                      f"{', '.join(options.hosts)}; strength 0-4 (default 1)")
 
 
 def _tool_id(tool: ToolOptions, which: Tool) -> str:
@@ -200,7 +213,8 @@ def tool_detail(tool: ToolOptions, limits: RequestLimits, which: Tool = PARTICAL
         "readme": which.readme,
         "categories": list(which.categories),
         "tags": list(which.tags),
-        "parameters": [{"title": "Input", "items": input_items(tool, limits, which)}, *advanced_groups(tool, limits)],
+        "parameters": [{"title": "Input", "items": input_items(tool, limits, which)},
+                       *advanced_groups(tool, limits, which)],
         "inspire": [dict(example) for example in which.inspire],
         "samples": [],
         "marketplace": 0,

@@ -184,6 +184,28 @@ def test_a_catalogue_tool_takes_request_loras_only_when_its_entry_says_so(tmp_pa
         assert run(client, url)["result"] is True  # the default tool, not described by the file, takes them
 
 
+def test_tool_detail_describes_the_loras_input_only_where_a_run_may_send_it(tmp_path: Path,
+                                                                            lora_files: dict[str, Path]):
+    catalogue = tmp_path / "tools.toml"
+    effect = lora_files["effect"]
+    catalogue.write_text(f'[[tools]]\nslug = "remade/Squish"\nloras = ["{effect}"]\n'
+                         f'[[tools]]\nslug = "remade/Inflate"\nloras = ["{effect}"]\nrequest_loras = true\n')
+
+    def advanced_ids(client: TestClient, owner: str, project: str) -> list[str]:
+        tool = client.post("/v1/Tool/Detail", json={"slugowner": owner, "slugproject": project}).json()["tool"][0]
+        return [item["id"] for group in tool["parameters"][1:] for item in group["items"]]
+
+    with TestClient(build_app(settings_for(tmp_path, tools_file=catalogue))) as client:
+        assert "loras" in advanced_ids(client, "remade", "Inflate")
+        assert "loras" not in advanced_ids(client, "remade", "Squish")
+        tool = client.post("/v1/Tool/Detail", json={"slugowner": "remade", "slugproject": "Inflate"}).json()
+        item = next(i for g in tool["tool"][0]["parameters"] for i in g["items"] if i["id"] == "loras")
+        assert item["note"] == f"at most 2, each at most {MAX_BYTES} bytes, from 127.0.0.1; strength 0-4 (default 1)"
+    off = make_settings(tmp_path / "off", f"sqlite:///{tmp_path / 'off.db'}", tools_file=catalogue)
+    with TestClient(build_app(off)) as client:
+        assert "loras" not in advanced_ids(client, "remade", "Inflate")
+
+
 def test_turning_them_on_needs_a_host_list(tmp_path: Path):
     with pytest.raises(ValueError, match="PARTICALIZE_REQUEST_LORAS=1 needs the hosts"):
         make_settings(tmp_path, request_loras=True)

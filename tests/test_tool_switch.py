@@ -229,3 +229,38 @@ def test_compile_keeps_room_for_every_tools_graphs():
         assert allow_graphs(3) == 20 * GRAPHS_PER_STACK, "never lowered"
         assert allow_graphs(40) == 320 == dynamo_config.accumulated_recompile_limit
     assert hasattr(dynamo_config, "recompile_limit") and hasattr(dynamo_config, "accumulated_recompile_limit")
+
+
+@pytest.mark.parametrize("base", ["fp8_scaled", "gguf"])
+def test_tools_switch_on_a_quantized_base_as_on_bf16(files, tmp_path, base):
+    """A ComfyUI-style fp8-scaled or GGUF Q8_0 transformer file under the tools: each tool's frames after the other's
+    equal a fresh generator's on the same file with only that tool's LoRAs (pairs as adapters on the quantized
+    layers, full differences on the float layers they touch)."""
+    from pipeline.weight_files.files import WeightFiles
+    from tests.checkpoint_files import (
+        gguf_quantized_keys,
+        linear_weights,
+        transformer_state,
+        write_fp8_transformer,
+        write_gguf,
+    )
+
+    tmp, stacks = files
+    tiny = VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp)).pipe.transformer
+    state, linear = transformer_state(tiny), linear_weights(tiny)
+    if base == "fp8_scaled":
+        path = write_fp8_transformer(tmp_path / "fp8.safetensors", state, linear, scaled="scale_weight")[0]
+    else:
+        path = write_gguf(tmp_path / "q8.gguf", state, gguf_quantized_keys(state, linear, tiny._keep_in_fp32_modules))
+    tools = ("remade/Squish", "remade/Inflate")
+
+    def on_base(stack_of: dict, loaded: tuple[str, ...] = ()) -> VideoGenerator:
+        options = LoraStackOptions(loras=stack_of.get("", ()), tools=tuple((t, stack_of[t]) for t in loaded))
+        return VideoGenerator(GeneratorOptions(get_preset("tiny"), tmp, loras=options,
+                                               weight_files=WeightFiles(transformer=path)))
+
+    fresh = {tool: on_base({"": stacks[tool]}).generate(PARAMS, IMAGE).frames for tool in tools}
+    warm = on_base(stacks, tools)
+    assert not np.array_equal(fresh[tools[0]], fresh[tools[1]])
+    for tool in (*tools, *tools):
+        np.testing.assert_array_equal(warm.generate(PARAMS, IMAGE, tool=tool).frames, fresh[tool])

@@ -40,7 +40,10 @@ class Database:
             if parsed.database and parsed.database != ":memory:":
                 self.sqlite_file = Path(parsed.database)
                 self.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(self.url, pool_size=8, max_overflow=32, pool_timeout=30)
+            # More connections than this process has threads that use them (the 40 of the API's thread pool, the
+            # callback sender's 8, the event loop's Task/Detail reads): a checkout never waits, which matters
+            # most for the event loop. An idle SQLite connection is a file handle.
+            self.engine: Engine = create_engine(self.url, pool_size=8, max_overflow=64, pool_timeout=30)
             _sqlite_setup(self.engine)
         else:
             # pre-ping: a connection the server dropped (a restart, a failover) is replaced before use, so

@@ -18,7 +18,7 @@ from server.wakeup import Wakeup, wakeup_for
 from server.worker.loop import Worker
 from server.worker.options import WorkerOptions, worker_id_for
 from server.worker.task_run import Generator
-from server.worker_reports import Report
+from server.worker_reports import Report, report_ends
 
 log = logging.getLogger("particalize.worker")
 
@@ -91,6 +91,8 @@ def run_worker(
     when_up(store.tasks.note_waiting)
     log.info("worker %s ready: model %s on %s", worker_id, options.model, generator.device)
     wakeup = wakeup or wakeup_for(store.db, options.poll_seconds, options.safety_poll_seconds)
+    if report is not None:  # the tasks it ends wake serve's callback sender (without a NOTIFY on SQLite)
+        store.tasks.changed.append(report_ends(report))
     worker = Worker(store, storage, generator, options, worker_id=worker_id, report=report, wakeup=wakeup)
     try:
         worker.run(stop_event, parent_pid=parent_pid)

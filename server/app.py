@@ -29,6 +29,7 @@ from server.options import ServerOptions
 from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
+from server.store.models import CANCEL, QUEUED
 from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER, ThrottledLog, describe, is_outage
 from server.worker_reports import WorkerReports
 
@@ -66,6 +67,7 @@ def create_app(
         workers = None if start_workers is None else await run_in_threadpool(start_workers, app.state.worker_reports)
         wake = getattr(workers, "wake", None)
         if wake is not None:  # serve's own workers, woken directly (on SQLite: server/wakeup.py)
+            wake = _wake_on_queue_or_cancel(wake)
             changed.append(wake)
         try:
             yield
@@ -138,6 +140,11 @@ def create_app(
         return internal_error_response(request, exc)
 
     return app
+
+
+def _wake_on_queue_or_cancel(wake: Callable[[int, str], None]) -> Callable[[int, str], None]:
+    """The workers need to hear of a task queued (to claim it) or cancelled (to stop it), not of its other ends."""
+    return lambda task_id, status: wake(task_id, status) if status in (QUEUED, CANCEL) else None
 
 
 def _wake_on_end(callbacks: CallbackDispatcher) -> Callable[[int], None]:

@@ -14,8 +14,6 @@ import os
 import threading
 from collections.abc import Callable
 
-from server.store.models import TERMINAL
-
 log = logging.getLogger("particalize.supervisor")
 
 Report = Callable[[str, str], None]
@@ -94,16 +92,6 @@ def pipe_reporter(fd: int, worker_id: str) -> Report:
                 pass
 
     return report
-
-
-def report_ends(report: Report) -> Callable[[int, str], None]:
-    """A `TaskLifecycle.changed` listener for a worker process: each task it ends, reported to its serve process."""
-
-    def tell(task_id: int, status: str) -> None:
-        if status in TERMINAL:
-            report(ENDED, str(task_id))
-
-    return tell
 
 
 def reporter_from_env(worker_id: str) -> Report | None:

@@ -18,7 +18,8 @@ from server.callbacks import CallbackDispatcher, CallbackOptions
 from server.store import Database, NewOutput, Store, upgrade
 from server.store.models import CANCEL, OUTPUT, POSTPROCESS_END, QUEUED
 from server.store.notify import EVENTS, Listener
-from server.worker_reports import ENDED, WorkerReports, pipe_reporter, report_ends
+from server.worker.entry import report_ends
+from server.worker_reports import ENDED, WorkerReports, pipe_reporter
 from tests.tasks import create_task
 
 NEVER = 60.0

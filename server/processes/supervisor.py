@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from server.processes.exit_codes import EXIT_LOAD_FAILED
 from server.processes.parent import PARENT_ENV
 from server.processes.wake_pipes import WAKE_FD_ENV, WakePipes
-from server.store.models import CANCEL, QUEUED
 from server.worker_reports import REPORT_FD_ENV, WorkerReports
 
 log = logging.getLogger("particalize.supervisor")
@@ -159,9 +158,8 @@ class WorkerProcesses:
 
     def wake(self, task_id: int, status: str) -> None:
         """Tell every worker that `task_id` reached `status` (queued: an idle one claims it; cancelled: the one
-        running it stops), if they were given wake-up pipes; never blocks, never fails. Other statuses (a task's end)
-        are nothing to the workers."""
-        if self._wake is not None and status in (QUEUED, CANCEL):
+        running it stops), if they were given wake-up pipes; never blocks, never fails."""
+        if self._wake is not None:
             self._wake.send(task_id, status)
 
     def stop(self) -> None:

@@ -95,7 +95,7 @@ def open_services(settings: Settings, options: ServerOptions | None = None) -> S
     from server.store import Database, DbNonceStore, Store, upgrade
 
     options = options or server_options(settings)
-    db = Database(settings.sqlalchemy_url)
+    db = Database(settings.sqlalchemy_url, settings.database_listen_url)
     upgrade(db)
     return Services(options, Store(db, store_options(settings)), Storage(options.storage),
                     Authenticator(options.auth, DbNonceStore(db)))

@@ -34,6 +34,7 @@ _SECRETS = {"api_keys", "api_keys_file", "hf_token"}
 def store_options(settings: Settings) -> StoreOptions:
     return StoreOptions(
         url=settings.sqlalchemy_url,
+        listen_url=settings.database_listen_url,
         lease_seconds=settings.lease_seconds,
         requeue_limit=settings.requeue_limit,
         max_queue_length=settings.max_queue_length,

@@ -159,6 +159,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     data_dir: Path = Field(default_factory=lambda: Path("data"))
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir.")
+    database_listen_url: str | None = Field(
+        None, description="PostgreSQL only: the URL of the connections that LISTEN for the task store's notifications "
+        "(one per worker process, one or two per API process), when it is not database_url: behind PgBouncer in "
+        "transaction mode, which does not carry LISTEN, a direct URL to the same database (same schema). Default: "
+        "database_url.")
     public_base_url: str | None = Field(None, description="Base of output URLs; default http://host:port.")
     workers: int = Field(1, ge=0, description="In-process GPU workers for `serve` (0: API only).")
     api_keys: str | None = Field(None, description="Comma-separated key:secret pairs (or key: for key-only).")
@@ -287,7 +292,8 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"PARTICALIZE_RATE_LIMIT_STORAGE: {exc}") from None
 
-    @field_validator("lora_path", "api_keys_file", "tools_file", "request_lora_cache_dir", mode="before")
+    @field_validator("lora_path", "api_keys_file", "tools_file", "request_lora_cache_dir", "database_listen_url",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -29,6 +29,7 @@ from server.options import ServerOptions
 from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
+from server.store.models import CANCEL, QUEUED
 from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER, ThrottledLog, describe, is_outage
 from server.worker_reports import WorkerReports
 
@@ -54,20 +55,30 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         opened = await run_in_threadpool(open_services)
         app.state.services = opened
-        callbacks = CallbackDispatcher(opened.store, opened.detail_body, options.callbacks).start()
+        # One listening connection on PostgreSQL (the live feed's) also wakes the callback sender; on SQLite it is
+        # woken by the tasks this process ends and by those its own workers report ending.
+        feed = app.state.live_feed = await run_in_threadpool(EventFeed.open, opened.store)
+        callbacks = app.state.callbacks = CallbackDispatcher(opened.store, opened.detail_body, options.callbacks,
+                                                             listener=feed.listener).start()
+        changed = opened.store.tasks.changed
+        changed.append(callbacks.task_changed)
+        ended, on_end = app.state.worker_reports.ended, _wake_on_end(callbacks)
+        ended.append(on_end)
         workers = None if start_workers is None else await run_in_threadpool(start_workers, app.state.worker_reports)
         wake = getattr(workers, "wake", None)
         if wake is not None:  # serve's own workers, woken directly (on SQLite: server/wakeup.py)
-            opened.store.tasks.changed.append(wake)
-        feed = app.state.live_feed = await run_in_threadpool(EventFeed.open, opened.store)
+            wake = _wake_on_queue_or_cancel(wake)
+            changed.append(wake)
         try:
             yield
         finally:
             await feed.close()
             if wake is not None:
-                opened.store.tasks.changed.remove(wake)
+                changed.remove(wake)
             if workers is not None:
                 await run_in_threadpool(workers.stop)
+            changed.remove(callbacks.task_changed)
+            ended.remove(on_end)
             callbacks.stop()
             if close_services:
                 opened.close()
@@ -129,6 +140,16 @@ def create_app(
         return internal_error_response(request, exc)
 
     return app
+
+
+def _wake_on_queue_or_cancel(wake: Callable[[int, str], None]) -> Callable[[int, str], None]:
+    """The workers need to hear of a task queued (to claim it) or cancelled (to stop it), not of its other ends."""
+    return lambda task_id, status: wake(task_id, status) if status in (QUEUED, CANCEL) else None
+
+
+def _wake_on_end(callbacks: CallbackDispatcher) -> Callable[[int], None]:
+    """A worker reported ending a task: its callback may be due."""
+    return lambda task_id: callbacks.wake()
 
 
 def internal_error_response(request: Request, exc: Exception) -> JSONResponse:

@@ -17,7 +17,10 @@ from collections.abc import Callable
 log = logging.getLogger("particalize.supervisor")
 
 Report = Callable[[str, str], None]
-"""A worker's report: (state, detail), e.g. ("paused", "Not enough free disk space ...") or ("ready", "")."""
+"""A worker's report: (state, detail), e.g. ("paused", "Not enough free disk space ...") or ("ready", ""); or the
+end of a task it committed, (ENDED, "<task id>"), which is no state of the worker."""
+
+ENDED = "ended"
 
 REPORT_FD_ENV = "_PARTICALIZE_REPORT_FD"
 """The pipe (a file descriptor number) a child worker writes its reports to, one JSON line each."""
@@ -29,8 +32,18 @@ class WorkerReports:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._paused: dict[str, str] = {}
+        self.ended: list[Callable[[int], None]] = []
+        """Told the id of each task a worker reports it has ended (the callback sender looks for due callbacks)."""
 
     def report(self, worker_id: str, state: str, detail: str = "") -> None:
+        if state == ENDED:
+            if detail.isdigit():
+                for listener in list(self.ended):
+                    try:
+                        listener(int(detail))
+                    except Exception:
+                        log.exception("could not pass on the end of task %s", detail)
+            return
         with self._lock:
             if state == "paused":
                 self._paused[worker_id] = detail

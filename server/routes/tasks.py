@@ -32,7 +32,7 @@ async def detail(request: Request) -> JSONResponse:
             raise ApiError("There is no task yet.", code=NOT_FOUND)
         return services.detail_body(*found)
 
-    return await answer(request, handler)
+    return await answer(request, handler, read_only=True)
 
 
 def _tasklist(services: Services, task: Task) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 CONNECT_TIMEOUT_SECONDS = 5
@@ -26,9 +27,13 @@ def normalize_url(url: str) -> str:
 class Database:
     """One engine per process. `session(write=True)` is a write transaction: on SQLite it takes the
     write lock up front (BEGIN IMMEDIATE), so read-then-write sequences never fail half way with
-    SQLITE_BUSY and two processes can never both act on what they read."""
+    SQLITE_BUSY and two processes can never both act on what they read.
 
-    def __init__(self, url: str) -> None:
+    `listen_url` (PostgreSQL only): where the connections that LISTEN for notifications go (server/store/notify.py),
+    when that is not `url`: behind PgBouncer in transaction mode a LISTEN hears nothing, so the listening
+    connections need a direct URL to the same database (`PARTICALIZE_DATABASE_LISTEN_URL`)."""
+
+    def __init__(self, url: str, listen_url: str | None = None) -> None:
         self.url = normalize_url(url)
         parsed = make_url(self.url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
@@ -40,7 +45,10 @@ class Database:
             if parsed.database and parsed.database != ":memory:":
                 self.sqlite_file = Path(parsed.database)
                 self.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(self.url, pool_size=8, max_overflow=32, pool_timeout=30)
+            # More connections than this process has threads that use them (the 40 of the API's thread pool, the
+            # callback sender's 8, the event loop's Task/Detail reads): a checkout never waits, which matters
+            # most for the event loop. An idle SQLite connection is a file handle.
+            self.engine: Engine = create_engine(self.url, pool_size=8, max_overflow=64, pool_timeout=30)
             _sqlite_setup(self.engine)
         else:
             # pre-ping: a connection the server dropped (a restart, a failover) is replaced before use, so
@@ -48,6 +56,21 @@ class Database:
             connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
             self.engine = create_engine(self.url, pool_size=8, max_overflow=32, pool_pre_ping=True,
                                         connect_args=connect_args)
+        self.listen_url = normalize_url(listen_url) if listen_url else self.url
+        self._listen_engine: Engine | None = None
+        if self.listen_url != self.url:
+            if not (self.is_postgres and make_url(self.listen_url).get_backend_name() == "postgresql"):
+                raise ValueError("a separate listening URL (PARTICALIZE_DATABASE_LISTEN_URL) needs PostgreSQL for "
+                                 "both it and the database URL: notifications are PostgreSQL's")
+            listen = make_url(self.listen_url)
+            connect_args = {} if "connect_timeout" in listen.query else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+            # No pool: a listening connection is taken once and kept (detached) until it breaks.
+            self._listen_engine = create_engine(self.listen_url, poolclass=NullPool, connect_args=connect_args)
+
+    @property
+    def listen_engine(self) -> Engine:
+        """The engine the listening connections come from: the main one unless a listening URL was given."""
+        return self._listen_engine if self._listen_engine is not None else self.engine
 
     @contextmanager
     def connect(self, write: bool = False) -> Iterator[Connection]:
@@ -76,6 +99,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._listen_engine is not None:
+            self._listen_engine.dispose()
 
 
 def _sqlite_setup(engine: Engine) -> None:

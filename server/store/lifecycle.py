@@ -99,8 +99,11 @@ class TaskLifecycle:
         self.max_active_per_key = max_active_per_key
         self.clock = clock
         self.changed: list[Callable[[int, str], None]] = []
-        """Told (task id, status) after a Run's task is queued or a Kill is committed: `serve` wakes its own workers
-        with it on SQLite (server/wakeup.py). PostgreSQL announces new statuses itself (server/store/notify.py)."""
+        """Told (task id, status) after a Run's task is queued, a Kill is committed, or a task ends (a terminal status,
+        committed by this process): `serve` wakes its own workers with the first two on SQLite (server/wakeup.py),
+        and the callback sender looks for due callbacks on the last (server/callbacks.py); a worker process started
+        by `serve` passes its tasks' ends on to it (server/worker_reports.py). PostgreSQL announces new statuses
+        itself (server/store/notify.py)."""
 
     # --- into the queue and out of it ------------------------------------------------------------
 
@@ -286,7 +289,8 @@ class TaskLifecycle:
             task.totalcost = totalcost
             say(task, debugoutput)
             set_status(s, task, POSTPROCESS_END, now, message="pexit 0")
-            return task
+        self._tell(task_id, POSTPROCESS_END)
+        return task
 
     def finish_killed(self, task_id: int, worker_id: str, note: str) -> Task:
         """The worker has stopped a killed run: say where in debugoutput. (A kill found while the task is still
@@ -298,9 +302,12 @@ class TaskLifecycle:
                 raise TaskLost(f"task {task_id} is not a task killed while {worker_id} held it")
             say(task, note)
             task.totalcost = 0.0
-            if task.status != CANCEL:
+            ended = task.status != CANCEL
+            if ended:
                 set_status(s, task, CANCEL, now, message=note)
-            return task
+        if ended:
+            self._tell(task_id, CANCEL)
+        return task
 
     def fail(self, task_id: int, reason: str, worker_id: str | None = None, pexit: str = "1") -> Task | None:
         """End a task in task_postprocess_end with pexit != 0, the reason in debugerror, no cost.
@@ -317,7 +324,8 @@ class TaskLifecycle:
             task.debugerror = reason
             task.totalcost = 0.0
             set_status(s, task, POSTPROCESS_END, now, message=f"pexit {pexit}: {reason}")
-            return task
+        self._tell(task_id, POSTPROCESS_END)
+        return task
 
     def release(self, task_id: int, worker_id: str, note: str) -> bool:
         """Give an owned task back to the queue on a graceful stop; that attempt does not count. Refused (False)
@@ -369,6 +377,9 @@ class TaskLifecycle:
                     task.totalcost = 0.0
                     set_status(s, task, POSTPROCESS_END, now, message=f"pexit 1: {reason}")
                     found.append(Recovered(task.id, "failed", dead))
+        for item in found:
+            if item.action != "requeued":
+                self._tell(item.task_id, CANCEL if item.action == "cancelled" else POSTPROCESS_END)
         return found
 
     # --- the API's controls ----------------------------------------------------------------------
@@ -382,7 +393,8 @@ class TaskLifecycle:
                 return task, False
             set_status(s, task, CANCEL, now, message="cancelled while queued")
             say(task, "Task cancelled while queued.")
-            return task, True
+        self._tell(task_id, CANCEL)
+        return task, True
 
     def request_kill(self, task_id: int) -> KillOutcome:
         """Kill a running task now: it is task_cancel (endtime, canceltime set, no cost) when this returns, as

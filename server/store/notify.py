@@ -9,9 +9,10 @@ safety poll, and after the connection is (re-)established every subscriber is to
 (its callback gets None).
 
 One `Listener` per process and purpose holds one connection of its own (taken from the engine's pool and detached
-from it, so it has the same URL and connect arguments), LISTENs on its channels and calls the subscribers from its
-thread. While the database is unreachable it reconnects with a growing wait, logging one line when it loses the
-connection and one when it listens again.
+from it, so it has the same URL and connect arguments; or, given `PARTICALIZE_DATABASE_LISTEN_URL`, made from that
+URL, e.g. straight to PostgreSQL when the pools go through PgBouncer in transaction mode, which does not carry
+LISTEN), LISTENs on its channels and calls the subscribers from its thread. While the database is unreachable it
+reconnects with a growing wait, logging one line when it loses the connection and one when it listens again.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ CANCEL = "particalize_cancel"
 """A task was cancelled or killed; payload the task id (its worker stops the run)."""
 
 Callback = Callable[[str | None], None]
+
+
+class WrongDatabase(Exception):
+    """The listening URL leads to another database than the task store's (tried again like an outage, logged once)."""
+
 """Called with a notification's payload, or with None when notifications may have been missed."""
 
 
@@ -111,17 +117,24 @@ class Listener:
                     conn.close()
 
     def _connect(self) -> Any:
-        """A connection of its own: from the engine (same URL, connect arguments and events), detached from its pool,
-        in autocommit, listening on this schema's channels."""
+        """A connection of its own, in autocommit, listening on this schema's channels: from the database's listening
+        engine (the main engine, so the same URL, connect arguments and events, unless a listening URL was given),
+        detached from any pool. The schema (the channels' names) is the task store's, asked of the main engine; a
+        connection that reaches another database than the store's would hear nothing and is refused."""
         from psycopg import sql
 
-        raw = self.db.engine.raw_connection()
+        with self.db.engine.connect() as store_conn:
+            schema, database = store_conn.exec_driver_sql("SELECT current_schema(), current_database()").one()
+        raw = self.db.listen_engine.raw_connection()
         conn = raw.driver_connection
         raw.detach()  # ours alone from now on: closed by us, never handed back to the pool
         try:
             conn.rollback()
             conn.autocommit = True
-            schema = conn.execute("SELECT current_schema()").fetchone()[0]
+            listened = conn.execute("SELECT current_database()").fetchone()[0]
+            if listened != database:
+                raise WrongDatabase(f"the listening URL reaches database {listened!r}, the task store is in "
+                                    f"{database!r}: notifications are per database (PARTICALIZE_DATABASE_LISTEN_URL)")
             self._channel_of = {f"{schema}.{channel}": channel for channel in self.channels}
             for full in self._channel_of:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(full)))

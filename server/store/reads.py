@@ -4,12 +4,13 @@ recorded events that live progress and the metrics follow. Nothing here writes."
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from sqlalchemy import Integer, and_, bindparam, column, func, or_, select, values
-from sqlalchemy.engine import Row
 
 from server.store.db import Database
 from server.store.models import ACTIVE, Output, Task, TaskEvent
+from server.store.raw_select import RawSelect, raw_read
 from server.tool_info import DEFAULT_SLUG
 
 _TASKS, _OUTPUTS = Task.__table__, Output.__table__
@@ -26,6 +27,12 @@ _OUTPUTS_OF_TASK = select(_OUTPUTS).where(_OUTPUTS.c.task_id == bindparam("task_
 class TaskReads:
     def __init__(self, db: Database) -> None:
         self.db = db
+        dialect = db.engine.dialect
+        self._task_by_id = RawSelect("TaskRow", _TASK_BY_ID, dialect)
+        self._task_by_token = RawSelect("TaskRow", _TASK_BY_TOKEN, dialect)
+        self._outputs_of_task = RawSelect("OutputRow", _OUTPUTS_OF_TASK, dialect)
+        self._begin = "BEGIN" if db.is_sqlite else None
+        """SQLite's connections run in autocommit (server/store/db.py): the two reads get one snapshot by a BEGIN."""
 
     def get(self, task_id: int, owner: str | None = None) -> Task | None:
         with self.db.session() as s:
@@ -34,7 +41,7 @@ class TaskReads:
             return None
         return task
 
-    def find(self, taskid: str | None = None, token: str | None = None, owner: str | None = None) -> Row | None:
+    def find(self, taskid: str | None = None, token: str | None = None, owner: str | None = None) -> Any | None:
         """By id, by token, or by both (then both must match). Tasks of other API keys are not found.
         The answer is a row with the task's columns as attributes (read-only)."""
         found = self.find_with_outputs(taskid, token, owner, outputs=False)
@@ -42,26 +49,28 @@ class TaskReads:
 
     def find_with_outputs(
         self, taskid: str | None = None, token: str | None = None, owner: str | None = None, outputs: bool = True
-    ) -> tuple[Row, list[Row]] | None:
+    ) -> tuple[Any, list[Any]] | None:
         """`find`, and the task's outputs read in the same transaction: Task/Detail's read, the hottest path
-        (prebuilt Core statements, no ORM objects)."""
+        (prebuilt statements run on the pool's DBAPI connection, server/store/raw_select.py; rows are named tuples
+        with the columns as attributes)."""
         if taskid is not None:
             if not taskid.isdigit() or len(taskid) > 18:
                 return None
-            stmt, params = _TASK_BY_ID, {"id": int(taskid)}
+            select_task, params = self._task_by_id, {"id": int(taskid)}
         elif token is not None:
-            stmt, params = _TASK_BY_TOKEN, {"token": token}
+            select_task, params = self._task_by_token, {"token": token}
         else:
             return None
-        with self.db.connect() as conn:
-            task = conn.execute(stmt, params).first()
+        with raw_read(self.db.engine, self._begin) as cursor:
+            found = select_task.rows(cursor, params)
+            task = found[0] if found else None
             if task is None or (token is not None and task.socketaccesstoken != token):
                 return None
             if owner is not None and task.owner != owner:
                 return None
             if not outputs:
                 return task, []
-            return task, list(conn.execute(_OUTPUTS_OF_TASK, {"task_id": task.id}))
+            return task, self._outputs_of_task.rows(cursor, {"task_id": task.id})
 
     def list(
         self, owner: str | None = None, start: int = 0, limit: int = 20, *, ascending: bool = False,

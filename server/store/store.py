@@ -20,6 +20,8 @@ from server.store.workers import WorkerRegistry
 class StoreOptions:
     url: str = ""
     """SQLAlchemy URL of the database (`open_store`); unused when a `Database` is handed to `Store`."""
+    listen_url: str | None = None
+    """Where the listening connections go, if not `url` (PostgreSQL; server/store/db.py)."""
     lease_seconds: float = 60.0
     requeue_limit: int = 1
     max_queue_length: int = 1000
@@ -58,6 +60,6 @@ class Store:
 
 def open_store(options: StoreOptions) -> Store:
     """The database at `options.url`, migrated to the newest schema."""
-    db = Database(options.url)
+    db = Database(options.url, options.listen_url)
     upgrade(db)
     return Store(db, options)

@@ -13,12 +13,13 @@ from typing import Any
 from server.processes.exit_codes import EXIT_LOAD_FAILED
 from server.storage import Storage
 from server.store import open_store
+from server.store.models import TERMINAL
 from server.store.outage import StoreHealth
 from server.wakeup import Wakeup, wakeup_for
 from server.worker.loop import Worker
 from server.worker.options import WorkerOptions, worker_id_for
 from server.worker.task_run import Generator
-from server.worker_reports import Report
+from server.worker_reports import ENDED, Report
 
 log = logging.getLogger("particalize.worker")
 
@@ -91,6 +92,8 @@ def run_worker(
     when_up(store.tasks.note_waiting)
     log.info("worker %s ready: model %s on %s", worker_id, options.model, generator.device)
     wakeup = wakeup or wakeup_for(store.db, options.poll_seconds, options.safety_poll_seconds)
+    if report is not None:  # the tasks it ends wake serve's callback sender (without a NOTIFY on SQLite)
+        store.tasks.changed.append(report_ends(report))
     worker = Worker(store, storage, generator, options, worker_id=worker_id, report=report, wakeup=wakeup)
     try:
         worker.run(stop_event, parent_pid=parent_pid)
@@ -102,3 +105,13 @@ def run_worker(
             store.db.dispose()
     log.info("worker %s stopped after %d task(s)", worker_id, worker.tasks_done)
     return 0
+
+
+def report_ends(report: Report) -> Callable[[int, str], None]:
+    """A `TaskLifecycle.changed` listener for a worker process: each task it ends, reported to its serve process."""
+
+    def tell(task_id: int, status: str) -> None:
+        if status in TERMINAL:
+            report(ENDED, str(task_id))
+
+    return tell

@@ -9,6 +9,7 @@ redirect hop is checked the same way. TLS SNI and the Host header keep the origi
 from __future__ import annotations
 
 import functools
+import io
 import ipaddress
 import re
 import socket
@@ -219,45 +220,14 @@ def _client(timeout: float, allow_private: bool) -> httpx.Client:
     )
 
 
-def _read_limited(response: httpx.Response, url: str, max_bytes: int, deadline: float) -> bytes:
-    declared = response.headers.get("content-length", "").strip()
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise FetchError(f"{url} is larger than {max_bytes} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_bytes():
-        size += len(chunk)
-        if size > max_bytes:
-            raise FetchError(f"{url} is larger than {max_bytes} bytes.")
-        if time.monotonic() > deadline:
-            raise FetchError(f"Fetching {url} took too long.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def fetch_url(
     url: str, *, max_bytes: int, timeout: float, allow_private: bool, max_redirects: int = 5
 ) -> tuple[bytes, str]:
     """GET `url` (following up to `max_redirects` checked redirects): (body, content-type)."""
-    deadline = time.monotonic() + timeout
-    current = url
-    with _client(timeout, allow_private) as client:
-        for _hop in range(max_redirects + 1):
-            target = _parse(current)
-            try:
-                with client.stream("GET", target) as response:
-                    if response.is_redirect:
-                        current = str(response.url.join(response.headers["location"]))
-                        continue
-                    if not response.is_success:
-                        raise FetchError(f"{current} answered HTTP {response.status_code}.")
-                    data = _read_limited(response, current, max_bytes, deadline)
-                    return data, response.headers.get("content-type", "")
-            except httpx.TimeoutException as exc:
-                raise FetchError(f"Fetching {current} timed out.") from exc
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                raise FetchError(f"Could not fetch {current}: {exc}") from exc
-    raise FetchError(f"Too many redirects (more than {max_redirects}) fetching {url}.")
+    body = io.BytesIO()
+    _, content_type = _get(url, body.write, max_bytes=max_bytes, timeout=timeout, allow_private=allow_private,
+                           max_redirects=max_redirects)
+    return body.getvalue(), content_type
 
 
 def download_url(
@@ -267,6 +237,17 @@ def download_url(
     """GET `url` into `out` chunk by chunk (nothing held in memory), following up to `max_redirects` checked
     redirects, each hop's host also held to `allow_host` when given (UnsafeUrl naming it); the bytes written.
     FetchError when it answers an error, is larger than `max_bytes` or takes longer than `timeout` in all."""
+    size, _ = _get(url, out.write, max_bytes=max_bytes, timeout=timeout, allow_private=allow_private,
+                   allow_host=allow_host, max_redirects=max_redirects)
+    return size
+
+
+def _get(
+    url: str, write: Callable[[bytes], object], *, max_bytes: int, timeout: float, allow_private: bool,
+    allow_host: Callable[[str], bool] | None = None, max_redirects: int = 5,
+) -> tuple[int, str]:
+    """The one checked GET behind both: every hop's address guarded, the size and the whole time capped;
+    (bytes written, content-type)."""
     deadline = time.monotonic() + timeout
     current = url
     with _client(timeout, allow_private) as client:
@@ -292,8 +273,8 @@ def download_url(
                             raise TooLarge(f"{current} is larger than {max_bytes} bytes.")
                         if time.monotonic() > deadline:
                             raise FetchError(f"Fetching {current} took too long.")
-                        out.write(chunk)
-                    return size
+                        write(chunk)
+                    return size, response.headers.get("content-type", "")
             except httpx.TimeoutException as exc:
                 raise FetchError(f"Fetching {current} timed out.") from exc
             except (httpx.HTTPError, httpx.InvalidURL) as exc:

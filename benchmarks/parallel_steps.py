@@ -37,8 +37,15 @@ def measure(degree: int, params: GenerationParams, model: str, small: bool, mode
         return result
 
 
-def _rank(rank: int, degree: int, mode: str, params: GenerationParams, model: str, small: bool, init_method: str,
-          report: Path) -> None:
+def _rank(rank: int, *args: Any) -> None:
+    from pipeline.parallel.group import leave_group
+
+    _rank_body(rank, *args)
+    leave_group()  # on success only: a failed rank exits at once, its error shown
+
+
+def _rank_body(rank: int, degree: int, mode: str, params: GenerationParams, model: str, small: bool, init_method: str,
+               report: Path) -> None:
     import torch
 
     from pipeline.generator import GeneratorOptions, VideoGenerator

@@ -38,7 +38,7 @@ def _rank_main(rank: int, settings: Settings, params: GenerationParams, image: I
     import torch
 
     from particalize.compose import make_generator
-    from pipeline.parallel.group import ParallelSetup, init_group
+    from pipeline.parallel.group import ParallelSetup, init_group, leave_group
     from pipeline.parallel.run import LeaderGenerator, control_group, follow
 
     if settings.worker_cpu_threads and device_type == "cpu":
@@ -49,6 +49,7 @@ def _rank_main(rank: int, settings: Settings, params: GenerationParams, image: I
     generator = make_generator(settings)
     if rank != 0:
         follow(generator, control)
+        leave_group()
         return
     leader = LeaderGenerator(generator, control)
     try:
@@ -57,3 +58,4 @@ def _rank_main(rank: int, settings: Settings, params: GenerationParams, image: I
         leader.close()
     report.write_text(json.dumps({"output": str(out), "parameters": video.params.wiro_inputs(),
                                   "timings": {k: round(v, 3) for k, v in video.timings.items()}}))
+    leave_group()  # on success only: a failed rank exits at once, its error shown

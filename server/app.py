@@ -29,6 +29,7 @@ from server.options import ServerOptions
 from server.ratelimit import RateLimiter
 from server.routes import files, health, live, metrics, playground, run, tasks, tool
 from server.services import Services
+from server.store.commits import SqliteCommits
 from server.store.models import CANCEL, QUEUED
 from server.store.outage import OUTAGE_MESSAGE, RETRY_AFTER, ThrottledLog, describe, is_outage
 from server.worker_reports import WorkerReports
@@ -56,10 +57,13 @@ def create_app(
         opened = await run_in_threadpool(open_services)
         app.state.services = opened
         # One listening connection on PostgreSQL (the live feed's) also wakes the callback sender; on SQLite it is
-        # woken by the tasks this process ends and by those its own workers report ending.
+        # woken by the tasks this process ends, by those its own workers report ending, and by SQLite's commit
+        # counter (a `particalize worker` that serve did not start tells no one).
         feed = app.state.live_feed = await run_in_threadpool(EventFeed.open, opened.store)
-        callbacks = app.state.callbacks = CallbackDispatcher(opened.store, opened.detail_body, options.callbacks,
-                                                             listener=feed.listener).start()
+        sqlite_file = opened.store.db.sqlite_file
+        callbacks = app.state.callbacks = CallbackDispatcher(
+            opened.store, opened.detail_body, options.callbacks, listener=feed.listener,
+            commits=SqliteCommits(sqlite_file) if sqlite_file is not None else None).start()
         changed = opened.store.tasks.changed
         changed.append(callbacks.task_changed)
         ended, on_end = app.state.worker_reports.ended, _wake_on_end(callbacks)

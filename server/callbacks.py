@@ -8,7 +8,8 @@ as for input images applies.
 
 The sender looks for due callbacks when it is told that a task may have ended (`CallbackDispatcher`), not every
 0.2 s as it used to: an idle API process then costs the database one look every `SAFETY_SECONDS` instead of five a
-second.
+second. On SQLite, where another process's worker tells no one, it also looks when SQLite's commit counter moved
+(read every 0.2 s, no table read: server/store/commits.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from server.netguard import FetchError, UnsafeUrl, post_json
 from server.store import Store
+from server.store.commits import SqliteCommits
 from server.store.models import TERMINAL, Task
 from server.store.notify import EVENTS, Listener
 from server.store.outage import StoreHealth, is_outage
@@ -43,21 +45,20 @@ class CallbackOptions:
 
 SAFETY_SECONDS = 5.0
 """How often due callbacks are looked for without being woken: a retry another process scheduled, a callback held
-by a process that died, a lost notification, a task ended by a worker that tells no one (a `particalize worker` on
-SQLite that `serve` did not start)."""
+by a process that died, a lost notification."""
 POLL_SECONDS = 0.2
 """How often they are looked for while the database's notifications should come but do not (the listening
-connection lost): the pace of the sender before it was woken."""
+connection lost), the pace of the sender before it was woken; and how often SQLite's commit counter is read."""
 BATCH_SECONDS = 0.2
 """Least time between two looks: the tasks ending meanwhile are served by one look."""
 
 
 class CallbackDispatcher:
     """Sends due callbacks. It looks for them when woken (`wake`: a task ended in this process or in one of
-    `serve`'s workers, or PostgreSQL announced a new status on `listener`), when a retry it scheduled is due, when a
-    sending slot frees up, and every `safety_seconds` anyway; at most once per `batch_seconds`. A wake-up is only a
-    reason to look: what is due is read from the store (claimed, held, recorded) as before, so a callback is still
-    sent at least once whatever the wake-ups do."""
+    `serve`'s workers, or PostgreSQL announced a new status on `listener`), on SQLite when a commit was counted
+    (`commits`), when a retry it scheduled is due, when a sending slot frees up, and every `safety_seconds` anyway;
+    at most once per `batch_seconds`. A wake-up is only a reason to look: what is due is read from the store
+    (claimed, held, recorded) as before, so a callback is still sent at least once whatever the wake-ups do."""
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class CallbackDispatcher:
         *,
         post: Callable[..., int] = post_json,
         listener: Listener | None = None,
+        commits: SqliteCommits | None = None,
         safety_seconds: float = SAFETY_SECONDS,
         poll_seconds: float = POLL_SECONDS,
         batch_seconds: float = BATCH_SECONDS,
@@ -77,6 +79,8 @@ class CallbackDispatcher:
         self.options = options
         self.post = post
         self.listener = listener
+        self.commits = commits
+        """SQLite: a commit anywhere (a worker of another process ending a task) is a reason to look."""
         self.safety_seconds = safety_seconds
         self.poll_seconds = poll_seconds
         self.batch_seconds = batch_seconds
@@ -104,6 +108,8 @@ class CallbackDispatcher:
         self._wake.set()
         self._thread.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.commits is not None:
+            self.commits.close()
 
     def wake(self) -> None:
         """Look for due callbacks soon (a task may have ended). Any thread; never blocks."""
@@ -123,12 +129,27 @@ class CallbackDispatcher:
         hold = self.options.timeout_seconds * 2 + 5
         while not self._stop.is_set():
             self._wake.clear()  # a wake-up from here on is news for the next look
+            if self.commits is not None:
+                self.commits.changed()  # and a commit from here on (the look's own: one more look at most)
             self._look(hold)
             last = time.monotonic()
-            self._wake.wait(self._wait_seconds(last))
+            self._wait_for_news(last)
             wait = last + self.batch_seconds - time.monotonic()
             if wait > 0:
                 self._stop.wait(wait)
+
+    def _wait_for_news(self, since: float) -> None:
+        """Until woken, a commit counted on SQLite, or the time `_wait_seconds` gives runs out."""
+        deadline = since + self._wait_seconds(since)
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self.commits is None:
+                self._wake.wait(left)
+                return
+            if self._wake.wait(min(left, self.poll_seconds)) or self.commits.changed():
+                return
 
     def _wait_seconds(self, now: float) -> float:
         """Until the next look without a wake-up: the safety look, sooner while notifications should come but do

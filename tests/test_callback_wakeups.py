@@ -16,6 +16,7 @@ import pytest
 
 from server.callbacks import CallbackDispatcher, CallbackOptions
 from server.store import Database, NewOutput, Store, upgrade
+from server.store.commits import SqliteCommits
 from server.store.models import CANCEL, OUTPUT, POSTPROCESS_END, QUEUED
 from server.store.notify import EVENTS, Listener
 from server.worker.entry import report_ends
@@ -178,3 +179,72 @@ def test_postgresqls_announcement_of_an_end_wakes_the_sender_of_another_process(
         listener.close()
         api_db.dispose()
         worker_db.dispose()
+
+
+def test_on_sqlite_a_task_ended_by_a_worker_that_tells_no_one_is_called_back_by_the_commit_counter(
+        sqlite_store: Store):
+    """A `particalize worker` that `serve` did not start has no pipe: its commit moves SQLite's counter."""
+    posts = Posts([200])
+    callbacks = CallbackDispatcher(sqlite_store, lambda task: {"id": task.id}, CallbackOptions(), post=posts,
+                                   commits=SqliteCommits(sqlite_store.db.sqlite_file), safety_seconds=NEVER,
+                                   batch_seconds=0.05).start()
+    other = Store(Database(sqlite_store.db.url))  # another process's store: no hook into this sender
+    try:
+        wait_for(lambda: callbacks.looks >= 1, what="the first look")
+        time.sleep(0.6)
+        assert callbacks.looks == 1, "nothing committed: no look"
+        task_id = finish(other)
+        wait_for(lambda: posts.sent == [(HOOK, task_id)], what="the callback")
+        wait_for(lambda: sqlite_store.reads.get(task_id).callback_state == "delivered", what="it to be recorded")
+        # the delivery's own commit brings one more look, which commits nothing: then the looks stop (no polling)
+        deadline, before = time.monotonic() + 10, callbacks.looks
+        while True:
+            time.sleep(0.6)
+            if callbacks.looks == before:
+                break
+            assert time.monotonic() < deadline, "still looking 10 s after the last commit"
+            before = callbacks.looks
+    finally:
+        callbacks.stop()
+        other.db.dispose()
+
+
+def test_serves_app_on_sqlite_calls_back_a_task_ended_by_another_process_without_a_report(tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    from particalize.compose_server import build_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, None)
+    with TestClient(build_app(settings)) as client:
+        callbacks: CallbackDispatcher = client.app.state.callbacks
+        posts = Posts([200])
+        callbacks.post, callbacks.safety_seconds = posts, NEVER
+        wait_for(lambda: callbacks.looks >= 1, what="the sender's first look")
+        callbacks.wake()  # the new safety period from now on
+        wait_for(lambda: callbacks.looks >= 2, what="a look under the new safety period")
+        other = Store(Database(settings.sqlalchemy_url))  # a `particalize worker` of its own: no pipe, no hook
+        task_id = finish(other)
+        other.db.dispose()
+        wait_for(lambda: posts.sent and posts.sent[0][1] == task_id, what="the callback")
+
+
+def test_sqlites_commit_counter_moves_for_changes_committed_elsewhere_only(tmp_path: Path):
+    db = Database(f"sqlite:///{tmp_path / 'tasks.db'}")
+    upgrade(db)
+    commits = SqliteCommits(db.sqlite_file)
+    try:
+        assert commits.changed() is False, "the first ask only takes the count"
+        store = Store(db)
+        task = create_task(store, parameters={"numFrames": "5"}, image_url="https://images.example/a.png")
+        assert commits.changed() is True
+        assert commits.changed() is False, "counted once"
+        assert store.callbacks.claim_due() == [], "a write transaction that changes nothing"
+        assert commits.changed() is False
+        store.tasks.cancel_if_queued(task.id)
+        assert commits.changed() is True
+    finally:
+        commits.close()
+        db.dispose()
+    unreadable = SqliteCommits(tmp_path / "no such dir" / "tasks.db")
+    assert unreadable.changed() is True, "cannot tell: say look"

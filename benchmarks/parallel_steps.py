@@ -37,19 +37,12 @@ def measure(degree: int, params: GenerationParams, model: str, small: bool, mode
         return result
 
 
-def _rank(rank: int, *args: Any) -> None:
-    from pipeline.parallel.group import leave_group
-
-    _rank_body(rank, *args)
-    leave_group()  # on success only: a failed rank exits at once, its error shown
-
-
-def _rank_body(rank: int, degree: int, mode: str, params: GenerationParams, model: str, small: bool, init_method: str,
-               report: Path) -> None:
+def _rank(rank: int, degree: int, mode: str, params: GenerationParams, model: str, small: bool, init_method: str,
+          report: Path) -> None:
     import torch
 
     from pipeline.generator import GeneratorOptions, VideoGenerator
-    from pipeline.parallel.group import ParallelSetup, init_group
+    from pipeline.parallel.group import ParallelSetup, init_group, leave_group
     from pipeline.parallel.run import LeaderGenerator, control_group, follow
     from pipeline.presets import get_preset
     from pipeline.speed.acceleration import SpeedOptions
@@ -66,6 +59,7 @@ def _rank_body(rank: int, degree: int, mode: str, params: GenerationParams, mode
     built = time.perf_counter() - started
     if rank != 0:
         follow(gen, control)
+        leave_group()
         return
     leader = LeaderGenerator(gen, control)
     marks: list[float] = []
@@ -78,6 +72,7 @@ def _rank_body(rank: int, degree: int, mode: str, params: GenerationParams, mode
     report.write_text(json.dumps({"degree": degree, "mode": mode, "step_s": float(steps.mean()) if len(steps) else None,
                                   "build_s": built, "attention_backend": gen.applied.attention_backend,
                                   "notes": gen.applied.notes}))
+    leave_group()  # on success only: a failed rank exits at once, its error shown
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -246,5 +246,6 @@ def test_sqlites_commit_counter_moves_for_changes_committed_elsewhere_only(tmp_p
     finally:
         commits.close()
         db.dispose()
-    unreadable = SqliteCommits(tmp_path / "no such dir" / "tasks.db")
+    unreadable = SqliteCommits(tmp_path / "gone.db")
     assert unreadable.changed() is True, "cannot tell: say look"
+    assert not (tmp_path / "gone.db").exists(), "a missing database is not created"

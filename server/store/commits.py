@@ -25,12 +25,13 @@ class SqliteCommits:
         self._lock = threading.Lock()
 
     def changed(self) -> bool:
-        """The first call only takes the count (False). Unreadable (the file replaced, a disk error): True, so the
+        """The first call only takes the count (False). Unreadable (the file gone, a disk error): True, so the
         caller looks as it would have without this; the connection is opened again on the next call."""
         with self._lock:
             try:
-                if self._conn is None:
-                    self._conn = sqlite3.connect(self.path, timeout=1.0, isolation_level=None, check_same_thread=False)
+                if self._conn is None:  # mode=rw: a missing file is an error here, never a new empty database
+                    self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=1.0,
+                                                 isolation_level=None, check_same_thread=False)
                 version = self._conn.execute("PRAGMA data_version").fetchone()[0]
             except sqlite3.Error:
                 self._close()

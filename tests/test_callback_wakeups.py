@@ -50,9 +50,10 @@ class Posts:
             return self.statuses[min(len(self.sent), len(self.statuses)) - 1]
 
 
-def sender(store: Store, posts: Posts, listener: Listener | None = None) -> CallbackDispatcher:
+def sender(store: Store, posts: Posts, listener: Listener | None = None,
+           commits: SqliteCommits | None = None) -> CallbackDispatcher:
     return CallbackDispatcher(store, lambda task: {"id": task.id}, CallbackOptions(), post=posts,
-                              listener=listener, safety_seconds=NEVER, batch_seconds=0.05).start()
+                              listener=listener, commits=commits, safety_seconds=NEVER, batch_seconds=0.05).start()
 
 
 def finish(store: Store, callback_url: str = HOOK) -> int:
@@ -139,7 +140,10 @@ def test_a_worker_of_serve_reports_the_tasks_it_ends_over_its_pipe(sqlite_store:
     assert reports.paused() == {}, "the pipe closed: the worker's word no longer holds"
 
 
-def test_serves_app_wakes_its_sender_when_a_worker_reports_an_end(tmp_path: Path):
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Any, Posts, str]]:
+    """`serve`'s app on SQLite (no workers of its own) whose callback sender posts to a Posts and looks for nothing
+    without a reason from now on: (the test client, the posts, the database URL)."""
     from fastapi.testclient import TestClient
 
     from particalize.compose_server import build_app
@@ -153,11 +157,16 @@ def test_serves_app_wakes_its_sender_when_a_worker_reports_an_end(tmp_path: Path
         wait_for(lambda: callbacks.looks >= 1, what="the sender's first look")  # a wake before it would be cleared
         callbacks.wake()  # the new safety period from now on
         wait_for(lambda: callbacks.looks >= 2, what="a look under the new safety period")
-        other = Store(Database(settings.sqlalchemy_url))  # a worker process's own store: no in-process hook
-        task_id = finish(other)
-        other.db.dispose()
-        client.app.state.worker_reports.report(WORKER, ENDED, str(task_id))
-        wait_for(lambda: posts.sent and posts.sent[0][1] == task_id, what="the callback")
+        yield client, posts, settings.sqlalchemy_url
+
+
+def test_serves_app_wakes_its_sender_when_a_worker_reports_an_end(served: tuple[Any, Posts, str]):
+    client, posts, url = served
+    other = Store(Database(url))  # a worker process's own store: no in-process hook
+    task_id = finish(other)
+    other.db.dispose()
+    client.app.state.worker_reports.report(WORKER, ENDED, str(task_id))
+    wait_for(lambda: posts.sent and posts.sent[0][1] == task_id, what="the callback")
 
 
 def test_postgresqls_announcement_of_an_end_wakes_the_sender_of_another_process(postgres_url: str):
@@ -185,9 +194,7 @@ def test_on_sqlite_a_task_ended_by_a_worker_that_tells_no_one_is_called_back_by_
         sqlite_store: Store):
     """A `particalize worker` that `serve` did not start has no pipe: its commit moves SQLite's counter."""
     posts = Posts([200])
-    callbacks = CallbackDispatcher(sqlite_store, lambda task: {"id": task.id}, CallbackOptions(), post=posts,
-                                   commits=SqliteCommits(sqlite_store.db.sqlite_file), safety_seconds=NEVER,
-                                   batch_seconds=0.05).start()
+    callbacks = sender(sqlite_store, posts, commits=SqliteCommits(sqlite_store.db.sqlite_file))
     other = Store(Database(sqlite_store.db.url))  # another process's store: no hook into this sender
     try:
         wait_for(lambda: callbacks.looks >= 1, what="the first look")
@@ -209,24 +216,13 @@ def test_on_sqlite_a_task_ended_by_a_worker_that_tells_no_one_is_called_back_by_
         other.db.dispose()
 
 
-def test_serves_app_on_sqlite_calls_back_a_task_ended_by_another_process_without_a_report(tmp_path: Path):
-    from fastapi.testclient import TestClient
-
-    from particalize.compose_server import build_app
-    from tests.conftest import make_settings
-
-    settings = make_settings(tmp_path, None)
-    with TestClient(build_app(settings)) as client:
-        callbacks: CallbackDispatcher = client.app.state.callbacks
-        posts = Posts([200])
-        callbacks.post, callbacks.safety_seconds = posts, NEVER
-        wait_for(lambda: callbacks.looks >= 1, what="the sender's first look")
-        callbacks.wake()  # the new safety period from now on
-        wait_for(lambda: callbacks.looks >= 2, what="a look under the new safety period")
-        other = Store(Database(settings.sqlalchemy_url))  # a `particalize worker` of its own: no pipe, no hook
-        task_id = finish(other)
-        other.db.dispose()
-        wait_for(lambda: posts.sent and posts.sent[0][1] == task_id, what="the callback")
+def test_serves_app_on_sqlite_calls_back_a_task_ended_by_another_process_without_a_report(
+        served: tuple[Any, Posts, str]):
+    _client, posts, url = served
+    other = Store(Database(url))  # a `particalize worker` of its own: no pipe, no hook
+    task_id = finish(other)
+    other.db.dispose()
+    wait_for(lambda: posts.sent and posts.sent[0][1] == task_id, what="the callback")
 
 
 def test_sqlites_commit_counter_moves_for_changes_committed_elsewhere_only(tmp_path: Path):
